@@ -30,7 +30,8 @@ type Device interface {
 	Sync() error
 
 	// WriteAtSync writes p at off and makes that write durable before it
-	// returns (FUA). It does not make other writes durable.
+	// returns (FUA). It need not make other writes durable (a real file's
+	// RWF_DSYNC or fdatasync may); callers must not rely on either.
 	WriteAtSync(p []byte, off int64) (int, error)
 
 	// Close releases the device.
