@@ -133,6 +133,9 @@ var ErrNoSpace = errors.New("exception store is full")
 // ErrInvalid is wrapped by every error a store returns once it is invalid.
 var ErrInvalid = errors.New("snapshot is invalid")
 
+// ErrClosed is returned by operations on a closed store.
+var ErrClosed = errors.New("exception store is closed")
+
 // ErrMerge is wrapped by merge errors that describe the store's state (for
 // example a merge asked for more exceptions than PrepareMerge returned).
 var ErrMerge = errors.New("merge")

@@ -1,0 +1,86 @@
+package persistent_test
+
+import (
+	"context"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/clustersnap/clustersnap/exstore"
+	"github.com/clustersnap/clustersnap/exstore/blockdev/faultdev"
+)
+
+// Two stores on one device stand for two nodes sharing the COW; the
+// clusterizer serialises them with locks, the test does it by hand.
+
+func TestRefreshIsIncremental(t *testing.T) {
+	ctx := context.Background()
+	dev := faultdev.New("cow", 64*mib)
+	a := open(t, dev, 8) // E = 256
+	for i := 0; i < 3000; i++ {
+		take(t, a, dev, exstore.Chunk(i*2), byte(i))
+	}
+	b := open(t, dev, 0)
+	require.Equal(t, uint64(3000), b.Usage().Exceptions)
+
+	// Nothing changed: one header read and one read of the last record.
+	dev.ResetStats()
+	require.NoError(t, b.Refresh(ctx))
+	assert.LessOrEqual(t, dev.Stats().Reads, uint64(3))
+
+	// k new exceptions: on the order of k/E area reads, not the whole metadata.
+	const k = 600
+	for i := 0; i < k; i++ {
+		take(t, a, dev, exstore.Chunk(100000+i), byte(i))
+	}
+	dev.ResetStats()
+	require.NoError(t, b.Refresh(ctx))
+	reads := dev.Stats().Reads
+	assert.LessOrEqual(t, reads, uint64(2+k/256+2), "refresh after %d new exceptions", k)
+	assert.Equal(t, walk(a), walk(b))
+	assert.Equal(t, a.Usage(), b.Usage())
+
+	// B continues where A left off: no chunk handed out twice.
+	e := take(t, b, dev, 999999, 1)
+	for old, nw := range walk(a) {
+		assert.NotEqual(t, nw, e.New, "chunk of %d reused", old)
+	}
+	require.NoError(t, a.Refresh(ctx))
+	assert.Equal(t, walk(a), walk(b))
+}
+
+func TestRefreshAfterMergeReloads(t *testing.T) {
+	ctx := context.Background()
+	dev := faultdev.New("cow", 16*mib)
+	a := open(t, dev, 8)
+	for i := 0; i < 300; i++ {
+		take(t, a, dev, exstore.Chunk(i), byte(i))
+	}
+	b := open(t, dev, 0)
+	_, n, err := a.PrepareMerge(ctx)
+	require.NoError(t, err)
+	require.Equal(t, 44, n, "300 in-order records: the last area holds a run of 44")
+	require.NoError(t, a.CommitMerge(ctx, n))
+	// A appends again, so the shrink is not visible from the record count alone.
+	take(t, a, dev, 5000, 1)
+
+	require.NoError(t, b.Refresh(ctx))
+	assert.Equal(t, walk(a), walk(b))
+	assert.Equal(t, a.Usage(), b.Usage())
+	_, ok, release, err := b.Lookup(ctx, 299)
+	require.NoError(t, err)
+	release()
+	assert.False(t, ok, "merged exception gone on the other node")
+}
+
+func TestRefreshSeesInvalidation(t *testing.T) {
+	ctx := context.Background()
+	dev := faultdev.New("cow", 4*mib)
+	a := open(t, dev, 8)
+	b := open(t, dev, 0)
+	require.NoError(t, a.Invalidate(ctx, assert.AnError))
+	require.NoError(t, b.Err())
+	require.NoError(t, b.Refresh(ctx))
+	assert.ErrorIs(t, b.Err(), exstore.ErrInvalid)
+}
