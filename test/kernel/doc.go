@@ -1,0 +1,8 @@
+// Package kernel holds the tests that check clustersnap's persistent COW
+// format against the real Linux dm-snapshot target, both ways: a COW the
+// kernel wrote opens in package persistent with the same exceptions and
+// usage figures, and a COW package persistent wrote activates in the kernel
+// ("snapshot <origin> <cow> P 0") with the same snapshot view, and the kernel
+// can go on adding exceptions to it. The kernel runs in a QEMU guest (package
+// test/guest); see test/README.md.
+package kernel
