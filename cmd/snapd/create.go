@@ -1,0 +1,242 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"math/bits"
+	"os"
+	"strings"
+
+	"github.com/dustin/go-humanize"
+
+	"github.com/clustersnap/clustersnap/exstore"
+	"github.com/clustersnap/clustersnap/exstore/blockdev"
+	"github.com/clustersnap/clustersnap/persistent"
+)
+
+// minChunks is the smallest COW LVM accepts: header, one area, one data chunk.
+const minChunks = 3
+
+// parseChunkSize accepts go-humanize sizes ("4KiB", "8k", "512") and applies
+// the kernel's rules, returning sectors.
+func parseChunkSize(s string) (uint32, error) {
+	n, err := humanize.ParseBytes(s)
+	if err != nil {
+		return 0, usagef("--chunk-size %q: %v", s, err)
+	}
+	if n < exstore.SectorSize || n%exstore.SectorSize != 0 || bits.OnesCount64(n) != 1 || n/exstore.SectorSize > uint64(persistent.MaxChunkSectors) {
+		return 0, usagef("--chunk-size %s: must be a power of two from 512 B to 1 GiB", s)
+	}
+	return uint32(n / exstore.SectorSize), nil
+}
+
+func runCreate(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	flags := newFlags("create", "--origin PATH --cow PATH [--chunk-size SIZE] [--cow-size SIZE] [--force]", stderr)
+	origin := flags.String("origin", "", "origin image or block device the snapshot is of")
+	cow := flags.String("cow", "", "COW file or block device to format")
+	chunk := flags.String("chunk-size", "4KiB", "chunk size, a power of two from 512B to 1GiB")
+	cowSize := flags.String("cow-size", "", "create the COW as a sparse file of this size (e.g. 1GiB) if it does not exist")
+	force := flags.Bool("force", false, "format the COW even if it already holds data")
+	if err := parse(flags, args); err != nil {
+		return err
+	}
+	if *origin == "" || *cow == "" {
+		return usagef("--origin and --cow are required")
+	}
+	chunkSectors, err := parseChunkSize(*chunk)
+	if err != nil {
+		return err
+	}
+	if *cowSize != "" {
+		size, err := humanize.ParseBytes(*cowSize)
+		if err != nil {
+			return usagef("--cow-size %q: %v", *cowSize, err)
+		}
+		if err := blockdev.Create(*cow, int64(size)); err != nil {
+			return err
+		}
+	}
+	summary, err := createSnapshot(ctx, *origin, *cow, chunkSectors, *force)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintln(stdout, summary)
+	return nil
+}
+
+// createSnapshot checks the pair and formats cow. It writes nothing unless
+// every check passes.
+func createSnapshot(ctx context.Context, originPath, cowPath string, chunkSectors uint32, force bool) (string, error) {
+	oi, err := os.Stat(originPath)
+	if err != nil {
+		return "", fmt.Errorf("origin: %w", err)
+	}
+	ci, err := os.Stat(cowPath)
+	if err != nil {
+		return "", fmt.Errorf("cow: %w (create it with --cow-size SIZE)", err)
+	}
+	if os.SameFile(oi, ci) {
+		return "", fmt.Errorf("cow %s: is the origin itself; a snapshot needs its own COW device", cowPath)
+	}
+	o, err := blockdev.Open(originPath, blockdev.Options{ReadOnly: true})
+	if err != nil {
+		return "", fmt.Errorf("origin: %w", err)
+	}
+	defer o.Close()
+	dev, err := blockdev.Open(cowPath, blockdev.Options{Exclusive: true})
+	if err != nil {
+		return "", fmt.Errorf("cow: %w", err)
+	}
+	defer dev.Close()
+	cb := int64(chunkSectors) * exstore.SectorSize
+	if dev.Size() < minChunks*cb {
+		return "", fmt.Errorf("cow %s: %s holds fewer than %d chunks of %s (header, metadata, data)",
+			cowPath, humanize.IBytes(uint64(dev.Size())), minChunks, humanize.IBytes(uint64(cb)))
+	}
+	if !force {
+		used, err := holdsData(dev, 2*cb)
+		if err != nil {
+			return "", err
+		}
+		if used {
+			return "", fmt.Errorf("cow %s: already holds data (a snapshot or something else); use --force to format it anyway", cowPath)
+		}
+	}
+	s, err := persistent.Format(ctx, dev, chunkSectors, nil)
+	if err != nil {
+		return "", err
+	}
+	defer s.Close()
+	u := s.Usage()
+	return fmt.Sprintf("formatted %s: %s COW for origin %s (%s), %s chunks, room for %s exceptions",
+		cowPath, humanize.IBytes(uint64(dev.Size())), originPath, humanize.IBytes(uint64(o.Size())),
+		humanize.IBytes(uint64(cb)), humanize.Comma(int64(s.Geometry().Capacity()))) + "\n" + "status: " + u.String(), nil
+}
+
+// holdsData reports whether the first n bytes of dev are not all zero.
+func holdsData(dev blockdev.Device, n int64) (bool, error) {
+	buf := blockdev.AlignedBuffer(int(min(n, 1<<20)), max(dev.Alignment(), 1))
+	for off := int64(0); off < n; off += int64(len(buf)) {
+		if _, err := dev.ReadAt(buf, off); err != nil {
+			return false, fmt.Errorf("cow %s: read: %w", dev.Name(), err)
+		}
+		if !bytes.Equal(buf, make([]byte, len(buf))) {
+			return true, nil
+		}
+	}
+	return false, nil
+}
+
+// statusReport is what snapd status prints, and its --json form.
+type statusReport struct {
+	COW              string  `json:"cow"`
+	State            string  `json:"state"` // valid, invalid
+	Reason           string  `json:"reason,omitempty"`
+	ChunkSize        uint64  `json:"chunk_size_bytes"`
+	Exceptions       uint64  `json:"exceptions"`
+	Capacity         uint64  `json:"capacity_exceptions"`
+	AllocatedSectors uint64  `json:"allocated_sectors"`
+	TotalSectors     uint64  `json:"total_sectors"`
+	MetadataSectors  uint64  `json:"metadata_sectors"`
+	FillPercent      float64 `json:"fill_percent"`
+	Status           string  `json:"dmsetup_status"`
+	Warning          string  `json:"warning,omitempty"`
+}
+
+func runStatus(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	flags := newFlags("status", "[--json] [--warn PERCENT] COW...", stderr)
+	asJSON := flags.Bool("json", false, "print JSON, one object per COW in an array")
+	warn := flags.Float64("warn", 80, "warn when the COW is fuller than this percentage")
+	if err := parse(flags, args); err != nil {
+		return err
+	}
+	if flags.NArg() == 0 {
+		return usagef("name at least one COW")
+	}
+	var reports []statusReport
+	var failed []string
+	for _, path := range flags.Args() {
+		r, err := snapshotStatus(ctx, path, *warn)
+		if err != nil && flags.NArg() == 1 {
+			return err
+		}
+		if err != nil {
+			fmt.Fprintf(stderr, "snapd status: %v\n", err)
+			failed = append(failed, path)
+			continue
+		}
+		reports = append(reports, r)
+	}
+	if *asJSON {
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		if err := enc.Encode(reports); err != nil {
+			return err
+		}
+	} else {
+		for _, r := range reports {
+			printStatus(stdout, r)
+		}
+	}
+	if len(failed) > 0 {
+		return fmt.Errorf("%d of %d COWs could not be read: %s", len(failed), flags.NArg(), strings.Join(failed, ", "))
+	}
+	return nil
+}
+
+func snapshotStatus(ctx context.Context, path string, warn float64) (statusReport, error) {
+	dev, err := blockdev.Open(path, blockdev.Options{ReadOnly: true})
+	if err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return statusReport{}, fmt.Errorf("cow %s: no such file or device", path)
+		}
+		return statusReport{}, err
+	}
+	defer dev.Close()
+	s, err := persistent.Open(ctx, dev, persistent.Options{NoFormat: true})
+	if err != nil {
+		return statusReport{}, err
+	}
+	defer s.Close()
+	u := s.Usage()
+	r := statusReport{
+		COW:              path,
+		State:            "valid",
+		ChunkSize:        uint64(s.ChunkSectors()) * exstore.SectorSize,
+		Exceptions:       u.Exceptions,
+		Capacity:         s.Geometry().Capacity(),
+		AllocatedSectors: u.AllocatedSectors,
+		TotalSectors:     u.TotalSectors,
+		MetadataSectors:  u.MetadataSectors,
+		Status:           u.String(),
+	}
+	if u.TotalSectors > 0 {
+		r.FillPercent = 100 * float64(u.AllocatedSectors) / float64(u.TotalSectors)
+	}
+	if err := s.Err(); err != nil {
+		r.State, r.Reason, r.Status = "invalid", err.Error(), "Invalid"
+	} else if r.FillPercent >= warn {
+		r.Warning = fmt.Sprintf("COW is %.1f%% full: when it fills, the snapshot is invalidated", r.FillPercent)
+	}
+	return r, nil
+}
+
+func printStatus(w io.Writer, r statusReport) {
+	sec := func(n uint64) string { return humanize.IBytes(n * exstore.SectorSize) }
+	fmt.Fprintf(w, "%s: %s\n", r.COW, r.State)
+	if r.Reason != "" {
+		fmt.Fprintf(w, "  reason:     %s\n", r.Reason)
+	}
+	fmt.Fprintf(w, "  chunk size: %s\n", humanize.IBytes(r.ChunkSize))
+	fmt.Fprintf(w, "  exceptions: %s of %s\n", humanize.Comma(int64(r.Exceptions)), humanize.Comma(int64(r.Capacity)))
+	fmt.Fprintf(w, "  allocated:  %s of %s (%.1f%%), metadata %s\n", sec(r.AllocatedSectors), sec(r.TotalSectors), r.FillPercent, sec(r.MetadataSectors))
+	fmt.Fprintf(w, "  dmsetup:    %s\n", r.Status)
+	if r.Warning != "" {
+		fmt.Fprintf(w, "  warning:    %s\n", r.Warning)
+	}
+}

@@ -1,0 +1,115 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/clustersnap/clustersnap/exstore/blockdev"
+)
+
+func runCLI(t *testing.T, args ...string) (code int, stdout, stderr string) {
+	t.Helper()
+	var out, errOut bytes.Buffer
+	code = run(context.Background(), args, &out, &errOut)
+	return code, out.String(), errOut.String()
+}
+
+func sparse(t *testing.T, dir, name string, size int64) string {
+	t.Helper()
+	p := filepath.Join(dir, name)
+	require.NoError(t, blockdev.Create(p, size))
+	return p
+}
+
+func TestDemoShowsTheSnapshotSurvivingAReload(t *testing.T) {
+	code, out, errOut := runCLI(t, "demo", "--writes", "50")
+	require.Equal(t, exitOK, code, errOut)
+	assert.Contains(t, out, "identical to the origin before the writes")
+	assert.Contains(t, out, "exceptions: 50 of 4,079")
+}
+
+func TestCreateAndStatus(t *testing.T) {
+	dir := t.TempDir()
+	origin := sparse(t, dir, "origin", 8<<20)
+	cow := filepath.Join(dir, "cow")
+	code, out, errOut := runCLI(t, "create", "--origin", origin, "--cow", cow, "--cow-size", "1MiB")
+	require.Equal(t, exitOK, code, errOut)
+	assert.Contains(t, out, "status: 16/2048 16")
+
+	code, out, errOut = runCLI(t, "status", "--json", cow)
+	require.Equal(t, exitOK, code, errOut)
+	var reports []statusReport
+	require.NoError(t, json.Unmarshal([]byte(out), &reports))
+	require.Len(t, reports, 1)
+	assert.Equal(t, "valid", reports[0].State)
+	assert.Equal(t, uint64(4096), reports[0].ChunkSize)
+	assert.Equal(t, "16/2048 16", reports[0].Status)
+	assert.Equal(t, uint64(254), reports[0].Capacity, "256 chunks: header, area 0, 254 data")
+
+	// A second create refuses the COW that now holds a snapshot.
+	code, _, errOut = runCLI(t, "create", "--origin", origin, "--cow", cow)
+	assert.Equal(t, exitError, code)
+	assert.Contains(t, errOut, "already holds data")
+	code, _, errOut = runCLI(t, "create", "--origin", origin, "--cow", cow, "--force", "--chunk-size", "8KiB")
+	assert.Equal(t, exitOK, code, errOut)
+}
+
+func TestBadInputIsRefusedAndWritesNothing(t *testing.T) {
+	dir := t.TempDir()
+	origin := sparse(t, dir, "origin", 8<<20)
+	cow := sparse(t, dir, "cow", 1<<20)
+	tiny := sparse(t, dir, "tiny", 8192)
+	corrupt := sparse(t, dir, "corrupt", 1<<20)
+	f, err := os.OpenFile(corrupt, os.O_WRONLY, 0)
+	require.NoError(t, err)
+	_, err = f.WriteAt([]byte("NOPE-not-a-cow"), 0)
+	require.NoError(t, err)
+	require.NoError(t, f.Close())
+
+	for _, tc := range []struct {
+		name string
+		args []string
+		code int
+		want string
+	}{
+		{"missing origin", []string{"create", "--origin", filepath.Join(dir, "nope"), "--cow", cow}, exitError, "origin"},
+		{"missing cow", []string{"create", "--origin", origin, "--cow", filepath.Join(dir, "nope")}, exitError, "--cow-size"},
+		{"bad chunk size", []string{"create", "--origin", origin, "--cow", cow, "--chunk-size", "3KiB"}, exitUsage, "power of two"},
+		{"unparsable chunk size", []string{"create", "--origin", origin, "--cow", cow, "--chunk-size", "lots"}, exitUsage, "--chunk-size"},
+		{"cow is origin", []string{"create", "--origin", origin, "--cow", origin}, exitError, "is the origin itself"},
+		{"cow below three chunks", []string{"create", "--origin", origin, "--cow", tiny}, exitError, "fewer than 3 chunks"},
+		{"unknown flag", []string{"create", "--bogus"}, exitUsage, "bogus"},
+		{"unknown command", []string{"frobnicate"}, exitUsage, "unknown command"},
+		{"status of a zero cow", []string{"status", cow}, exitError, "header is zero"},
+		{"status of a corrupt cow", []string{"status", corrupt}, exitError, "bad magic 4e 4f 50 45"},
+		{"status of a missing cow", []string{"status", filepath.Join(dir, "nope")}, exitError, "no such file"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			before := map[string][]byte{}
+			for _, p := range []string{origin, cow, tiny, corrupt} {
+				b, err := os.ReadFile(p)
+				require.NoError(t, err)
+				before[p] = b
+			}
+			code, _, errOut := runCLI(t, tc.args...)
+			assert.Equal(t, tc.code, code)
+			assert.Contains(t, errOut, tc.want)
+			if tc.code == exitError {
+				assert.Equal(t, 1, strings.Count(errOut, "\n"), "a failure is one line: %q", errOut)
+			}
+			for p, b := range before {
+				after, err := os.ReadFile(p)
+				require.NoError(t, err)
+				assert.True(t, bytes.Equal(b, after), "%s changed", p)
+			}
+		})
+	}
+}
