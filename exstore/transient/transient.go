@@ -28,7 +28,6 @@ const (
 // of two), which is 1 GiB.
 const MaxChunkSectors = 1 << 21
 
-
 // Store is a transient exception store. It is safe for concurrent use.
 //
 // Chunks are handed out from 0 upwards; Prepare's sequence is therefore the
