@@ -158,7 +158,7 @@ func Open(ctx context.Context, cow blockdev.Device, opts Options) (*Store, error
 		if h.Valid == 0 {
 			// The kernel does not read the exceptions of an invalid snapshot.
 			s.invalid = &exstore.InvalidError{Device: s.name}
-		} else if err := s.scan(ctx, 0, 0); err != nil {
+		} else if err := s.scan(ctx, 0, 0, true); err != nil {
 			return nil, err
 		}
 	}
@@ -283,13 +283,20 @@ func (s *Store) areaOffset(area uint64) int64 {
 	return int64(s.geo.AreaLocation(area)) * s.geo.ChunkBytes
 }
 
-// scan reads metadata from (area, slot) onwards until the terminator,
-// inserting records into the table. It is the loader (from 0, 0) and the
-// incremental part of Refresh. The caller holds metaMu, or is Open.
-func (s *Store) scan(ctx context.Context, area, slot uint64) error {
+// scan reads metadata from (area, slot) onwards until the terminator. An
+// incremental scan (Refresh after growth) adds the records to the live
+// table; a full scan (load, reload) builds a new table and publishes it with
+// the new area position and next_free at once, so concurrent lookups never
+// see a half-loaded table and Prepare never allocates from a reset next_free.
+// The caller holds metaMu, or is Open.
+func (s *Store) scan(ctx context.Context, area, slot uint64, full bool) error {
 	g := s.geo
 	maxNew := uint64(0)
 	var recs []exstore.Exception
+	table := s.table
+	if full {
+		table = exstore.NewTable()
+	}
 	for {
 		if err := ctx.Err(); err != nil {
 			return err
@@ -304,20 +311,27 @@ func (s *Store) scan(ctx context.Context, area, slot uint64) error {
 		if err != nil {
 			return err
 		}
-		if err := s.insert(recs); err != nil {
+		if err := s.insert(table, recs, !full); err != nil {
 			return err
 		}
 		recs = recs[:0]
-		if found {
-			s.allocMu.Lock()
-			s.currentArea, s.committed = area, end
-			if next := g.skipMetadata(max(2, maxNew+1)); next > s.nextFree {
-				s.nextFree = next
-			}
-			s.allocMu.Unlock()
-			return nil
+		if !found {
+			area, slot = area+1, 0
+			continue
 		}
-		area, slot = area+1, 0
+		next := g.skipMetadata(max(2, maxNew+1))
+		if full {
+			s.mu.Lock()
+			s.table = table
+			s.mu.Unlock()
+		}
+		s.allocMu.Lock()
+		s.currentArea, s.committed = area, end
+		if full || next > s.nextFree {
+			s.nextFree = next
+		}
+		s.allocMu.Unlock()
+		return nil
 	}
 }
 
@@ -390,14 +404,16 @@ func (s *Store) checkRecord(area, slot uint64, r exstore.Exception) error {
 	return nil
 }
 
-func (s *Store) insert(recs []exstore.Exception) error {
+func (s *Store) insert(table *exstore.Table, recs []exstore.Exception, live bool) error {
 	if len(recs) == 0 {
 		return nil
 	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
+	if live {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+	}
 	for _, r := range recs {
-		if err := s.table.Insert(r); err != nil {
+		if err := table.Insert(r); err != nil {
 			return s.errf("%w: exception %v: %w", ErrCorrupt, r, err)
 		}
 	}
@@ -625,7 +641,7 @@ func (s *Store) commitBatch() bool {
 			s.reserved -= uint64(len(recs) - written)
 			s.allocMu.Unlock()
 		} else {
-			err = s.insert(recs)
+			err = s.insert(s.table, recs, true)
 		}
 	} else {
 		s.allocMu.Lock()
@@ -974,21 +990,17 @@ func (s *Store) Refresh(ctx context.Context) error {
 		grew = recs[0] == s.lastRec
 	}
 	if grew {
-		return s.scan(ctx, area, committed)
+		return s.scan(ctx, area, committed, false)
 	}
 	return s.reload(ctx)
 }
 
-// reload forgets everything and loads the metadata again. The caller holds metaMu.
+// reload loads the metadata again from the start, replacing the table and
+// the area position only once the new ones are complete. The caller holds
+// metaMu.
 func (s *Store) reload(ctx context.Context) error {
-	s.mu.Lock()
-	s.table.Reset()
-	s.mu.Unlock()
-	s.allocMu.Lock()
-	s.currentArea, s.committed, s.nextFree = 0, 0, 2
-	s.allocMu.Unlock()
 	s.hasLastRec, s.dirtyTo, s.merge.n = false, 0, 0
-	return s.scan(ctx, 0, 0)
+	return s.scan(ctx, 0, 0, true)
 }
 
 // Close implements exstore.Store. Commits still waiting fail with exstore.ErrClosed.
