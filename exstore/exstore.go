@@ -91,7 +91,8 @@ type Store interface {
 	Commit(ctx context.Context, e Exception) error
 
 	// Abort gives up a prepared exception whose data could not be written.
-	// Its chunk is not reused before the store is reloaded.
+	// Its COW chunk is not reused before the store is reloaded; its origin
+	// chunk may be prepared again.
 	Abort(e Exception)
 
 	// Usage reports the store's space accounting.

@@ -611,6 +611,10 @@ func (s *Store) takeReady() []*prepared {
 		delete(s.byNew, p.e.New)
 		if p.ready {
 			batch = append(batch, p)
+		} else {
+			// Aborted: its origin chunk may be prepared again. (Ready
+			// ones stay marked until their record is in the table.)
+			delete(s.pendingOld, p.e.Old)
 		}
 	}
 	s.queue = append(s.queue[:0], s.queue[i:]...)

@@ -322,3 +322,19 @@ func TestVector18HeaderRules(t *testing.T) {
 	assert.Equal(t, uint32(8), s.ChunkSectors())
 	assert.Equal(t, uint64(0), s.Usage().Exceptions)
 }
+
+func TestAbortedChunkCanBePreparedAgain(t *testing.T) {
+	ctx := context.Background()
+	dev := faultdev.New("cow", 4*mib)
+	s := open(t, dev, 8)
+	a, err := s.Prepare(ctx, 5)
+	require.NoError(t, err)
+	s.Abort(a)
+	// The abort is processed by the committer; a later commit proves it is done.
+	take(t, s, dev, 6, 1)
+	b, err := s.Prepare(ctx, 5)
+	require.NoError(t, err, "an aborted exception's origin chunk can be prepared again")
+	assert.Greater(t, b.New, a.New, "the aborted chunk is not reused before a reload")
+	require.NoError(t, s.Commit(ctx, b))
+	assert.Equal(t, map[exstore.Chunk]exstore.Chunk{5: b.New, 6: a.New + 1}, walk(s))
+}
