@@ -1,0 +1,124 @@
+package nbd
+
+import (
+	"bufio"
+	"encoding/binary"
+	"fmt"
+	"io"
+	"net"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+)
+
+// benchClient is a minimal allocation-free client for benchmarks.
+type benchClient struct {
+	conn net.Conn
+	r    *bufio.Reader
+	hdr  [16]byte
+}
+
+func dialBench(b *testing.B, ts *testServer) *benchClient {
+	b.Helper()
+	conn, err := net.Dial("unix", ts.socket)
+	require.NoError(b, err)
+	b.Cleanup(func() { conn.Close() })
+	bc := &benchClient{conn: conn, r: bufio.NewReaderSize(conn, 1<<20)}
+	var greeting [18]byte
+	_, err = io.ReadFull(bc.r, greeting[:])
+	require.NoError(b, err)
+	msg := binary.BigEndian.AppendUint32(nil, clientFlagFixedNewstyle|clientFlagNoZeroes)
+	msg = binary.BigEndian.AppendUint64(msg, optionMagic)
+	msg = binary.BigEndian.AppendUint32(msg, optGo)
+	req := infoRequest("bench")
+	msg = binary.BigEndian.AppendUint32(msg, uint32(len(req)))
+	_, err = conn.Write(append(msg, req...))
+	require.NoError(b, err)
+	for {
+		var hdr [20]byte
+		_, err = io.ReadFull(bc.r, hdr[:])
+		require.NoError(b, err)
+		_, err = bc.r.Discard(int(binary.BigEndian.Uint32(hdr[16:])))
+		require.NoError(b, err)
+		if binary.BigEndian.Uint32(hdr[12:]) == repAck {
+			return bc
+		}
+		require.Equal(b, repInfo, binary.BigEndian.Uint32(hdr[12:]))
+	}
+}
+
+// readReply reads one simple reply and its data (for reads).
+func (bc *benchClient) readReply(b *testing.B, data []byte) {
+	if _, err := io.ReadFull(bc.r, bc.hdr[:]); err != nil {
+		b.Fatal(err)
+	}
+	if errno := binary.BigEndian.Uint32(bc.hdr[4:]); errno != 0 {
+		b.Fatalf("errno %d", errno)
+	}
+	if _, err := io.ReadFull(bc.r, data); err != nil {
+		b.Fatal(err)
+	}
+}
+
+// BenchmarkRoundTrip measures READ and WRITE over a unix socket against an
+// in-memory export, one request at a time (qd1) and 32 in flight (qd32).
+// Allocations per operation include the client's.
+func BenchmarkRoundTrip(b *testing.B) {
+	for _, size := range []int{4 << 10, 64 << 10, 1 << 20} {
+		for _, write := range []bool{false, true} {
+			for _, depth := range []int{1, 32} {
+				op := "read"
+				if write {
+					op = "write"
+				}
+				b.Run(fmt.Sprintf("%s/%dKiB/qd%d", op, size>>10, depth), func(b *testing.B) {
+					benchRoundTrip(b, size, write, depth)
+				})
+			}
+		}
+	}
+}
+
+func benchRoundTrip(b *testing.B, size int, write bool, depth int) {
+	const exportSize = 64 << 20
+	ts := startServer(b, []Export{{Name: "bench", Backend: newMemBackend(exportSize)}}, Options{}, true)
+	bc := dialBench(b, ts)
+	typ := cmdRead
+	if write {
+		typ = cmdWrite
+	}
+	slots := exportSize / size
+	msgs := make([][]byte, slots)
+	for i := range msgs {
+		msgs[i] = encodeRequest(0, typ, uint64(i), uint64(i*size), uint32(size))
+		if write {
+			msgs[i] = append(msgs[i], make([]byte, size)...)
+		}
+	}
+	var data []byte
+	if !write {
+		data = make([]byte, size)
+	}
+	b.SetBytes(int64(size))
+	b.ReportAllocs()
+	b.ResetTimer()
+
+	sent := make(chan struct{}, depth)
+	sendErr := make(chan error, 1)
+	go func() {
+		for i := range b.N {
+			sent <- struct{}{}
+			if _, err := bc.conn.Write(msgs[i%slots]); err != nil {
+				sendErr <- err
+				return
+			}
+		}
+		sendErr <- nil
+	}()
+	for range b.N {
+		bc.readReply(b, data)
+		<-sent
+	}
+	b.StopTimer()
+	require.NoError(b, <-sendErr)
+}

@@ -1,0 +1,587 @@
+package nbd
+
+import (
+	"bufio"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// connBufferSize is the size of a connection's read and write buffers: large
+// enough to batch headers and small replies, small enough that big payloads
+// bypass it.
+const connBufferSize = 64 << 10
+
+// conn is one client connection.
+type conn struct {
+	srv *Server
+	nc  net.Conn
+	r   *bufio.Reader
+	// ctx is cancelled to close the connection hard; requests run under it.
+	ctx    context.Context
+	cancel context.CancelFunc
+
+	// Negotiated state, written before transmission starts.
+	noZeroes           bool
+	structured         bool
+	metaExport         string
+	metaBaseAllocation bool
+	exp                *export
+
+	// deadlineMu orders beginShutdown's read deadline against the phases
+	// setting their own.
+	deadlineMu sync.Mutex
+	shutting   atomic.Bool
+
+	// wmu serialises replies on w; writers counts workers about to write,
+	// so that the last of a burst flushes.
+	wmu      sync.Mutex
+	w        *bufio.Writer
+	writers  atomic.Int32
+	writeErr error
+
+	// free holds the request slots; its capacity is the in-flight bound.
+	free chan *request
+	work chan *request
+
+	// bytesMu and bytesCond guard bytesUsed, the payload memory held.
+	bytesMu   sync.Mutex
+	bytesCond *sync.Cond
+	bytesUsed int64
+
+	// dirty records a write since the last flush, for the flush at close.
+	dirty atomic.Bool
+}
+
+// request is one transmission request and the scratch space to answer it.
+type request struct {
+	flags  uint16
+	typ    uint16
+	cookie uint64
+	off    uint64
+	length uint32
+	// errno, when not zero, is the answer decided while reading.
+	errno uint32
+	// buf is the payload (WRITE) or read buffer (READ), from the pool.
+	buf *[]byte
+	// reserved is what the request holds of the connection's byte budget.
+	reserved int64
+	// hdr is scratch space for reply headers.
+	hdr [structuredReplyHeaderSize + 8]byte
+}
+
+// newConn prepares a connection whose life is bounded by parent.
+func newConn(parent context.Context, s *Server, nc net.Conn) *conn {
+	c := &conn{
+		srv: s,
+		nc:  nc,
+		r:   bufio.NewReaderSize(nc, connBufferSize),
+		w:   bufio.NewWriterSize(nc, connBufferSize),
+	}
+	c.bytesCond = sync.NewCond(&c.bytesMu)
+	c.ctx, c.cancel = context.WithCancel(parent)
+	return c
+}
+
+// serve runs the connection to its end and closes it.
+func (c *conn) serve() {
+	stop := context.AfterFunc(c.ctx, func() { c.nc.Close() })
+	defer func() {
+		stop()
+		c.cancel()
+		c.nc.Close()
+		c.srv.untrack(c)
+	}()
+	log := c.srv.log.With("remote", c.nc.RemoteAddr().String())
+
+	c.deadlineMu.Lock()
+	if c.shutting.Load() {
+		c.deadlineMu.Unlock()
+		return
+	}
+	_ = c.nc.SetDeadline(time.Now().Add(c.srv.opts.HandshakeTimeout))
+	c.deadlineMu.Unlock()
+	if err := c.negotiate(); err != nil {
+		if !errors.Is(err, errClientAborted) {
+			log.Info("nbd negotiation failed", "err", err)
+		}
+		return
+	}
+	c.deadlineMu.Lock()
+	if c.shutting.Load() {
+		c.deadlineMu.Unlock()
+		return
+	}
+	_ = c.nc.SetDeadline(time.Time{})
+	c.deadlineMu.Unlock()
+
+	log = log.With("export", c.exp.Name)
+	log.Debug("nbd transmission started", "structured", c.structured)
+	if err := c.transmit(); err != nil {
+		log.Info("nbd connection ended", "err", err)
+	}
+}
+
+// beginShutdown makes the connection stop reading requests and finish: the
+// reader's blocked read returns at once.
+func (c *conn) beginShutdown() {
+	c.deadlineMu.Lock()
+	defer c.deadlineMu.Unlock()
+	c.shutting.Store(true)
+	_ = c.nc.SetReadDeadline(time.Now())
+}
+
+// abort closes the connection hard.
+func (c *conn) abort() {
+	c.cancel()
+	c.nc.Close()
+}
+
+// transmit runs the transmission phase: this goroutine reads and checks
+// requests, workers run them and write the replies.
+func (c *conn) transmit() error {
+	n := c.srv.opts.MaxInFlight
+	c.free = make(chan *request, n)
+	c.work = make(chan *request, n)
+	for range n {
+		c.free <- new(request)
+	}
+	var workers sync.WaitGroup
+	for range n {
+		workers.Go(func() {
+			for req := range c.work {
+				c.handle(req)
+				c.release(req)
+			}
+		})
+	}
+
+	readErr := c.readRequests()
+	close(c.work)
+	workers.Wait()
+
+	if c.dirty.Load() && c.ctx.Err() == nil {
+		if err := c.exp.Backend.Flush(c.ctx); err != nil {
+			return errors.Join(readErr, fmt.Errorf("flush at close: %w", err))
+		}
+	}
+	return readErr
+}
+
+// readRequests reads requests until the client disconnects, the connection
+// fails or shutdown starts, handing each to the workers. A nil result is a
+// clean end.
+func (c *conn) readRequests() error {
+	for !c.shutting.Load() {
+		var req *request
+		select {
+		case req = <-c.free:
+		case <-c.ctx.Done():
+			return c.ctx.Err()
+		}
+		stopped, err := c.readFull(req.hdr[:requestHeaderSize], true)
+		if stopped || err != nil {
+			c.free <- req
+			if err == io.EOF {
+				return nil
+			}
+			return err
+		}
+		h := req.hdr[:requestHeaderSize]
+		if magic := binary.BigEndian.Uint32(h[0:]); magic != requestMagic {
+			c.free <- req
+			c.cancel()
+			return fmt.Errorf("request with bad magic %#x", magic)
+		}
+		req.flags = binary.BigEndian.Uint16(h[4:])
+		req.typ = binary.BigEndian.Uint16(h[6:])
+		req.cookie = binary.BigEndian.Uint64(h[8:])
+		req.off = binary.BigEndian.Uint64(h[16:])
+		req.length = binary.BigEndian.Uint32(h[24:])
+		if req.typ == cmdDisc {
+			c.free <- req
+			return nil
+		}
+		req.errno = c.check(req)
+		if c.shutting.Load() {
+			req.errno = errShutdown
+		}
+		if err := c.readPayload(req); err != nil {
+			c.release(req)
+			return err
+		}
+		c.work <- req
+	}
+	return nil
+}
+
+// readPayload reserves memory for a READ or WRITE and reads a WRITE's data;
+// a refused WRITE's data is read and dropped.
+func (c *conn) readPayload(req *request) error {
+	if req.errno != 0 || (req.typ != cmdRead && req.typ != cmdWrite) {
+		if req.typ == cmdWrite {
+			return c.skip(int64(req.length))
+		}
+		return nil
+	}
+	c.reserve(req, int64(req.length))
+	req.buf = c.srv.getBuffer(int(req.length))
+	if req.typ == cmdWrite {
+		if _, err := c.readFull(*req.buf, false); err != nil {
+			return fmt.Errorf("read write payload: %w", err)
+		}
+	}
+	return nil
+}
+
+// readFull fills p. During shutdown the reader's deadline has passed: if
+// mayStop and nothing of p has arrived it reports stopped, otherwise the
+// deadline is lifted so that the request in progress is read whole.
+func (c *conn) readFull(p []byte, mayStop bool) (stopped bool, err error) {
+	n := 0
+	for n < len(p) {
+		m, err := io.ReadFull(c.r, p[n:])
+		n += m
+		if err == nil {
+			continue
+		}
+		if errors.Is(err, os.ErrDeadlineExceeded) && c.shutting.Load() {
+			if n == 0 && mayStop {
+				return true, nil
+			}
+			c.deadlineMu.Lock()
+			_ = c.nc.SetReadDeadline(time.Time{})
+			c.deadlineMu.Unlock()
+			continue
+		}
+		if err == io.ErrUnexpectedEOF || (err == io.EOF && n > 0) {
+			return false, fmt.Errorf("connection closed mid-request: %w", io.ErrUnexpectedEOF)
+		}
+		return false, err
+	}
+	return false, nil
+}
+
+// skip reads and drops n bytes of payload.
+func (c *conn) skip(n int64) error {
+	var scratch [4096]byte
+	for n > 0 {
+		chunk := scratch[:min(n, int64(len(scratch)))]
+		if _, err := c.readFull(chunk, false); err != nil {
+			return fmt.Errorf("skip refused payload: %w", err)
+		}
+		n -= int64(len(chunk))
+	}
+	return nil
+}
+
+// check decides the error a request gets without running it, 0 if none.
+func (c *conn) check(req *request) uint32 {
+	x := c.exp
+	if req.flags&^cmdFlagsKnown != 0 {
+		return errInval
+	}
+	if req.flags&(cmdFlagNoHole|cmdFlagFastZero) != 0 && req.typ != cmdWriteZeroes {
+		return errInval
+	}
+	if req.flags&cmdFlagDF != 0 && (req.typ != cmdRead || !c.structured) {
+		return errInval
+	}
+	if req.flags&cmdFlagReqOne != 0 && req.typ != cmdBlockStatus {
+		return errInval
+	}
+	writes := false
+	switch req.typ {
+	case cmdRead, cmdCache:
+	case cmdWrite, cmdTrim, cmdWriteZeroes:
+		writes = true
+	case cmdFlush:
+		return 0
+	case cmdBlockStatus:
+		if !c.structured || !c.metaBaseAllocation || req.length == 0 {
+			return errInval
+		}
+	default:
+		return errInval
+	}
+	if writes && x.ReadOnly {
+		return errPerm
+	}
+	if (req.typ == cmdRead || req.typ == cmdWrite) && req.length > uint32(c.srv.opts.MaxPayload) {
+		return errInval
+	}
+	size := uint64(x.Backend.Size())
+	end := req.off + uint64(req.length)
+	if end < req.off || end > size {
+		if writes {
+			return errNoSpc
+		}
+		return errInval
+	}
+	if mb := uint64(x.minBlock); mb > 1 && (req.off%mb != 0 || uint64(req.length)%mb != 0) {
+		return errInval
+	}
+	return 0
+}
+
+// reserve takes n bytes of the connection's payload budget for req, waiting
+// for running requests to give some back.
+func (c *conn) reserve(req *request, n int64) {
+	c.bytesMu.Lock()
+	for c.bytesUsed > 0 && c.bytesUsed+n > c.srv.opts.MaxInFlightBytes {
+		c.bytesCond.Wait()
+	}
+	c.bytesUsed += n
+	c.bytesMu.Unlock()
+	req.reserved = n
+}
+
+// release returns req's memory and slot.
+func (c *conn) release(req *request) {
+	if req.buf != nil {
+		c.srv.putBuffer(req.buf)
+		req.buf = nil
+	}
+	if req.reserved > 0 {
+		c.bytesMu.Lock()
+		c.bytesUsed -= req.reserved
+		c.bytesMu.Unlock()
+		c.bytesCond.Signal()
+		req.reserved = 0
+	}
+	c.free <- req
+}
+
+// handle runs one request and answers it.
+func (c *conn) handle(req *request) {
+	if req.errno != 0 {
+		c.replyError(req, req.errno)
+		return
+	}
+	x := c.exp
+	off := int64(req.off)
+	length := int64(req.length)
+	fua := req.flags&cmdFlagFUA != 0
+	var err error
+	switch req.typ {
+	case cmdRead:
+		data := (*req.buf)[:length]
+		if length == 0 {
+			c.replyRead(req, data)
+			return
+		}
+		if err = x.Backend.ReadAt(c.ctx, data, off); err == nil {
+			c.replyRead(req, data)
+			return
+		}
+	case cmdWrite:
+		if length > 0 {
+			err = x.Backend.WriteAt(c.ctx, (*req.buf)[:length], off, fua)
+		}
+	case cmdFlush:
+		// Cleared before flushing: a write completing meanwhile marks
+		// the connection dirty again for the flush at close.
+		c.dirty.Store(false)
+		if err = x.Backend.Flush(c.ctx); err != nil {
+			c.dirty.Store(true)
+		}
+	case cmdTrim:
+		if x.trimmer != nil && length > 0 {
+			err = x.trimmer.Trim(c.ctx, off, length, fua)
+		}
+	case cmdWriteZeroes:
+		if length > 0 {
+			err = c.writeZeroes(req, off, length, fua)
+		}
+	case cmdCache:
+		// A hint with nothing to prefetch into: the backends read
+		// through the page cache or their own caches.
+	case cmdBlockStatus:
+		var extents []Extent
+		if extents, err = c.extents(req, off, length); err == nil {
+			c.replyBlockStatus(req, extents)
+			return
+		}
+	}
+	if req.typ == cmdWrite || req.typ == cmdTrim || req.typ == cmdWriteZeroes {
+		c.dirty.Store(true)
+	}
+	if err != nil {
+		c.srv.log.Debug("nbd request failed", "export", x.Name, "command", req.typ, "offset", off, "length", length, "err", err)
+		c.replyError(req, replyErrno(err, req.typ != cmdRead && req.typ != cmdBlockStatus && req.typ != cmdCache))
+		return
+	}
+	c.replySimple(req, 0)
+}
+
+// writeZeroes zeroes a range through the backend's Zeroer, or by writing
+// zero-filled buffers when it has none (which is never fast).
+func (c *conn) writeZeroes(req *request, off, length int64, fua bool) error {
+	x := c.exp
+	opts := ZeroOptions{
+		NoHole: req.flags&cmdFlagNoHole != 0,
+		Fast:   req.flags&cmdFlagFastZero != 0,
+		FUA:    fua,
+	}
+	if x.zeroer != nil {
+		return x.zeroer.WriteZeroes(c.ctx, off, length, opts)
+	}
+	if opts.Fast {
+		return ErrZeroNotFast
+	}
+	chunk := int(min(length, int64(c.srv.opts.MaxPayload), zeroWriteChunk))
+	buf := c.srv.getBuffer(chunk)
+	defer c.srv.putBuffer(buf)
+	zeroes := (*buf)[:chunk]
+	clear(zeroes)
+	for done := int64(0); done < length; {
+		n := min(int64(len(zeroes)), length-done)
+		if err := x.Backend.WriteAt(c.ctx, zeroes[:n], off+done, false); err != nil {
+			return err
+		}
+		done += n
+	}
+	if fua {
+		return x.Backend.Flush(c.ctx)
+	}
+	return nil
+}
+
+// maxExtentsPerReply bounds a block status reply; the client asks again for
+// the rest.
+const maxExtentsPerReply = 1 << 16
+
+// extents returns the base:allocation extents of the range, clipped to it.
+func (c *conn) extents(req *request, off, length int64) ([]Extent, error) {
+	if c.exp.extenter == nil {
+		return []Extent{{Length: length}}, nil
+	}
+	got, err := c.exp.extenter.Extents(c.ctx, off, length)
+	if err != nil {
+		return nil, err
+	}
+	limit := maxExtentsPerReply
+	if req.flags&cmdFlagReqOne != 0 {
+		limit = 1
+	}
+	out := got[:0]
+	remaining := length
+	for _, e := range got {
+		if remaining == 0 || len(out) == limit {
+			break
+		}
+		if e.Length <= 0 {
+			return nil, fmt.Errorf("export %s: backend reported an extent of length %d at offset %d", c.exp.Name, e.Length, off+length-remaining)
+		}
+		e.Length = min(e.Length, remaining)
+		remaining -= e.Length
+		out = append(out, e)
+	}
+	if len(out) == 0 {
+		return nil, fmt.Errorf("export %s: backend reported no extents at offset %d", c.exp.Name, off)
+	}
+	return out, nil
+}
+
+// replySimple sends a simple reply with no data.
+func (c *conn) replySimple(req *request, errno uint32) {
+	h := req.hdr[:simpleReplyHeaderSize]
+	binary.BigEndian.PutUint32(h[0:], simpleReplyMagic)
+	binary.BigEndian.PutUint32(h[4:], errno)
+	binary.BigEndian.PutUint64(h[8:], req.cookie)
+	c.send(h, nil)
+}
+
+// replyError answers a failed request: with an error chunk where structured
+// replies are required (READ and BLOCK_STATUS once negotiated), else simply.
+func (c *conn) replyError(req *request, errno uint32) {
+	if !c.structured || (req.typ != cmdRead && req.typ != cmdBlockStatus) {
+		c.replySimple(req, errno)
+		return
+	}
+	h := req.hdr[:structuredReplyHeaderSize+6]
+	c.putChunkHeader(h, req, replyTypeError, 6)
+	binary.BigEndian.PutUint32(h[structuredReplyHeaderSize:], errno)
+	binary.BigEndian.PutUint16(h[structuredReplyHeaderSize+4:], 0) // no message
+	c.send(h, nil)
+}
+
+// replyRead sends the data of a successful READ: one OFFSET_DATA chunk with
+// structured replies (which also honours DF), a simple reply otherwise.
+func (c *conn) replyRead(req *request, data []byte) {
+	if !c.structured {
+		h := req.hdr[:simpleReplyHeaderSize]
+		binary.BigEndian.PutUint32(h[0:], simpleReplyMagic)
+		binary.BigEndian.PutUint32(h[4:], 0)
+		binary.BigEndian.PutUint64(h[8:], req.cookie)
+		c.send(h, data)
+		return
+	}
+	if len(data) == 0 {
+		h := req.hdr[:structuredReplyHeaderSize]
+		c.putChunkHeader(h, req, replyTypeNone, 0)
+		c.send(h, nil)
+		return
+	}
+	h := req.hdr[:structuredReplyHeaderSize+8]
+	c.putChunkHeader(h, req, replyTypeOffsetData, uint32(8+len(data)))
+	binary.BigEndian.PutUint64(h[structuredReplyHeaderSize:], req.off)
+	c.send(h, data)
+}
+
+// replyBlockStatus sends the base:allocation extents of a BLOCK_STATUS.
+func (c *conn) replyBlockStatus(req *request, extents []Extent) {
+	payload := make([]byte, 4+8*len(extents))
+	binary.BigEndian.PutUint32(payload, metaContextBaseAllocationID)
+	for i, e := range extents {
+		var flags uint32
+		if e.Hole {
+			flags |= 1
+		}
+		if e.Zero {
+			flags |= 2
+		}
+		binary.BigEndian.PutUint32(payload[4+8*i:], uint32(e.Length))
+		binary.BigEndian.PutUint32(payload[8+8*i:], flags)
+	}
+	h := req.hdr[:structuredReplyHeaderSize]
+	c.putChunkHeader(h, req, replyTypeBlockStatus, uint32(len(payload)))
+	c.send(h, payload)
+}
+
+// putChunkHeader fills a final structured reply chunk header.
+func (c *conn) putChunkHeader(h []byte, req *request, typ uint16, length uint32) {
+	binary.BigEndian.PutUint32(h[0:], structuredReplyMagic)
+	binary.BigEndian.PutUint16(h[4:], replyFlagDone)
+	binary.BigEndian.PutUint16(h[6:], typ)
+	binary.BigEndian.PutUint64(h[8:], req.cookie)
+	binary.BigEndian.PutUint32(h[16:], length)
+}
+
+// send writes one reply. The last writer of a burst flushes, so replies that
+// finish together share a write. A failed write kills the connection.
+func (c *conn) send(hdr, data []byte) {
+	c.writers.Add(1)
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	if c.writeErr == nil {
+		if _, err := c.w.Write(hdr); err != nil {
+			c.writeErr = err
+		} else if _, err := c.w.Write(data); err != nil {
+			c.writeErr = err
+		}
+	}
+	if c.writers.Add(-1) == 0 && c.writeErr == nil {
+		c.writeErr = c.w.Flush()
+	}
+	if c.writeErr != nil {
+		c.cancel()
+	}
+}
