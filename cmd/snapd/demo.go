@@ -20,10 +20,13 @@ import (
 // origin, a formatted COW, origin overwrites that copy the old data first,
 // then a reload of the COW from disk that must give back the snapshot view.
 func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	flags := newFlags("demo", "[--dir DIR] [--writes N] [--keep]", stderr)
+	flags := newFlags("demo", "[--dir DIR] [--writes N] [--keep] [--listen ADDR] [--socket PATH] [--no-serve]", stderr)
 	dir := flags.String("dir", "", "directory for origin.img and cow.img (default: a new temporary directory)")
 	writes := flags.Int("writes", 500, "how many origin chunks to overwrite")
 	keep := flags.Bool("keep", false, "keep the images (the temporary directory is otherwise removed)")
+	listen := flags.String("listen", "127.0.0.1:10809", "TCP address to serve the demo on; empty for none")
+	socket := flags.String("socket", "", "unix socket to serve the demo on")
+	noServe := flags.Bool("no-serve", false, "stop after the check instead of serving")
 	if err := parse(flags, args); err != nil {
 		return err
 	}
@@ -40,23 +43,51 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 			defer os.RemoveAll(d)
 		}
 	}
+	originPath, cowPath, err := demoCheck(ctx, *dir, *writes, stdout)
+	if err != nil {
+		return err
+	}
+	if *keep {
+		fmt.Fprintf(stdout, "\nimages kept in %s; the kernel activates the snapshot with\n  dmsetup create snap --table \"0 %d snapshot ORIGIN_DEV COW_DEV P 0\"\n", *dir, demoOriginSize/exstore.SectorSize)
+	}
+	if *noServe {
+		return nil
+	}
+	if *listen == "" && *socket == "" {
+		return usagef("give --listen or --socket, or --no-serve")
+	}
+	fmt.Fprintln(stdout)
+	v, err := openVolumes(ctx, originPath, []snapshotSpec{{name: "snap", cow: cowPath}}, false)
+	if err != nil {
+		return err
+	}
+	defer v.Close()
+	return serveVolumes(ctx, v, *listen, *socket, stdout, stderr)
+}
+
+// demoOriginSize is the size of the demo's origin image.
+const demoOriginSize = 64 << 20
+
+// demoCheck makes the demo images in dir and checks the store on them; it
+// closes everything it opened before it returns.
+func demoCheck(ctx context.Context, dir string, writes int, stdout io.Writer) (originPath, cowPath string, err error) {
 	const (
-		originSize = 64 << 20
+		originSize = demoOriginSize
 		cowSize    = 16 << 20
 		chunk      = 4096
 	)
-	originPath, cowPath := filepath.Join(*dir, "origin.img"), filepath.Join(*dir, "cow.img")
+	originPath, cowPath = filepath.Join(dir, "origin.img"), filepath.Join(dir, "cow.img")
 	for _, p := range []struct {
 		path string
 		size int64
 	}{{originPath, originSize}, {cowPath, cowSize}} {
 		if err := blockdev.Create(p.path, p.size); err != nil {
-			return err
+			return "", "", err
 		}
 	}
 	origin, err := blockdev.Open(originPath, blockdev.Options{})
 	if err != nil {
-		return err
+		return "", "", err
 	}
 	defer origin.Close()
 
@@ -66,39 +97,39 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	for c := int64(0); c < originSize/chunk; c += 4 {
 		fillRandom(rng, buf)
 		if _, err := origin.WriteAt(buf, c*chunk); err != nil {
-			return err
+			return "", "", err
 		}
 	}
 	before, err := digest(origin, origin.Size())
 	if err != nil {
-		return err
+		return "", "", err
 	}
 	fmt.Fprintf(stdout, "origin %s: %s, sha256 %x\n", originPath, humanize.IBytes(originSize), before[:8])
 
 	summary, err := createSnapshot(ctx, originPath, cowPath, chunk/exstore.SectorSize, false)
 	if err != nil {
-		return err
+		return "", "", err
 	}
 	fmt.Fprintln(stdout, summary)
 
 	cow, err := blockdev.Open(cowPath, blockdev.Options{Exclusive: true})
 	if err != nil {
-		return err
+		return "", "", err
 	}
 	defer cow.Close()
 	s, err := persistent.Open(ctx, cow, persistent.Options{NoFormat: true})
 	if err != nil {
-		return err
+		return "", "", err
 	}
 	// Overwrite random origin chunks the way the COW engine does: copy
 	// the old chunk to the COW, commit the exception, then write.
 	written := 0
-	for i := 0; i < *writes; i++ {
+	for i := 0; i < writes; i++ {
 		c := exstore.Chunk(rng.IntN(originSize / chunk))
 		_, ok, release, err := s.Lookup(ctx, c)
 		release()
 		if err != nil {
-			return err
+			return "", "", err
 		}
 		if ok {
 			continue // already copied: the snapshot keeps the first old data
@@ -106,20 +137,20 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		e, err := s.Prepare(ctx, c)
 		if err != nil {
 			s.Close()
-			return err
+			return "", "", err
 		}
 		if _, err := origin.ReadAt(buf, int64(c)*chunk); err != nil {
-			return err
+			return "", "", err
 		}
 		if _, err := cow.WriteAt(buf, int64(e.New)*chunk); err != nil {
-			return err
+			return "", "", err
 		}
 		if err := s.Commit(ctx, e); err != nil {
-			return err
+			return "", "", err
 		}
 		fillRandom(rng, buf)
 		if _, err := origin.WriteAt(buf, int64(c)*chunk); err != nil {
-			return err
+			return "", "", err
 		}
 		written++
 	}
@@ -129,26 +160,23 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	// Reload the COW from disk and rebuild the snapshot view from it.
 	s, err = persistent.Open(ctx, cow, persistent.Options{NoFormat: true})
 	if err != nil {
-		return err
+		return "", "", err
 	}
 	defer s.Close()
 	view, err := snapshotDigest(ctx, s, origin, cow)
 	if err != nil {
-		return err
+		return "", "", err
 	}
 	if view != before {
-		return fmt.Errorf("snapshot view sha256 %x differs from the origin before the writes (%x)", view[:8], before[:8])
+		return "", "", fmt.Errorf("snapshot view sha256 %x differs from the origin before the writes (%x)", view[:8], before[:8])
 	}
 	fmt.Fprintf(stdout, "snapshot view rebuilt from %s after a reload: sha256 %x, identical to the origin before the writes\n\n", cowPath, view[:8])
 	r, err := snapshotStatus(ctx, cowPath, 80)
 	if err != nil {
-		return err
+		return "", "", err
 	}
 	printStatus(stdout, r)
-	if *keep {
-		fmt.Fprintf(stdout, "\nimages kept in %s; the kernel activates the snapshot with\n  dmsetup create snap --table \"0 %d snapshot ORIGIN_DEV COW_DEV P 0\"\n", *dir, originSize/exstore.SectorSize)
-	}
-	return nil
+	return originPath, cowPath, nil
 }
 
 func fillRandom(rng *rand.Rand, b []byte) {

@@ -1,5 +1,5 @@
-// Command snapd creates, inspects and (in later releases) serves
-// dm-snapshot compatible copy-on-write snapshots.
+// Command snapd creates, inspects and serves dm-snapshot compatible
+// copy-on-write snapshots over NBD.
 //
 // Exit codes: 0 success, 1 the operation failed (I/O, corrupt metadata,
 // invalid snapshot), 2 bad usage (unknown command or flag, bad value).
@@ -42,8 +42,9 @@ type command struct {
 
 func commands() []command {
 	return []command{
-		{"demo", "create a sparse origin and snapshot in a temporary directory and show them working", runDemo},
+		{"demo", "create a sparse origin and snapshot in a temporary directory, check them, and serve them over NBD", runDemo},
 		{"create", "format a COW device for a snapshot of an origin", runCreate},
+		{"serve", "serve an origin and its snapshots over NBD", runServe},
 		{"status", "show a snapshot's usage as dmsetup status does, humanized", runStatus},
 	}
 }

@@ -30,7 +30,7 @@ func sparse(t *testing.T, dir, name string, size int64) string {
 }
 
 func TestDemoShowsTheSnapshotSurvivingAReload(t *testing.T) {
-	code, out, errOut := runCLI(t, "demo", "--writes", "50")
+	code, out, errOut := runCLI(t, "demo", "--writes", "50", "--no-serve")
 	require.Equal(t, exitOK, code, errOut)
 	assert.Contains(t, out, "identical to the origin before the writes")
 	assert.Contains(t, out, "exceptions: 50 of 4,079")

@@ -1,0 +1,165 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// These tests run the built snapd binary against clients nobody here wrote:
+// qemu-io writes through the exports and nbdcopy reads them.
+
+// tool finds a client program, or skips (fails when CI=true) naming the
+// Debian package that installs it.
+func tool(t *testing.T, name, pkg string) string {
+	t.Helper()
+	p, err := exec.LookPath(name)
+	if err != nil {
+		if os.Getenv("CI") == "true" {
+			t.Fatalf("%s not found: apt-get install %s", name, pkg)
+		}
+		t.Skipf("%s not found: apt-get install %s", name, pkg)
+	}
+	return p
+}
+
+// buildSnapd builds the binary under test.
+func buildSnapd(t *testing.T) string {
+	t.Helper()
+	bin := filepath.Join(t.TempDir(), "snapd")
+	out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput()
+	require.NoError(t, err, "go build: %s", out)
+	return bin
+}
+
+// server is a running snapd serve.
+type server struct {
+	cmd    *exec.Cmd
+	stdout *bufio.Scanner
+	lines  []string
+}
+
+// startServe runs snapd serve and waits until it prints its exports.
+func startServe(t *testing.T, bin string, args ...string) *server {
+	t.Helper()
+	cmd := exec.Command(bin, append([]string{"serve"}, args...)...)
+	out, err := cmd.StdoutPipe()
+	require.NoError(t, err)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	require.NoError(t, cmd.Start())
+	s := &server{cmd: cmd, stdout: bufio.NewScanner(out)}
+	t.Cleanup(func() {
+		if cmd.ProcessState == nil {
+			cmd.Process.Kill()
+			cmd.Wait()
+		}
+	})
+	for s.stdout.Scan() {
+		s.lines = append(s.lines, s.stdout.Text())
+		if strings.HasPrefix(s.stdout.Text(), "stop with") {
+			return s
+		}
+	}
+	cmd.Wait()
+	t.Fatalf("snapd serve ended before serving: %s\nstderr: %s", strings.Join(s.lines, "\n"), stderr.String())
+	return nil
+}
+
+// stop sends SIGTERM and returns the exit code and the rest of stdout.
+func (s *server) stop(t *testing.T) (int, string) {
+	t.Helper()
+	require.NoError(t, s.cmd.Process.Signal(syscall.SIGTERM))
+	var rest []string
+	for s.stdout.Scan() {
+		rest = append(rest, s.stdout.Text())
+	}
+	err := s.cmd.Wait()
+	code := 0
+	if ee, ok := err.(*exec.ExitError); ok {
+		code = ee.ExitCode()
+	} else {
+		require.NoError(t, err)
+	}
+	return code, strings.Join(rest, "\n")
+}
+
+func run1(t *testing.T, name string, args ...string) string {
+	t.Helper()
+	out, err := exec.Command(name, args...).CombinedOutput()
+	require.NoError(t, err, "%s %s: %s", name, strings.Join(args, " "), out)
+	return string(out)
+}
+
+func TestServeEndToEnd(t *testing.T) {
+	qemuIO := tool(t, "qemu-io", "qemu-utils")
+	nbdcopy := tool(t, "nbdcopy", "libnbd-bin")
+	bin := buildSnapd(t)
+	dir := t.TempDir()
+
+	const size = 8 << 20
+	orig := make([]byte, size)
+	rng := rand.New(rand.NewPCG(7, 7))
+	for i := range orig {
+		orig[i] = byte(rng.Uint32())
+	}
+	origin := filepath.Join(dir, "origin.img")
+	require.NoError(t, os.WriteFile(origin, orig, 0o600))
+	cowPath := filepath.Join(dir, "cow.img")
+	run1(t, bin, "create", "--origin", origin, "--cow", cowPath, "--cow-size", "4MiB")
+
+	sock := filepath.Join(dir, "nbd.sock")
+	srv := startServe(t, bin, "--origin", origin, "--snapshot", "snap="+cowPath, "--listen", "", "--socket", sock)
+	uri := func(name string) string { return "nbd+unix:///" + name + "?socket=" + sock }
+	assert.Contains(t, strings.Join(srv.lines, "\n"), uri("snap"), "the URIs are printed")
+
+	// A second snapd may not serve the same COW: it is locked.
+	out, err := exec.Command(bin, "serve", "--origin", origin, "--snapshot", "snap="+cowPath, "--listen", "", "--socket", sock+"2").CombinedOutput()
+	require.Error(t, err)
+	assert.Equal(t, 1, err.(*exec.ExitError).ExitCode())
+	assert.Contains(t, string(out), "in use by another process")
+
+	// Origin writes through NBD: 16 chunks, 2 more, flushed.
+	run1(t, qemuIO, "-f", "raw", uri("origin"), "-c", "write -P 0xab 0 64k", "-c", "write -P 0xcd 1M 8k", "-c", "flush")
+	// A snapshot write, FUA.
+	run1(t, qemuIO, "-f", "raw", uri("snap"), "-c", "write -f -P 0xee 2M 4k", "-c", "read -P 0xee 2M 4k")
+
+	snapOut := filepath.Join(dir, "snap.out")
+	run1(t, nbdcopy, uri("snap"), snapOut)
+	got, err := os.ReadFile(snapOut)
+	require.NoError(t, err)
+	want := append([]byte(nil), orig...)
+	copy(want[2<<20:], bytes.Repeat([]byte{0xee}, 4096))
+	assert.True(t, bytes.Equal(want, got), "the snapshot shows the origin as it was, plus its own write")
+
+	originOut := filepath.Join(dir, "origin.out")
+	run1(t, nbdcopy, uri("origin"), originOut)
+	got, err = os.ReadFile(originOut)
+	require.NoError(t, err)
+	want = append([]byte(nil), orig...)
+	copy(want[0:], bytes.Repeat([]byte{0xab}, 64<<10))
+	copy(want[1<<20:], bytes.Repeat([]byte{0xcd}, 8<<10))
+	assert.True(t, bytes.Equal(want, got), "the origin has the new data, and not the snapshot's write")
+
+	code, rest := srv.stop(t)
+	assert.Equal(t, 0, code, "SIGTERM drains and exits 0")
+	assert.Contains(t, rest, "snapshot snap: 19 exceptions")
+	assert.Contains(t, rest, "stopped")
+
+	// The COW on disk says the same after the server is gone.
+	var reports []statusReport
+	require.NoError(t, json.Unmarshal([]byte(run1(t, bin, "status", "--json", cowPath)), &reports))
+	require.Len(t, reports, 1)
+	assert.Equal(t, uint64(19), reports[0].Exceptions)
+	assert.Equal(t, "valid", reports[0].State)
+}

@@ -1,0 +1,243 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/url"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/clustersnap/clustersnap/exstore/blockdev"
+	"github.com/clustersnap/clustersnap/exstore/cow"
+	"github.com/clustersnap/clustersnap/nbd"
+	"github.com/clustersnap/clustersnap/persistent"
+)
+
+// originExport is the export name of the origin volume.
+const originExport = "origin"
+
+// shutdownGrace bounds how long a SIGTERM waits for requests in flight.
+const shutdownGrace = 30 * time.Second
+
+// snapshotSpec is one --snapshot NAME=COW[,ro][,overflow].
+type snapshotSpec struct {
+	name, cow string
+	opts      cow.SnapshotOptions
+}
+
+// snapshotFlags collects repeated --snapshot flags.
+type snapshotFlags []snapshotSpec
+
+func (f *snapshotFlags) String() string { return "" }
+
+func (f *snapshotFlags) Set(v string) error {
+	name, rest, ok := strings.Cut(v, "=")
+	if !ok || name == "" || rest == "" {
+		return fmt.Errorf("%q: want NAME=COW[,ro][,overflow]", v)
+	}
+	parts := strings.Split(rest, ",")
+	spec := snapshotSpec{name: name, cow: parts[0]}
+	for _, o := range parts[1:] {
+		switch o {
+		case "ro":
+			spec.opts.ReadOnly = true
+		case "overflow":
+			spec.opts.Overflow = true
+		default:
+			return fmt.Errorf("%q: unknown snapshot option %q (ro, overflow)", v, o)
+		}
+	}
+	if name == originExport {
+		return fmt.Errorf("%q: the name %q is the origin's export", v, originExport)
+	}
+	for _, s := range *f {
+		if s.name == name {
+			return fmt.Errorf("%q: snapshot name %q given twice", v, name)
+		}
+	}
+	*f = append(*f, spec)
+	return nil
+}
+
+// volumes is an origin and its snapshots, opened for serving.
+type volumes struct {
+	origin  *cow.Origin
+	snaps   []*cow.Snapshot
+	closers []io.Closer // stores, then devices, in closing order
+}
+
+// openVolumes opens the origin and every snapshot's COW with exclusive
+// locks, so that no second snapd on this host serves them at once.
+func openVolumes(ctx context.Context, originPath string, specs []snapshotSpec, direct bool) (*volumes, error) {
+	v := &volumes{}
+	fail := func(err error) (*volumes, error) {
+		v.Close()
+		return nil, err
+	}
+	oi, err := os.Stat(originPath)
+	if err != nil {
+		return nil, fmt.Errorf("origin: %w", err)
+	}
+	od, err := blockdev.Open(originPath, blockdev.Options{Direct: direct, Exclusive: true})
+	if err != nil {
+		return nil, fmt.Errorf("origin: %w", err)
+	}
+	v.closers = append(v.closers, od)
+	v.origin = cow.NewOrigin(od)
+	for _, spec := range specs {
+		if ci, err := os.Stat(spec.cow); err == nil && os.SameFile(oi, ci) {
+			return fail(fmt.Errorf("snapshot %s: cow %s is the origin itself", spec.name, spec.cow))
+		}
+		cd, err := blockdev.Open(spec.cow, blockdev.Options{Direct: direct, Exclusive: true})
+		if err != nil {
+			return fail(fmt.Errorf("snapshot %s: %w", spec.name, err))
+		}
+		v.closers = append([]io.Closer{cd}, v.closers...)
+		st, err := persistent.Open(ctx, cd, persistent.Options{NoFormat: true})
+		if err != nil {
+			return fail(fmt.Errorf("snapshot %s: %w", spec.name, err))
+		}
+		v.closers = append([]io.Closer{st}, v.closers...)
+		s, err := v.origin.AddSnapshot(spec.name, st, cd, spec.opts)
+		if err != nil {
+			return fail(fmt.Errorf("snapshot %s: %w", spec.name, err))
+		}
+		v.snaps = append(v.snaps, s)
+	}
+	return v, nil
+}
+
+// Close closes the stores, then the devices.
+func (v *volumes) Close() error {
+	var errs []error
+	for _, c := range v.closers {
+		errs = append(errs, c.Close())
+	}
+	return errors.Join(errs...)
+}
+
+// exports lists the NBD exports: the origin, then one per snapshot. Every
+// connection shares one volume whose Flush syncs the devices, so a flush
+// on one connection covers writes completed on all: multi-conn is safe.
+func (v *volumes) exports() []nbd.Export {
+	ex := []nbd.Export{{Name: originExport, Description: "origin " + v.origin.Device().Name(), Backend: v.origin, MultiConn: true}}
+	for _, s := range v.snaps {
+		desc := fmt.Sprintf("snapshot of %s in %s", v.origin.Device().Name(), s.COW().Name())
+		ex = append(ex, nbd.Export{Name: s.Name(), Description: desc, Backend: s, ReadOnly: s.Options().ReadOnly, MultiConn: true})
+	}
+	return ex
+}
+
+func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	flags := newFlags("serve", "--origin PATH --snapshot NAME=COW[,ro][,overflow]... [--listen ADDR] [--socket PATH]", stderr)
+	origin := flags.String("origin", "", "origin image or block device")
+	var specs snapshotFlags
+	flags.Var(&specs, "snapshot", "a snapshot to serve, NAME=COW[,ro][,overflow]; repeat for several")
+	listen := flags.String("listen", "127.0.0.1:10809", "TCP address to serve on; empty for none")
+	socket := flags.String("socket", "", "unix socket to serve on")
+	direct := flags.Bool("direct", false, "open devices with O_DIRECT (bypass the page cache)")
+	if err := parse(flags, args); err != nil {
+		return err
+	}
+	if *origin == "" {
+		return usagef("--origin is required")
+	}
+	if *listen == "" && *socket == "" {
+		return usagef("give --listen or --socket")
+	}
+	v, err := openVolumes(ctx, *origin, specs, *direct)
+	if err != nil {
+		return err
+	}
+	defer v.Close()
+	return serveVolumes(ctx, v, *listen, *socket, stdout, stderr)
+}
+
+// serveVolumes serves v until ctx ends (SIGINT, SIGTERM), then drains the
+// requests in flight, flushes and returns.
+func serveVolumes(ctx context.Context, v *volumes, listen, socket string, stdout, stderr io.Writer) error {
+	var listeners []net.Listener
+	defer func() {
+		for _, l := range listeners {
+			l.Close()
+		}
+	}()
+	var uris []func(name string) string
+	var attach []string
+	if listen != "" {
+		l, err := net.Listen("tcp", listen)
+		if err != nil {
+			return err
+		}
+		listeners = append(listeners, l)
+		addr := l.Addr().(*net.TCPAddr)
+		uris = append(uris, func(name string) string {
+			return (&url.URL{Scheme: "nbd", Host: addr.String(), Path: "/" + name}).String()
+		})
+		attach = append(attach, fmt.Sprintf("nbd-client -N NAME %s %d /dev/nbd0 -b 4096", addr.IP, addr.Port))
+	}
+	if socket != "" {
+		l, err := net.Listen("unix", socket)
+		if err != nil {
+			return err
+		}
+		listeners = append(listeners, l)
+		uris = append(uris, func(name string) string {
+			return (&url.URL{Scheme: "nbd+unix", Path: "/" + name, RawQuery: "socket=" + socket}).String()
+		})
+		attach = append(attach, fmt.Sprintf("nbd-client -N NAME -unix %s /dev/nbd0 -b 4096", socket))
+	}
+	exports := v.exports()
+	srv := nbd.NewServer(exports, nbd.Options{Logger: slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))})
+
+	fmt.Fprintln(stdout, "serving:")
+	for _, ex := range exports {
+		var us []string
+		for _, u := range uris {
+			us = append(us, u(ex.Name))
+		}
+		fmt.Fprintf(stdout, "  %-10s %s\n", ex.Name, strings.Join(us, "  "))
+	}
+	for _, a := range attach {
+		fmt.Fprintf(stdout, "attach with: %s\n", a)
+	}
+	fmt.Fprintln(stdout, "stop with SIGINT or SIGTERM (requests in flight are completed and flushed)")
+
+	errc := make(chan error, len(listeners))
+	for _, l := range listeners {
+		go func() { errc <- srv.Serve(context.WithoutCancel(ctx), l) }()
+	}
+	select {
+	case <-ctx.Done():
+	case err := <-errc:
+		return fmt.Errorf("serve: %w", err)
+	}
+	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), shutdownGrace)
+	defer cancel()
+	if err := srv.Shutdown(sctx); err != nil {
+		return fmt.Errorf("shutdown: %w", err)
+	}
+	if err := v.origin.Flush(sctx); err != nil {
+		return fmt.Errorf("final flush: %w", err)
+	}
+	for _, s := range v.snaps {
+		fmt.Fprintf(stdout, "snapshot %s\n", statusOf(s))
+	}
+	fmt.Fprintln(stdout, "stopped")
+	return nil
+}
+
+// statusOf is a one-line summary of a served snapshot's store.
+func statusOf(s *cow.Snapshot) string {
+	u := s.Store().Usage()
+	state := "valid"
+	if err := s.Err(); err != nil {
+		state = err.Error()
+	}
+	return fmt.Sprintf("%s: %d exceptions, %s, %s", s.Name(), u.Exceptions, u.String(), state)
+}
