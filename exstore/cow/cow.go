@@ -8,7 +8,9 @@
 // first, as in the kernel, and run in parallel so that their commits share
 // metadata writes. A Snapshot serves the view of the origin at the time it
 // was taken: chunks with an exception come from its COW device, the others
-// from the origin.
+// from the origin. Origin.Merge rolls the origin back to a snapshot
+// offline, as the kernel's snapshot-merge target does, and
+// Snapshot.Extents tells which ranges of a snapshot its COW device holds.
 //
 // The orderings that keep a snapshot right, also across a crash:
 //   - an origin write proceeds only after every snapshot's copy of the chunks
@@ -88,6 +90,10 @@ type Origin struct {
 	// snapshot or completed before it existed.
 	snapMu sync.RWMutex
 	snaps  []*Snapshot // largest chunk size first
+
+	// merging is held by Merge: one merge per origin at a time, as in the
+	// kernel (two would each overwrite the origin with their own view).
+	merging sync.Mutex
 }
 
 var _ Volume = (*Origin)(nil)

@@ -34,7 +34,7 @@ type Snapshot struct {
 	buffers sync.Pool
 
 	mu         sync.Mutex
-	invalid    error // set when this engine invalidates the snapshot
+	invalid    error // set when this engine invalidates the snapshot or merges it
 	overflowed bool
 }
 
@@ -83,7 +83,8 @@ func (s *Snapshot) Size() int64 { return s.size }
 
 // Err is nil while the snapshot is valid and not overflowed. Once it is
 // invalid it wraps exstore.ErrInvalid (and ErrCOWFull if the COW filled
-// up); once it overflowed it wraps ErrOverflow.
+// up); once it overflowed it wraps ErrOverflow; once it was merged into its
+// origin it wraps ErrMerged.
 func (s *Snapshot) Err() error {
 	if err := s.failure(); err != nil {
 		return fmt.Errorf("snapshot %s: %w", s.name, err)
@@ -96,7 +97,8 @@ func (s *Snapshot) Err() error {
 	return nil
 }
 
-// failure is the reason the snapshot is invalid, nil while it is valid.
+// failure is the reason the snapshot is invalid (or merged), nil while it
+// is valid.
 func (s *Snapshot) failure() error {
 	s.mu.Lock()
 	invalid := s.invalid
@@ -107,8 +109,8 @@ func (s *Snapshot) failure() error {
 	return s.store.Err()
 }
 
-// markFailed records err (which wraps exstore.ErrInvalid) as the reason the
-// snapshot is invalid, unless it has one already.
+// markFailed records err (which wraps exstore.ErrInvalid, or is ErrMerged)
+// as the reason the snapshot is unusable, unless it has one already.
 func (s *Snapshot) markFailed(err error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
