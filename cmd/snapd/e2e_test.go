@@ -124,10 +124,10 @@ func TestServeEndToEnd(t *testing.T) {
 	assert.Contains(t, strings.Join(srv.lines, "\n"), uri("snap"), "the URIs are printed")
 
 	// A second snapd may not serve the same COW: it is locked.
-	out, err := exec.Command(bin, "serve", "--origin", origin, "--snapshot", "snap="+cowPath, "--listen", "", "--socket", sock+"2").CombinedOutput()
+	second, err := exec.Command(bin, "serve", "--origin", origin, "--snapshot", "snap="+cowPath, "--listen", "", "--socket", sock+"2").CombinedOutput()
 	require.Error(t, err)
 	assert.Equal(t, 1, err.(*exec.ExitError).ExitCode())
-	assert.Contains(t, string(out), "in use by another process")
+	assert.Contains(t, string(second), "in use by another process")
 
 	// Origin writes through NBD: 16 chunks, 2 more, flushed.
 	run1(t, qemuIO, "-f", "raw", uri("origin"), "-c", "write -P 0xab 0 64k", "-c", "write -P 0xcd 1M 8k", "-c", "flush")
@@ -162,4 +162,18 @@ func TestServeEndToEnd(t *testing.T) {
 	require.Len(t, reports, 1)
 	assert.Equal(t, uint64(19), reports[0].Exceptions)
 	assert.Equal(t, "valid", reports[0].State)
+	assert.Contains(t, run1(t, bin, "check", cowPath), "19 exceptions in 1 metadata areas")
+
+	// Merge: the origin becomes the snapshot's former view, and the COW empties.
+	out := run1(t, bin, "merge", "--origin", origin, "--cow", cowPath)
+	assert.Contains(t, out, "merged 19 exceptions")
+	merged, err := os.ReadFile(origin)
+	require.NoError(t, err)
+	snapView, err := os.ReadFile(snapOut)
+	require.NoError(t, err)
+	assert.True(t, bytes.Equal(snapView, merged), "after the merge the origin is the snapshot's view")
+	reports = nil
+	require.NoError(t, json.Unmarshal([]byte(run1(t, bin, "status", "--json", cowPath)), &reports))
+	assert.Equal(t, uint64(0), reports[0].Exceptions)
+	assert.Equal(t, "16/8192 16", reports[0].Status)
 }

@@ -46,6 +46,8 @@ func commands() []command {
 		{"create", "format a COW device for a snapshot of an origin", runCreate},
 		{"serve", "serve an origin and its snapshots over NBD", runServe},
 		{"status", "show a snapshot's usage as dmsetup status does, humanized", runStatus},
+		{"check", "verify a COW's metadata without changing it", runCheck},
+		{"merge", "roll the origin back to a snapshot (resumable)", runMerge},
 	}
 }
 

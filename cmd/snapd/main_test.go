@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
@@ -12,7 +13,9 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/clustersnap/clustersnap/exstore"
 	"github.com/clustersnap/clustersnap/exstore/blockdev"
+	"github.com/clustersnap/clustersnap/persistent"
 )
 
 func runCLI(t *testing.T, args ...string) (code int, stdout, stderr string) {
@@ -91,6 +94,11 @@ func TestBadInputIsRefusedAndWritesNothing(t *testing.T) {
 		{"status of a zero cow", []string{"status", cow}, exitError, "header is zero"},
 		{"status of a corrupt cow", []string{"status", corrupt}, exitError, "bad magic 4e 4f 50 45"},
 		{"status of a missing cow", []string{"status", filepath.Join(dir, "nope")}, exitError, "no such file"},
+		{"check of a zero cow", []string{"check", cow}, exitError, "header is zero"},
+		{"check of a corrupt cow", []string{"check", corrupt}, exitError, "bad magic"},
+		{"merge without cow", []string{"merge", "--origin", origin}, exitUsage, "--cow are required"},
+		{"merge of a zero cow", []string{"merge", "--origin", origin, "--cow", cow}, exitError, "header is zero"},
+		{"merge onto itself", []string{"merge", "--origin", origin, "--cow", origin}, exitError, "is the origin itself"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			before := map[string][]byte{}
@@ -112,4 +120,45 @@ func TestBadInputIsRefusedAndWritesNothing(t *testing.T) {
 			}
 		})
 	}
+}
+
+func TestMergeRefusesAnInvalidSnapshotAndCheckSaysWhere(t *testing.T) {
+	dir := t.TempDir()
+	origin := sparse(t, dir, "origin", 8<<20)
+	cowPath := filepath.Join(dir, "cow")
+	code, _, errOut := runCLI(t, "create", "--origin", origin, "--cow", cowPath, "--cow-size", "1MiB")
+	require.Equal(t, exitOK, code, errOut)
+
+	// A record pointing past the end of the COW, as corruption would leave.
+	dev, err := blockdev.Open(cowPath, blockdev.Options{})
+	require.NoError(t, err)
+	rec := make([]byte, 16)
+	persistent.EncodeRecord(rec, 0, exstore.Exception{Old: 3, New: 99999})
+	_, err = dev.WriteAt(rec, 4096)
+	require.NoError(t, err)
+	require.NoError(t, dev.Close())
+	code, out, errOut := runCLI(t, "check", cowPath)
+	assert.Equal(t, exitError, code)
+	assert.Contains(t, out, "error: area 0 slot 0: 3→99999: COW chunk 99999 is past the end")
+	assert.Contains(t, errOut, "1 metadata errors, the first at area 0 slot 0")
+
+	// An invalidated snapshot cannot be merged, and the origin is untouched.
+	require.NoError(t, os.Remove(cowPath))
+	code, _, errOut = runCLI(t, "create", "--origin", origin, "--cow", cowPath, "--cow-size", "1MiB")
+	require.Equal(t, exitOK, code, errOut)
+	dev, err = blockdev.Open(cowPath, blockdev.Options{})
+	require.NoError(t, err)
+	s, err := persistent.Open(context.Background(), dev, persistent.Options{NoFormat: true})
+	require.NoError(t, err)
+	require.NoError(t, s.Invalidate(context.Background(), errors.New("test")))
+	require.NoError(t, s.Close())
+	require.NoError(t, dev.Close())
+	before, err := os.ReadFile(origin)
+	require.NoError(t, err)
+	code, _, errOut = runCLI(t, "merge", "--origin", origin, "--cow", cowPath)
+	assert.Equal(t, exitError, code)
+	assert.Contains(t, errOut, "cannot merge an invalid snapshot")
+	after, err := os.ReadFile(origin)
+	require.NoError(t, err)
+	assert.True(t, bytes.Equal(before, after), "origin unchanged")
 }

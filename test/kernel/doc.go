@@ -3,6 +3,9 @@
 // kernel wrote opens in package persistent with the same exceptions and
 // usage figures, and a COW package persistent wrote activates in the kernel
 // ("snapshot <origin> <cow> P 0") with the same snapshot view, and the kernel
-// can go on adding exceptions to it. The kernel runs in a QEMU guest (package
-// test/guest); see test/README.md.
+// can go on adding exceptions to it. TestDMSnapshotMerge checks merge the
+// same way: a COW the kernel wrote and a COW our COW engine wrote are each
+// merged by the kernel's snapshot-merge target and by cow.Origin.Merge, and
+// the merged origins and COWs must be identical byte for byte. The kernel
+// runs in a QEMU guest (package test/guest); see test/README.md.
 package kernel
