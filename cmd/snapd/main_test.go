@@ -99,6 +99,9 @@ func TestBadInputIsRefusedAndWritesNothing(t *testing.T) {
 		{"merge without cow", []string{"merge", "--origin", origin}, exitUsage, "--cow are required"},
 		{"merge of a zero cow", []string{"merge", "--origin", origin, "--cow", cow}, exitError, "header is zero"},
 		{"merge onto itself", []string{"merge", "--origin", origin, "--cow", origin}, exitError, "is the origin itself"},
+		{"attach without the nbd module", []string{"attach", "--connect", "127.0.0.1:1", "--export", "snap", filepath.Join(dir, "nbd0")}, exitError, "modprobe nbd"},
+		{"attach with two servers", []string{"attach", "--connect", "a:1", "--socket", "s", "--export", "x", "/dev/nbd0"}, exitUsage, "exactly one of"},
+		{"detach without the nbd module", []string{"detach", filepath.Join(dir, "nbd0")}, exitError, "modprobe nbd"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			before := map[string][]byte{}
