@@ -80,6 +80,35 @@ type Extenter interface {
 	Extents(ctx context.Context, off, length int64) ([]Extent, error)
 }
 
+// MetaContextExceptions is the metadata context of clustersnap's changed-block
+// map: for a snapshot, which parts of it have an exception in its COW store
+// (their data lives there, not on the origin). Block status flag bit 0
+// (COWExtentInCOW) is set on those. Offered for exports whose backend is a
+// COWMapper.
+const MetaContextExceptions = "clustersnap:exceptions"
+
+// COWExtentInCOW is the MetaContextExceptions block status flag of an extent
+// whose data is in the COW store.
+const COWExtentInCOW uint32 = 1 << 0
+
+// COWExtent is a run of bytes that is either all in the COW store or all
+// not, as reported for MetaContextExceptions.
+type COWExtent struct {
+	// Length is the extent length in bytes, more than zero.
+	Length int64
+	// InCOW reports that the run has exceptions in the COW store.
+	InCOW bool
+}
+
+// COWMapper is a Backend that knows which of its ranges have exceptions in a
+// COW store; such exports offer the MetaContextExceptions metadata context.
+type COWMapper interface {
+	// COWExtents describes [off, off+length) from off onwards, in order,
+	// with the same contract as Extenter.Extents: at least one byte,
+	// clipped by the server.
+	COWExtents(ctx context.Context, off, length int64) ([]COWExtent, error)
+}
+
 // BlockSizer is a Backend that needs requests aligned to a minimum block size
 // (an O_DIRECT device). The server advertises it through NBD_INFO_BLOCK_SIZE
 // and refuses misaligned requests with EINVAL.

@@ -2,6 +2,7 @@ package nbd
 
 import (
 	"bufio"
+	"crypto/tls"
 	"encoding/binary"
 	"fmt"
 	"io"
@@ -18,7 +19,9 @@ type benchClient struct {
 	hdr  [16]byte
 }
 
-func dialBench(b *testing.B, ts *testServer) *benchClient {
+// dialBench connects to ts and enters transmission on export "bench",
+// upgrading to TLS first when tlsConfig is not nil.
+func dialBench(b *testing.B, ts *testServer, tlsConfig *tls.Config) *benchClient {
 	b.Helper()
 	conn, err := net.Dial("unix", ts.socket)
 	require.NoError(b, err)
@@ -28,11 +31,26 @@ func dialBench(b *testing.B, ts *testServer) *benchClient {
 	_, err = io.ReadFull(bc.r, greeting[:])
 	require.NoError(b, err)
 	msg := binary.BigEndian.AppendUint32(nil, clientFlagFixedNewstyle|clientFlagNoZeroes)
+	if tlsConfig != nil {
+		msg = binary.BigEndian.AppendUint64(msg, optionMagic)
+		msg = binary.BigEndian.AppendUint32(msg, optStartTLS)
+		msg = binary.BigEndian.AppendUint32(msg, 0)
+		_, err = conn.Write(msg)
+		require.NoError(b, err)
+		var hdr [20]byte
+		_, err = io.ReadFull(bc.r, hdr[:])
+		require.NoError(b, err)
+		require.Equal(b, repAck, binary.BigEndian.Uint32(hdr[12:]))
+		tc := tls.Client(conn, tlsConfig)
+		require.NoError(b, tc.Handshake())
+		bc.conn, bc.r = tc, bufio.NewReaderSize(tc, 1<<20)
+		msg = nil
+	}
 	msg = binary.BigEndian.AppendUint64(msg, optionMagic)
 	msg = binary.BigEndian.AppendUint32(msg, optGo)
 	req := infoRequest("bench")
 	msg = binary.BigEndian.AppendUint32(msg, uint32(len(req)))
-	_, err = conn.Write(append(msg, req...))
+	_, err = bc.conn.Write(append(msg, req...))
 	require.NoError(b, err)
 	for {
 		var hdr [20]byte
@@ -72,17 +90,40 @@ func BenchmarkRoundTrip(b *testing.B) {
 					op = "write"
 				}
 				b.Run(fmt.Sprintf("%s/%dKiB/qd%d", op, size>>10, depth), func(b *testing.B) {
-					benchRoundTrip(b, size, write, depth)
+					benchRoundTrip(b, size, write, depth, nil)
 				})
 			}
 		}
 	}
 }
 
-func benchRoundTrip(b *testing.B, size int, write bool, depth int) {
+// BenchmarkRoundTripTLS is BenchmarkRoundTrip's qd32 cases after STARTTLS.
+func BenchmarkRoundTripTLS(b *testing.B) {
+	pki := newTestPKI(b)
+	for _, size := range []int{4 << 10, 64 << 10, 1 << 20} {
+		for _, write := range []bool{false, true} {
+			op := "read"
+			if write {
+				op = "write"
+			}
+			b.Run(fmt.Sprintf("%s/%dKiB/qd32", op, size>>10), func(b *testing.B) {
+				benchRoundTrip(b, size, write, 32, pki)
+			})
+		}
+	}
+}
+
+// benchRoundTrip runs size-byte requests depth at a time, over TLS when pki
+// is not nil.
+func benchRoundTrip(b *testing.B, size int, write bool, depth int, pki *testPKI) {
 	const exportSize = 64 << 20
-	ts := startServer(b, []Export{{Name: "bench", Backend: newMemBackend(exportSize)}}, Options{}, true)
-	bc := dialBench(b, ts)
+	opts := Options{}
+	var clientTLS *tls.Config
+	if pki != nil {
+		opts.TLSMode, opts.TLS, clientTLS = TLSRequire, pki.server, pki.client
+	}
+	ts := startServer(b, []Export{{Name: "bench", Backend: newMemBackend(exportSize)}}, opts, true)
+	bc := dialBench(b, ts, clientTLS)
 	typ := cmdRead
 	if write {
 		typ = cmdWrite

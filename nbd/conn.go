@@ -30,9 +30,11 @@ type conn struct {
 
 	// Negotiated state, written before transmission starts.
 	noZeroes           bool
+	tls                bool
 	structured         bool
 	metaExport         string
 	metaBaseAllocation bool
+	metaExceptions     bool
 	exp                *export
 
 	// deadlineMu orders beginShutdown's read deadline against the phases
@@ -99,7 +101,13 @@ func (c *conn) serve() {
 		c.nc.Close()
 		c.srv.untrack(c)
 	}()
-	log := c.srv.log.With("remote", c.nc.RemoteAddr().String())
+	remote := "unknown"
+	if addr := c.nc.RemoteAddr(); addr != nil {
+		// Connections made from files (socket activation, stdio)
+		// may have no peer address.
+		remote = addr.String()
+	}
+	log := c.srv.log.With("remote", remote)
 
 	c.deadlineMu.Lock()
 	if c.shutting.Load() {
@@ -123,7 +131,7 @@ func (c *conn) serve() {
 	c.deadlineMu.Unlock()
 
 	log = log.With("export", c.exp.Name)
-	log.Debug("nbd transmission started", "structured", c.structured)
+	log.Debug("nbd transmission started", "structured", c.structured, "tls", c.tls)
 	if err := c.transmit(); err != nil {
 		log.Info("nbd connection ended", "err", err)
 	}
@@ -305,7 +313,7 @@ func (c *conn) check(req *request) uint32 {
 	case cmdFlush:
 		return 0
 	case cmdBlockStatus:
-		if !c.structured || !c.metaBaseAllocation || req.length == 0 {
+		if !c.structured || (!c.metaBaseAllocation && !c.metaExceptions) || req.length == 0 {
 			return errInval
 		}
 	default:
@@ -404,9 +412,9 @@ func (c *conn) handle(req *request) {
 		// A hint with nothing to prefetch into: the backends read
 		// through the page cache or their own caches.
 	case cmdBlockStatus:
-		var extents []Extent
-		if extents, err = c.extents(req, off, length); err == nil {
-			c.replyBlockStatus(req, extents)
+		var reply []byte
+		if reply, err = c.blockStatus(req, off, length); err == nil {
+			c.send(reply[:structuredReplyHeaderSize], reply[structuredReplyHeaderSize:])
 			return
 		}
 	}
@@ -458,30 +466,114 @@ func (c *conn) writeZeroes(req *request, off, length int64, fua bool) error {
 // the rest.
 const maxExtentsPerReply = 1 << 16
 
-// extents returns the base:allocation extents of the range, clipped to it.
-func (c *conn) extents(req *request, off, length int64) ([]Extent, error) {
-	if c.exp.extenter == nil {
-		return []Extent{{Length: length}}, nil
+// statusExtent is one extent of a block status reply.
+type statusExtent struct {
+	length int64
+	flags  uint32
+}
+
+// blockStatus builds the whole answer to a BLOCK_STATUS: one chunk per
+// selected metadata context, the last flagged DONE.
+func (c *conn) blockStatus(req *request, off, length int64) ([]byte, error) {
+	type contextExtents struct {
+		id      uint32
+		extents []statusExtent
 	}
-	got, err := c.exp.extenter.Extents(c.ctx, off, length)
-	if err != nil {
-		return nil, err
+	var answers []contextExtents
+	if c.metaBaseAllocation {
+		extents, err := c.allocationExtents(off, length)
+		if err != nil {
+			return nil, err
+		}
+		answers = append(answers, contextExtents{metaContextBaseAllocationID, extents})
+	}
+	if c.metaExceptions {
+		extents, err := c.exceptionExtents(off, length)
+		if err != nil {
+			return nil, err
+		}
+		answers = append(answers, contextExtents{metaContextExceptionsID, extents})
 	}
 	limit := maxExtentsPerReply
 	if req.flags&cmdFlagReqOne != 0 {
 		limit = 1
 	}
+	var reply []byte
+	for i, a := range answers {
+		extents, err := c.clipExtents(a.extents, off, length, limit)
+		if err != nil {
+			return nil, err
+		}
+		var flags uint16
+		if i == len(answers)-1 {
+			flags = replyFlagDone
+		}
+		reply = binary.BigEndian.AppendUint32(reply, structuredReplyMagic)
+		reply = binary.BigEndian.AppendUint16(reply, flags)
+		reply = binary.BigEndian.AppendUint16(reply, replyTypeBlockStatus)
+		reply = binary.BigEndian.AppendUint64(reply, req.cookie)
+		reply = binary.BigEndian.AppendUint32(reply, uint32(4+8*len(extents)))
+		reply = binary.BigEndian.AppendUint32(reply, a.id)
+		for _, e := range extents {
+			reply = binary.BigEndian.AppendUint32(reply, uint32(e.length))
+			reply = binary.BigEndian.AppendUint32(reply, e.flags)
+		}
+	}
+	return reply, nil
+}
+
+// allocationExtents returns the base:allocation extents from off.
+func (c *conn) allocationExtents(off, length int64) ([]statusExtent, error) {
+	if c.exp.extenter == nil {
+		return []statusExtent{{length: length}}, nil
+	}
+	got, err := c.exp.extenter.Extents(c.ctx, off, length)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]statusExtent, len(got))
+	for i, e := range got {
+		out[i].length = e.Length
+		if e.Hole {
+			out[i].flags |= 1
+		}
+		if e.Zero {
+			out[i].flags |= 2
+		}
+	}
+	return out, nil
+}
+
+// exceptionExtents returns the MetaContextExceptions extents from off.
+func (c *conn) exceptionExtents(off, length int64) ([]statusExtent, error) {
+	got, err := c.exp.cowMapper.COWExtents(c.ctx, off, length)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]statusExtent, len(got))
+	for i, e := range got {
+		out[i].length = e.Length
+		if e.InCOW {
+			out[i].flags = COWExtentInCOW
+		}
+	}
+	return out, nil
+}
+
+// clipExtents checks a backend's extents of [off, off+length) and clips them
+// to the range and to limit extents.
+func (c *conn) clipExtents(got []statusExtent, off, length int64, limit int) ([]statusExtent, error) {
 	out := got[:0]
 	remaining := length
 	for _, e := range got {
 		if remaining == 0 || len(out) == limit {
 			break
 		}
-		if e.Length <= 0 {
-			return nil, fmt.Errorf("export %s: backend reported an extent of length %d at offset %d", c.exp.Name, e.Length, off+length-remaining)
+		if e.length <= 0 {
+			return nil, fmt.Errorf("export %s: backend reported an extent of length %d at offset %d", c.exp.Name, e.length, off+length-remaining)
 		}
-		e.Length = min(e.Length, remaining)
-		remaining -= e.Length
+		e.length = min(e.length, remaining)
+		remaining -= e.length
 		out = append(out, e)
 	}
 	if len(out) == 0 {
@@ -534,26 +626,6 @@ func (c *conn) replyRead(req *request, data []byte) {
 	c.putChunkHeader(h, req, replyTypeOffsetData, uint32(8+len(data)))
 	binary.BigEndian.PutUint64(h[structuredReplyHeaderSize:], req.off)
 	c.send(h, data)
-}
-
-// replyBlockStatus sends the base:allocation extents of a BLOCK_STATUS.
-func (c *conn) replyBlockStatus(req *request, extents []Extent) {
-	payload := make([]byte, 4+8*len(extents))
-	binary.BigEndian.PutUint32(payload, metaContextBaseAllocationID)
-	for i, e := range extents {
-		var flags uint32
-		if e.Hole {
-			flags |= 1
-		}
-		if e.Zero {
-			flags |= 2
-		}
-		binary.BigEndian.PutUint32(payload[4+8*i:], uint32(e.Length))
-		binary.BigEndian.PutUint32(payload[8+8*i:], flags)
-	}
-	h := req.hdr[:structuredReplyHeaderSize]
-	c.putChunkHeader(h, req, replyTypeBlockStatus, uint32(len(payload)))
-	c.send(h, payload)
 }
 
 // putChunkHeader fills a final structured reply chunk header.

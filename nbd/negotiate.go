@@ -1,6 +1,7 @@
 package nbd
 
 import (
+	"crypto/tls"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -96,7 +97,18 @@ func (c *conn) negotiate() error {
 
 // handleOption answers one option. done reports that transmission starts.
 func (c *conn) handleOption(opt uint32, data []byte) (done bool, err error) {
+	if c.srv.opts.TLSMode == TLSRequire && !c.tls {
+		switch opt {
+		case optStartTLS, optAbort:
+		case optExportName:
+			return false, fmt.Errorf("EXPORT_NAME %q before STARTTLS: TLS is required", data)
+		default:
+			return false, c.optionReply(opt, repErrTLSReqd, []byte("TLS is required: use STARTTLS"))
+		}
+	}
 	switch opt {
+	case optStartTLS:
+		return false, c.optStartTLS(data)
 	case optExportName:
 		return true, c.optExportName(string(data))
 	case optAbort:
@@ -129,6 +141,41 @@ func (c *conn) handleOption(opt uint32, data []byte) (done bool, err error) {
 	default:
 		return false, c.optionReply(opt, repErrUnsup, nil)
 	}
+}
+
+// optStartTLS upgrades the connection to TLS in place. The negotiation then
+// carries on over TLS with everything agreed before it forgotten.
+func (c *conn) optStartTLS(data []byte) error {
+	switch {
+	case c.srv.opts.TLSMode == TLSOff:
+		return c.optionReply(optStartTLS, repErrUnsup, []byte("TLS is not configured"))
+	case len(data) != 0:
+		return c.optionReply(optStartTLS, repErrInvalid, []byte("STARTTLS takes no data"))
+	case c.tls:
+		return c.optionReply(optStartTLS, repErrInvalid, []byte("TLS is already negotiated"))
+	}
+	if err := c.optionReply(optStartTLS, repAck, nil); err != nil {
+		return err
+	}
+	// The client must wait for the ACK before its TLS hello, so nothing
+	// can be buffered; anything that is would be lost to the TLS layer.
+	if n := c.r.Buffered(); n > 0 {
+		return fmt.Errorf("STARTTLS: client sent %d bytes before the TLS handshake", n)
+	}
+	tc := tls.Server(c.nc, c.srv.opts.TLS)
+	if err := tc.HandshakeContext(c.ctx); err != nil {
+		return fmt.Errorf("STARTTLS: TLS handshake: %w", err)
+	}
+	// c.nc stays the raw connection: deadlines and Close act on it, and
+	// reach the TLS stream through it.
+	c.r.Reset(tc)
+	c.w.Reset(tc)
+	c.tls = true
+	c.structured = false
+	c.metaExport = ""
+	c.metaBaseAllocation = false
+	c.metaExceptions = false
+	return nil
 }
 
 // optExportName ends the negotiation the old way; an unknown name can only be
@@ -216,8 +263,11 @@ func (c *conn) optInfoGo(opt uint32, data []byte) (done bool, err error) {
 	return false, nil
 }
 
-// optMetaContext answers LIST_META_CONTEXT and SET_META_CONTEXT. The only
-// context is base:allocation.
+// optMetaContext answers LIST_META_CONTEXT and SET_META_CONTEXT. Every
+// export has base:allocation; exports whose backend is a COWMapper also have
+// MetaContextExceptions. SET replaces the selection with the contexts named
+// exactly; LIST also takes a bare namespace ("base:", "clustersnap:") and,
+// with no query at all, lists every context of the export.
 func (c *conn) optMetaContext(opt uint32, data []byte) error {
 	if !c.structured {
 		return c.optionReply(opt, repErrInvalid, []byte("structured replies not negotiated"))
@@ -240,28 +290,50 @@ func (c *conn) optMetaContext(opt uint32, data []byte) error {
 	if len(rest) != 0 {
 		return c.optionReply(opt, repErrInvalid, []byte("trailing data"))
 	}
-	if c.srv.lookup(name) == nil {
+	x := c.srv.lookup(name)
+	if x == nil {
 		return c.optionReply(opt, repErrUnknown, []byte("no such export"))
 	}
 
-	matched := false
-	for _, q := range queries {
-		if q == metaContextBaseAllocation || (opt == optListMetaContext && q == "base:") {
-			matched = true
+	contexts := []struct {
+		name      string
+		namespace string
+		id        uint32
+		offered   bool
+		matched   bool
+	}{
+		{metaContextBaseAllocation, "base:", metaContextBaseAllocationID, true, false},
+		{MetaContextExceptions, "clustersnap:", metaContextExceptionsID, x.cowMapper != nil, false},
+	}
+	for i := range contexts {
+		ctx := &contexts[i]
+		if !ctx.offered {
+			continue
+		}
+		if opt == optListMetaContext && len(queries) == 0 {
+			ctx.matched = true
+		}
+		for _, q := range queries {
+			if q == ctx.name || (opt == optListMetaContext && q == ctx.namespace) {
+				ctx.matched = true
+			}
 		}
 	}
-	if opt == optListMetaContext && len(queries) == 0 {
-		matched = true
-	}
-	id := uint32(0) // LIST replies carry no usable id
 	if opt == optSetMetaContext {
-		id = metaContextBaseAllocationID
 		c.metaExport = name
-		c.metaBaseAllocation = matched
+		c.metaBaseAllocation = contexts[0].matched
+		c.metaExceptions = contexts[1].matched
 	}
-	if matched {
+	for _, ctx := range contexts {
+		if !ctx.matched {
+			continue
+		}
+		id := uint32(0) // LIST replies carry no usable id
+		if opt == optSetMetaContext {
+			id = ctx.id
+		}
 		payload := binary.BigEndian.AppendUint32(nil, id)
-		payload = append(payload, metaContextBaseAllocation...)
+		payload = append(payload, ctx.name...)
 		if err := c.optionReplyNoFlush(opt, repMetaContext, payload); err != nil {
 			return err
 		}
@@ -275,6 +347,7 @@ func (c *conn) selectExport(x *export) {
 	c.exp = x
 	if c.metaExport != x.Name {
 		c.metaBaseAllocation = false
+		c.metaExceptions = false
 	}
 }
 

@@ -55,6 +55,7 @@ const (
 	repErrUnsup    uint32 = 1<<31 | 1
 	repErrPolicy   uint32 = 1<<31 | 2
 	repErrInvalid  uint32 = 1<<31 | 3
+	repErrTLSReqd  uint32 = 1<<31 | 5
 	repErrUnknown  uint32 = 1<<31 | 6
 	repErrShutdown uint32 = 1<<31 | 7
 	repErrTooBig   uint32 = 1<<31 | 9
@@ -128,11 +129,13 @@ const (
 	errShutdown uint32 = 108
 )
 
-// metaContextBaseAllocation is the one metadata context this server offers,
-// and metaContextBaseAllocationID the id it is given in replies.
+// Metadata contexts: base:allocation for every export, MetaContextExceptions
+// for exports whose backend is a COWMapper; each with the id it is given in
+// replies.
 const (
 	metaContextBaseAllocation          = "base:allocation"
 	metaContextBaseAllocationID uint32 = 1
+	metaContextExceptionsID     uint32 = 2
 )
 
 // Sizes of fixed wire structures.

@@ -1,11 +1,37 @@
 // Package nbd is the Network Block Device server that exports origins and
 // snapshots: fixed-newstyle negotiation (INFO/GO, EXPORT_NAME, LIST,
-// structured replies, base:allocation) and a pipelined transmission phase
-// that runs requests concurrently and answers them out of order.
+// STARTTLS, structured replies, the base:allocation and
+// clustersnap:exceptions metadata contexts) and a pipelined transmission
+// phase that runs requests concurrently and answers them out of order.
+//
+// Wiring a daemon:
+//
+//	mode, err := nbd.ParseTLSMode(tlsFlag)          // "off", "allow", "require"
+//	cfg, err := nbd.TLSConfigFromDir(certDir, verify) // only when mode != TLSOff
+//	srv := nbd.NewServer(exports, nbd.Options{TLSMode: mode, TLS: cfg})
+//
+//	// Socket activation (systemd, or nbdinfo/nbdcopy "-- [ snapd ... ]"):
+//	listeners, err := nbd.ListenersFromEnv() // nil when not activated
+//	if listeners == nil {
+//		l, err := net.Listen("tcp", addr)
+//		listeners = append(listeners, l)
+//	}
+//	for _, l := range listeners {
+//		go srv.Serve(ctx, l)
+//	}
+//	// Or one client on stdin/stdout (inetd, libnbd connect_command);
+//	// the log must then go to stderr:
+//	err = srv.ServeStdio(ctx, os.Stdin, os.Stdout)
+//
+//	err = srv.Shutdown(ctx)
+//
+// Clients that start a private server (nbdinfo and nbdcopy "-- [ CMD ]", and
+// libnbd's connect_command) ask for the default export, named "".
 package nbd
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -49,6 +75,54 @@ type Options struct {
 	HandshakeTimeout time.Duration
 	// Logger receives connection-level events; nil discards them.
 	Logger *slog.Logger
+	// TLSMode says whether clients may or must upgrade to TLS with
+	// NBD_OPT_STARTTLS. Default TLSOff.
+	TLSMode TLSMode
+	// TLS is the server's TLS configuration (certificates, and ClientAuth
+	// and ClientCAs to authenticate clients); required unless TLSMode is
+	// TLSOff.
+	TLS *tls.Config
+}
+
+// TLSMode is a Server's TLS policy, the spec's NOTLS / FORCEDTLS modes plus
+// an optional one.
+type TLSMode int
+
+const (
+	// TLSOff refuses NBD_OPT_STARTTLS with NBD_REP_ERR_UNSUP; everything
+	// is in the clear.
+	TLSOff TLSMode = iota
+	// TLSAllow lets clients upgrade with NBD_OPT_STARTTLS, and serves
+	// clients that do not in the clear.
+	TLSAllow
+	// TLSRequire is the spec's forced TLS: before STARTTLS every option
+	// other than STARTTLS and ABORT is refused with NBD_REP_ERR_TLS_REQD,
+	// and NBD_OPT_EXPORT_NAME closes the connection.
+	TLSRequire
+)
+
+// String returns the mode's name as accepted by ParseTLSMode.
+func (m TLSMode) String() string {
+	switch m {
+	case TLSOff:
+		return "off"
+	case TLSAllow:
+		return "allow"
+	case TLSRequire:
+		return "require"
+	}
+	return fmt.Sprintf("TLSMode(%d)", int(m))
+}
+
+// ParseTLSMode parses "off", "allow" or "require" (a command-line flag's
+// value) into a TLSMode.
+func ParseTLSMode(s string) (TLSMode, error) {
+	for _, m := range []TLSMode{TLSOff, TLSAllow, TLSRequire} {
+		if s == m.String() {
+			return m, nil
+		}
+	}
+	return TLSOff, fmt.Errorf("nbd: TLS mode %q: want off, allow or require", s)
 }
 
 // Defaults for Options.
@@ -84,16 +158,21 @@ type Server struct {
 // export is an Export with what the server derives from it once.
 type export struct {
 	Export
-	trimmer  Trimmer
-	zeroer   Zeroer
-	extenter Extenter
+	trimmer   Trimmer
+	zeroer    Zeroer
+	extenter  Extenter
+	cowMapper COWMapper
 	// minBlock is the request alignment the backend needs (1 for none).
 	minBlock int
 }
 
-// NewServer returns a server for exports. It panics on a duplicate name or a
-// nil backend, which are programming errors.
+// NewServer returns a server for exports. It panics on a duplicate name, a
+// nil backend, or a TLS mode other than TLSOff without a TLS configuration,
+// which are programming errors.
 func NewServer(exports []Export, opts Options) *Server {
+	if opts.TLSMode != TLSOff && opts.TLS == nil {
+		panic(fmt.Sprintf("nbd: TLS mode %s needs Options.TLS", opts.TLSMode))
+	}
 	if opts.MaxInFlight <= 0 {
 		opts.MaxInFlight = DefaultMaxInFlight
 	}
@@ -131,6 +210,7 @@ func NewServer(exports []Export, opts Options) *Server {
 		x.trimmer, _ = e.Backend.(Trimmer)
 		x.zeroer, _ = e.Backend.(Zeroer)
 		x.extenter, _ = e.Backend.(Extenter)
+		x.cowMapper, _ = e.Backend.(COWMapper)
 		if bs, ok := e.Backend.(BlockSizer); ok && bs.MinBlockSize() > 1 {
 			x.minBlock = bs.MinBlockSize()
 		}

@@ -1,0 +1,399 @@
+package nbd
+
+import (
+	"bytes"
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"math/big"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// testPKI is a throw-away certificate authority, a server certificate it
+// signed for 127.0.0.1 and localhost, and a client certificate.
+type testPKI struct {
+	// server is the server's TLS configuration, loaded from serverDir
+	// without client verification.
+	server *tls.Config
+	// client trusts the CA, for Go clients.
+	client *tls.Config
+	// serverDir holds ca-cert.pem, server-cert.pem and server-key.pem.
+	serverDir string
+	// dir holds ca-cert.pem only: what libnbd and qemu need to check
+	// the server.
+	dir string
+	// clientDir also holds client-cert.pem and client-key.pem.
+	clientDir string
+}
+
+// writePEM writes one PEM block to dir/name.
+func writePEM(t testing.TB, dir, name, typ string, der []byte) {
+	t.Helper()
+	require.NoError(t, os.WriteFile(filepath.Join(dir, name), pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}), 0o600))
+}
+
+// newTestPKI makes a CA, server and client certificates, and their
+// directories.
+func newTestPKI(t testing.TB) *testPKI {
+	t.Helper()
+	now := time.Now()
+	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	require.NoError(t, err)
+	caTemplate := &x509.Certificate{
+		SerialNumber:          big.NewInt(1),
+		Subject:               pkix.Name{CommonName: "clustersnap test CA"},
+		NotBefore:             now.Add(-time.Hour),
+		NotAfter:              now.Add(24 * time.Hour),
+		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
+		BasicConstraintsValid: true,
+		IsCA:                  true,
+	}
+	caDER, err := x509.CreateCertificate(rand.Reader, caTemplate, caTemplate, &caKey.PublicKey, caKey)
+	require.NoError(t, err)
+	caCert, err := x509.ParseCertificate(caDER)
+	require.NoError(t, err)
+
+	// leaf signs a certificate for template with the CA, returning its DER
+	// and PKCS#8 key.
+	leaf := func(template *x509.Certificate) (certDER, keyDER []byte) {
+		key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		require.NoError(t, err)
+		template.NotBefore = now.Add(-time.Hour)
+		template.NotAfter = now.Add(24 * time.Hour)
+		template.KeyUsage = x509.KeyUsageDigitalSignature
+		certDER, err = x509.CreateCertificate(rand.Reader, template, caCert, &key.PublicKey, caKey)
+		require.NoError(t, err)
+		keyDER, err = x509.MarshalPKCS8PrivateKey(key)
+		require.NoError(t, err)
+		return certDER, keyDER
+	}
+	serverDER, serverKey := leaf(&x509.Certificate{
+		SerialNumber: big.NewInt(2),
+		Subject:      pkix.Name{CommonName: "localhost"},
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		DNSNames:     []string{"localhost"},
+		IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1)},
+	})
+	clientDER, clientKey := leaf(&x509.Certificate{
+		SerialNumber: big.NewInt(3),
+		Subject:      pkix.Name{CommonName: "client"},
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+	})
+
+	pki := &testPKI{serverDir: t.TempDir(), dir: t.TempDir(), clientDir: t.TempDir()}
+	for _, dir := range []string{pki.serverDir, pki.dir, pki.clientDir} {
+		writePEM(t, dir, "ca-cert.pem", "CERTIFICATE", caDER)
+	}
+	writePEM(t, pki.serverDir, "server-cert.pem", "CERTIFICATE", serverDER)
+	writePEM(t, pki.serverDir, "server-key.pem", "PRIVATE KEY", serverKey)
+	writePEM(t, pki.clientDir, "client-cert.pem", "CERTIFICATE", clientDER)
+	writePEM(t, pki.clientDir, "client-key.pem", "PRIVATE KEY", clientKey)
+
+	pki.server, err = TLSConfigFromDir(pki.serverDir, false)
+	require.NoError(t, err)
+	pool := x509.NewCertPool()
+	pool.AddCert(caCert)
+	pki.client = &tls.Config{RootCAs: pool, ServerName: "localhost"}
+	return pki
+}
+
+// startTLS sends STARTTLS on rc and switches it to TLS.
+func (rc *rawClient) startTLS(cfg *tls.Config) {
+	rc.t.Helper()
+	rc.sendOption(optStartTLS, nil)
+	typ, _ := rc.readOptionReply(optStartTLS)
+	require.Equal(rc.t, repAck, typ, "STARTTLS")
+	tc := tls.Client(rc.conn, cfg)
+	require.NoError(rc.t, tc.Handshake())
+	rc.conn = tc
+}
+
+func TestStartTLSRequired(t *testing.T) {
+	pki := newTestPKI(t)
+	mem := newMemBackend(1 << 20)
+	srv := NewServer([]Export{{Name: "disk", Backend: mem}}, Options{TLSMode: TLSRequire, TLS: pki.server})
+
+	rc := dialRaw(t, srv)
+	rc.sendFlags(clientFlagFixedNewstyle | clientFlagNoZeroes)
+	for _, opt := range []uint32{optList, optInfo, optGo, optStructuredReply, optListMetaContext, 99} {
+		rc.sendOption(opt, nil)
+		typ, msg := rc.readOptionReply(opt)
+		assert.Equal(t, repErrTLSReqd, typ, "option %d before TLS", opt)
+		assert.Contains(t, string(msg), "TLS")
+	}
+	rc.sendOption(optStartTLS, []byte{1})
+	typ, _ := rc.readOptionReply(optStartTLS)
+	assert.Equal(t, repErrInvalid, typ, "STARTTLS with data")
+
+	rc.startTLS(pki.client)
+	rc.sendOption(optStartTLS, nil)
+	typ, _ = rc.readOptionReply(optStartTLS)
+	assert.Equal(t, repErrInvalid, typ, "second STARTTLS")
+
+	rc.sendOption(optList, nil)
+	typ, data := rc.readOptionReply(optList)
+	require.Equal(t, repServer, typ)
+	assert.Equal(t, append([]byte{0, 0, 0, 4}, "disk"...), data)
+	typ, _ = rc.readOptionReply(optList)
+	require.Equal(t, repAck, typ)
+
+	size, _ := rc.goExport("disk")
+	assert.Equal(t, uint64(1<<20), size)
+	rc.sendRequest(0, cmdWrite, 1, 4096, 5, []byte("hello"))
+	errno, _ := rc.readSimpleReply()
+	require.Equal(t, uint32(0), errno)
+	rc.sendRequest(0, cmdRead, 2, 4096, 5, nil)
+	errno, cookie := rc.readSimpleReply()
+	require.Equal(t, uint32(0), errno)
+	assert.Equal(t, uint64(2), cookie)
+	got := make([]byte, 5)
+	rc.read(got)
+	assert.Equal(t, "hello", string(got))
+	assert.Equal(t, []byte("hello"), mem.data[4096:4101])
+	rc.sendRequest(0, cmdDisc, 3, 0, 0, nil)
+	rc.requireClosed()
+
+	// EXPORT_NAME cannot be refused, so it closes before TLS.
+	rc = dialRaw(t, srv)
+	rc.sendFlags(clientFlagFixedNewstyle)
+	rc.sendOption(optExportName, []byte("disk"))
+	rc.requireClosed()
+
+	// ABORT is allowed before TLS.
+	rc = dialRaw(t, srv)
+	rc.sendFlags(clientFlagFixedNewstyle)
+	rc.sendOption(optAbort, nil)
+	typ, _ = rc.readOptionReply(optAbort)
+	assert.Equal(t, repAck, typ)
+	rc.requireClosed()
+}
+
+func TestStartTLSForgetsEarlierState(t *testing.T) {
+	pki := newTestPKI(t)
+	srv := NewServer([]Export{{Name: "disk", Backend: newMemBackend(1 << 20)}}, Options{TLSMode: TLSAllow, TLS: pki.server})
+	rc := dialRaw(t, srv)
+	rc.sendFlags(clientFlagFixedNewstyle | clientFlagNoZeroes)
+	rc.sendOption(optStructuredReply, nil)
+	typ, _ := rc.readOptionReply(optStructuredReply)
+	require.Equal(t, repAck, typ, "TLS is optional")
+	rc.sendOption(optSetMetaContext, metaRequest("disk", metaContextBaseAllocation))
+	typ, _ = rc.readOptionReply(optSetMetaContext)
+	require.Equal(t, repMetaContext, typ)
+	typ, _ = rc.readOptionReply(optSetMetaContext)
+	require.Equal(t, repAck, typ)
+
+	rc.startTLS(pki.client)
+	rc.sendOption(optSetMetaContext, metaRequest("disk", metaContextBaseAllocation))
+	typ, _ = rc.readOptionReply(optSetMetaContext)
+	assert.Equal(t, repErrInvalid, typ, "structured replies were negotiated before TLS only")
+	rc.goExport("disk")
+	rc.sendRequest(0, cmdBlockStatus, 1, 0, 4096, nil)
+	errno, _ := rc.readSimpleReply()
+	assert.Equal(t, errInval, errno, "no metadata context after TLS")
+	rc.sendRequest(0, cmdDisc, 2, 0, 0, nil)
+	rc.requireClosed()
+}
+
+func TestTLSModeParseAndConfig(t *testing.T) {
+	for _, m := range []TLSMode{TLSOff, TLSAllow, TLSRequire} {
+		got, err := ParseTLSMode(m.String())
+		require.NoError(t, err)
+		assert.Equal(t, m, got)
+	}
+	_, err := ParseTLSMode("forced")
+	assert.ErrorContains(t, err, `"forced"`)
+	assert.Panics(t, func() {
+		NewServer([]Export{{Name: "disk", Backend: newMemBackend(4096)}}, Options{TLSMode: TLSAllow})
+	})
+}
+
+// tlsURI returns the nbds:// URI of export name, trusting the test CA.
+func tlsURI(ts *testServer, pki *testPKI, name string) string {
+	return "nbds://" + ts.addr + "/" + name + "?tls-certificates=" + pki.dir
+}
+
+func TestTLSInteropRequired(t *testing.T) {
+	nbdinfo := requireTool(t, "nbdinfo", "libnbd-bin")
+	py := libnbdPython(t)
+	pki := newTestPKI(t)
+	dev, path := fileDevice(t, 4<<20)
+	ts := startServer(t, []Export{
+		{Name: "disk", Backend: NewDeviceBackend(dev), MultiConn: true},
+	}, Options{TLSMode: TLSRequire, TLS: pki.server}, false)
+
+	// A client in the clear is told TLS is required.
+	out, err := runToolStatus(t, nbdinfo, ts.uri("disk"))
+	assert.Error(t, err)
+	assert.Contains(t, out, "TLS")
+	// libnbd reports ERR_TLS_REQD to LIST as "not supported".
+	out, err = runToolStatus(t, nbdinfo, "--list", "nbd://"+ts.addr)
+	assert.Error(t, err)
+	assert.NotContains(t, out, "disk")
+
+	out = runTool(t, nbdinfo, "--json", tlsURI(ts, pki, "disk"))
+	assert.Contains(t, out, `"TLS": true`)
+	assert.Contains(t, out, `"export-size": 4194304`)
+	out = runTool(t, nbdinfo, "--list", tlsURI(ts, pki, ""))
+	assert.Contains(t, out, "export=\"disk\"")
+
+	// A read/write round trip through libnbd over TLS, checked on the file.
+	script := `
+import sys, nbd
+h = nbd.NBD()
+h.set_tls(nbd.TLS_REQUIRE)
+h.set_tls_certificates(sys.argv[2])
+h.set_export_name("disk")
+host, port = sys.argv[1].rsplit(":", 1)
+h.connect_tcp(host, port)
+assert h.get_tls_negotiated()
+data = bytes(range(256)) * 64
+h.pwrite(data, 65536)
+h.flush()
+assert h.pread(len(data), 65536) == data
+h.shutdown()
+print("ok")
+`
+	out = runTool(t, py, "-c", script, ts.addr, pki.dir)
+	assert.Contains(t, out, "ok")
+	onDisk, err := os.ReadFile(path)
+	require.NoError(t, err)
+	assert.Equal(t, bytes.Repeat(func() []byte {
+		b := make([]byte, 256)
+		for i := range b {
+			b[i] = byte(i)
+		}
+		return b
+	}(), 64), onDisk[65536:65536+16384])
+}
+
+func TestTLSInteropQemu(t *testing.T) {
+	qemuIO := requireTool(t, "qemu-io", "qemu-utils")
+	pki := newTestPKI(t)
+	mem := newMemBackend(4 << 20)
+	ts := startServer(t, []Export{{Name: "mem", Backend: mem}}, Options{TLSMode: TLSRequire, TLS: pki.server}, false)
+	host, port, err := net.SplitHostPort(ts.addr)
+	require.NoError(t, err)
+	image := strings.Join([]string{
+		"driver=nbd", "server.type=inet", "server.host=" + host, "server.port=" + port,
+		"export=mem", "tls-creds=tls0",
+	}, ",")
+	out := runTool(t, qemuIO,
+		"--object", "tls-creds-x509,id=tls0,endpoint=client,dir="+pki.dir,
+		"--image-opts", image,
+		"-c", "write -P 0x5a 8k 12k",
+		"-c", "read -P 0x5a 8k 12k",
+		"-c", "read -P 0 0 8k")
+	assert.NotContains(t, out, "Pattern verification failed")
+	assert.Equal(t, bytes.Repeat([]byte{0x5a}, 12<<10), mem.data[8<<10:20<<10])
+
+	// The same client without TLS is refused.
+	out, err = runToolStatus(t, qemuIO, "-f", "raw", "-c", "read 0 4k", ts.uri("mem"))
+	assert.Error(t, err)
+	assert.Contains(t, out, "TLS")
+}
+
+func TestTLSInteropAllowed(t *testing.T) {
+	py := libnbdPython(t)
+	pki := newTestPKI(t)
+	ts := startServer(t, []Export{{Name: "mem", Backend: newMemBackend(1 << 20)}}, Options{TLSMode: TLSAllow, TLS: pki.server}, false)
+	script := `
+import sys, nbd
+for tls in (False, True):
+    h = nbd.NBD()
+    if tls:
+        h.set_tls(nbd.TLS_REQUIRE)
+        h.set_tls_certificates(sys.argv[2])
+    h.set_export_name("mem")
+    host, port = sys.argv[1].rsplit(":", 1)
+    h.connect_tcp(host, port)
+    assert h.get_tls_negotiated() == tls, tls
+    h.pwrite(b"tls=%d" % tls, 512 * tls)
+    assert h.pread(5, 512 * tls) == b"tls=%d" % tls
+    h.shutdown()
+print("ok")
+`
+	out := runTool(t, py, "-c", script, ts.addr, pki.dir)
+	assert.Contains(t, out, "ok")
+}
+
+func TestTLSClientCertificates(t *testing.T) {
+	py := libnbdPython(t)
+	pki := newTestPKI(t)
+	verifying, err := TLSConfigFromDir(pki.serverDir, true)
+	require.NoError(t, err)
+	ts := startServer(t, []Export{{Name: "mem", Backend: newMemBackend(1 << 20)}}, Options{TLSMode: TLSRequire, TLS: verifying}, false)
+	script := `
+import sys, nbd
+h = nbd.NBD()
+h.set_tls(nbd.TLS_REQUIRE)
+h.set_tls_certificates(sys.argv[2])
+h.set_export_name("mem")
+host, port = sys.argv[1].rsplit(":", 1)
+try:
+    h.connect_tcp(host, port)
+except nbd.Error as e:
+    print("refused:", e)
+    sys.exit(0)
+h.pwrite(b"certified", 0)
+assert h.pread(9, 0) == b"certified"
+h.shutdown()
+print("connected")
+`
+	out := runTool(t, py, "-c", script, ts.addr, pki.clientDir)
+	assert.Equal(t, "connected\n", out, "client with a certificate")
+	out = runTool(t, py, "-c", script, ts.addr, pki.dir)
+	assert.Contains(t, out, "refused:", "client without a certificate")
+
+	_, err = TLSConfigFromDir(pki.dir, false)
+	assert.ErrorContains(t, err, pki.dir, "no server certificate")
+	_, err = TLSConfigFromDir(pki.clientDir, true)
+	assert.ErrorContains(t, err, "server-cert.pem")
+}
+
+// tlsTransmitting returns a raw client that upgraded to TLS and is in
+// transmission on export name.
+func tlsTransmitting(t *testing.T, srv *Server, pki *testPKI, name string) *rawClient {
+	t.Helper()
+	rc := dialRaw(t, srv)
+	rc.sendFlags(clientFlagFixedNewstyle | clientFlagNoZeroes)
+	rc.startTLS(pki.client)
+	rc.goExport(name)
+	return rc
+}
+
+// Shutdown works through TLS: the read deadline that stops the reader does
+// not break the TLS stream, so a request half-received is still read whole
+// and answered.
+func TestShutdownOverTLS(t *testing.T) {
+	pki := newTestPKI(t)
+	srv := NewServer([]Export{{Name: "disk", Backend: newMemBackend(1 << 20)}}, Options{TLSMode: TLSRequire, TLS: pki.server})
+	idle := tlsTransmitting(t, srv, pki, "disk")
+	rc := tlsTransmitting(t, srv, pki, "disk")
+	req := encodeRequest(0, cmdWrite, 9, 0, 4)
+	rc.write(req[:10])
+	srv.mu.Lock()
+	for c := range srv.conns {
+		c.beginShutdown()
+	}
+	srv.mu.Unlock()
+	idle.requireClosed()
+	rc.write(append(req[10:], "abcd"...))
+	errno, cookie := rc.readSimpleReply()
+	assert.Equal(t, errShutdown, errno)
+	assert.Equal(t, uint64(9), cookie)
+	rc.requireClosed()
+	require.NoError(t, srv.Shutdown(context.Background()))
+}
