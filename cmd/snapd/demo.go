@@ -62,7 +62,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		return err
 	}
 	defer v.Close()
-	return serveVolumes(ctx, v, *listen, *socket, stdout, stderr)
+	return serveVolumes(ctx, v, serveConfig{listen: *listen, socket: *socket}, stdout, stderr)
 }
 
 // demoOriginSize is the size of the demo's origin image.

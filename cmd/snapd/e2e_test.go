@@ -134,6 +134,21 @@ func TestServeEndToEnd(t *testing.T) {
 	// A snapshot write, FUA.
 	run1(t, qemuIO, "-f", "raw", uri("snap"), "-c", "write -f -P 0xee 2M 4k", "-c", "read -P 0xee 2M 4k")
 
+	// The changed-block map: exactly the chunks the snapshot keeps in its COW.
+	nbdinfo := tool(t, "nbdinfo", "libnbd-bin")
+	var extents []struct {
+		Offset, Length int64
+		Type           uint32
+	}
+	require.NoError(t, json.Unmarshal([]byte(run1(t, nbdinfo, "--map=clustersnap:exceptions", "--json", uri("snap"))), &extents))
+	var inCOW [][2]int64
+	for _, e := range extents {
+		if e.Type&1 != 0 {
+			inCOW = append(inCOW, [2]int64{e.Offset, e.Length})
+		}
+	}
+	assert.Equal(t, [][2]int64{{0, 64 << 10}, {1 << 20, 8 << 10}, {2 << 20, 4 << 10}}, inCOW)
+
 	snapOut := filepath.Join(dir, "snap.out")
 	run1(t, nbdcopy, uri("snap"), snapOut)
 	got, err := os.ReadFile(snapOut)
@@ -163,6 +178,18 @@ func TestServeEndToEnd(t *testing.T) {
 	assert.Equal(t, uint64(19), reports[0].Exceptions)
 	assert.Equal(t, "valid", reports[0].State)
 	assert.Contains(t, run1(t, bin, "check", cowPath), "19 exceptions in 1 metadata areas")
+
+	// Socket activation, as libnbd starts a server: the default export is the snapshot.
+	activatedSize, err := exec.Command(nbdinfo, "--size", "--", "[", bin, "serve", "--origin", origin, "--snapshot", "snap="+cowPath, "--default-export", "snap", "]").Output()
+	require.NoError(t, err)
+	assert.Equal(t, "8388608", strings.TrimSpace(string(activatedSize)), "only nbdinfo's answer on stdout")
+	copied := filepath.Join(dir, "activated.out")
+	run1(t, tool(t, "nbdcopy", "libnbd-bin"), "--", "[", bin, "serve", "--origin", origin, "--snapshot", "snap="+cowPath, "--default-export", "snap", "]", copied)
+	got, err = os.ReadFile(copied)
+	require.NoError(t, err)
+	snapView0, err := os.ReadFile(snapOut)
+	require.NoError(t, err)
+	assert.True(t, bytes.Equal(snapView0, got), "the socket-activated default export is the snapshot")
 
 	// Merge: the origin becomes the snapshot's former view, and the COW empties.
 	out := run1(t, bin, "merge", "--origin", origin, "--cow", cowPath)

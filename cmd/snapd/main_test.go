@@ -101,6 +101,10 @@ func TestBadInputIsRefusedAndWritesNothing(t *testing.T) {
 		{"merge onto itself", []string{"merge", "--origin", origin, "--cow", origin}, exitError, "is the origin itself"},
 		{"attach without the nbd module", []string{"attach", "--connect", "127.0.0.1:1", "--export", "snap", filepath.Join(dir, "nbd0")}, exitError, "modprobe nbd"},
 		{"attach with two servers", []string{"attach", "--connect", "a:1", "--socket", "s", "--export", "x", "/dev/nbd0"}, exitUsage, "exactly one of"},
+		{"tls without certificates", []string{"serve", "--origin", origin, "--tls", "require"}, exitUsage, "needs --tls-dir"},
+		{"unknown tls mode", []string{"serve", "--origin", origin, "--tls", "maybe"}, exitUsage, "--tls"},
+		{"missing tls directory", []string{"serve", "--origin", origin, "--tls", "allow", "--tls-dir", filepath.Join(dir, "nope")}, exitError, "nope"},
+		{"unknown default export", []string{"serve", "--origin", origin, "--default-export", "snap", "--listen", "", "--socket", filepath.Join(dir, "s")}, exitUsage, `--default-export "snap": no such export`},
 		{"detach without the nbd module", []string{"detach", filepath.Join(dir, "nbd0")}, exitError, "modprobe nbd"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

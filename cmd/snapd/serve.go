@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -121,79 +122,152 @@ func (v *volumes) Close() error {
 	return errors.Join(errs...)
 }
 
-// exports lists the NBD exports: the origin, then one per snapshot. Every
-// connection shares one volume whose Flush syncs the devices, so a flush
-// on one connection covers writes completed on all: multi-conn is safe.
-func (v *volumes) exports() []nbd.Export {
+// exports lists the NBD exports: the origin, then one per snapshot, and the
+// default export (the empty name) if one is named. Every connection shares
+// one volume whose Flush syncs the devices, so a flush on one connection
+// covers writes completed on all: multi-conn is safe.
+func (v *volumes) exports(defaultExport string) ([]nbd.Export, error) {
 	ex := []nbd.Export{{Name: originExport, Description: "origin " + v.origin.Device().Name(), Backend: v.origin, MultiConn: true}}
 	for _, s := range v.snaps {
 		desc := fmt.Sprintf("snapshot of %s in %s", v.origin.Device().Name(), s.COW().Name())
-		ex = append(ex, nbd.Export{Name: s.Name(), Description: desc, Backend: s, ReadOnly: s.Options().ReadOnly, MultiConn: true})
+		ex = append(ex, nbd.Export{Name: s.Name(), Description: desc, Backend: snapshotBackend{s}, ReadOnly: s.Options().ReadOnly, MultiConn: true})
 	}
-	return ex
+	if defaultExport != "" {
+		for _, e := range ex {
+			if e.Name == defaultExport {
+				e.Name, e.Description = "", e.Description+" (default export)"
+				return append(ex, e), nil
+			}
+		}
+		return nil, usagef("--default-export %q: no such export", defaultExport)
+	}
+	return ex, nil
+}
+
+// snapshotBackend serves a snapshot, adding the changed-block map: which
+// ranges live in the COW (the clustersnap:exceptions meta context). The
+// engine does not know about NBD; this is where the two meet.
+type snapshotBackend struct{ *cow.Snapshot }
+
+// COWExtents implements nbd.COWMapper.
+func (b snapshotBackend) COWExtents(ctx context.Context, off, length int64) ([]nbd.COWExtent, error) {
+	ext, err := b.Extents(ctx, off, length)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]nbd.COWExtent, len(ext))
+	for i, e := range ext {
+		out[i] = nbd.COWExtent{Length: e.Length, InCOW: e.InCOW}
+	}
+	return out, nil
+}
+
+// serveConfig is where and how snapd serves.
+type serveConfig struct {
+	listen, socket string
+	tlsMode        nbd.TLSMode
+	tls            *tls.Config
+	defaultExport  string
 }
 
 func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	flags := newFlags("serve", "--origin PATH --snapshot NAME=COW[,ro][,overflow]... [--listen ADDR] [--socket PATH]", stderr)
+	flags := newFlags("serve", "--origin PATH --snapshot NAME=COW[,ro][,overflow]... [--listen ADDR] [--socket PATH] [--tls MODE --tls-dir DIR]", stderr)
 	origin := flags.String("origin", "", "origin image or block device")
 	var specs snapshotFlags
 	flags.Var(&specs, "snapshot", "a snapshot to serve, NAME=COW[,ro][,overflow]; repeat for several")
-	listen := flags.String("listen", "127.0.0.1:10809", "TCP address to serve on; empty for none")
-	socket := flags.String("socket", "", "unix socket to serve on")
+	listen := flags.String("listen", "127.0.0.1:10809", "TCP address to serve on; empty for none (ignored under socket activation)")
+	socket := flags.String("socket", "", "unix socket to serve on (ignored under socket activation)")
 	direct := flags.Bool("direct", false, "open devices with O_DIRECT (bypass the page cache)")
+	tlsMode := flags.String("tls", "off", "TLS: off, allow (clients may STARTTLS) or require")
+	tlsDir := flags.String("tls-dir", "", "directory with server-cert.pem, server-key.pem (and ca-cert.pem with --tls-verify-clients), as qemu-nbd and nbdkit use")
+	verifyClients := flags.Bool("tls-verify-clients", false, "require client certificates signed by the directory's ca-cert.pem")
+	defaultExport := flags.String("default-export", "", "export also served under the empty name (what nbd-client without -N and 'nbdinfo -- [ snapd serve ... ]' ask for)")
 	if err := parse(flags, args); err != nil {
 		return err
 	}
 	if *origin == "" {
 		return usagef("--origin is required")
 	}
-	if *listen == "" && *socket == "" {
-		return usagef("give --listen or --socket")
+	cfg := serveConfig{listen: *listen, socket: *socket, defaultExport: *defaultExport}
+	mode, err := nbd.ParseTLSMode(*tlsMode)
+	if err != nil {
+		return usagef("--tls: %v", err)
+	}
+	if mode != nbd.TLSOff {
+		if *tlsDir == "" {
+			return usagef("--tls %s needs --tls-dir", *tlsMode)
+		}
+		if cfg.tls, err = nbd.TLSConfigFromDir(*tlsDir, *verifyClients); err != nil {
+			return err
+		}
+		cfg.tlsMode = mode
 	}
 	v, err := openVolumes(ctx, *origin, specs, *direct)
 	if err != nil {
 		return err
 	}
 	defer v.Close()
-	return serveVolumes(ctx, v, *listen, *socket, stdout, stderr)
+	return serveVolumes(ctx, v, cfg, stdout, stderr)
 }
 
 // serveVolumes serves v until ctx ends (SIGINT, SIGTERM), then drains the
-// requests in flight, flushes and returns.
-func serveVolumes(ctx context.Context, v *volumes, listen, socket string, stdout, stderr io.Writer) error {
-	var listeners []net.Listener
+// requests in flight, flushes and returns. Sockets passed by systemd-style
+// socket activation (LISTEN_FDS) replace --listen and --socket.
+func serveVolumes(ctx context.Context, v *volumes, cfg serveConfig, stdout, stderr io.Writer) error {
+	exports, err := v.exports(cfg.defaultExport)
+	if err != nil {
+		return err
+	}
+	listeners, err := nbd.ListenersFromEnv()
+	if err != nil {
+		return err
+	}
 	defer func() {
 		for _, l := range listeners {
 			l.Close()
 		}
 	}()
+	scheme := map[bool]string{false: "nbd", true: "nbds"}[cfg.tlsMode != nbd.TLSOff]
 	var uris []func(name string) string
 	var attach []string
-	if listen != "" {
-		l, err := net.Listen("tcp", listen)
-		if err != nil {
-			return err
+	if len(listeners) > 0 {
+		// The service manager (or libnbd's 'nbdinfo -- [ ... ]') owns
+		// stdout; say what we do on stderr.
+		stdout = stderr
+		fmt.Fprintf(stdout, "socket activated: serving on %d inherited sockets\n", len(listeners))
+	} else {
+		if cfg.listen == "" && cfg.socket == "" {
+			return usagef("give --listen or --socket")
 		}
-		listeners = append(listeners, l)
-		addr := l.Addr().(*net.TCPAddr)
-		uris = append(uris, func(name string) string {
-			return (&url.URL{Scheme: "nbd", Host: addr.String(), Path: "/" + name}).String()
-		})
-		attach = append(attach, fmt.Sprintf("nbd-client -N NAME %s %d /dev/nbd0 -b 4096", addr.IP, addr.Port))
-	}
-	if socket != "" {
-		l, err := net.Listen("unix", socket)
-		if err != nil {
-			return err
+		if cfg.listen != "" {
+			l, err := net.Listen("tcp", cfg.listen)
+			if err != nil {
+				return err
+			}
+			listeners = append(listeners, l)
+			addr := l.Addr().(*net.TCPAddr)
+			uris = append(uris, func(name string) string {
+				return (&url.URL{Scheme: scheme, Host: addr.String(), Path: "/" + name}).String()
+			})
+			attach = append(attach, fmt.Sprintf("nbd-client -N NAME %s %d /dev/nbd0 -b 4096", addr.IP, addr.Port))
 		}
-		listeners = append(listeners, l)
-		uris = append(uris, func(name string) string {
-			return (&url.URL{Scheme: "nbd+unix", Path: "/" + name, RawQuery: "socket=" + socket}).String()
-		})
-		attach = append(attach, fmt.Sprintf("nbd-client -N NAME -unix %s /dev/nbd0 -b 4096", socket))
+		if cfg.socket != "" {
+			l, err := net.Listen("unix", cfg.socket)
+			if err != nil {
+				return err
+			}
+			listeners = append(listeners, l)
+			uris = append(uris, func(name string) string {
+				return (&url.URL{Scheme: scheme + "+unix", Path: "/" + name, RawQuery: "socket=" + cfg.socket}).String()
+			})
+			attach = append(attach, fmt.Sprintf("nbd-client -N NAME -unix %s /dev/nbd0 -b 4096", cfg.socket))
+		}
 	}
-	exports := v.exports()
-	srv := nbd.NewServer(exports, nbd.Options{Logger: slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))})
+	srv := nbd.NewServer(exports, nbd.Options{
+		TLSMode: cfg.tlsMode,
+		TLS:     cfg.tls,
+		Logger:  slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
+	})
 
 	fmt.Fprintln(stdout, "serving:")
 	for _, ex := range exports {
