@@ -7,7 +7,9 @@ import (
 
 // Table is the in-memory exception table: origin chunk → COW chunk. Runs of
 // consecutive exceptions (Old and New both +1) are kept as one entry. It is
-// not safe for concurrent use: the stores guard it.
+// not safe for concurrent use: the stores guard it. Lookup, Len, Entries and
+// Range only read it, so they may run concurrently with each other (under a
+// read lock); Insert, Remove and Reset need it to themselves.
 //
 // Unlike the kernel, whose hash buckets hold 256 origin chunks and so keep
 // (255,x) and (256,x+1) as two entries with at most 256 chunks each, a run
@@ -21,9 +23,12 @@ import (
 //   - a bucketized cuckoo hash keyed by origin chunk, one 16-byte slot per
 //     chunk, for singletons and runs shorter than promoteLen. Random
 //     exceptions cost one slot each (about 18-27 bytes at the hash's load
-//     of 0.6-0.9), and Lookup reads at most two cache lines;
-//   - a B+ tree of extents for longer runs, searched only when it is not
-//     empty, so a run of any length is one entry.
+//     of 0.6-0.9), and a lookup reads at most two cache lines, nearly
+//     always one for a miss (see chunkHash);
+//   - a B+ tree of extents for longer runs, searched (in O(log extents))
+//     only when it is not empty, so a run of any length is one entry.
+//
+// The zero Table is empty and ready to use, like NewTable's.
 //
 // Runs in the hash are maximal: no two of them, and no run and extent, could
 // be joined. The first and last slots of a hash run carry its length and
@@ -39,8 +44,8 @@ type Table struct {
 const (
 	// promoteLen is the length at which a run moves from the hash to the
 	// extent tree. Runs in the hash are shorter, so their length fits the
-	// six bits of slotMeta; at this length one extent (about 50 bytes of
-	// tree, or less) is much cheaper than 64 slots.
+	// six bits of slotMeta; at this length one extent (24 bytes in a tree
+	// leaf, plus the leaf's slack) is much cheaper than 64 slots.
 	promoteLen = 64
 	// demoteLen is the length below which an extent cut by Remove moves
 	// back to the hash. It is well below promoteLen so that alternately
@@ -123,15 +128,15 @@ func (t *Table) Insert(e Exception) error {
 	if cur, ok := t.Lookup(e.Old); ok {
 		return fmt.Errorf("exception table: insert %v: chunk %d maps to %d: %w", e, e.Old, cur, errChunkMapped)
 	}
-	old, new := uint64(e.Old), uint64(e.New)
+	old, cow := uint64(e.Old), uint64(e.New)
 
-	// The runs e extends: ending at old-1 → new-1, starting at old+1 →
-	// new+1. Each is a hash run (length in its boundary slot) or an extent.
+	// The runs e extends: ending at old-1 → cow-1, starting at old+1 →
+	// cow+1. Each is a hash run (length in its boundary slot) or an extent.
 	var left, right uint64 // lengths of the hash runs, 0 if none
 	var leftX, rightX *extent
-	if old > 0 && new > 0 {
+	if old > 0 && cow > 0 {
 		if s := t.hash.find(old); s != nil { // key of old-1
-			if s.val&newMask == new-1 {
+			if s.val&newMask == cow-1 {
 				left = runLen(s.val)
 			}
 		} else if x := t.extents.find(e.Old - 1); x != nil && x.new+Chunk(x.n) == e.New {
@@ -140,7 +145,7 @@ func (t *Table) Insert(e Exception) error {
 	}
 	if e.Old < MaxChunk && e.New < MaxChunk {
 		if s := t.hash.find(old + 2); s != nil { // key of old+1
-			if s.val&newMask == new+1 {
+			if s.val&newMask == cow+1 {
 				right = runLen(s.val)
 			}
 		} else if x := t.extents.find(e.Old + 1); x != nil && x.old == e.Old+1 && x.new == e.New+1 {
@@ -179,7 +184,7 @@ func (t *Table) Insert(e Exception) error {
 		if right > 0 {
 			t.hash.find(old + 2).val &= newMask
 		}
-		t.hash.insert(old+1, new|slotMeta(left, n))
+		t.hash.insert(old+1, cow|slotMeta(left, n))
 		if left > 0 || right > 0 {
 			t.remarkHashRun(old-left, n)
 		}
@@ -219,14 +224,14 @@ func (t *Table) remarkHashRun(old, n uint64) {
 
 // addRun stores a run that joins nothing: as an extent if it is long enough,
 // in the hash otherwise.
-func (t *Table) addRun(old, new Chunk, n uint64) {
+func (t *Table) addRun(old, cow Chunk, n uint64) {
 	if n >= demoteLen {
-		t.extents.insert(extent{old: old, new: new, n: n})
+		t.extents.insert(extent{old: old, new: cow, n: n})
 		t.extentCount += n
 		return
 	}
 	for i := range n {
-		t.hash.insert(uint64(old)+i+1, uint64(new)+i|slotMeta(i, n))
+		t.hash.insert(uint64(old)+i+1, uint64(cow)+i|slotMeta(i, n))
 	}
 	t.hashRuns++
 }
@@ -241,22 +246,35 @@ func (t *Table) Remove(old Chunk, n uint64) {
 	if n-1 < uint64(MaxChunk-old) {
 		last = old + Chunk(n-1)
 	}
-	t.removeExtents(old, last)
-	t.removeHashed(uint64(old), uint64(last))
+	// A range no larger than the hash is probed chunk by chunk, and only
+	// where no extent covered it: runs live in one structure or the other,
+	// so merge removing the end of a long run does not touch the hash. A
+	// larger range is found by scanning the hash once.
+	probe := uint64(last-old) < uint64(len(t.hash.buckets)*slotsPerBucket)
+	t.removeExtents(old, last, probe)
+	if !probe {
+		t.scanHashed(uint64(old), uint64(last))
+	}
 	t.hash.shrinkIfSparse()
 }
 
-// removeExtents cuts first..last out of the extent tree.
-func (t *Table) removeExtents(first, last Chunk) {
+// removeExtents cuts first..last out of the extent tree and, if probe is
+// set, out of the hash in the gaps between the extents it cut.
+func (t *Table) removeExtents(first, last Chunk, probe bool) {
+	next := first // first chunk of the range not yet probed in the hash
 	for t.extents.count > 0 {
 		x := t.extents.floor(first)
 		if x == nil || x.last() < first {
 			x = t.extents.ceil(first)
 		}
 		if x == nil || x.old > last {
-			return
+			break
 		}
 		cut := *x
+		if probe && cut.old > next {
+			t.probeHashed(uint64(next), uint64(cut.old-1))
+		}
+		next = cut.last() + 1
 		headLen := uint64(0) // chunks of x before first
 		if cut.old < first {
 			headLen = uint64(first - cut.old)
@@ -281,22 +299,22 @@ func (t *Table) removeExtents(first, last Chunk) {
 			t.addRun(cut.old+Chunk(off), cut.new+Chunk(off), tailLen)
 		}
 	}
+	if probe && next <= last {
+		t.probeHashed(uint64(next), uint64(last))
+	}
 }
 
-// removeHashed cuts first..last out of the hash: by probing each chunk when
-// the range is no larger than the hash, by scanning the hash otherwise.
-func (t *Table) removeHashed(first, last uint64) {
-	if t.hash.count == 0 {
-		return
-	}
-	if last-first < uint64(len(t.hash.buckets)*slotsPerBucket) {
-		for c := first; c <= last; c++ {
-			if s := t.hash.find(c + 1); s != nil {
-				c = t.cutHashRun(c, s, first, last)
-			}
+// probeHashed cuts first..last out of the hash by looking each chunk up.
+func (t *Table) probeHashed(first, last uint64) {
+	for c := first; c <= last && t.hash.count > 0; c++ {
+		if s := t.hash.find(c + 1); s != nil {
+			c = t.cutHashRun(c, s, first, last)
 		}
-		return
 	}
+}
+
+// scanHashed cuts first..last out of the hash by scanning all of it.
+func (t *Table) scanHashed(first, last uint64) {
 	var hit []uint64
 	t.hash.each(func(s *chunkSlot) bool {
 		if c := s.chunk(); c >= first && c <= last {

@@ -26,6 +26,9 @@ const (
 func (s *chunkSlot) chunk() uint64 { return s.key&keyMask - 1 }
 
 // chunkBucket is one cache line of slots. A key lives in one of two buckets.
+// Bucket arrays are at least 256 bytes, and from there up Go's size classes
+// are multiples of 64 bytes carved from page-aligned spans, so every bucket
+// is an aligned cache line.
 type chunkBucket [slotsPerBucket]chunkSlot
 
 const (
@@ -86,6 +89,19 @@ func makeBuckets(n int) []chunkBucket {
 	return b[:cap(b)]
 }
 
+// grownSize is the bucket count after growing from n buckets: 1.5×, rounded
+// down to whole 8 KiB pages once the array is large. The allocator rounds
+// large objects up to pages, and that slack, up to 1/6 of the array at its
+// smallest, would lower the load after growth below 0.6.
+func grownSize(n int) int {
+	g := n * hashGrowNum / hashGrowDen
+	const pageBuckets = 8 << 10 / (slotsPerBucket * 16)
+	if g > 32<<10/(slotsPerBucket*16) {
+		g &^= pageBuckets - 1
+	}
+	return max(g, n+1)
+}
+
 // loadLimit is the number of keys a hash of n buckets holds before growing.
 func loadLimit(n int) int { return n * slotsPerBucket * hashMaxLoad / 1024 }
 
@@ -131,6 +147,9 @@ func filterMask(x uint64) uint64 { return 1 << (keyBits + ((x>>2)&0xff)*7>>8) }
 // find returns key's slot, or nil. The pointer is valid until the next
 // insertion or rebuild.
 func (h *chunkHash) find(key uint64) *chunkSlot {
+	if h.count == 0 {
+		return nil
+	}
 	x := hashKey(key, h.seed)
 	b1, b2 := h.candidatesOf(x)
 	b := &h.buckets[b1]
@@ -153,8 +172,11 @@ func (h *chunkHash) find(key uint64) *chunkSlot {
 
 // insert adds key, which must be absent, with val.
 func (h *chunkHash) insert(key, val uint64) {
+	if h.buckets == nil { // the zero Table
+		*h = newChunkHash()
+	}
 	if h.count >= h.limit {
-		h.rebuild(len(h.buckets) * hashGrowNum / hashGrowDen)
+		h.rebuild(grownSize(len(h.buckets)))
 	}
 	for {
 		k, v, ok := h.place(key, val)
@@ -262,7 +284,7 @@ func (h *chunkHash) random() uint64 {
 // grows, an emptier one (unlucky hashing) is rehashed with another seed.
 func (h *chunkHash) rebuildAfterFailure() {
 	if (h.count+1)*1024 >= len(h.buckets)*slotsPerBucket*(hashMaxLoad-60) {
-		h.rebuild(len(h.buckets) * hashGrowNum / hashGrowDen)
+		h.rebuild(grownSize(len(h.buckets)))
 		return
 	}
 	h.rebuildSeeded(len(h.buckets), h.random())
@@ -285,7 +307,7 @@ func (h *chunkHash) rebuildSeeded(n int, seed uint64) {
 		// seed, and more room if this one was already tight.
 		seed = h.random()
 		if h.count*1024 >= n*slotsPerBucket*(hashMaxLoad-60) {
-			n = n * hashGrowNum / hashGrowDen
+			n = grownSize(n)
 		}
 	}
 }
@@ -344,7 +366,7 @@ func (h *chunkHash) shrinkIfSparse() {
 		return
 	}
 	// Target the load right after a growth (0.6 of the slots).
-	want := h.count * 1024 * hashGrowDen / (hashMaxLoad * hashGrowNum) / slotsPerBucket
+	want := h.count * 1024 * hashGrowNum / (hashMaxLoad * hashGrowDen * slotsPerBucket)
 	h.rebuild(max(want+1, hashMinBuckets))
 }
 
