@@ -6,65 +6,87 @@ import (
 	"github.com/clustersnap/clustersnap/exstore"
 )
 
-// chunkLocks is a table of per-chunk reader/writer locks, created on first
-// use and dropped when nobody holds or waits for them, so it stays as small
-// as the I/O in flight.
+// chunkLockStripes is how many reader/writer locks a snapshot's chunks
+// share: chunk c uses stripe c mod chunkLockStripes. Two chunks on one
+// stripe only wait for each other needlessly, which is rare with this many,
+// and a fixed table costs no allocation, map or table mutex per I/O.
+const chunkLockStripes = 1024
+
+// chunkLocks are per-chunk reader/writer locks, striped. A goroutine holds
+// at most one stripe exclusively (lock), or one chunk's stripe (rlock) or
+// a run of consecutive chunks' stripes (rlockRange) shared, taken in ascending stripe order so that two
+// runs cannot deadlock; it never takes a stripe twice. Its zero value is
+// ready to use.
 type chunkLocks struct {
-	mu   sync.Mutex
-	held map[exstore.Chunk]*chunkLock
+	stripes [chunkLockStripes]sync.RWMutex
 }
 
-type chunkLock struct {
-	rw   sync.RWMutex
-	refs int // holders and waiters; guarded by chunkLocks.mu
+// lock holds chunk c exclusively until unlock(c).
+func (t *chunkLocks) lock(c exstore.Chunk) {
+	t.stripes[uint64(c)%chunkLockStripes].Lock()
 }
 
-// ref returns c's lock with one more reference.
-func (t *chunkLocks) ref(c exstore.Chunk) *chunkLock {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	l := t.held[c]
-	if l == nil {
-		l = &chunkLock{}
-		t.held[c] = l
+// unlock releases chunk c, held by lock.
+func (t *chunkLocks) unlock(c exstore.Chunk) {
+	t.stripes[uint64(c)%chunkLockStripes].Unlock()
+}
+
+// rlock holds chunk c shared until runlock(c).
+func (t *chunkLocks) rlock(c exstore.Chunk) {
+	t.stripes[uint64(c)%chunkLockStripes].RLock()
+}
+
+// runlock releases chunk c, held by rlock.
+func (t *chunkLocks) runlock(c exstore.Chunk) {
+	t.stripes[uint64(c)%chunkLockStripes].RUnlock()
+}
+
+// stripeRanges returns the stripes of chunks [first, end) as at most two
+// ascending index ranges [lo1, hi1) and [lo2, hi2), lo1 < hi1 <= lo2. The
+// run must not be longer than chunkLockStripes.
+func stripeRanges(first, end exstore.Chunk) (lo1, hi1, lo2, hi2 int) {
+	n := int(end - first)
+	s := int(uint64(first) % chunkLockStripes)
+	if s+n <= chunkLockStripes {
+		return s, s + n, s + n, s + n
 	}
-	l.refs++
-	return l
+	// The run wraps around: its low stripes come first.
+	return 0, s + n - chunkLockStripes, s, chunkLockStripes
 }
 
-// unref drops a reference to c's lock l.
-func (t *chunkLocks) unref(c exstore.Chunk, l *chunkLock) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	l.refs--
-	if l.refs == 0 {
-		delete(t.held, c)
+// rlockRange holds chunks [first, end) shared until runlockRange(first,
+// end). The run must not be longer than chunkLockStripes.
+func (t *chunkLocks) rlockRange(first, end exstore.Chunk) {
+	lo1, hi1, lo2, hi2 := stripeRanges(first, end)
+	for i := lo1; i < hi1; i++ {
+		t.stripes[i].RLock()
 	}
-}
-
-// lock holds c exclusively until the returned function is called.
-func (t *chunkLocks) lock(c exstore.Chunk) (unlock func()) {
-	l := t.ref(c)
-	l.rw.Lock()
-	return func() {
-		l.rw.Unlock()
-		t.unref(c, l)
-	}
-}
-
-// rlock holds c shared until the returned function is called.
-func (t *chunkLocks) rlock(c exstore.Chunk) (unlock func()) {
-	l := t.ref(c)
-	l.rw.RLock()
-	return func() {
-		l.rw.RUnlock()
-		t.unref(c, l)
+	for i := lo2; i < hi2; i++ {
+		t.stripes[i].RLock()
 	}
 }
 
-// len returns how many chunks have a lock in the table.
-func (t *chunkLocks) len() int {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	return len(t.held)
+// runlockRange releases chunks [first, end), held by rlockRange.
+func (t *chunkLocks) runlockRange(first, end exstore.Chunk) {
+	lo1, hi1, lo2, hi2 := stripeRanges(first, end)
+	for i := lo1; i < hi1; i++ {
+		t.stripes[i].RUnlock()
+	}
+	for i := lo2; i < hi2; i++ {
+		t.stripes[i].RUnlock()
+	}
+}
+
+// held returns how many stripes someone holds, shared or exclusively; for
+// tests, when no I/O is in flight.
+func (t *chunkLocks) held() int {
+	n := 0
+	for i := range t.stripes {
+		if !t.stripes[i].TryLock() {
+			n++
+			continue
+		}
+		t.stripes[i].Unlock()
+	}
+	return n
 }

@@ -16,12 +16,32 @@
 //   - an origin write proceeds only after every snapshot's copy of the chunks
 //     it covers is committed (the store syncs the copy before the record and
 //     makes the record durable before Commit returns);
-//   - a snapshot read that goes to the origin holds the chunk shared, and the
-//     COW path holds it exclusively from the lookup through the commit, so
-//     the origin is never overwritten under such a read;
+//   - a snapshot read holds the chunks it reads shared from their lookup to
+//     the end of the read, and the COW path holds a chunk exclusively from
+//     the lookup through the commit, so the origin is never overwritten
+//     under a read that goes to it (the chunk locks are striped, so a read
+//     costs no allocation, and a read of several chunks reads each run of
+//     them that is contiguous on the origin or the COW with one I/O);
 //   - a partial snapshot write reaches the COW only after the copy of the
 //     rest of the chunk is committed; a whole-chunk write goes straight to
 //     the new COW chunk and is committed after it.
+//
+// Trims and zeroing (the NBD server's optional Trimmer interface, and a
+// WriteZeroes(ctx, off, length, noHole, fua) that a caller adapts to its
+// Zeroer) follow from the same rule, that the origin changes only after
+// every snapshot has its copy:
+//   - Origin.Trim is a hint. On a device that is a blockdev.Discarder it
+//     copies the chunks the discarded range overlaps into the snapshots, as
+//     a write does, and then discards the whole 512-byte (or alignment)
+//     units of the range, which then read as zeroes (a file's punched hole).
+//     On other devices it changes nothing, so it copies nothing either.
+//   - Origin.WriteZeroes copies as a write does, then discards the range
+//     (on a Discarder, unless noHole) or writes zeroes.
+//   - Snapshot.Trim never touches the origin and never allocates: it is
+//     checked as a write (read-only, invalid, overflowed) and does nothing,
+//     because an exception cannot be dropped from the store and zeroing its
+//     chunk would cost a write and free nothing.
+//   - Snapshot.WriteZeroes is a write of zeroes, from one reused buffer.
 //
 // Concurrent COW of one chunk of one snapshot is serialised by that per-chunk
 // lock: it is the kernel's pending-exception table, later writers wait for
@@ -94,13 +114,17 @@ type Origin struct {
 	// merging is held by Merge: one merge per origin at a time, as in the
 	// kernel (two would each overwrite the origin with their own view).
 	merging sync.Mutex
+
+	// zeroes returns a zero-filled buffer of zeroBufferBytes, aligned for
+	// dev, allocated on first use: WriteZeroes writes from it.
+	zeroes func() []byte
 }
 
 var _ Volume = (*Origin)(nil)
 
 // NewOrigin returns the origin on dev, without snapshots.
 func NewOrigin(dev blockdev.Device) *Origin {
-	return &Origin{dev: dev, size: dev.Size()}
+	return &Origin{dev: dev, size: dev.Size(), zeroes: zeroBuffer(zeroBufferBytes, dev.Alignment())}
 }
 
 // Size implements Volume.
@@ -162,7 +186,7 @@ func (o *Origin) AddSnapshot(name string, store exstore.Store, cow blockdev.Devi
 
 // ReadAt implements Volume.
 func (o *Origin) ReadAt(ctx context.Context, p []byte, off int64) error {
-	if err := checkRange(o.size, off, len(p)); err != nil {
+	if err := checkRange(o.size, off, int64(len(p))); err != nil {
 		return fmt.Errorf("origin %s: read: %w", o.dev.Name(), err)
 	}
 	if err := ctx.Err(); err != nil {
@@ -180,10 +204,10 @@ func (o *Origin) ReadAt(ctx context.Context, p []byte, off int64) error {
 // skipped, as in the kernel; the write fails only if ctx ends, a store's
 // lookup fails or the origin write itself fails.
 func (o *Origin) WriteAt(ctx context.Context, p []byte, off int64, fua bool) error {
-	if err := checkRange(o.size, off, len(p)); err != nil {
+	if err := checkRange(o.size, off, int64(len(p))); err != nil {
 		return fmt.Errorf("origin %s: write: %w", o.dev.Name(), err)
 	}
-	if err := checkWriteAlignment(o.dev, off, len(p)); err != nil {
+	if err := checkWriteAlignment(o.dev, off, int64(len(p))); err != nil {
 		return fmt.Errorf("origin %s: write: %w", o.dev.Name(), err)
 	}
 	if err := ctx.Err(); err != nil || len(p) == 0 {
@@ -191,22 +215,7 @@ func (o *Origin) WriteAt(ctx context.Context, p []byte, off int64, fua bool) err
 	}
 	o.snapMu.RLock()
 	defer o.snapMu.RUnlock()
-	var tasks []copyTask
-	for _, s := range o.snaps {
-		var err error
-		if tasks, err = s.chunksToCopy(ctx, off, int64(len(p)), tasks); err != nil {
-			return fmt.Errorf("origin %s: write %d bytes at %d: %w", o.dev.Name(), len(p), off, err)
-		}
-	}
-	// The copies run in parallel, largest chunk size first, so that their
-	// commits share metadata writes; the write waits for all of them.
-	err := forEachParallel(len(tasks), func(i int) error {
-		if err := tasks[i].snap.copyChunkForOrigin(ctx, tasks[i].chunk); err != nil {
-			return fmt.Errorf("snapshot %s: %w", tasks[i].snap.name, err)
-		}
-		return nil
-	})
-	if err != nil {
+	if err := o.copyBeforeOverwrite(ctx, off, int64(len(p))); err != nil {
 		return fmt.Errorf("origin %s: write %d bytes at %d: %w", o.dev.Name(), len(p), off, err)
 	}
 	if err := writeDev(o.dev, p, off, fua); err != nil {
@@ -234,6 +243,28 @@ func (o *Origin) Flush(ctx context.Context) error {
 		}
 	}
 	return nil
+}
+
+// copyBeforeOverwrite gives every valid snapshot its copy of the chunks
+// that [off, off+n) overlaps and has no exception for, before the caller
+// overwrites (or discards) that range of the origin. The caller holds
+// o.snapMu shared until its own change to the origin is done.
+func (o *Origin) copyBeforeOverwrite(ctx context.Context, off, n int64) error {
+	var tasks []copyTask
+	for _, s := range o.snaps {
+		var err error
+		if tasks, err = s.chunksToCopy(ctx, off, n, tasks); err != nil {
+			return err
+		}
+	}
+	// The copies run in parallel, largest chunk size first, so that their
+	// commits share metadata writes; the caller waits for all of them.
+	return forEachParallel(len(tasks), func(i int) error {
+		if err := tasks[i].snap.copyChunkForOrigin(ctx, tasks[i].chunk); err != nil {
+			return fmt.Errorf("snapshot %s: %w", tasks[i].snap.name, err)
+		}
+		return nil
+	})
 }
 
 // copyTask is one chunk an origin write needs copied into one snapshot.
@@ -275,8 +306,8 @@ func forEachParallel(n int, fn func(i int) error) error {
 }
 
 // checkRange fails unless [off, off+n) lies inside a volume of size bytes.
-func checkRange(size, off int64, n int) error {
-	if off < 0 || int64(n) > size || off > size-int64(n) {
+func checkRange(size, off, n int64) error {
+	if off < 0 || n < 0 || n > size || off > size-n {
 		return fmt.Errorf("%d bytes at offset %d (volume size %d): %w", n, off, size, blockdev.ErrOutOfRange)
 	}
 	return nil

@@ -66,8 +66,8 @@ func shortRead(n, need int, err error) error {
 
 // checkWriteAlignment refuses a write of n bytes at off that dev could not
 // take as it is, before any copy-on-write work is done for it.
-func checkWriteAlignment(dev blockdev.Device, off int64, n int) error {
-	if a := int64(dev.Alignment()); a > 1 && (off%a != 0 || int64(n)%a != 0) {
+func checkWriteAlignment(dev blockdev.Device, off, n int64) error {
+	if a := int64(dev.Alignment()); a > 1 && (off%a != 0 || n%a != 0) {
 		return fmt.Errorf("%d bytes at %d (alignment %d of %s): %w", n, off, a, dev.Name(), ErrUnaligned)
 	}
 	return nil
@@ -85,7 +85,7 @@ func writeDev(dev blockdev.Device, p []byte, off int64, fua bool) error {
 		return nil
 	}
 	if !ioAligned(dev, p, off) {
-		if err := checkWriteAlignment(dev, off, len(p)); err != nil {
+		if err := checkWriteAlignment(dev, off, int64(len(p))); err != nil {
 			return err
 		}
 		buf := blockdev.AlignedBuffer(len(p), dev.Alignment())

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 
 	"github.com/clustersnap/clustersnap/exstore"
 	"github.com/clustersnap/clustersnap/exstore/blockdev"
@@ -22,8 +23,8 @@ type Snapshot struct {
 	chunkBytes int64
 
 	// locks is the pending-exception table: the COW path holds a chunk
-	// exclusively from its lookup to its commit, snapshot reads that go to
-	// the origin hold it shared.
+	// exclusively from its lookup to its commit, snapshot reads hold the
+	// chunks they read shared from their lookup to the end of the read.
 	locks chunkLocks
 	// copies bounds the chunk copies in flight (CopiesInFlight). A slot is
 	// taken before the chunk lock and before Prepare: the store commits in
@@ -32,10 +33,19 @@ type Snapshot struct {
 	copies chan struct{}
 	// buffers holds chunk-sized, suitably aligned copy buffers.
 	buffers sync.Pool
+	// zeroes returns a zero-filled buffer of up to a chunk (at most
+	// zeroBufferBytes), aligned for the COW device, allocated on first use:
+	// WriteZeroes writes from it.
+	zeroes func() []byte
 
-	mu         sync.Mutex
-	invalid    error // set when this engine invalidates the snapshot or merges it
-	overflowed bool
+	mu      sync.Mutex // guards invalid
+	invalid error      // set when this engine invalidates the snapshot or merges it
+	// failed is set once invalid is, so that the I/O paths check for a
+	// failure without taking mu.
+	failed atomic.Bool
+	// overflowed is set once an overflow-mode snapshot's write could not
+	// allocate.
+	overflowed atomic.Bool
 }
 
 var _ Volume = (*Snapshot)(nil)
@@ -53,8 +63,8 @@ func newSnapshot(o *Origin, name string, store exstore.Store, cow blockdev.Devic
 		opts:       opts,
 		size:       o.size,
 		chunkBytes: chunkBytes,
-		locks:      chunkLocks{held: make(map[exstore.Chunk]*chunkLock)},
 		copies:     make(chan struct{}, CopiesInFlight),
+		zeroes:     zeroBuffer(min(chunkBytes, zeroBufferBytes), cow.Alignment()),
 	}
 	s.buffers.New = func() any {
 		b := blockdev.AlignedBuffer(int(chunkBytes), align)
@@ -89,9 +99,7 @@ func (s *Snapshot) Err() error {
 	if err := s.failure(); err != nil {
 		return fmt.Errorf("snapshot %s: %w", s.name, err)
 	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.overflowed {
+	if s.overflowed.Load() {
 		return fmt.Errorf("snapshot %s: %w", s.name, ErrOverflow)
 	}
 	return nil
@@ -100,11 +108,10 @@ func (s *Snapshot) Err() error {
 // failure is the reason the snapshot is invalid (or merged), nil while it
 // is valid.
 func (s *Snapshot) failure() error {
-	s.mu.Lock()
-	invalid := s.invalid
-	s.mu.Unlock()
-	if invalid != nil {
-		return invalid
+	if s.failed.Load() {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		return s.invalid
 	}
 	return s.store.Err()
 }
@@ -116,6 +123,7 @@ func (s *Snapshot) markFailed(err error) {
 	defer s.mu.Unlock()
 	if s.invalid == nil {
 		s.invalid = err
+		s.failed.Store(true)
 	}
 }
 
@@ -136,9 +144,7 @@ func (s *Snapshot) writable() error {
 	if err := s.failure(); err != nil {
 		return err
 	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.overflowed {
+	if s.overflowed.Load() {
 		return ErrOverflow
 	}
 	return nil
@@ -155,17 +161,12 @@ func allocationFailure(c exstore.Chunk, err error) error {
 
 // ReadAt implements Volume.
 func (s *Snapshot) ReadAt(ctx context.Context, p []byte, off int64) error {
-	if err := checkRange(s.size, off, len(p)); err != nil {
+	if err := checkRange(s.size, off, int64(len(p))); err != nil {
 		return fmt.Errorf("snapshot %s: read: %w", s.name, err)
 	}
 	err := ctx.Err()
 	if err == nil {
-		err = s.failure()
-	}
-	if err == nil {
-		err = s.eachChunk(off, len(p), func(c exstore.Chunk, at int64, lo, hi int) error {
-			return s.readChunk(ctx, c, at, p[lo:hi])
-		})
+		err = s.readRange(ctx, p, off)
 	}
 	if err != nil {
 		return fmt.Errorf("snapshot %s: read %d bytes at %d: %w", s.name, len(p), off, err)
@@ -175,38 +176,54 @@ func (s *Snapshot) ReadAt(ctx context.Context, p []byte, off int64) error {
 
 // WriteAt implements Volume.
 func (s *Snapshot) WriteAt(ctx context.Context, p []byte, off int64, fua bool) error {
-	if err := checkRange(s.size, off, len(p)); err != nil {
-		return fmt.Errorf("snapshot %s: write: %w", s.name, err)
-	}
-	if err := checkWriteAlignment(s.cow, off, len(p)); err != nil {
-		return fmt.Errorf("snapshot %s: write: %w", s.name, err)
-	}
-	err := ctx.Err()
-	if err == nil {
-		err = s.writable()
-	}
-	if err == nil {
-		// The chunks are written in parallel, so that the commits of the
-		// chunks a large write allocates share metadata writes.
-		type piece struct {
-			c      exstore.Chunk
-			at     int64
-			lo, hi int
-		}
-		var pieces []piece
-		_ = s.eachChunk(off, len(p), func(c exstore.Chunk, at int64, lo, hi int) error {
-			pieces = append(pieces, piece{c, at, lo, hi})
-			return nil
-		})
-		err = forEachParallel(len(pieces), func(i int) error {
-			pc := pieces[i]
-			return s.writeChunk(ctx, pc.c, pc.at, p[pc.lo:pc.hi], fua)
-		})
-	}
-	if err != nil {
+	if err := s.writeRange(ctx, off, int64(len(p)), p, fua); err != nil {
 		return fmt.Errorf("snapshot %s: write %d bytes at %d: %w", s.name, len(p), off, err)
 	}
 	return nil
+}
+
+// writeRange checks a write of n bytes at off to the snapshot and writes
+// it chunk by chunk: data, or n zeroes if data is nil. The chunks are
+// written in parallel, so that the commits of the chunks a large write
+// allocates share metadata writes.
+func (s *Snapshot) writeRange(ctx context.Context, off, n int64, data []byte, fua bool) error {
+	if err := checkRange(s.size, off, n); err != nil {
+		return err
+	}
+	if err := checkWriteAlignment(s.cow, off, n); err != nil {
+		return err
+	}
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	if err := s.writable(); err != nil {
+		return err
+	}
+	if n == 0 {
+		return nil
+	}
+	if c := off / s.chunkBytes; c == (off+n-1)/s.chunkBytes {
+		// The common case of a request inside one chunk.
+		return s.writeChunk(ctx, exstore.Chunk(c), off, data, n, fua)
+	}
+	type piece struct {
+		c      exstore.Chunk
+		at     int64
+		lo, hi int64
+	}
+	var pieces []piece
+	_ = s.eachChunk(off, n, func(c exstore.Chunk, at int64, lo, hi int64) error {
+		pieces = append(pieces, piece{c, at, lo, hi})
+		return nil
+	})
+	return forEachParallel(len(pieces), func(i int) error {
+		pc := pieces[i]
+		var part []byte
+		if data != nil {
+			part = data[pc.lo:pc.hi]
+		}
+		return s.writeChunk(ctx, pc.c, pc.at, part, pc.hi-pc.lo, fua)
+	})
 }
 
 // Flush implements Volume: it syncs the COW device, and the origin, which
@@ -226,11 +243,11 @@ func (s *Snapshot) Flush(ctx context.Context) error {
 
 // eachChunk calls fn for each piece of [off, off+n) that lies in one chunk:
 // the chunk, the piece's offset, and its bounds within the request.
-func (s *Snapshot) eachChunk(off int64, n int, fn func(c exstore.Chunk, at int64, lo, hi int) error) error {
-	for lo := 0; lo < n; {
-		at := off + int64(lo)
+func (s *Snapshot) eachChunk(off, n int64, fn func(c exstore.Chunk, at int64, lo, hi int64) error) error {
+	for lo := int64(0); lo < n; {
+		at := off + lo
 		c := at / s.chunkBytes
-		hi := lo + int(min((c+1)*s.chunkBytes-at, int64(n-lo)))
+		hi := lo + min((c+1)*s.chunkBytes-at, n-lo)
 		if err := fn(exstore.Chunk(c), at, lo, hi); err != nil {
 			return err
 		}
@@ -257,20 +274,65 @@ func (s *Snapshot) lookup(ctx context.Context, c exstore.Chunk) (exstore.Chunk, 
 	return new, found, nil
 }
 
-// readChunk reads p at at, all inside chunk c.
-func (s *Snapshot) readChunk(ctx context.Context, c exstore.Chunk, at int64, p []byte) error {
-	new, found, err := s.lookup(ctx, c)
-	if err != nil {
-		return err
+// maxReadRunChunks bounds the chunks a read looks up and holds at once
+// (a window), and so the chunks one read I/O covers.
+const maxReadRunChunks = 64
+
+// chunkLookup is the store's answer about one chunk.
+type chunkLookup struct {
+	new   exstore.Chunk
+	found bool
+}
+
+// readRange reads p at off, window by window of up to maxReadRunChunks
+// chunks, and then fails if the snapshot is invalid. The check comes after
+// the I/O, where it is needed anyway, rather than before too: a read of an
+// invalid snapshot costs I/O that is thrown away, every other read one
+// check less.
+func (s *Snapshot) readRange(ctx context.Context, p []byte, off int64) error {
+	if len(p) == 0 {
+		return s.failure()
 	}
-	if found {
-		return s.readCOW(c, new, at, p)
+	end := off + int64(len(p))
+	last := exstore.Chunk((end - 1) / s.chunkBytes)
+	if c := exstore.Chunk(off / s.chunkBytes); c == last {
+		// The common case of a request inside one chunk, without the
+		// bookkeeping of a window.
+		if err := s.readOneChunk(ctx, c, off, p); err != nil {
+			return s.readFailure(err)
+		}
+		return s.failure()
 	}
-	// The origin is read with the chunk held shared: its COW cannot start,
-	// so no origin write overwrites the chunk under the read. The store's
-	// lookup is held too, for stores shared with other nodes.
-	unlock := s.locks.rlock(c)
-	defer unlock()
+	for first := exstore.Chunk(off / s.chunkBytes); first <= last; first += maxReadRunChunks {
+		windowEnd := min(last+1, first+maxReadRunChunks)
+		from := max(off, int64(first)*s.chunkBytes)
+		to := min(end, int64(windowEnd)*s.chunkBytes)
+		if err := s.readWindow(ctx, first, windowEnd, from, p[from-off:to-off]); err != nil {
+			return s.readFailure(err)
+		}
+	}
+	// Origin writes skip an invalid snapshot: if it became invalid before
+	// or during the read, the data may be the origin's new content.
+	// Invalidity is permanent, so one check after every window covers them
+	// all.
+	return s.failure()
+}
+
+// readFailure is what a read that failed with err reports: the reason the
+// snapshot is invalid, if it is (the validity check comes after the I/O,
+// which may fail because of what made the snapshot invalid), else err.
+func (s *Snapshot) readFailure(err error) error {
+	if failure := s.failure(); failure != nil {
+		return failure
+	}
+	return err
+}
+
+// readOneChunk reads p at at, all inside chunk c: readWindow for one
+// chunk.
+func (s *Snapshot) readOneChunk(ctx context.Context, c exstore.Chunk, at int64, p []byte) error {
+	s.locks.rlock(c)
+	defer s.locks.runlock(c)
 	new, found, release, err := s.store.Lookup(ctx, c)
 	defer release()
 	if err != nil {
@@ -282,9 +344,61 @@ func (s *Snapshot) readChunk(ctx context.Context, c exstore.Chunk, at int64, p [
 	if err := readDev(s.origin.dev, p, at); err != nil {
 		return fmt.Errorf("chunk %d: origin %s: %w", c, s.origin.dev.Name(), err)
 	}
-	// Origin writes skip an invalid snapshot: if it became invalid during
-	// the read, the data may be the origin's new content.
-	return s.failure()
+	return nil
+}
+
+// readWindow reads p at at, which lies in chunks [first, end), at most
+// maxReadRunChunks of them. The chunks are held shared and then looked up
+// once each: a chunk without an exception cannot have its COW start, so no
+// origin write overwrites it under the read, and the store's lookups are
+// held too, for stores shared with other nodes. Runs of chunks whose data
+// is contiguous are read with one I/O each: chunks without an exception
+// from the origin, chunks whose exceptions are consecutive COW chunks from
+// the COW device.
+func (s *Snapshot) readWindow(ctx context.Context, first, end exstore.Chunk, at int64, p []byte) error {
+	var releaseBuf [maxReadRunChunks]exstore.Release
+	var stateBuf [maxReadRunChunks]chunkLookup
+	releases, states := releaseBuf[:0], stateBuf[:0]
+	s.locks.rlockRange(first, end)
+	defer func() {
+		for _, release := range releases {
+			release()
+		}
+		s.locks.runlockRange(first, end)
+	}()
+	for c := first; c < end; c++ {
+		new, found, release, err := s.store.Lookup(ctx, c)
+		releases = append(releases, release)
+		if err != nil {
+			return fmt.Errorf("chunk %d: lookup: %w", c, err)
+		}
+		states = append(states, chunkLookup{new, found})
+	}
+	for c := first; c < end; {
+		st := states[c-first]
+		runEnd := c + 1
+		for runEnd < end {
+			next := states[runEnd-first]
+			if next.found != st.found || (st.found && next.new != st.new+(runEnd-c)) {
+				break
+			}
+			runEnd++
+		}
+		from := max(at, int64(c)*s.chunkBytes)
+		to := min(at+int64(len(p)), int64(runEnd)*s.chunkBytes)
+		q := p[from-at : to-at]
+		if st.found {
+			if err := s.readCOW(c, st.new, from, q); err != nil {
+				return err
+			}
+		} else {
+			if err := readDev(s.origin.dev, q, from); err != nil {
+				return fmt.Errorf("chunks %d to %d: origin %s: %w", c, runEnd-1, s.origin.dev.Name(), err)
+			}
+		}
+		c = runEnd
+	}
+	return nil
 }
 
 // readCOW reads p at at of chunk old from its COW chunk new.
@@ -295,9 +409,17 @@ func (s *Snapshot) readCOW(old, new exstore.Chunk, at int64, p []byte) error {
 	return nil
 }
 
-// writeCOW writes p at at of chunk old to its COW chunk new.
-func (s *Snapshot) writeCOW(old, new exstore.Chunk, at int64, p []byte, fua bool) error {
-	if err := writeDev(s.cow, p, s.cowOffset(old, new, at), fua); err != nil {
+// putCOW writes the n bytes of data (n zeroes if data is nil) at at of
+// chunk old to its COW chunk new.
+func (s *Snapshot) putCOW(old, new exstore.Chunk, at int64, data []byte, n int64, fua bool) error {
+	cowOff := s.cowOffset(old, new, at)
+	var err error
+	if data != nil {
+		err = writeDev(s.cow, data, cowOff, fua)
+	} else {
+		err = writeZeroesDev(s.cow, s.zeroes(), cowOff, n, fua)
+	}
+	if err != nil {
 		return fmt.Errorf("chunk %d: COW chunk %d: %w", old, new, err)
 	}
 	return nil
@@ -316,29 +438,30 @@ func (s *Snapshot) acquireCopySlot(ctx context.Context) (release func(), err err
 	}
 }
 
-// writeChunk writes p at at, all inside chunk c.
-func (s *Snapshot) writeChunk(ctx context.Context, c exstore.Chunk, at int64, p []byte, fua bool) error {
+// writeChunk writes the n bytes of data (n zeroes if data is nil) at at,
+// all inside chunk c.
+func (s *Snapshot) writeChunk(ctx context.Context, c exstore.Chunk, at int64, data []byte, n int64, fua bool) error {
 	new, found, err := s.lookup(ctx, c)
 	if err != nil {
 		return err
 	}
 	if found {
-		return s.writeCOW(c, new, at, p, fua)
+		return s.putCOW(c, new, at, data, n, fua)
 	}
 	releaseSlot, err := s.acquireCopySlot(ctx)
 	if err != nil {
 		return err
 	}
 	defer releaseSlot()
-	unlock := s.locks.lock(c)
-	defer unlock()
+	s.locks.lock(c)
+	defer s.locks.unlock(c)
 	if err := s.writable(); err != nil {
 		return err
 	}
 	if new, found, err = s.lookup(ctx, c); err != nil {
 		return err
 	} else if found {
-		return s.writeCOW(c, new, at, p, fua)
+		return s.putCOW(c, new, at, data, n, fua)
 	}
 	e, err := s.store.Prepare(ctx, c)
 	switch {
@@ -346,9 +469,7 @@ func (s *Snapshot) writeChunk(ctx context.Context, c exstore.Chunk, at int64, p 
 	case ctx.Err() != nil:
 		return ctx.Err()
 	case errors.Is(err, exstore.ErrNoSpace) && s.opts.Overflow:
-		s.mu.Lock()
-		s.overflowed = true
-		s.mu.Unlock()
+		s.overflowed.Store(true)
 		return fmt.Errorf("chunk %d: %w", c, ErrOverflow)
 	case errors.Is(err, exstore.ErrInvalid):
 		s.markFailed(err)
@@ -361,11 +482,11 @@ func (s *Snapshot) writeChunk(ctx context.Context, c exstore.Chunk, at int64, p 
 	}
 
 	chunkStart := int64(c) * s.chunkBytes
-	if at == chunkStart && int64(len(p)) == min(s.chunkBytes, s.size-chunkStart) {
+	if at == chunkStart && n == min(s.chunkBytes, s.size-chunkStart) {
 		// The write replaces the whole chunk: no copy, the data itself is
 		// what the commit makes durable and visible. With fua it is written
 		// durably itself too: a store without metadata does not sync.
-		if err := s.writeCOW(c, e.New, at, p, fua); err != nil {
+		if err := s.putCOW(c, e.New, at, data, n, fua); err != nil {
 			s.store.Abort(e)
 			s.invalidate(ctx, err)
 			return s.failure()
@@ -379,7 +500,7 @@ func (s *Snapshot) writeChunk(ctx context.Context, c exstore.Chunk, at int64, p 
 	if !s.copyAndCommit(ctx, e) {
 		return s.failure()
 	}
-	return s.writeCOW(c, e.New, at, p, fua)
+	return s.putCOW(c, e.New, at, data, n, fua)
 }
 
 // chunksToCopy appends to tasks the chunks that an origin write of n bytes
@@ -411,8 +532,8 @@ func (s *Snapshot) copyChunkForOrigin(ctx context.Context, c exstore.Chunk) erro
 		return err
 	}
 	defer releaseSlot()
-	unlock := s.locks.lock(c)
-	defer unlock()
+	s.locks.lock(c)
+	defer s.locks.unlock(c)
 	if s.failure() != nil {
 		return nil
 	}

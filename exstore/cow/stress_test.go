@@ -119,7 +119,7 @@ func checkModel(t *testing.T, o *Origin, snaps []*testSnap, originModel []byte) 
 	for _, s := range snaps {
 		require.NoError(t, s.snap.Err())
 		requireSame(t, s.model, readAll(t, s.snap), "snapshot "+s.snap.Name())
-		assert.Zero(t, s.snap.locks.len(), "snapshot %s: chunk locks left", s.snap.Name())
+		assert.Zero(t, s.snap.locks.held(), "snapshot %s: chunk locks left held", s.snap.Name())
 	}
 }
 

@@ -1,0 +1,127 @@
+package cow
+
+import (
+	"context"
+	"errors"
+	"math/rand/v2"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/clustersnap/clustersnap/exstore"
+	"github.com/clustersnap/clustersnap/exstore/blockdev/faultdev"
+)
+
+func TestStripeRanges(t *testing.T) {
+	for _, tc := range []struct {
+		first, end         exstore.Chunk
+		lo1, hi1, lo2, hi2 int
+	}{
+		{0, 1, 0, 1, 1, 1},
+		{5, 69, 5, 69, 69, 69},
+		{chunkLockStripes + 3, chunkLockStripes + 5, 3, 5, 5, 5},
+		{chunkLockStripes - 2, chunkLockStripes + 3, 0, 3, chunkLockStripes - 2, chunkLockStripes},
+		{0, chunkLockStripes, 0, chunkLockStripes, chunkLockStripes, chunkLockStripes},
+	} {
+		lo1, hi1, lo2, hi2 := stripeRanges(tc.first, tc.end)
+		assert.Equal(t, [4]int{tc.lo1, tc.hi1, tc.lo2, tc.hi2}, [4]int{lo1, hi1, lo2, hi2}, "chunks %d to %d", tc.first, tc.end)
+		assert.Equal(t, int(tc.end-tc.first), hi1-lo1+hi2-lo2, "one stripe per chunk")
+	}
+}
+
+// TestChunkLocksExclude checks that a run held shared keeps every chunk of
+// it (also across the wrap of the stripe table) from being locked, and
+// that everything is released.
+func TestChunkLocksExclude(t *testing.T) {
+	var locks chunkLocks
+	first, end := exstore.Chunk(chunkLockStripes-2), exstore.Chunk(chunkLockStripes+3)
+	locks.rlockRange(first, end)
+	assert.Equal(t, int(end-first), locks.held())
+	for c := first; c < end; c++ {
+		stripe := &locks.stripes[uint64(c)%chunkLockStripes]
+		assert.False(t, stripe.TryLock(), "chunk %d is held shared", c)
+		assert.True(t, stripe.TryRLock(), "chunk %d can be shared", c)
+		stripe.RUnlock()
+	}
+	assert.True(t, locks.stripes[uint64(end)%chunkLockStripes].TryLock(), "the chunk after the run is free")
+	locks.stripes[uint64(end)%chunkLockStripes].Unlock()
+	locks.runlockRange(first, end)
+	assert.Zero(t, locks.held())
+
+	locks.lock(7)
+	locks.rlock(8)
+	assert.Equal(t, 2, locks.held())
+	locks.unlock(7)
+	locks.runlock(8)
+	assert.Zero(t, locks.held())
+}
+
+// TestReadAcrossWindows reads random ranges, many of them longer than a
+// read window, of a snapshot whose exceptions are scattered, some in runs
+// of consecutive COW chunks and some not, and compares them with the model.
+func TestReadAcrossWindows(t *testing.T) {
+	ctx := context.Background()
+	const chunks = 3*maxReadRunChunks + 17
+	rng := rand.New(rand.NewPCG(21, 22))
+	dev := newOriginDev(rng, chunks*smallChunk)
+	o := NewOrigin(dev)
+	model := dev.Bytes()
+	s := addSnapshot(t, o, "s", smallChunkSectors, 2*chunks*smallChunk, SnapshotOptions{}, model)
+	// A sequential run of origin writes (consecutive COW chunks), then
+	// writes in random order (scattered COW chunks), then snapshot writes.
+	seq := randomBytes(rng, 20*smallChunk)
+	require.NoError(t, o.WriteAt(ctx, seq, 30*smallChunk, false))
+	copy(model[30*smallChunk:], seq)
+	for _, c := range rng.Perm(chunks)[:chunks/3] {
+		data := randomBytes(rng, 100)
+		require.NoError(t, o.WriteAt(ctx, data, int64(c)*smallChunk+50, false))
+		copy(model[int64(c)*smallChunk+50:], data)
+	}
+	for range 20 {
+		off := rng.Int64N(chunks*smallChunk - 600)
+		data := randomBytes(rng, 1+rng.IntN(500))
+		require.NoError(t, s.snap.WriteAt(ctx, data, off, false))
+		copy(s.model[off:], data)
+	}
+	require.Positive(t, s.store.Usage().Exceptions)
+	requireSame(t, model, readAll(t, o), "origin")
+	requireSame(t, s.model, readAll(t, s.snap), "whole snapshot")
+	for range 200 {
+		off := rng.Int64N(chunks * smallChunk)
+		n := 1 + rng.Int64N(min(chunks*smallChunk-off, 2*maxReadRunChunks*smallChunk))
+		got := make([]byte, n)
+		require.NoError(t, s.snap.ReadAt(ctx, got, off))
+		requireSame(t, s.model[off:off+n], got, "snapshot read")
+	}
+	assert.Zero(t, s.snap.locks.held())
+}
+
+// TestReadOfInvalidSnapshot checks that reads report the snapshot's
+// invalidity rather than the I/O error that came with it, and the I/O
+// error while the snapshot is valid.
+func TestReadOfInvalidSnapshot(t *testing.T) {
+	ctx := context.Background()
+	o, _, model, s := smallSetup(t, SnapshotOptions{})
+	writeOrigin(t, o, model, 0, 0x42)
+	writeOrigin(t, o, model, 1, 0x43)
+	readFault := errors.New("injected COW read error")
+	s.cow.SetFault(func(op faultdev.Op, _, _ int64) error {
+		if op == faultdev.Read {
+			return readFault
+		}
+		return nil
+	})
+	for _, n := range []int{100, 3 * smallChunk} {
+		err := s.snap.ReadAt(ctx, make([]byte, n), 0)
+		assert.ErrorIs(t, err, readFault, "%d bytes while valid", n)
+		assert.NotErrorIs(t, err, exstore.ErrInvalid)
+	}
+	s.snap.invalidate(ctx, errors.New("test"))
+	for _, n := range []int{0, 100, 3 * smallChunk} {
+		err := s.snap.ReadAt(ctx, make([]byte, n), 0)
+		assert.ErrorIs(t, err, exstore.ErrInvalid, "%d bytes once invalid", n)
+	}
+	s.cow.SetFault(nil)
+	assert.ErrorIs(t, s.snap.ReadAt(ctx, make([]byte, smallChunk), 5*smallChunk), exstore.ErrInvalid, "an origin chunk")
+}
