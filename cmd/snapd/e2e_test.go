@@ -204,3 +204,47 @@ func TestServeEndToEnd(t *testing.T) {
 	assert.Equal(t, uint64(0), reports[0].Exceptions)
 	assert.Equal(t, "16/8192 16", reports[0].Status)
 }
+
+// Trim and write-zeroes through NBD: the snapshot keeps what the origin
+// loses, and zeroing a snapshot never touches the origin.
+func TestServeTrimAndZeroes(t *testing.T) {
+	qemuIO := tool(t, "qemu-io", "qemu-utils")
+	nbdcopy := tool(t, "nbdcopy", "libnbd-bin")
+	bin := buildSnapd(t)
+	dir := t.TempDir()
+	const size = 4 << 20
+	orig := make([]byte, size)
+	rng := rand.New(rand.NewPCG(9, 9))
+	for i := range orig {
+		orig[i] = byte(rng.Uint32()) | 1 // never zero, so zeroes show
+	}
+	origin := filepath.Join(dir, "origin.img")
+	require.NoError(t, os.WriteFile(origin, orig, 0o600))
+	cowPath := filepath.Join(dir, "cow.img")
+	run1(t, bin, "create", "--origin", origin, "--cow", cowPath, "--cow-size", "4MiB")
+	sock := filepath.Join(dir, "nbd.sock")
+	srv := startServe(t, bin, "--origin", origin, "--snapshot", "snap="+cowPath, "--listen", "", "--socket", sock)
+	uri := func(name string) string { return "nbd+unix:///" + name + "?socket=" + sock }
+
+	run1(t, qemuIO, "-f", "raw", uri("origin"), "-c", "discard 0 64k", "-c", "write -z 128k 64k", "-c", "flush")
+	run1(t, qemuIO, "-f", "raw", uri("snap"), "-c", "write -z 1M 16k", "-c", "discard 2M 64k", "-c", "flush")
+
+	dump := func(name string) []byte {
+		out := filepath.Join(dir, name+".out")
+		run1(t, nbdcopy, uri(name), out)
+		b, err := os.ReadFile(out)
+		require.NoError(t, err)
+		return b
+	}
+	wantOrigin := append([]byte(nil), orig...)
+	clear(wantOrigin[0 : 64<<10])
+	clear(wantOrigin[128<<10 : 192<<10])
+	assert.True(t, bytes.Equal(wantOrigin, dump("origin")), "origin: the discarded and zeroed ranges read zero, the rest is intact")
+	wantSnap := append([]byte(nil), orig...)
+	clear(wantSnap[1<<20 : 1<<20+16<<10])
+	assert.True(t, bytes.Equal(wantSnap, dump("snap")), "snapshot: the origin's trim and zeroes did not reach it; its own zeroes did; its trim changed nothing")
+	code, rest := srv.stop(t)
+	assert.Equal(t, 0, code)
+	// 16 chunks copied for the origin's discard, 16 for its zeroes, 4 for the snapshot's zeroes.
+	assert.Contains(t, rest, "snapshot snap: 36 exceptions")
+}

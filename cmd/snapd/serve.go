@@ -127,7 +127,7 @@ func (v *volumes) Close() error {
 // one volume whose Flush syncs the devices, so a flush on one connection
 // covers writes completed on all: multi-conn is safe.
 func (v *volumes) exports(defaultExport string) ([]nbd.Export, error) {
-	ex := []nbd.Export{{Name: originExport, Description: "origin " + v.origin.Device().Name(), Backend: v.origin, MultiConn: true}}
+	ex := []nbd.Export{{Name: originExport, Description: "origin " + v.origin.Device().Name(), Backend: originBackend{v.origin}, MultiConn: true}}
 	for _, s := range v.snaps {
 		desc := fmt.Sprintf("snapshot of %s in %s", v.origin.Device().Name(), s.COW().Name())
 		ex = append(ex, nbd.Export{Name: s.Name(), Description: desc, Backend: snapshotBackend{s}, ReadOnly: s.Options().ReadOnly, MultiConn: true})
@@ -160,6 +160,27 @@ func (b snapshotBackend) COWExtents(ctx context.Context, off, length int64) ([]n
 		out[i] = nbd.COWExtent{Length: e.Length, InCOW: e.InCOW}
 	}
 	return out, nil
+}
+
+// WriteZeroes implements nbd.Zeroer. Zeroing a snapshot allocates and
+// writes like any write, so it is never the fast kind.
+func (b snapshotBackend) WriteZeroes(ctx context.Context, off, length int64, o nbd.ZeroOptions) error {
+	if o.Fast {
+		return nbd.ErrZeroNotFast
+	}
+	return b.Snapshot.WriteZeroes(ctx, off, length, o.NoHole, o.FUA)
+}
+
+// originBackend serves the origin; Trim comes from cow.Origin as it is.
+type originBackend struct{ *cow.Origin }
+
+// WriteZeroes implements nbd.Zeroer. The snapshots' copies cost as much as
+// writes, so a request that must be fast is refused.
+func (b originBackend) WriteZeroes(ctx context.Context, off, length int64, o nbd.ZeroOptions) error {
+	if o.Fast {
+		return nbd.ErrZeroNotFast
+	}
+	return b.Origin.WriteZeroes(ctx, off, length, o.NoHole, o.FUA)
 }
 
 // serveConfig is where and how snapd serves.
