@@ -23,6 +23,7 @@ import (
 	"fmt"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 
 	"github.com/clustersnap/clustersnap/exstore"
 	"github.com/clustersnap/clustersnap/exstore/blockdev"
@@ -79,7 +80,7 @@ type prepared struct {
 // Locks, in the order they are taken: metaMu serialises metadata I/O (the
 // committer's batches, Refresh, merge, invalidation); allocMu guards
 // allocation, the queue of prepared exceptions and the area position; mu
-// guards the table and the validity, so lookups never wait for I/O.
+// guards the table, so lookups never wait for I/O; validity is an atomic.
 type Store struct {
 	dev   blockdev.Device
 	name  string
@@ -111,7 +112,7 @@ type Store struct {
 
 	mu      sync.RWMutex
 	table   *exstore.Table
-	invalid error // *exstore.InvalidError once invalid
+	invalid atomic.Pointer[exstore.InvalidError] // set once invalid; read without locks on every I/O
 
 	wake     chan struct{}
 	stop     chan struct{}
@@ -157,7 +158,7 @@ func Open(ctx context.Context, cow blockdev.Device, opts Options) (*Store, error
 		}
 		if h.Valid == 0 {
 			// The kernel does not read the exceptions of an invalid snapshot.
-			s.invalid = &exstore.InvalidError{Device: s.name}
+			s.invalid.Store(&exstore.InvalidError{Device: s.name})
 		} else if err := s.scan(ctx, 0, 0, true); err != nil {
 			return nil, err
 		}
@@ -455,9 +456,10 @@ func (s *Store) Lookup(ctx context.Context, old exstore.Chunk) (exstore.Chunk, b
 
 // Err implements exstore.Store.
 func (s *Store) Err() error {
-	s.mu.RLock()
-	defer s.mu.RUnlock()
-	return s.invalid
+	if p := s.invalid.Load(); p != nil {
+		return p
+	}
+	return nil // not a typed nil pointer, which would be a non-nil error
 }
 
 // Walk implements exstore.Store. fn must not call back into the store.
@@ -783,15 +785,10 @@ func (s *Store) Invalidate(ctx context.Context, reason error) error {
 // writes the header. It returns the error commits should see, and the error
 // of the header write. The caller holds metaMu.
 func (s *Store) invalidate(reason error) (invalid, writeErr error) {
-	s.mu.Lock()
-	if s.invalid != nil {
-		invalid = s.invalid
-		s.mu.Unlock()
-		return invalid, nil
+	if !s.invalid.CompareAndSwap(nil, &exstore.InvalidError{Device: s.name, Reason: reason}) {
+		return s.Err(), nil // invalid already: keep the first reason
 	}
-	s.invalid = &exstore.InvalidError{Device: s.name, Reason: reason}
-	invalid = s.invalid
-	s.mu.Unlock()
+	invalid = s.Err()
 	if writeErr = s.writeHeader(0); writeErr != nil {
 		s.log.Error("could not write the invalid flag", "cow", s.name, "err", writeErr)
 	}
@@ -974,11 +971,7 @@ func (s *Store) Refresh(ctx context.Context) error {
 		return s.errf("%w: chunk size changed from %d to %d sectors", ErrCorrupt, s.geo.ChunkSectors, h.ChunkSectors)
 	}
 	if h.Valid == 0 {
-		s.mu.Lock()
-		if s.invalid == nil {
-			s.invalid = &exstore.InvalidError{Device: s.name, Reason: errors.New("invalidated by another node")}
-		}
-		s.mu.Unlock()
+		s.invalid.CompareAndSwap(nil, &exstore.InvalidError{Device: s.name, Reason: errors.New("invalidated by another node")})
 		return nil
 	}
 	grew := true
