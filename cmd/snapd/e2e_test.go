@@ -191,9 +191,20 @@ func TestServeEndToEnd(t *testing.T) {
 	require.NoError(t, err)
 	assert.True(t, bytes.Equal(snapView0, got), "the socket-activated default export is the snapshot")
 
+	// stdin/stdout, as libnbd's connect_command starts a server.
+	probe := `import nbd, sys
+h = nbd.NBD()
+h.set_export_name("snap")
+h.connect_command(sys.argv[1:])
+print(h.get_size(), h.pread(4096, 2 << 20) == b"\xee" * 4096)
+h.shutdown()`
+	out, err := exec.Command("/usr/bin/python3", "-c", probe, bin, "serve", "--origin", origin, "--snapshot", "snap="+cowPath, "--stdio").Output()
+	require.NoError(t, err, "python3-libnbd connect_command")
+	assert.Equal(t, "8388608 True", strings.TrimSpace(string(out)))
+
 	// Merge: the origin becomes the snapshot's former view, and the COW empties.
-	out := run1(t, bin, "merge", "--origin", origin, "--cow", cowPath)
-	assert.Contains(t, out, "merged 19 exceptions")
+	mergeOut := run1(t, bin, "merge", "--origin", origin, "--cow", cowPath)
+	assert.Contains(t, mergeOut, "merged 19 exceptions")
 	merged, err := os.ReadFile(origin)
 	require.NoError(t, err)
 	snapView, err := os.ReadFile(snapOut)

@@ -189,6 +189,7 @@ type serveConfig struct {
 	tlsMode        nbd.TLSMode
 	tls            *tls.Config
 	defaultExport  string
+	stdio          bool // one client on os.Stdin/os.Stdout
 }
 
 func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -202,6 +203,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	tlsMode := flags.String("tls", "off", "TLS: off, allow (clients may STARTTLS) or require")
 	tlsDir := flags.String("tls-dir", "", "directory with server-cert.pem, server-key.pem (and ca-cert.pem with --tls-verify-clients), as qemu-nbd and nbdkit use")
 	verifyClients := flags.Bool("tls-verify-clients", false, "require client certificates signed by the directory's ca-cert.pem")
+	stdio := flags.Bool("stdio", false, "serve one client on stdin/stdout (inetd, libnbd's connect_command) instead of listening")
 	defaultExport := flags.String("default-export", "", "export also served under the empty name (what nbd-client without -N and 'nbdinfo -- [ snapd serve ... ]' ask for)")
 	if err := parse(flags, args); err != nil {
 		return err
@@ -209,7 +211,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if *origin == "" {
 		return usagef("--origin is required")
 	}
-	cfg := serveConfig{listen: *listen, socket: *socket, defaultExport: *defaultExport}
+	cfg := serveConfig{listen: *listen, socket: *socket, defaultExport: *defaultExport, stdio: *stdio}
 	mode, err := nbd.ParseTLSMode(*tlsMode)
 	if err != nil {
 		return usagef("--tls: %v", err)
@@ -238,6 +240,9 @@ func serveVolumes(ctx context.Context, v *volumes, cfg serveConfig, stdout, stde
 	exports, err := v.exports(cfg.defaultExport)
 	if err != nil {
 		return err
+	}
+	if cfg.stdio {
+		return serveStdio(ctx, v, exports, cfg, stderr)
 	}
 	listeners, err := nbd.ListenersFromEnv()
 	if err != nil {
@@ -324,6 +329,26 @@ func serveVolumes(ctx context.Context, v *volumes, cfg serveConfig, stdout, stde
 		fmt.Fprintf(stdout, "snapshot %s\n", statusOf(s))
 	}
 	fmt.Fprintln(stdout, "stopped")
+	return nil
+}
+
+// serveStdio serves one client on stdin/stdout, which carry the protocol,
+// so everything snapd says goes to stderr.
+func serveStdio(ctx context.Context, v *volumes, exports []nbd.Export, cfg serveConfig, stderr io.Writer) error {
+	srv := nbd.NewServer(exports, nbd.Options{
+		TLSMode: cfg.tlsMode,
+		TLS:     cfg.tls,
+		Logger:  slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
+	})
+	if err := srv.ServeStdio(ctx, os.Stdin, os.Stdout); err != nil && !errors.Is(err, context.Canceled) {
+		return fmt.Errorf("serve on stdin/stdout: %w", err)
+	}
+	if err := v.origin.Flush(context.WithoutCancel(ctx)); err != nil {
+		return fmt.Errorf("final flush: %w", err)
+	}
+	for _, s := range v.snaps {
+		fmt.Fprintf(stderr, "snapshot %s\n", statusOf(s))
+	}
 	return nil
 }
 
