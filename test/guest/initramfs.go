@@ -35,6 +35,11 @@ type Config struct {
 
 	// Files are extra files (mode 0755), by absolute path in the guest.
 	Files map[string][]byte
+
+	// HostPrograms are host programs the test itself runs (such as Netcat
+	// for NetworkArgs, or fsck on the images afterwards); Setup requires
+	// them like Binaries, but they are not copied into the guest.
+	HostPrograms []string
 }
 
 // Initramfs is a built base initramfs: busybox, the modules, the binaries and

@@ -55,6 +55,11 @@ type Options struct {
 	MemoryMiB int
 	// QEMUArgs are added to QEMU's command line, e.g. a network device.
 	QEMUArgs []string
+	// SingleThreadTCG runs all of the guest's CPUs (QEMUArgs "-smp N") in
+	// one host thread instead of one thread each: slower, but the guest's
+	// CPUs do not compete with each other and with other guests for the
+	// host's cores.
+	SingleThreadTCG bool
 	// Console, if set, receives the serial console as it arrives.
 	Console io.Writer
 }
@@ -91,8 +96,12 @@ func (r *Initramfs) Run(ctx context.Context, opts Options) (*Result, error) {
 	if memory == 0 {
 		memory = 512
 	}
+	accel := "tcg"
+	if opts.SingleThreadTCG {
+		accel = "tcg,thread=single"
+	}
 	args := []string{
-		"-accel", "tcg", "-m", strconv.Itoa(memory), "-nographic", "-no-reboot", "-nic", "none",
+		"-accel", accel, "-m", strconv.Itoa(memory), "-nographic", "-no-reboot", "-nic", "none",
 		"-kernel", r.Kernel.Image, "-initrd", initrd, "-append", KernelCommandLine,
 	}
 	args = append(args, diskArgs(opts.Disks)...)

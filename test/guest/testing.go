@@ -21,7 +21,7 @@ import (
 // running the guests.
 func Setup(t testing.TB, cfg Config) *Initramfs {
 	t.Helper()
-	for _, program := range append([]string{QEMU, Busybox}, cfg.Binaries...) {
+	for _, program := range append(append([]string{QEMU, Busybox}, cfg.Binaries...), cfg.HostPrograms...) {
 		if _, err := LookProgram(program); err != nil {
 			missing(t, "%v: apt-get install %s", err, debianPackage(program))
 		}
@@ -61,6 +61,10 @@ func debianPackage(program string) string {
 		return "dmsetup"
 	case "nbd-client":
 		return "nbd-client"
+	case Netcat:
+		return "netcat-openbsd"
+	case "mkfs.ext4", "mke2fs", "e2fsck", "fsck.ext4", "debugfs":
+		return "e2fsprogs"
 	}
 	return "the package that provides " + program
 }
