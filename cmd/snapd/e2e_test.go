@@ -101,22 +101,33 @@ func run1(t *testing.T, name string, args ...string) string {
 	return string(out)
 }
 
+// fixture is an origin with random content and a fresh COW for it.
+type fixture struct {
+	dir, origin, cow string
+	orig             []byte // the origin's content when the snapshot was made
+}
+
+// newFixture writes a random origin of size bytes (no zero bytes, so
+// zeroed ranges show) and formats a 4 MiB COW for it with the built snapd.
+func newFixture(t *testing.T, bin string, size int, seed uint64) fixture {
+	t.Helper()
+	f := fixture{dir: t.TempDir(), orig: make([]byte, size)}
+	rng := rand.New(rand.NewPCG(seed, seed))
+	for i := range f.orig {
+		f.orig[i] = byte(rng.Uint32()) | 1
+	}
+	f.origin, f.cow = filepath.Join(f.dir, "origin.img"), filepath.Join(f.dir, "cow.img")
+	require.NoError(t, os.WriteFile(f.origin, f.orig, 0o600))
+	run1(t, bin, "create", "--origin", f.origin, "--cow", f.cow, "--cow-size", "4MiB")
+	return f
+}
+
 func TestServeEndToEnd(t *testing.T) {
 	qemuIO := tool(t, "qemu-io", "qemu-utils")
 	nbdcopy := tool(t, "nbdcopy", "libnbd-bin")
 	bin := buildSnapd(t)
-	dir := t.TempDir()
-
-	const size = 8 << 20
-	orig := make([]byte, size)
-	rng := rand.New(rand.NewPCG(7, 7))
-	for i := range orig {
-		orig[i] = byte(rng.Uint32())
-	}
-	origin := filepath.Join(dir, "origin.img")
-	require.NoError(t, os.WriteFile(origin, orig, 0o600))
-	cowPath := filepath.Join(dir, "cow.img")
-	run1(t, bin, "create", "--origin", origin, "--cow", cowPath, "--cow-size", "4MiB")
+	f := newFixture(t, bin, 8<<20, 7)
+	dir, origin, cowPath, orig := f.dir, f.origin, f.cow, f.orig
 
 	sock := filepath.Join(dir, "nbd.sock")
 	srv := startServe(t, bin, "--origin", origin, "--snapshot", "snap="+cowPath, "--listen", "", "--socket", sock)
@@ -222,17 +233,8 @@ func TestServeTrimAndZeroes(t *testing.T) {
 	qemuIO := tool(t, "qemu-io", "qemu-utils")
 	nbdcopy := tool(t, "nbdcopy", "libnbd-bin")
 	bin := buildSnapd(t)
-	dir := t.TempDir()
-	const size = 4 << 20
-	orig := make([]byte, size)
-	rng := rand.New(rand.NewPCG(9, 9))
-	for i := range orig {
-		orig[i] = byte(rng.Uint32()) | 1 // never zero, so zeroes show
-	}
-	origin := filepath.Join(dir, "origin.img")
-	require.NoError(t, os.WriteFile(origin, orig, 0o600))
-	cowPath := filepath.Join(dir, "cow.img")
-	run1(t, bin, "create", "--origin", origin, "--cow", cowPath, "--cow-size", "4MiB")
+	f := newFixture(t, bin, 4<<20, 9)
+	dir, origin, cowPath, orig := f.dir, f.origin, f.cow, f.orig
 	sock := filepath.Join(dir, "nbd.sock")
 	srv := startServe(t, bin, "--origin", origin, "--snapshot", "snap="+cowPath, "--listen", "", "--socket", sock)
 	uri := func(name string) string { return "nbd+unix:///" + name + "?socket=" + sock }
