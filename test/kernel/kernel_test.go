@@ -312,18 +312,10 @@ func snapshotView(ctx context.Context, t *testing.T, store exstore.Store, cow bl
 	return view
 }
 
-// parseResults collects the guest's "result KEY VALUE" lines.
+// parseResults collects the guest's "result KEY VALUE" lines and logs them.
 func parseResults(t *testing.T, output string) map[string]string {
 	t.Helper()
-	results := map[string]string{}
-	for _, line := range strings.Split(output, "\n") {
-		rest, ok := strings.CutPrefix(line, "result ")
-		if !ok {
-			continue
-		}
-		key, value, _ := strings.Cut(rest, " ")
-		results[key] = strings.TrimSpace(value)
-	}
+	results := guest.Results(output)
 	t.Logf("guest results: %v", results)
 	return results
 }

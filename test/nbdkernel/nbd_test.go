@@ -296,18 +296,10 @@ func dmesgLines(output string, words ...string) []string {
 	return lines
 }
 
-// parseResults collects the "result KEY VALUE" lines of a guest's output.
+// parseResults collects the guest's "result KEY VALUE" lines and logs them.
 func parseResults(t *testing.T, output string) map[string]string {
 	t.Helper()
-	results := map[string]string{}
-	for _, line := range strings.Split(output, "\n") {
-		rest, ok := strings.CutPrefix(line, "result ")
-		if !ok {
-			continue
-		}
-		key, value, _ := strings.Cut(rest, " ")
-		results[key] = strings.Trim(strings.TrimSpace(value), `"`)
-	}
+	results := guest.Results(output)
 	t.Logf("guest results: %v", results)
 	return results
 }
