@@ -161,3 +161,9 @@ func (e *InvalidError) Unwrap() []error {
 	}
 	return []error{ErrInvalid, e.Reason}
 }
+
+// ErrExists is returned by Prepare when old already has a committed
+// exception. A store shared by several nodes returns it when another node
+// added the exception after this node's lookup missed; the caller looks the
+// chunk up again and uses that exception.
+var ErrExists = errors.New("chunk already has an exception")

@@ -1,0 +1,242 @@
+// Package lockc is clustersnap's lock client: DLM-style locks on named
+// resources inside lockspaces, with the Linux DLM's six modes, grant order,
+// conversions, a 32-byte lock value block (LVB), blocking notifications and
+// node-failure signalling.
+//
+// The API is engine-neutral. An Engine opens lockspaces for one node; the
+// in-process engine (package lockc/inproc) is the embedded default for one
+// host and can also simulate several nodes and their crashes in one process.
+// Network engines (etcd, the kernel DLM) implement the same interfaces and
+// must pass the same conformance suite (package lockc/locktest).
+//
+// Semantics follow the DLM (see specs/locks.md §1): a request is granted only
+// when compatible with every granted lock and every pending conversion;
+// conversions are granted before new requests; new requests are granted in
+// arrival order. Every lock carries the LVB (the DLM's VALBLK is always set):
+// it is read into the lock on a new grant and on every up-conversion, and
+// written from the lock when it leaves PW or EX (down-conversion, same-mode
+// PW/EX conversion, or unlock).
+package lockc
+
+import (
+	"context"
+	"errors"
+	"fmt"
+)
+
+// Mode is a lock mode.
+type Mode uint8
+
+// The DLM's lock modes, weakest first.
+const (
+	NL Mode = iota // null: holds the resource (and its LVB) without access
+	CR             // concurrent read
+	CW             // concurrent write
+	PR             // protected read
+	PW             // protected write
+	EX             // exclusive
+)
+
+// String returns the DLM's name of m.
+func (m Mode) String() string {
+	switch m {
+	case NL:
+		return "NL"
+	case CR:
+		return "CR"
+	case CW:
+		return "CW"
+	case PR:
+		return "PR"
+	case PW:
+		return "PW"
+	case EX:
+		return "EX"
+	}
+	return fmt.Sprintf("Mode(%d)", uint8(m))
+}
+
+// Valid reports whether m is one of the six modes.
+func (m Mode) Valid() bool { return m <= EX }
+
+// allowed returns the set of requested modes (bit 1<<mode) that a lock
+// granted in mode granted allows.
+func allowed(granted Mode) uint8 {
+	switch granted {
+	case NL:
+		return 1<<NL | 1<<CR | 1<<CW | 1<<PR | 1<<PW | 1<<EX
+	case CR:
+		return 1<<NL | 1<<CR | 1<<CW | 1<<PR | 1<<PW
+	case CW:
+		return 1<<NL | 1<<CR | 1<<CW
+	case PR:
+		return 1<<NL | 1<<CR | 1<<PR
+	case PW:
+		return 1<<NL | 1<<CR
+	case EX:
+		return 1 << NL
+	}
+	return 0
+}
+
+// Compatible reports whether a lock granted in mode granted allows another
+// lock to be granted in mode requested (the DLM's compatibility matrix; it is
+// symmetric).
+func Compatible(granted, requested Mode) bool {
+	if !granted.Valid() || !requested.Valid() {
+		return false
+	}
+	return allowed(granted)&(1<<requested) != 0
+}
+
+// Covers reports whether holding mode held gives at least the access of mode
+// want, so that a node holding held can serve a local request for want without
+// asking the engine: every mode incompatible with want is also incompatible
+// with held.
+func Covers(held, want Mode) bool {
+	if !held.Valid() || !want.Valid() {
+		return false
+	}
+	for m := NL; m <= EX; m++ {
+		if !Compatible(want, m) && Compatible(held, m) {
+			return false
+		}
+	}
+	return true
+}
+
+// LVBSize is the size of a lock value block, as for the DLM's userspace
+// lockspaces.
+const LVBSize = 32
+
+// LVB is a lock value block.
+type LVB [LVBSize]byte
+
+// LVBState says how far an LVB can be trusted.
+type LVBState uint8
+
+const (
+	// LVBUnknown: the resource has no value yet (fresh, or forgotten after
+	// every lock on it was released); the LVB reads as zeros.
+	LVBUnknown LVBState = iota
+	// LVBValid: the value a PW or EX holder last published.
+	LVBValid
+	// LVBInvalid: a PW or EX holder died, or one invalidated the value on
+	// purpose, since the last publish (the DLM's VALNOTVALID). It stays
+	// invalid until the next PW or EX publish.
+	LVBInvalid
+)
+
+// String names s.
+func (s LVBState) String() string {
+	switch s {
+	case LVBUnknown:
+		return "unknown"
+	case LVBValid:
+		return "valid"
+	case LVBInvalid:
+		return "invalid"
+	}
+	return fmt.Sprintf("LVBState(%d)", uint8(s))
+}
+
+// Flag modifies a lock request or conversion. Flags combine with |.
+type Flag uint32
+
+const (
+	// NoQueue fails the request with ErrWouldBlock instead of waiting, and
+	// sends no blocking notifications.
+	NoQueue Flag = 1 << iota
+	// QueueConvert queues an up-conversion behind the conversions already
+	// waiting instead of granting it in place (the DLM's QUECVT).
+	QueueConvert
+	// Expedite grants a new NL request at once regardless of queues.
+	Expedite
+	// NoOrder ignores queue order: grant as soon as compatible.
+	NoOrder
+)
+
+// MaxResourceName is the longest resource name an engine must accept (the
+// DLM's limit).
+const MaxResourceName = 64
+
+// Engine opens lockspaces for one node.
+type Engine interface {
+	// Open joins the named lockspace. Lockspaces of different names are
+	// independent.
+	Open(ctx context.Context, lockspace string) (Lockspace, error)
+}
+
+// Lockspace is one node's membership of a lockspace.
+type Lockspace interface {
+	// NodeID identifies this node within the lockspace's cluster.
+	NodeID() uint32
+	// Name is the lockspace's name.
+	Name() string
+	// Lock requests a new lock on resource (at most MaxResourceName
+	// bytes) in mode m and waits until it is granted, ctx ends
+	// (ctx.Err(), nothing held), NoQueue finds it blocked (ErrWouldBlock)
+	// or the lockspace is lost (ErrLost).
+	Lock(ctx context.Context, resource []byte, m Mode, flags ...Flag) (Lock, error)
+	// Lost is closed when this node loses the lockspace (evicted, lease
+	// expired, crashed, closed): every lock is gone and I/O that the
+	// locks protected must stop.
+	Lost() <-chan struct{}
+	// Err is nil until Lost is closed, then says why (wrapping ErrLost).
+	Err() error
+	// Close releases every lock of this node in the lockspace and leaves
+	// it; Lost is closed.
+	Close() error
+}
+
+// Lock is one granted lock. A lock allows one operation (Convert or Unlock)
+// at a time; a second one while the first waits fails with ErrBusy.
+type Lock interface {
+	// Mode is the granted mode.
+	Mode() Mode
+	// LVB is the value block as read at the last grant or up-conversion
+	// (or as staged by SetLVB since), and its state.
+	LVB() (LVB, LVBState)
+	// SetLVB stages v to be written to the resource when this lock next
+	// leaves PW or EX (down-conversion, same-mode conversion or unlock).
+	// It has no effect on the resource while the lock is below PW.
+	SetLVB(v LVB)
+	// InvalidateLVB stages an invalidation instead: the next write from
+	// PW or EX marks the resource's LVB invalid (the DLM's IVVALBLK).
+	InvalidateLVB()
+	// Convert changes the lock's mode. A down-conversion is granted at
+	// once; an up-conversion waits like a request (before new requests),
+	// fails with ErrWouldBlock under NoQueue, with ErrDeadlock when
+	// another conversion waits for this lock while this one waits for it,
+	// and on ctx's end returns ctx.Err() with the lock at its old mode.
+	Convert(ctx context.Context, m Mode, flags ...Flag) error
+	// Unlock releases the lock (publishing the LVB from PW or EX).
+	Unlock(ctx context.Context) error
+	// Blocking delivers blocking notifications: the mode of a request
+	// that this lock's mode keeps waiting. Notifications are coalesced to
+	// the highest requested mode and never block the engine; the channel
+	// is never closed.
+	Blocking() <-chan Mode
+	// Token is a fencing token: it increases with every grant and
+	// up-conversion on the resource, across all nodes.
+	Token() uint64
+}
+
+// Errors returned by engines. Engines wrap them with the resource and
+// lockspace they concern.
+var (
+	// ErrWouldBlock: a NoQueue request or conversion could not be granted
+	// at once.
+	ErrWouldBlock = errors.New("lock would block")
+	// ErrDeadlock: two conversions wait for each other; the newer one
+	// fails and keeps its old mode.
+	ErrDeadlock = errors.New("conversion deadlock")
+	// ErrBusy: another operation on the same lock is still pending.
+	ErrBusy = errors.New("lock operation already in progress")
+	// ErrLost: the node lost the lockspace; its locks are gone.
+	ErrLost = errors.New("lockspace lost")
+	// ErrUnlocked: the lock was already unlocked (or lost).
+	ErrUnlocked = errors.New("lock is not held")
+	// ErrBadRequest: an invalid mode, flag combination or resource name.
+	ErrBadRequest = errors.New("invalid lock request")
+)
