@@ -468,6 +468,15 @@ func (s *Snapshot) writeChunk(ctx context.Context, c exstore.Chunk, at int64, da
 	case err == nil:
 	case ctx.Err() != nil:
 		return ctx.Err()
+	case errors.Is(err, exstore.ErrExists):
+		// Another node sharing the store added the exception after our
+		// lookup: write to its chunk.
+		if new, found, err = s.lookup(ctx, c); err != nil {
+			return err
+		} else if !found {
+			return fmt.Errorf("chunk %d: allocate: %w, but the lookup after it misses", c, exstore.ErrExists)
+		}
+		return s.putCOW(c, new, at, data, n, fua)
 	case errors.Is(err, exstore.ErrNoSpace) && s.opts.Overflow:
 		s.overflowed.Store(true)
 		return fmt.Errorf("chunk %d: %w", c, ErrOverflow)
@@ -545,6 +554,10 @@ func (s *Snapshot) copyChunkForOrigin(ctx context.Context, c exstore.Chunk) erro
 	case err == nil:
 	case ctx.Err() != nil:
 		return ctx.Err()
+	case errors.Is(err, exstore.ErrExists):
+		// Another node sharing the store copied the chunk after our
+		// lookup: the snapshot has its data.
+		return nil
 	case errors.Is(err, exstore.ErrInvalid):
 		s.markFailed(err)
 		return nil
