@@ -9,6 +9,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"unsafe"
@@ -50,7 +51,7 @@ type Options struct {
 type File struct {
 	name     string
 	file     *os.File
-	conn     syscall.RawConn
+	fd       int // file's descriptor, valid while closed is false
 	size     int64
 	align    int
 	blockDev bool
@@ -60,6 +61,14 @@ type File struct {
 	// rejected pwritev2(RWF_DSYNC), so WriteAtSync goes straight to
 	// pwrite+fdatasync.
 	dsyncUnsupported atomic.Bool
+
+	// closeMu is held shared by every operation on fd and exclusively by
+	// Close, so that Close cannot close the descriptor (and the kernel
+	// reuse its number) under an operation. Our own lock rather than the
+	// os.File's (SyscallConn().Control) because Control takes its function
+	// through an interface, which costs every I/O an allocation.
+	closeMu sync.RWMutex
+	closed  bool
 }
 
 var (
@@ -98,7 +107,9 @@ func (f *File) setUp(opts Options) error {
 	if err != nil {
 		return fmt.Errorf("blockdev %s: %w", f.name, err)
 	}
-	f.conn = conn
+	if err := conn.Control(func(fd uintptr) { f.fd = int(fd) }); err != nil {
+		return fmt.Errorf("blockdev %s: %w", f.name, err)
+	}
 	return f.withFD(func(fd int) error {
 		var st unix.Stat_t
 		if err := unix.Fstat(fd, &st); err != nil {
@@ -355,6 +366,9 @@ func (f *File) writeZeroes(off, length int64) error {
 
 // Close closes the device, releasing its exclusive lock if it holds one.
 func (f *File) Close() error {
+	f.closeMu.Lock()
+	f.closed = true
+	f.closeMu.Unlock()
 	if err := f.file.Close(); err != nil {
 		return fmt.Errorf("blockdev %s: close: %w", f.name, err)
 	}
@@ -393,12 +407,12 @@ func (f *File) pwrite(p []byte, off int64, flags int) (int, error) {
 // withFD runs op on the descriptor while holding a reference to it, so a
 // concurrent Close cannot close it (and the kernel reuse its number) under op.
 func (f *File) withFD(op func(fd int) error) error {
-	var opErr error
-	err := f.conn.Control(func(fd uintptr) { opErr = op(int(fd)) })
-	if err != nil {
-		return fmt.Errorf("%w (%w)", fs.ErrClosed, err)
+	f.closeMu.RLock()
+	defer f.closeMu.RUnlock()
+	if f.closed {
+		return fmt.Errorf("blockdev %s: %w", f.name, fs.ErrClosed)
 	}
-	return opErr
+	return op(f.fd)
 }
 
 // checkWritable checks that a write or discard of [off, off+length) is allowed

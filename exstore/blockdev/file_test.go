@@ -475,3 +475,19 @@ func TestAlignedBuffer(t *testing.T) {
 	assert.Panics(t, func() { blockdev.AlignedBuffer(10, 0) })
 	assert.Panics(t, func() { blockdev.AlignedBuffer(-1, 512) })
 }
+
+// Reads and writes sit under every NBD request: they must not allocate.
+func TestReadWriteDoNotAllocate(t *testing.T) {
+	path := newFile(t, 1<<20)
+	f, err := blockdev.Open(path, blockdev.Options{})
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = f.Close() })
+	buf := make([]byte, 4096)
+	allocs := testing.AllocsPerRun(100, func() {
+		_, err := f.WriteAt(buf, 8192)
+		require.NoError(t, err)
+		_, err = f.ReadAt(buf, 8192)
+		require.NoError(t, err)
+	})
+	assert.Zero(t, allocs, "allocations per write and read")
+}
