@@ -167,3 +167,19 @@ func (e *InvalidError) Unwrap() []error {
 // added the exception after this node's lookup missed; the caller looks the
 // chunk up again and uses that exception.
 var ErrExists = errors.New("chunk already has an exception")
+
+// LookupResult is one chunk's answer in a range lookup.
+type LookupResult struct {
+	New   Chunk // the COW chunk, if Found
+	Found bool  // whether the chunk has an exception
+}
+
+// RangeLookuper is implemented by stores that look up a run of chunks in
+// one call, which costs a reader one lock (or one cluster lock check)
+// instead of one per chunk.
+type RangeLookuper interface {
+	// LookupRange is Lookup of chunks first, first+1, ...,
+	// first+len(into)-1, answered into into, all held stable until the
+	// one release is called (exactly once, also on error).
+	LookupRange(ctx context.Context, first Chunk, into []LookupResult) (Release, error)
+}

@@ -454,6 +454,17 @@ func (s *Store) Lookup(ctx context.Context, old exstore.Chunk) (exstore.Chunk, b
 	return n, ok, exstore.NoRelease, nil
 }
 
+// LookupRange implements exstore.RangeLookuper: one read lock for the run.
+func (s *Store) LookupRange(ctx context.Context, first exstore.Chunk, into []exstore.LookupResult) (exstore.Release, error) {
+	s.mu.RLock()
+	for i := range into {
+		n, ok := s.table.Lookup(first + exstore.Chunk(i))
+		into[i] = exstore.LookupResult{New: n, Found: ok}
+	}
+	s.mu.RUnlock()
+	return exstore.NoRelease, nil
+}
+
 // Err implements exstore.Store.
 func (s *Store) Err() error {
 	if p := s.invalid.Load(); p != nil {

@@ -122,6 +122,22 @@ func (s *modelStore) Lookup(_ context.Context, old exstore.Chunk) (exstore.Chunk
 	return n, ok, exstore.NoRelease, nil
 }
 
+// LookupRange implements exstore.RangeLookuper; the rangeOffByOne mutant
+// answers for the chunk after each.
+func (s *modelStore) LookupRange(_ context.Context, first exstore.Chunk, into []exstore.LookupResult) (exstore.Release, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for i := range into {
+		c := first + exstore.Chunk(i)
+		if s.mutant == "rangeOffByOne" {
+			c++
+		}
+		n, ok := s.table[c]
+		into[i] = exstore.LookupResult{New: n, Found: ok}
+	}
+	return exstore.NoRelease, nil
+}
+
 func (s *modelStore) Prepare(_ context.Context, old exstore.Chunk) (exstore.Exception, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -442,6 +458,7 @@ func TestSuiteCatchesMutants(t *testing.T) {
 		{"reuseAborted", "order"},
 		{"reuseAborted", "in-order commit/abort"},
 		{"lookupBeforeCommit", "lookup"},
+		{"rangeOffByOne", "lookup"},
 		{"walkNoStop", "walk"},
 		{"commitNoWait", "in-order commit/cancelled"},
 		{"lostOnReopen", "reload"},

@@ -226,7 +226,29 @@ func (ss *session) lookup(s exstore.Store, old exstore.Chunk) (exstore.Chunk, bo
 	require.NotNil(ss.t, release, "%s: Lookup(%d) returned a nil release", ss.h.Name, old)
 	release()
 	require.NoError(ss.t, err, "%s: Lookup(%d)", ss.h.Name, old)
+	if rl, ok := s.(exstore.RangeLookuper); ok {
+		ss.checkRange(s, rl, old)
+	}
 	return c, found
+}
+
+// checkRange asserts that a store's LookupRange of the chunks around old
+// answers as Lookup of each does.
+func (ss *session) checkRange(s exstore.Store, rl exstore.RangeLookuper, old exstore.Chunk) {
+	ss.t.Helper()
+	first := old - min(old, 2)
+	into := make([]exstore.LookupResult, min(exstore.MaxChunk-first, 4)+1)
+	release, err := rl.LookupRange(ss.t.Context(), first, into)
+	require.NotNil(ss.t, release, "%s: LookupRange(%d, %d) returned a nil release", ss.h.Name, first, len(into))
+	release()
+	require.NoError(ss.t, err, "%s: LookupRange(%d, %d)", ss.h.Name, first, len(into))
+	for i, got := range into {
+		c := first + exstore.Chunk(i)
+		new, found, release, err := s.Lookup(ss.t.Context(), c)
+		release()
+		require.NoError(ss.t, err, "%s: Lookup(%d)", ss.h.Name, c)
+		assert.Equal(ss.t, exstore.LookupResult{New: new, Found: found}, got, "%s: LookupRange(%d, %d) for chunk %d", ss.h.Name, first, len(into), c)
+	}
 }
 
 // checkFound asserts that old maps to want in s.

@@ -145,6 +145,23 @@ func (s *Store) Lookup(ctx context.Context, old exstore.Chunk) (exstore.Chunk, b
 	return n, ok, exstore.NoRelease, nil
 }
 
+// LookupRange implements exstore.RangeLookuper: one lock for the run.
+func (s *Store) LookupRange(ctx context.Context, first exstore.Chunk, into []exstore.LookupResult) (exstore.Release, error) {
+	if err := ctx.Err(); err != nil {
+		return exstore.NoRelease, err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return exstore.NoRelease, fmt.Errorf("cow %s: %w", s.cow.Name(), exstore.ErrClosed)
+	}
+	for i := range into {
+		n, ok := s.table.Lookup(first + exstore.Chunk(i))
+		into[i] = exstore.LookupResult{New: n, Found: ok}
+	}
+	return exstore.NoRelease, nil
+}
+
 // Prepare allocates the next COW chunk for old. It fails with
 // exstore.ErrNoSpace once the next chunk would end past the device.
 func (s *Store) Prepare(ctx context.Context, old exstore.Chunk) (exstore.Exception, error) {
