@@ -2,43 +2,79 @@ package cow
 
 import (
 	"sync"
+	"sync/atomic"
 
 	"github.com/clustersnap/clustersnap/exstore"
 )
 
-// chunkLockStripes is how many reader/writer locks a snapshot's chunks
-// share: chunk c uses stripe c mod chunkLockStripes. Two chunks on one
-// stripe only wait for each other needlessly, which is rare with this many,
-// and a fixed table costs no allocation, map or table mutex per I/O.
+// chunkLockStripes is how many stripes a snapshot's chunks share: chunk c
+// uses stripe c mod chunkLockStripes. Two chunks on one stripe only wait
+// for (or disturb) each other needlessly, which is rare with this many, and
+// a fixed table costs no allocation, map or table mutex per I/O.
 const chunkLockStripes = 1024
 
-// chunkLocks are per-chunk reader/writer locks, striped. A goroutine holds
-// at most one stripe exclusively (lock), or one chunk's stripe (rlock) or
-// a run of consecutive chunks' stripes (rlockRange) shared, taken in ascending stripe order so that two
-// runs cannot deadlock; it never takes a stripe twice. Its zero value is
-// ready to use.
+// chunkStripe is one stripe, alone on its cache line so that goroutines on
+// different CPUs working on different chunks do not share lines.
+type chunkStripe struct {
+	// mu is held by the COW path of a chunk from its lookup through its
+	// commit: the kernel's pending exception.
+	mu sync.Mutex
+	// overwrites counts the origin overwrites announced on this stripe's
+	// chunks. Snapshot reads only load it.
+	overwrites atomic.Uint64
+	_          [64 - 16]byte
+}
+
+// chunkLocks is a snapshot's pending-exception table and the guard of its
+// reads that go to the origin, striped. Its zero value is ready to use.
+//
+// The COW path holds a chunk exclusively (lock) from its lookup to its
+// commit, and an origin write's copy announces, still holding it, that the
+// origin chunk is about to be overwritten (announceOverwrite). A snapshot
+// read does not lock: it samples the announcements of its chunks' stripes
+// (overwrites) before its lookups and again after its I/O, and reads again
+// if they changed, since an origin write may then have landed under a read
+// that went to the origin. Announcements only follow a commit, so the
+// second attempt finds the exception; a stripe shared with other chunks
+// can disturb a read needlessly, so after a few attempts a read holds its
+// chunks (lockRange) and cannot be disturbed. Reads thus cost loads, not
+// atomic writes on shared lines.
+//
+// A goroutine holds at most one stripe (lock), or a run of consecutive
+// chunks' stripes (lockRange), taken in ascending stripe order so that two
+// runs cannot deadlock; it never takes a stripe twice.
 type chunkLocks struct {
-	stripes [chunkLockStripes]sync.RWMutex
+	stripes [chunkLockStripes]chunkStripe
+}
+
+// stripe returns chunk c's stripe.
+func (t *chunkLocks) stripe(c exstore.Chunk) *chunkStripe {
+	return &t.stripes[uint64(c)%chunkLockStripes]
 }
 
 // lock holds chunk c exclusively until unlock(c).
-func (t *chunkLocks) lock(c exstore.Chunk) {
-	t.stripes[uint64(c)%chunkLockStripes].Lock()
-}
+func (t *chunkLocks) lock(c exstore.Chunk) { t.stripe(c).mu.Lock() }
 
 // unlock releases chunk c, held by lock.
-func (t *chunkLocks) unlock(c exstore.Chunk) {
-	t.stripes[uint64(c)%chunkLockStripes].Unlock()
-}
+func (t *chunkLocks) unlock(c exstore.Chunk) { t.stripe(c).mu.Unlock() }
 
-// rlock holds chunk c shared until runlock(c).
-func (t *chunkLocks) rlock(c exstore.Chunk) {
-	t.stripes[uint64(c)%chunkLockStripes].RLock()
-}
+// announceOverwrite records that origin chunk c, held by lock, is about to
+// be overwritten: reads of it that are in flight will read again.
+func (t *chunkLocks) announceOverwrite(c exstore.Chunk) { t.stripe(c).overwrites.Add(1) }
 
-// runlock releases chunk c, held by rlock.
-func (t *chunkLocks) runlock(c exstore.Chunk) {
-	t.stripes[uint64(c)%chunkLockStripes].RUnlock()
+// overwrites sums the announcements of chunks [first, end)'s stripes. The
+// counters only grow, so an unchanged sum means no announcement. The run
+// must not be longer than chunkLockStripes.
+func (t *chunkLocks) overwrites(first, end exstore.Chunk) uint64 {
+	lo1, hi1, lo2, hi2 := stripeRanges(first, end)
+	var sum uint64
+	for i := lo1; i < hi1; i++ {
+		sum += t.stripes[i].overwrites.Load()
+	}
+	for i := lo2; i < hi2; i++ {
+		sum += t.stripes[i].overwrites.Load()
+	}
+	return sum
 }
 
 // stripeRanges returns the stripes of chunks [first, end) as at most two
@@ -54,39 +90,39 @@ func stripeRanges(first, end exstore.Chunk) (lo1, hi1, lo2, hi2 int) {
 	return 0, s + n - chunkLockStripes, s, chunkLockStripes
 }
 
-// rlockRange holds chunks [first, end) shared until runlockRange(first,
+// lockRange holds chunks [first, end) exclusively until unlockRange(first,
 // end). The run must not be longer than chunkLockStripes.
-func (t *chunkLocks) rlockRange(first, end exstore.Chunk) {
+func (t *chunkLocks) lockRange(first, end exstore.Chunk) {
 	lo1, hi1, lo2, hi2 := stripeRanges(first, end)
 	for i := lo1; i < hi1; i++ {
-		t.stripes[i].RLock()
+		t.stripes[i].mu.Lock()
 	}
 	for i := lo2; i < hi2; i++ {
-		t.stripes[i].RLock()
+		t.stripes[i].mu.Lock()
 	}
 }
 
-// runlockRange releases chunks [first, end), held by rlockRange.
-func (t *chunkLocks) runlockRange(first, end exstore.Chunk) {
+// unlockRange releases chunks [first, end), held by lockRange.
+func (t *chunkLocks) unlockRange(first, end exstore.Chunk) {
 	lo1, hi1, lo2, hi2 := stripeRanges(first, end)
 	for i := lo1; i < hi1; i++ {
-		t.stripes[i].RUnlock()
+		t.stripes[i].mu.Unlock()
 	}
 	for i := lo2; i < hi2; i++ {
-		t.stripes[i].RUnlock()
+		t.stripes[i].mu.Unlock()
 	}
 }
 
-// held returns how many stripes someone holds, shared or exclusively; for
-// tests, when no I/O is in flight.
+// held returns how many stripes someone holds; for tests, when no I/O is
+// in flight.
 func (t *chunkLocks) held() int {
 	n := 0
 	for i := range t.stripes {
-		if !t.stripes[i].TryLock() {
+		if !t.stripes[i].mu.TryLock() {
 			n++
 			continue
 		}
-		t.stripes[i].Unlock()
+		t.stripes[i].mu.Unlock()
 	}
 	return n
 }

@@ -1,10 +1,13 @@
 package cow
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"math/rand/v2"
+	"sync/atomic"
 	"testing"
+	"unsafe"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -30,31 +33,101 @@ func TestStripeRanges(t *testing.T) {
 	}
 }
 
-// TestChunkLocksExclude checks that a run held shared keeps every chunk of
-// it (also across the wrap of the stripe table) from being locked, and
-// that everything is released.
-func TestChunkLocksExclude(t *testing.T) {
+// TestChunkLocksRange checks that a run held by lockRange holds exactly
+// its chunks' stripes (also across the wrap of the stripe table), and that
+// everything is released.
+func TestChunkLocksRange(t *testing.T) {
 	var locks chunkLocks
+	assert.EqualValues(t, 64, unsafe.Sizeof(locks.stripes[0]), "a stripe fills one cache line")
 	first, end := exstore.Chunk(chunkLockStripes-2), exstore.Chunk(chunkLockStripes+3)
-	locks.rlockRange(first, end)
+	locks.lockRange(first, end)
 	assert.Equal(t, int(end-first), locks.held())
 	for c := first; c < end; c++ {
-		stripe := &locks.stripes[uint64(c)%chunkLockStripes]
-		assert.False(t, stripe.TryLock(), "chunk %d is held shared", c)
-		assert.True(t, stripe.TryRLock(), "chunk %d can be shared", c)
-		stripe.RUnlock()
+		assert.False(t, locks.stripe(c).mu.TryLock(), "chunk %d is held", c)
 	}
-	assert.True(t, locks.stripes[uint64(end)%chunkLockStripes].TryLock(), "the chunk after the run is free")
-	locks.stripes[uint64(end)%chunkLockStripes].Unlock()
-	locks.runlockRange(first, end)
+	assert.True(t, locks.stripe(end).mu.TryLock(), "the chunk after the run is free")
+	locks.stripe(end).mu.Unlock()
+	locks.unlockRange(first, end)
 	assert.Zero(t, locks.held())
 
 	locks.lock(7)
-	locks.rlock(8)
-	assert.Equal(t, 2, locks.held())
+	assert.Equal(t, 1, locks.held())
 	locks.unlock(7)
-	locks.runlock(8)
 	assert.Zero(t, locks.held())
+}
+
+// TestOverwriteAnnouncements checks that a run's sum changes exactly when a
+// chunk on one of its stripes is announced.
+func TestOverwriteAnnouncements(t *testing.T) {
+	var locks chunkLocks
+	first, end := exstore.Chunk(chunkLockStripes-2), exstore.Chunk(chunkLockStripes+3)
+	before := locks.overwrites(first, end)
+	locks.announceOverwrite(end)
+	locks.announceOverwrite(first - 1)
+	assert.Equal(t, before, locks.overwrites(first, end), "chunks outside the run")
+	locks.announceOverwrite(chunkLockStripes + 1)
+	assert.Equal(t, before+1, locks.overwrites(first, end), "a chunk of the run")
+	locks.announceOverwrite(1 + 3*chunkLockStripes)
+	assert.Equal(t, before+2, locks.overwrites(first, end), "a chunk sharing a stripe with the run")
+}
+
+// TestReadRetriesUnderOriginOverwrite lands an origin write on a chunk while
+// a snapshot read of it is reading the origin: the read must not return
+// the new data. The write does not wait for the read; the read notices the
+// announcement and reads again, from the COW.
+func TestReadRetriesUnderOriginOverwrite(t *testing.T) {
+	for _, n := range []int{100, 3 * smallChunk} {
+		ctx := context.Background()
+		o, dev, model, s := smallSetup(t, SnapshotOptions{})
+		const c = 2
+		var originReads atomic.Int32
+		dev.SetFault(func(op faultdev.Op, off, _ int64) error {
+			if op != faultdev.Read || off/smallChunk > c || originReads.Add(1) != 1 {
+				return nil
+			}
+			// The first origin read of the snapshot read: overwrite the
+			// chunk now, before the read copies its data.
+			done := make(chan error, 1)
+			go func() { done <- o.WriteAt(ctx, bytes.Repeat([]byte{0xab}, smallChunk), c*smallChunk, false) }()
+			return <-done
+		})
+		got := make([]byte, n)
+		require.NoError(t, s.snap.ReadAt(ctx, got, c*smallChunk))
+		dev.SetFault(nil)
+		requireSame(t, model[c*smallChunk:c*smallChunk+int64(n)], got, "snapshot read under an origin overwrite")
+		assert.GreaterOrEqual(t, originReads.Load(), int32(1), "the read went to the origin first")
+		assert.EqualValues(t, 1, s.store.Usage().Exceptions)
+	}
+}
+
+// TestReadHoldsChunksAfterDisturbances disturbs every attempt of a read:
+// after optimisticReadAttempts it must hold its chunks, and then finish.
+func TestReadHoldsChunksAfterDisturbances(t *testing.T) {
+	ctx := context.Background()
+	_, dev, model, s := smallSetup(t, SnapshotOptions{})
+	var attempts, heldAttempts int
+	dev.SetFault(func(op faultdev.Op, off, _ int64) error {
+		if op != faultdev.Read {
+			return nil
+		}
+		attempts++
+		if !s.snap.locks.stripe(4).mu.TryLock() {
+			heldAttempts++
+			return nil
+		}
+		s.snap.locks.stripe(4).mu.Unlock()
+		// Another chunk on the same stripe is being copied for an
+		// origin write.
+		s.snap.locks.announceOverwrite(4 + chunkLockStripes)
+		return nil
+	})
+	got := make([]byte, 3*smallChunk)
+	require.NoError(t, s.snap.ReadAt(ctx, got, 3*smallChunk))
+	dev.SetFault(nil)
+	requireSame(t, model[3*smallChunk:6*smallChunk], got, "snapshot read")
+	assert.Equal(t, optimisticReadAttempts+1, attempts, "attempts")
+	assert.Equal(t, 1, heldAttempts, "attempts holding the chunks")
+	assert.Zero(t, s.snap.locks.held())
 }
 
 // TestReadAcrossWindows reads random ranges, many of them longer than a

@@ -118,6 +118,9 @@ type Origin struct {
 	// zeroes returns a zero-filled buffer of zeroBufferBytes, aligned for
 	// dev, allocated on first use: WriteZeroes writes from it.
 	zeroes func() []byte
+
+	// syncs tells the flushes whether dev has writes to make durable.
+	syncs syncTracker
 }
 
 var _ Volume = (*Origin)(nil)
@@ -221,24 +224,28 @@ func (o *Origin) WriteAt(ctx context.Context, p []byte, off int64, fua bool) err
 	if err := writeDev(o.dev, p, off, fua); err != nil {
 		return fmt.Errorf("origin %s: write %d bytes at %d: %w", o.dev.Name(), len(p), off, err)
 	}
+	if !fua {
+		o.syncs.wrote()
+	}
 	return nil
 }
 
 // Flush implements Volume: it syncs the origin and every valid snapshot's
-// COW device. A COW that fails to sync invalidates its snapshot rather than
-// failing the origin's flush.
+// COW device, each unless no write reached it since its last sync. A COW
+// that fails to sync invalidates its snapshot rather than failing the
+// origin's flush.
 func (o *Origin) Flush(ctx context.Context) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	if err := o.dev.Sync(); err != nil {
+	if err := o.syncs.sync(o.dev); err != nil {
 		return fmt.Errorf("origin %s: flush: %w", o.dev.Name(), err)
 	}
 	for _, s := range o.Snapshots() {
 		if s.failure() != nil {
 			continue
 		}
-		if err := s.cow.Sync(); err != nil {
+		if err := s.syncs.sync(s.cow); err != nil {
 			s.invalidate(ctx, fmt.Errorf("flush of COW %s: %w", s.cow.Name(), err))
 		}
 	}

@@ -405,3 +405,37 @@ func TestInvalidAtLoad(t *testing.T) {
 	requireSame(t, model, readAll(t, o), "origin")
 	assert.Zero(t, store.Usage().Exceptions)
 }
+
+// TestFlushSkipsCleanDevices: a flush syncs only the devices that a write
+// reached since their last sync, on either export.
+func TestFlushSkipsCleanDevices(t *testing.T) {
+	ctx := context.Background()
+	o, dev, model, s := smallSetup(t, SnapshotOptions{})
+	syncs := func() [2]uint64 { return [2]uint64{dev.Stats().Syncs, s.cow.Stats().Syncs} }
+	require.NoError(t, o.Flush(ctx))
+	base := syncs()
+	require.NoError(t, s.snap.Flush(ctx))
+	require.NoError(t, o.Flush(ctx))
+	assert.Equal(t, base, syncs(), "flushes with nothing written")
+
+	// A rewrite of a chunk with an exception dirties only the COW.
+	writeOrigin(t, o, model, 3, 0x33)
+	require.NoError(t, o.Flush(ctx))
+	base = syncs()
+	require.NoError(t, s.snap.WriteAt(ctx, []byte("rewrite"), 3*smallChunk+9, false))
+	require.NoError(t, s.snap.Flush(ctx))
+	assert.Equal(t, [2]uint64{base[0], base[1] + 1}, syncs(), "snapshot flush after a snapshot write")
+
+	// An origin write dirties the origin; either export's flush syncs it.
+	writeOrigin(t, o, model, 3, 0x34)
+	require.NoError(t, s.snap.Flush(ctx))
+	assert.Equal(t, [2]uint64{base[0] + 1, base[1] + 1}, syncs(), "snapshot flush after an origin rewrite")
+	require.NoError(t, o.Flush(ctx))
+	assert.Equal(t, [2]uint64{base[0] + 1, base[1] + 1}, syncs(), "origin flush after that")
+
+	// A FUA write is durable by itself: the flush after it syncs nothing.
+	require.NoError(t, o.WriteAt(ctx, []byte("fua"), 3*smallChunk, true))
+	before := syncs()
+	require.NoError(t, o.Flush(ctx))
+	assert.Equal(t, before, syncs(), "flush after a FUA origin rewrite")
+}

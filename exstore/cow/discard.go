@@ -108,6 +108,7 @@ func (o *Origin) Trim(ctx context.Context, off, length int64, fua bool) error {
 	if err := d.Discard(start, end-start); err != nil {
 		return fmt.Errorf("origin %s: trim %d bytes at %d: %w", o.dev.Name(), length, off, err)
 	}
+	o.syncs.wrote()
 	if fua {
 		if err := o.dev.Sync(); err != nil {
 			return fmt.Errorf("origin %s: trim %d bytes at %d: sync: %w", o.dev.Name(), length, off, err)
@@ -145,6 +146,7 @@ func (o *Origin) WriteZeroes(ctx context.Context, off, length int64, noHole, fua
 	if err := zeroDev(o.dev, o.zeroes(), off, length, !noHole); err != nil {
 		return fmt.Errorf("origin %s: write %d zeroes at %d: %w", o.dev.Name(), length, off, err)
 	}
+	o.syncs.wrote()
 	if fua {
 		if err := o.dev.Sync(); err != nil {
 			return fmt.Errorf("origin %s: write %d zeroes at %d: sync: %w", o.dev.Name(), length, off, err)

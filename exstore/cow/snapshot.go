@@ -33,10 +33,15 @@ type Snapshot struct {
 	copies chan struct{}
 	// buffers holds chunk-sized, suitably aligned copy buffers.
 	buffers sync.Pool
+	// lookups holds *[maxReadRunChunks]exstore.LookupResult for reads.
+	lookups sync.Pool
 	// zeroes returns a zero-filled buffer of up to a chunk (at most
 	// zeroBufferBytes), aligned for the COW device, allocated on first use:
 	// WriteZeroes writes from it.
 	zeroes func() []byte
+
+	// syncs tells the flushes whether cow has writes to make durable.
+	syncs syncTracker
 
 	mu      sync.Mutex // guards invalid
 	invalid error      // set when this engine invalidates the snapshot or merges it
@@ -66,6 +71,7 @@ func newSnapshot(o *Origin, name string, store exstore.Store, cow blockdev.Devic
 		copies:     make(chan struct{}, CopiesInFlight),
 		zeroes:     zeroBuffer(min(chunkBytes, zeroBufferBytes), cow.Alignment()),
 	}
+	s.lookups.New = func() any { return new([maxReadRunChunks]exstore.LookupResult) }
 	s.buffers.New = func() any {
 		b := blockdev.AlignedBuffer(int(chunkBytes), align)
 		return &b
@@ -227,15 +233,16 @@ func (s *Snapshot) writeRange(ctx context.Context, off, n int64, data []byte, fu
 }
 
 // Flush implements Volume: it syncs the COW device, and the origin, which
-// the snapshot's chunks without exception read from.
+// the snapshot's chunks without exception read from, each unless no write
+// reached it since its last sync.
 func (s *Snapshot) Flush(ctx context.Context) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	if err := s.cow.Sync(); err != nil {
+	if err := s.syncs.sync(s.cow); err != nil {
 		return fmt.Errorf("snapshot %s: flush: %w", s.name, err)
 	}
-	if err := s.origin.dev.Sync(); err != nil {
+	if err := s.origin.syncs.sync(s.origin.dev); err != nil {
 		return fmt.Errorf("snapshot %s: flush origin: %w", s.name, err)
 	}
 	return nil
@@ -278,11 +285,9 @@ func (s *Snapshot) lookup(ctx context.Context, c exstore.Chunk) (exstore.Chunk, 
 // (a window), and so the chunks one read I/O covers.
 const maxReadRunChunks = 64
 
-// chunkLookup is the store's answer about one chunk.
-type chunkLookup struct {
-	new   exstore.Chunk
-	found bool
-}
+// optimisticReadAttempts is how many times a read of a window tries
+// without holding its chunks before it holds them (see chunkLocks).
+const optimisticReadAttempts = 3
 
 // readRange reads p at off, window by window of up to maxReadRunChunks
 // chunks, and then fails if the snapshot is invalid. The check comes after
@@ -295,14 +300,6 @@ func (s *Snapshot) readRange(ctx context.Context, p []byte, off int64) error {
 	}
 	end := off + int64(len(p))
 	last := exstore.Chunk((end - 1) / s.chunkBytes)
-	if c := exstore.Chunk(off / s.chunkBytes); c == last {
-		// The common case of a request inside one chunk, without the
-		// bookkeeping of a window.
-		if err := s.readOneChunk(ctx, c, off, p); err != nil {
-			return s.readFailure(err)
-		}
-		return s.failure()
-	}
 	for first := exstore.Chunk(off / s.chunkBytes); first <= last; first += maxReadRunChunks {
 		windowEnd := min(last+1, first+maxReadRunChunks)
 		from := max(off, int64(first)*s.chunkBytes)
@@ -328,11 +325,77 @@ func (s *Snapshot) readFailure(err error) error {
 	return err
 }
 
-// readOneChunk reads p at at, all inside chunk c: readWindow for one
-// chunk.
-func (s *Snapshot) readOneChunk(ctx context.Context, c exstore.Chunk, at int64, p []byte) error {
-	s.locks.rlock(c)
-	defer s.locks.runlock(c)
+// readWindow reads p at at, which lies in chunks [first, end), at most
+// maxReadRunChunks of them, again while an origin overwrite of its chunks
+// was announced during the attempt (see chunkLocks), holding the chunks
+// after optimisticReadAttempts.
+func (s *Snapshot) readWindow(ctx context.Context, first, end exstore.Chunk, at int64, p []byte) error {
+	for attempt := 1; ; attempt++ {
+		hold := attempt > optimisticReadAttempts
+		if hold {
+			s.locks.lockRange(first, end)
+		}
+		before := s.locks.overwrites(first, end)
+		err := s.readWindowOnce(ctx, first, end, at, p)
+		disturbed := s.locks.overwrites(first, end) != before
+		if hold {
+			s.locks.unlockRange(first, end)
+		}
+		if err != nil || !disturbed {
+			return err
+		}
+	}
+}
+
+// readWindowOnce is one attempt of readWindow. The chunks are looked up
+// together (one call for a store that is an exstore.RangeLookuper) and
+// held by the store until the I/O is done, for stores shared with other
+// nodes. Runs of chunks whose data is contiguous are read with one I/O
+// each: chunks without an exception from the origin, chunks whose
+// exceptions are consecutive COW chunks from the COW device.
+func (s *Snapshot) readWindowOnce(ctx context.Context, first, end exstore.Chunk, at int64, p []byte) error {
+	if end-first == 1 {
+		return s.readChunkOnce(ctx, first, at, p)
+	}
+	// The answers come from a pool: a buffer passed to a store's method
+	// escapes, and a window's is too big to allocate per read.
+	statesp := s.lookups.Get().(*[maxReadRunChunks]exstore.LookupResult)
+	defer s.lookups.Put(statesp)
+	states := statesp[:end-first]
+	release, err := s.lookupRange(ctx, first, states)
+	defer release()
+	if err != nil {
+		return err
+	}
+	for c := first; c < end; {
+		st := states[c-first]
+		runEnd := c + 1
+		for runEnd < end {
+			next := states[runEnd-first]
+			if next.Found != st.Found || (st.Found && next.New != st.New+(runEnd-c)) {
+				break
+			}
+			runEnd++
+		}
+		from := max(at, int64(c)*s.chunkBytes)
+		to := min(at+int64(len(p)), int64(runEnd)*s.chunkBytes)
+		q := p[from-at : to-at]
+		if st.Found {
+			if err := s.readCOW(c, st.New, from, q); err != nil {
+				return err
+			}
+		} else {
+			if err := readDev(s.origin.dev, q, from); err != nil {
+				return fmt.Errorf("chunks %d to %d: origin %s: %w", c, runEnd-1, s.origin.dev.Name(), err)
+			}
+		}
+		c = runEnd
+	}
+	return nil
+}
+
+// readChunkOnce is readWindowOnce for a window of one chunk, c.
+func (s *Snapshot) readChunkOnce(ctx context.Context, c exstore.Chunk, at int64, p []byte) error {
 	new, found, release, err := s.store.Lookup(ctx, c)
 	defer release()
 	if err != nil {
@@ -347,58 +410,32 @@ func (s *Snapshot) readOneChunk(ctx context.Context, c exstore.Chunk, at int64, 
 	return nil
 }
 
-// readWindow reads p at at, which lies in chunks [first, end), at most
-// maxReadRunChunks of them. The chunks are held shared and then looked up
-// once each: a chunk without an exception cannot have its COW start, so no
-// origin write overwrites it under the read, and the store's lookups are
-// held too, for stores shared with other nodes. Runs of chunks whose data
-// is contiguous are read with one I/O each: chunks without an exception
-// from the origin, chunks whose exceptions are consecutive COW chunks from
-// the COW device.
-func (s *Snapshot) readWindow(ctx context.Context, first, end exstore.Chunk, at int64, p []byte) error {
-	var releaseBuf [maxReadRunChunks]exstore.Release
-	var stateBuf [maxReadRunChunks]chunkLookup
-	releases, states := releaseBuf[:0], stateBuf[:0]
-	s.locks.rlockRange(first, end)
-	defer func() {
+// lookupRange looks up chunks first.. into into, with one call if the
+// store is an exstore.RangeLookuper, and returns the release of them all.
+func (s *Snapshot) lookupRange(ctx context.Context, first exstore.Chunk, into []exstore.LookupResult) (exstore.Release, error) {
+	if rl, ok := s.store.(exstore.RangeLookuper); ok {
+		release, err := rl.LookupRange(ctx, first, into)
+		if err != nil {
+			return release, fmt.Errorf("chunks %d to %d: lookup: %w", first, first+exstore.Chunk(len(into))-1, err)
+		}
+		return release, nil
+	}
+	releases := make([]exstore.Release, 0, len(into))
+	releaseAll := func() {
 		for _, release := range releases {
 			release()
 		}
-		s.locks.runlockRange(first, end)
-	}()
-	for c := first; c < end; c++ {
+	}
+	for i := range into {
+		c := first + exstore.Chunk(i)
 		new, found, release, err := s.store.Lookup(ctx, c)
 		releases = append(releases, release)
 		if err != nil {
-			return fmt.Errorf("chunk %d: lookup: %w", c, err)
+			return releaseAll, fmt.Errorf("chunk %d: lookup: %w", c, err)
 		}
-		states = append(states, chunkLookup{new, found})
+		into[i] = exstore.LookupResult{New: new, Found: found}
 	}
-	for c := first; c < end; {
-		st := states[c-first]
-		runEnd := c + 1
-		for runEnd < end {
-			next := states[runEnd-first]
-			if next.found != st.found || (st.found && next.new != st.new+(runEnd-c)) {
-				break
-			}
-			runEnd++
-		}
-		from := max(at, int64(c)*s.chunkBytes)
-		to := min(at+int64(len(p)), int64(runEnd)*s.chunkBytes)
-		q := p[from-at : to-at]
-		if st.found {
-			if err := s.readCOW(c, st.new, from, q); err != nil {
-				return err
-			}
-		} else {
-			if err := readDev(s.origin.dev, q, from); err != nil {
-				return fmt.Errorf("chunks %d to %d: origin %s: %w", c, runEnd-1, s.origin.dev.Name(), err)
-			}
-		}
-		c = runEnd
-	}
-	return nil
+	return releaseAll, nil
 }
 
 // readCOW reads p at at of chunk old from its COW chunk new.
@@ -421,6 +458,9 @@ func (s *Snapshot) putCOW(old, new exstore.Chunk, at int64, data []byte, n int64
 	}
 	if err != nil {
 		return fmt.Errorf("chunk %d: COW chunk %d: %w", old, new, err)
+	}
+	if !fua {
+		s.syncs.wrote()
 	}
 	return nil
 }
@@ -549,6 +589,12 @@ func (s *Snapshot) copyChunkForOrigin(ctx context.Context, c exstore.Chunk) erro
 	if _, found, err := s.lookup(ctx, c); err != nil || found {
 		return err
 	}
+	// Whatever happens next, the origin chunk is overwritten after this
+	// returns: reads that missed it and went to the origin must read again.
+	// The announcement comes after the commit (the second read finds the
+	// exception) and before the unlock (readers holding the chunk are never
+	// disturbed).
+	defer s.locks.announceOverwrite(c)
 	e, err := s.store.Prepare(ctx, c)
 	switch {
 	case err == nil:
