@@ -183,3 +183,24 @@ type RangeLookuper interface {
 	// one release is called (exactly once, also on error).
 	LookupRange(ctx context.Context, first Chunk, into []LookupResult) (Release, error)
 }
+
+// LazyCommitter is implemented by stores that can make an exception visible
+// at once and durable later, as a disk's write cache makes a write durable
+// at the next flush: a snapshot write owes durability only to the next
+// FLUSH (or to its own FUA), so its exception need not cost a metadata
+// write of its own. An origin write must never overwrite a chunk whose
+// exception is not durable: it calls Sync first when Durable says so.
+type LazyCommitter interface {
+	// CommitLazy makes prepared e visible to Lookup at once; it becomes
+	// durable by the next Sync at the latest. A crash before that loses it,
+	// and with it only snapshot writes that no flush covered.
+	CommitLazy(ctx context.Context, e Exception) error
+	// Durable reports whether the exception whose COW chunk is new (one
+	// that Lookup returned) is durable: false only while it was committed
+	// lazily and no Sync or batch has written it yet.
+	Durable(new Chunk) bool
+	// Sync makes every exception committed before the call durable, and
+	// everything written to the COW device before the call: it flushes the
+	// device (once, when it has exceptions to write).
+	Sync(ctx context.Context) error
+}

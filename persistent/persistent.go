@@ -22,6 +22,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"sync"
 	"sync/atomic"
 
@@ -70,10 +71,14 @@ func Register(r *exstore.Registry) error {
 // prepared is an exception handed out by Prepare and not yet written.
 type prepared struct {
 	e       exstore.Exception
-	ready   bool       // Commit was called
+	ready   bool       // Commit or CommitLazy was called
+	lazy    bool       // CommitLazy was called: in the table already, nobody waits
 	aborted bool       // Abort was called
 	done    chan error // set by Commit; receives the outcome
 }
+
+// noLazy is lazyFirst when no lazily committed exception waits.
+const noLazy = math.MaxUint64
 
 // Store is a persistent exception store on one COW device.
 //
@@ -109,6 +114,20 @@ type Store struct {
 	byNew       map[exstore.Chunk]*prepared
 	pendingOld  map[exstore.Chunk]struct{}
 	closed      bool
+	// Lazily committed exceptions (CommitLazy) that no batch has written
+	// yet: how many, the highest COW chunk of any committed so far, and
+	// the lowest of those waiting (noLazy if none; lazyFirstNow mirrors it
+	// for Durable, which takes no lock). Every visible exception whose COW
+	// chunk is at least lazyFirst waits: one committed normally after it
+	// is written only in a batch that writes it too.
+	lazyWaiting  int
+	lazyLast     exstore.Chunk
+	lazyFirst    uint64
+	lazyFirstNow atomic.Uint64
+	// Batches started and completed, and a channel closed (and replaced)
+	// at the end of each, for Sync to wait on.
+	batchesStarted, batchesDone uint64
+	batchEnd                    chan struct{}
 
 	mu      sync.RWMutex
 	table   *exstore.Table
@@ -120,7 +139,11 @@ type Store struct {
 	stopOnce sync.Once
 }
 
-var _ exstore.Store = (*Store)(nil)
+var (
+	_ exstore.Store         = (*Store)(nil)
+	_ exstore.RangeLookuper = (*Store)(nil)
+	_ exstore.LazyCommitter = (*Store)(nil)
+)
 
 // Open opens the persistent store on cow, formatting it when its first four
 // bytes are zero, as the kernel does with a new COW device.
@@ -196,6 +219,8 @@ func newStore(cow blockdev.Device, opts Options) (*Store, error) {
 		align:      max(exstore.SectorSize, cow.Alignment()),
 		byNew:      make(map[exstore.Chunk]*prepared),
 		pendingOld: make(map[exstore.Chunk]struct{}),
+		lazyFirst:  noLazy,
+		batchEnd:   make(chan struct{}),
 		table:      exstore.NewTable(),
 		wake:       make(chan struct{}, 1),
 		stop:       make(chan struct{}),
@@ -204,6 +229,7 @@ func newStore(cow blockdev.Device, opts Options) (*Store, error) {
 	if cow.Size() < int64(s.align) {
 		return nil, s.errf("device of %d bytes is too small for a header", cow.Size())
 	}
+	s.lazyFirstNow.Store(noLazy)
 	return s, nil
 }
 
@@ -519,7 +545,7 @@ func (s *Store) Prepare(ctx context.Context, old exstore.Chunk) (exstore.Excepti
 	_, exists := s.table.Lookup(old)
 	s.mu.RUnlock()
 	if exists {
-		return exstore.Exception{}, s.errf("chunk %d: already has an exception", old)
+		return exstore.Exception{}, s.errf("chunk %d: %w", old, exstore.ErrExists)
 	}
 	s.allocMu.Lock()
 	defer s.allocMu.Unlock()
@@ -566,6 +592,90 @@ func (s *Store) Commit(ctx context.Context, e exstore.Exception) error {
 		return err
 	case <-ctx.Done():
 		return ctx.Err()
+	}
+}
+
+// lazyKick is how many lazily committed exceptions may wait before the
+// committer writes them without a Sync: it bounds what a Sync (or a crash)
+// finds to do.
+const lazyKick = 4096
+
+// CommitLazy implements exstore.LazyCommitter: e is in the table when it
+// returns, and is written with the next batch (which a Sync, a Commit or
+// lazyKick waiting exceptions start).
+func (s *Store) CommitLazy(ctx context.Context, e exstore.Exception) error {
+	s.allocMu.Lock()
+	p := s.byNew[e.New]
+	if p == nil || p.e != e || p.ready || p.aborted {
+		s.allocMu.Unlock()
+		return s.errf("commit %v: not a prepared exception", e)
+	}
+	p.ready, p.lazy = true, true
+	s.lazyWaiting++
+	s.lazyLast = max(s.lazyLast, e.New)
+	if uint64(e.New) < s.lazyFirst {
+		s.lazyFirst = uint64(e.New)
+		s.lazyFirstNow.Store(s.lazyFirst)
+	}
+	kick := s.lazyWaiting >= lazyKick
+	// In the table under allocMu, so that no batch can write it and look
+	// for it in the table in between.
+	err := s.insert(s.table, []exstore.Exception{e}, true)
+	s.allocMu.Unlock()
+	if kick {
+		s.kick()
+	}
+	return err
+}
+
+// lazyLastCommitted is the highest COW chunk of a lazily committed
+// exception so far.
+func (s *Store) lazyLastCommitted() exstore.Chunk {
+	s.allocMu.Lock()
+	defer s.allocMu.Unlock()
+	return s.lazyLast
+}
+
+// Durable implements exstore.LazyCommitter.
+func (s *Store) Durable(new exstore.Chunk) bool {
+	return uint64(new) < s.lazyFirstNow.Load()
+}
+
+// Sync implements exstore.LazyCommitter. With lazily committed exceptions
+// waiting, it has the committer write a batch that starts after the call
+// (whose flush covers every COW write before the call) and waits until
+// those exceptions are written; otherwise it flushes the device itself.
+func (s *Store) Sync(ctx context.Context) error {
+	s.allocMu.Lock()
+	last, started := s.lazyLast, s.batchesStarted
+	s.allocMu.Unlock()
+	for {
+		s.allocMu.Lock()
+		lazyDone := s.lazyFirst > uint64(last)
+		flushed := s.batchesDone > started
+		end, closed := s.batchEnd, s.closed
+		s.allocMu.Unlock()
+		if err := s.Err(); err != nil {
+			return err
+		}
+		if closed && !lazyDone {
+			return s.errf("sync: %w", exstore.ErrClosed)
+		}
+		switch {
+		case lazyDone && flushed:
+			return nil
+		case lazyDone:
+			if err := s.dev.Sync(); err != nil {
+				return s.errf("sync: %w", err)
+			}
+			return nil
+		}
+		s.kick()
+		select {
+		case <-end:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
 	}
 }
 
@@ -623,6 +733,9 @@ func (s *Store) takeReady() []*prepared {
 	for _, p := range s.queue[:i] {
 		delete(s.byNew, p.e.New)
 		if p.ready {
+			if p.lazy {
+				s.lazyWaiting--
+			}
 			batch = append(batch, p)
 		} else {
 			// Aborted: its origin chunk may be prepared again. (Ready
@@ -631,7 +744,27 @@ func (s *Store) takeReady() []*prepared {
 		}
 	}
 	s.queue = append(s.queue[:0], s.queue[i:]...)
+	if len(batch) > 0 {
+		s.batchesStarted++
+	}
 	return batch
+}
+
+// batchWritten records the end of a batch: the lazily committed exceptions
+// still waiting are those left in the queue. The caller holds allocMu.
+func (s *Store) batchWrittenLocked() {
+	first := uint64(noLazy)
+	for _, p := range s.queue {
+		if p.lazy {
+			first = uint64(p.e.New)
+			break
+		}
+	}
+	s.lazyFirst = first
+	s.lazyFirstNow.Store(first)
+	s.batchesDone++
+	close(s.batchEnd)
+	s.batchEnd = make(chan struct{})
 }
 
 // commitBatch writes one batch and reports whether it found work.
@@ -658,6 +791,13 @@ func (s *Store) commitBatch() bool {
 			s.reserved -= uint64(len(recs) - written)
 			s.allocMu.Unlock()
 		} else {
+			// Lazily committed ones are in the table already.
+			recs = recs[:0]
+			for _, p := range batch {
+				if !p.lazy {
+					recs = append(recs, p.e)
+				}
+			}
 			err = s.insert(s.table, recs, true)
 		}
 	} else {
@@ -669,9 +809,19 @@ func (s *Store) commitBatch() bool {
 	for _, p := range batch {
 		delete(s.pendingOld, p.e.Old)
 	}
+	if err == nil {
+		s.batchWrittenLocked()
+	} else {
+		// Nothing more will be written; Sync sees the store invalid.
+		s.batchesDone++
+		close(s.batchEnd)
+		s.batchEnd = make(chan struct{})
+	}
 	s.allocMu.Unlock()
 	for _, p := range batch {
-		p.done <- err
+		if p.done != nil {
+			p.done <- err
+		}
 	}
 	return true
 }
@@ -1014,6 +1164,13 @@ func (s *Store) reload(ctx context.Context) error {
 // Close implements exstore.Store. Commits still waiting fail with exstore.ErrClosed.
 func (s *Store) Close() error {
 	s.stopOnce.Do(func() {
+		// Lazily committed exceptions are written first: a Close is
+		// not a crash.
+		if !s.Durable(exstore.Chunk(s.lazyLastCommitted())) {
+			if err := s.Sync(context.Background()); err != nil {
+				s.log.Error("close: writing lazily committed exceptions failed", "cow", s.name, "err", err)
+			}
+		}
 		close(s.stop)
 		<-s.stopped
 		s.metaMu.Lock()
@@ -1024,7 +1181,7 @@ func (s *Store) Close() error {
 		s.queue = nil
 		s.allocMu.Unlock()
 		for _, p := range q {
-			if p.ready {
+			if p.ready && p.done != nil {
 				p.done <- s.errf("%w", exstore.ErrClosed)
 			}
 		}
