@@ -198,3 +198,38 @@ func TestReadOfInvalidSnapshot(t *testing.T) {
 	s.cow.SetFault(nil)
 	assert.ErrorIs(t, s.snap.ReadAt(ctx, make([]byte, smallChunk), 5*smallChunk), exstore.ErrInvalid, "an origin chunk")
 }
+
+// TestReadRetriesUnderSnapshotAllocation: while a snapshot read of a chunk
+// without an exception reads the origin, a snapshot write allocates the
+// chunk and then an origin write (which needs no copy any more) overwrites
+// it. The read may return the old data or the snapshot write's, never the
+// origin's new data.
+func TestReadRetriesUnderSnapshotAllocation(t *testing.T) {
+	ctx := context.Background()
+	o, dev, model, s := smallSetup(t, SnapshotOptions{})
+	const c = 5
+	snapData := bytes.Repeat([]byte{0x5a}, 64)
+	var originReads atomic.Int32
+	dev.SetFault(func(op faultdev.Op, off, _ int64) error {
+		if op != faultdev.Read || off/smallChunk != c || originReads.Add(1) != 1 {
+			return nil
+		}
+		done := make(chan error, 2)
+		go func() {
+			done <- s.snap.WriteAt(ctx, snapData, c*smallChunk, false)
+			done <- o.WriteAt(ctx, bytes.Repeat([]byte{0xab}, smallChunk), c*smallChunk, false)
+		}()
+		if err := <-done; err != nil {
+			return err
+		}
+		return <-done
+	})
+	got := make([]byte, smallChunk)
+	require.NoError(t, s.snap.ReadAt(ctx, got, c*smallChunk))
+	dev.SetFault(nil)
+	old := model[c*smallChunk : (c+1)*smallChunk]
+	written := append(bytes.Clone(snapData), old[len(snapData):]...)
+	if !bytes.Equal(got, old) {
+		requireSame(t, written, got, "snapshot read under a snapshot allocation and an origin overwrite")
+	}
+}

@@ -245,7 +245,7 @@ func (o *Origin) Flush(ctx context.Context) error {
 		if s.failure() != nil {
 			continue
 		}
-		if err := s.syncs.sync(s.cow); err != nil {
+		if err := s.flushCOW(ctx); err != nil {
 			s.invalidate(ctx, fmt.Errorf("flush of COW %s: %w", s.cow.Name(), err))
 		}
 	}

@@ -439,3 +439,42 @@ func TestFlushSkipsCleanDevices(t *testing.T) {
 	require.NoError(t, o.Flush(ctx))
 	assert.Equal(t, before, syncs(), "flush after a FUA origin rewrite")
 }
+
+// TestOriginWriteMakesLazyExceptionDurable: a snapshot write commits its
+// exception lazily; an origin write to that chunk must make it durable
+// before changing the origin, or a crash that keeps the origin write but
+// loses the unflushed exception would show the new origin data in the
+// snapshot.
+func TestOriginWriteMakesLazyExceptionDurable(t *testing.T) {
+	ctx := context.Background()
+	for _, whole := range []bool{false, true} {
+		o, dev, model, s := smallSetup(t, SnapshotOptions{})
+		snapData := bytes.Repeat([]byte{0x5e}, smallChunk)
+		if !whole {
+			snapData = snapData[:100]
+		}
+		require.NoError(t, s.snap.WriteAt(ctx, snapData, 4*smallChunk, false))
+		copy(s.model[4*smallChunk:], snapData)
+		new, found, release, err := s.store.Lookup(ctx, 4)
+		release()
+		require.NoError(t, err)
+		require.True(t, found)
+		require.False(t, s.store.Durable(new), "the snapshot write's exception is lazy")
+
+		writeOrigin(t, o, model, 4, 0x0e)
+		assert.True(t, s.store.Durable(new), "durable after the origin write")
+
+		// The cut keeps every origin write and only what is durable on
+		// the COW.
+		o2 := NewOrigin(dev.PowerCutKeepAll())
+		requireSame(t, model, readAll(t, o2), "origin after the cut")
+		cow := s.cow.PowerCutDropAll()
+		store, err := persistent.Open(ctx, cow, persistent.Options{Logger: testLogger(t)})
+		require.NoError(t, err)
+		snap, err := o2.AddSnapshot("s", store, cow, SnapshotOptions{})
+		require.NoError(t, err)
+		got := readAll(t, snap)
+		requireSame(t, s.model[4*smallChunk:5*smallChunk], got[4*smallChunk:5*smallChunk], "snapshot chunk 4 after the cut")
+		require.NoError(t, store.Close())
+	}
+}

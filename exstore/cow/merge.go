@@ -69,6 +69,13 @@ func (o *Origin) Merge(ctx context.Context, s *Snapshot, progress func(MergeProg
 	if err := s.failure(); err != nil {
 		return fmt.Errorf("origin %s: merge of snapshot %s: %w", o.dev.Name(), s.name, err)
 	}
+	// Merge works from the records on disk: lazily committed exceptions
+	// are written first.
+	if s.lazy != nil {
+		if err := s.lazy.Sync(ctx); err != nil {
+			return fmt.Errorf("origin %s: merge of snapshot %s: %w", o.dev.Name(), s.name, err)
+		}
+	}
 	p := MergeProgress{Total: s.store.Usage().Exceptions}
 	var buf []byte
 	for {

@@ -14,9 +14,12 @@ import (
 // Snapshot is the view of an origin at the time the snapshot was taken,
 // plus the snapshot's own writes. It implements Volume.
 type Snapshot struct {
-	origin     *Origin
-	name       string
-	store      exstore.Store
+	origin *Origin
+	name   string
+	store  exstore.Store
+	// lazy is store as an exstore.LazyCommitter, nil if it is not one:
+	// then every exception is committed durably before its write returns.
+	lazy       exstore.LazyCommitter
 	cow        blockdev.Device
 	opts       SnapshotOptions
 	size       int64
@@ -71,6 +74,7 @@ func newSnapshot(o *Origin, name string, store exstore.Store, cow blockdev.Devic
 		copies:     make(chan struct{}, CopiesInFlight),
 		zeroes:     zeroBuffer(min(chunkBytes, zeroBufferBytes), cow.Alignment()),
 	}
+	s.lazy, _ = store.(exstore.LazyCommitter)
 	s.lookups.New = func() any { return new([maxReadRunChunks]exstore.LookupResult) }
 	s.buffers.New = func() any {
 		b := blockdev.AlignedBuffer(int(chunkBytes), align)
@@ -239,13 +243,52 @@ func (s *Snapshot) Flush(ctx context.Context) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	if err := s.syncs.sync(s.cow); err != nil {
+	if err := s.flushCOW(ctx); err != nil {
 		return fmt.Errorf("snapshot %s: flush: %w", s.name, err)
 	}
 	if err := s.origin.syncs.sync(s.origin.dev); err != nil {
 		return fmt.Errorf("snapshot %s: flush origin: %w", s.name, err)
 	}
 	return nil
+}
+
+// flushCOW makes every write to the COW device that completed, and every
+// exception committed, before the call durable, unless none happened since
+// the last flush: with a store that commits lazily its Sync does both
+// (one device flush, then the metadata), otherwise a device sync.
+func (s *Snapshot) flushCOW(ctx context.Context) error {
+	if s.lazy == nil {
+		return s.syncs.sync(s.cow)
+	}
+	return s.syncs.syncWith(func() error { return s.lazy.Sync(ctx) })
+}
+
+// commit commits prepared e: lazily when allowed and the store can (a
+// snapshot write without FUA owes durability only to the next flush, which
+// the tracker then knows it must make), else durably before it returns.
+func (s *Snapshot) commit(ctx context.Context, e exstore.Exception, lazy bool) error {
+	if lazy && s.lazy != nil {
+		if err := s.lazy.CommitLazy(ctx, e); err != nil {
+			return err
+		}
+		s.syncs.wrote()
+		return nil
+	}
+	return s.store.Commit(context.WithoutCancel(ctx), e)
+}
+
+// ensureDurable makes chunk c's exception, in COW chunk new, durable before
+// an origin write overwrites c: a lazily committed one could otherwise be
+// lost in a crash after the origin changed, and the snapshot would read the
+// new data. A failure invalidates the snapshot; the origin write goes
+// ahead.
+func (s *Snapshot) ensureDurable(ctx context.Context, c, new exstore.Chunk) {
+	if s.lazy == nil || s.lazy.Durable(new) {
+		return
+	}
+	if err := s.lazy.Sync(context.WithoutCancel(ctx)); err != nil {
+		s.invalidate(ctx, fmt.Errorf("chunk %d: writing its exception before an origin write: %w", c, err))
+	}
 }
 
 // eachChunk calls fn for each piece of [off, off+n) that lies in one chunk:
@@ -503,6 +546,10 @@ func (s *Snapshot) writeChunk(ctx context.Context, c exstore.Chunk, at int64, da
 	} else if found {
 		return s.putCOW(c, new, at, data, n, fua)
 	}
+	// Once the exception below exists, an origin write to c goes ahead
+	// without a copy: reads that missed c and went to the origin must read
+	// again (see chunkLocks), from the COW.
+	defer s.locks.announceOverwrite(c)
 	e, err := s.store.Prepare(ctx, c)
 	switch {
 	case err == nil:
@@ -540,13 +587,13 @@ func (s *Snapshot) writeChunk(ctx context.Context, c exstore.Chunk, at int64, da
 			s.invalidate(ctx, err)
 			return s.failure()
 		}
-		if err := s.store.Commit(context.WithoutCancel(ctx), e); err != nil {
+		if err := s.commit(ctx, e, !fua); err != nil {
 			s.invalidate(ctx, fmt.Errorf("commit of exception %v: %w", e, err))
 			return s.failure()
 		}
 		return nil
 	}
-	if !s.copyAndCommit(ctx, e) {
+	if !s.copyAndCommit(ctx, e, !fua) {
 		return s.failure()
 	}
 	return s.putCOW(c, e.New, at, data, n, fua)
@@ -560,12 +607,14 @@ func (s *Snapshot) chunksToCopy(ctx context.Context, off, n int64, tasks []copyT
 		return tasks, nil
 	}
 	for c := off / s.chunkBytes; c <= (off+n-1)/s.chunkBytes; c++ {
-		_, found, err := s.lookup(ctx, exstore.Chunk(c))
+		new, found, err := s.lookup(ctx, exstore.Chunk(c))
 		if err != nil {
 			return tasks, fmt.Errorf("snapshot %s: %w", s.name, err)
 		}
 		if !found {
 			tasks = append(tasks, copyTask{snap: s, chunk: exstore.Chunk(c)})
+		} else {
+			s.ensureDurable(ctx, exstore.Chunk(c), new)
 		}
 	}
 	return tasks, nil
@@ -586,8 +635,12 @@ func (s *Snapshot) copyChunkForOrigin(ctx context.Context, c exstore.Chunk) erro
 	if s.failure() != nil {
 		return nil
 	}
-	if _, found, err := s.lookup(ctx, c); err != nil || found {
+	if new, found, err := s.lookup(ctx, c); err != nil {
 		return err
+	} else if found {
+		// A snapshot write allocated it since chunksToCopy looked.
+		s.ensureDurable(ctx, c, new)
+		return nil
 	}
 	// Whatever happens next, the origin chunk is overwritten after this
 	// returns: reads that missed it and went to the origin must read again.
@@ -613,16 +666,16 @@ func (s *Snapshot) copyChunkForOrigin(ctx context.Context, c exstore.Chunk) erro
 		s.invalidate(ctx, allocationFailure(c, err))
 		return nil
 	}
-	s.copyAndCommit(ctx, e)
+	s.copyAndCommit(ctx, e, false)
 	return nil
 }
 
 // copyAndCommit copies the origin chunk of prepared exception e to its COW
-// chunk and commits e. It reports whether that worked; any failure, of the
+// chunk and commits e (lazily if lazy: see commit). It reports whether that worked; any failure, of the
 // origin read as of the COW write or the commit, invalidates the snapshot
 // as in the kernel (a failed copy leaves a prepared exception that the
 // store cannot hand out again before a reload).
-func (s *Snapshot) copyAndCommit(ctx context.Context, e exstore.Exception) bool {
+func (s *Snapshot) copyAndCommit(ctx context.Context, e exstore.Exception, lazy bool) bool {
 	bufp := s.buffers.Get().(*[]byte)
 	defer s.buffers.Put(bufp)
 	buf := *bufp
@@ -641,7 +694,7 @@ func (s *Snapshot) copyAndCommit(ctx context.Context, e exstore.Exception) bool 
 		s.invalidate(ctx, fmt.Errorf("copy of chunk %d to COW chunk %d: %w", e.Old, e.New, err))
 		return false
 	}
-	if err := s.store.Commit(context.WithoutCancel(ctx), e); err != nil {
+	if err := s.commit(ctx, e, lazy); err != nil {
 		s.invalidate(ctx, fmt.Errorf("commit of exception %v: %w", e, err))
 		return false
 	}

@@ -26,12 +26,16 @@ func (t *syncTracker) wrote() { t.written.Add(1) }
 
 // sync syncs dev unless every write that completed before the call is
 // durable already.
-func (t *syncTracker) sync(dev blockdev.Device) error {
+func (t *syncTracker) sync(dev blockdev.Device) error { return t.syncWith(dev.Sync) }
+
+// syncWith is sync with a function that makes every write that completed
+// before it was called durable.
+func (t *syncTracker) syncWith(sync func() error) error {
 	w := t.written.Load()
 	if w == t.synced.Load() {
 		return nil
 	}
-	if err := dev.Sync(); err != nil {
+	if err := sync(); err != nil {
 		return err
 	}
 	for {
