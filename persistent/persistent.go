@@ -1114,6 +1114,13 @@ func (s *Store) Refresh(ctx context.Context) error {
 	s.metaMu.Lock()
 	defer s.metaMu.Unlock()
 	s.allocMu.Lock()
+	// Aborted exceptions leave the queue with the committer's next batch;
+	// with metaMu held no batch runs, so they leave here instead.
+	for len(s.queue) > 0 && s.queue[0].aborted {
+		delete(s.byNew, s.queue[0].e.New)
+		delete(s.pendingOld, s.queue[0].e.Old)
+		s.queue = s.queue[1:]
+	}
 	busy := len(s.queue) > 0
 	area, committed := s.currentArea, s.committed
 	s.allocMu.Unlock()

@@ -136,3 +136,21 @@ func TestLookupsDuringFullReloadNeverMiss(t *testing.T) {
 	assert.Zero(t, misses.Load(), "lookups of kept exceptions that missed during reloads")
 	assert.Equal(t, walk(a), walk(b))
 }
+
+// A Refresh right after an Abort does not fail: the aborted exception
+// leaves the queue with it rather than with the committer's next batch.
+func TestRefreshAfterAbort(t *testing.T) {
+	ctx := context.Background()
+	dev := faultdev.New("cow", 4*mib)
+	s := open(t, dev, 8)
+	for i := range 50 {
+		e, err := s.Prepare(ctx, exstore.Chunk(i))
+		require.NoError(t, err)
+		s.Abort(e)
+		require.NoError(t, s.Refresh(ctx), "refresh after abort %d", i)
+	}
+	e, err := s.Prepare(ctx, 1000)
+	require.NoError(t, err)
+	assert.Error(t, s.Refresh(ctx), "refresh with a prepared exception in flight")
+	s.Abort(e)
+}
