@@ -1,0 +1,343 @@
+package clusterized_test
+
+import (
+	"context"
+	"io"
+	"sync"
+	"sync/atomic"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/clustersnap/clustersnap/clusterized"
+	"github.com/clustersnap/clustersnap/exstore"
+	"github.com/clustersnap/clustersnap/exstore/cow"
+	"github.com/clustersnap/clustersnap/lockc/inproc"
+	"github.com/clustersnap/clustersnap/persistent"
+)
+
+// The benchmarks compare the wrapper, uncontended on a one-node engine
+// with its lock cached, with the bare persistent store on the same kind of
+// device: the wrapper should cost under 5%.
+
+const benchChunkSectors = 8 // 4 KiB chunks
+
+// memDevice is a plain in-memory device for benchmarks: faultdev keeps
+// every unsynced version of every sector, which would dominate them.
+type memDevice struct {
+	name string
+	mu   sync.RWMutex
+	b    []byte
+}
+
+func newMemDevice(name string, size int64) *memDevice {
+	return &memDevice{name: name, b: make([]byte, size)}
+}
+
+func (d *memDevice) ReadAt(p []byte, off int64) (int, error) {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	if off < 0 || off+int64(len(p)) > int64(len(d.b)) {
+		return 0, io.EOF
+	}
+	return copy(p, d.b[off:]), nil
+}
+
+func (d *memDevice) WriteAt(p []byte, off int64) (int, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if off < 0 || off+int64(len(p)) > int64(len(d.b)) {
+		return 0, io.ErrShortWrite
+	}
+	return copy(d.b[off:], p), nil
+}
+
+func (d *memDevice) WriteAtSync(p []byte, off int64) (int, error) { return d.WriteAt(p, off) }
+func (d *memDevice) Name() string                                 { return d.name }
+func (d *memDevice) Size() int64                                  { return int64(len(d.b)) }
+func (d *memDevice) Alignment() int                               { return 1 }
+func (d *memDevice) Sync() error                                  { return nil }
+func (d *memDevice) Close() error                                 { return nil }
+
+// benchStore returns a fresh COW of cowBytes with a persistent store and,
+// for clustered, the wrapper around it.
+func benchStore(b *testing.B, clustered bool, cowBytes int64) (exstore.Store, *memDevice) {
+	b.Helper()
+	dev := newMemDevice("cow", cowBytes)
+	formatCOW(b, dev, benchChunkSectors)
+	var s exstore.Store
+	var err error
+	if clustered {
+		s, err = clusterized.OpenPersistent(context.Background(), dev, inproc.New(), "bench", clusterized.PersistentOptions{Logger: quietLogger()})
+	} else {
+		s, err = persistent.Open(context.Background(), dev, persistent.Options{NoFormat: true, Logger: quietLogger()})
+	}
+	require.NoError(b, err)
+	b.Cleanup(func() { _ = s.Close() })
+	return s, dev
+}
+
+func forBoth(b *testing.B, fn func(b *testing.B, clustered bool)) {
+	b.Run("persistent", func(b *testing.B) { fn(b, false) })
+	b.Run("clusterized", func(b *testing.B) { fn(b, true) })
+}
+
+// BenchmarkLookup looks up chunks half of which have an exception, and
+// releases the answer, from parallel goroutines.
+func BenchmarkLookup(b *testing.B) {
+	forBoth(b, func(b *testing.B, clustered bool) {
+		const n = 4096
+		s, _ := benchStore(b, clustered, 64<<20)
+		for i := range n / 2 {
+			add(b, s, exstore.Chunk(2*i))
+		}
+		var starts atomic.Uint64
+		b.ResetTimer()
+		b.RunParallel(func(pb *testing.PB) {
+			ctx := context.Background()
+			// Goroutines read different chunks, as an NBD server's do.
+			c := exstore.Chunk(starts.Add(1) * 977)
+			for pb.Next() {
+				_, _, release, err := s.Lookup(ctx, c%n)
+				release()
+				if err != nil {
+					b.Error(err)
+					return
+				}
+				c++
+			}
+		})
+	})
+}
+
+// BenchmarkLookupHit looks up chunks that have an exception: no lock.
+func BenchmarkLookupHit(b *testing.B) {
+	forBoth(b, func(b *testing.B, clustered bool) {
+		const n = 4096
+		s, _ := benchStore(b, clustered, 64<<20)
+		for i := range n {
+			add(b, s, exstore.Chunk(i))
+		}
+		ctx := context.Background()
+		b.ResetTimer()
+		for i := range b.N {
+			_, _, release, err := s.Lookup(ctx, exstore.Chunk(i%n))
+			release()
+			if err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+}
+
+// BenchmarkLookupMiss looks up chunks that have no exception: the path that
+// enters the cluster lock.
+func BenchmarkLookupMiss(b *testing.B) {
+	forBoth(b, func(b *testing.B, clustered bool) {
+		s, _ := benchStore(b, clustered, 16<<20)
+		add(b, s, 1) // and the lock is cached
+		ctx := context.Background()
+		b.ResetTimer()
+		for i := range b.N {
+			_, _, release, err := s.Lookup(ctx, exstore.Chunk(1000+i%4096))
+			release()
+			if err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+}
+
+// BenchmarkPrepareCommit prepares and commits exceptions one at a time.
+func BenchmarkPrepareCommit(b *testing.B) {
+	forBoth(b, func(b *testing.B, clustered bool) {
+		const cowBytes = 256 << 20
+		capacity := persistent.NewGeometry(benchChunkSectors, cowBytes).Capacity()
+		s, _ := benchStore(b, clustered, cowBytes)
+		ctx := context.Background()
+		used := uint64(0)
+		b.ResetTimer()
+		for i := range b.N {
+			if used == capacity-1 {
+				b.StopTimer()
+				s, _ = benchStore(b, clustered, cowBytes)
+				used = 0
+				b.StartTimer()
+			}
+			e, err := s.Prepare(ctx, exstore.Chunk(i))
+			if err != nil {
+				b.Fatal(err)
+			}
+			if err := s.Commit(ctx, e); err != nil {
+				b.Fatal(err)
+			}
+			used++
+		}
+	})
+}
+
+// BenchmarkPrepareCommitParallel prepares and commits from parallel
+// goroutines, so that commits share metadata writes.
+func BenchmarkPrepareCommitParallel(b *testing.B) {
+	forBoth(b, func(b *testing.B, clustered bool) {
+		const cowBytes = 512 << 20
+		capacity := persistent.NewGeometry(benchChunkSectors, cowBytes).Capacity()
+		if uint64(b.N) >= capacity {
+			b.Skipf("%d operations do not fit in the COW", b.N)
+		}
+		s, _ := benchStore(b, clustered, cowBytes)
+		ctx := context.Background()
+		var next exstoreCounter
+		b.SetParallelism(8)
+		b.ResetTimer()
+		b.RunParallel(func(pb *testing.PB) {
+			for pb.Next() {
+				e, err := s.Prepare(ctx, next.take())
+				if err != nil {
+					b.Error(err)
+					return
+				}
+				if err := s.Commit(ctx, e); err != nil {
+					b.Error(err)
+					return
+				}
+			}
+		})
+	})
+}
+
+// BenchmarkCOWSnapshotRead reads 4 KiB from a snapshot through the COW
+// engine, half the chunks from the COW and half from the origin.
+func BenchmarkCOWSnapshotRead(b *testing.B) {
+	forBoth(b, func(b *testing.B, clustered bool) {
+		const chunks = 4096
+		s, dev := benchStore(b, clustered, 64<<20)
+		origin := cow.NewOrigin(newMemDevice("origin", chunks*4096))
+		snap, err := origin.AddSnapshot("snap", s, dev, cow.SnapshotOptions{})
+		require.NoError(b, err)
+		ctx := context.Background()
+		p := make([]byte, 4096)
+		for c := 0; c < chunks; c += 2 {
+			require.NoError(b, origin.WriteAt(ctx, p, int64(c)*4096, false))
+		}
+		var starts atomic.Int64
+		b.ResetTimer()
+		b.RunParallel(func(pb *testing.PB) {
+			p := make([]byte, 4096)
+			c := int(starts.Add(1) * 977)
+			for pb.Next() {
+				if err := snap.ReadAt(ctx, p, int64(c%chunks)*4096); err != nil {
+					b.Error(err)
+					return
+				}
+				c++
+			}
+		})
+	})
+}
+
+// BenchmarkCOWSnapshotReadSequential is BenchmarkCOWSnapshotRead from one
+// goroutine: steadier figures on a busy machine.
+func BenchmarkCOWSnapshotReadSequential(b *testing.B) {
+	forBoth(b, func(b *testing.B, clustered bool) {
+		const chunks = 4096
+		s, dev := benchStore(b, clustered, 64<<20)
+		origin := cow.NewOrigin(newMemDevice("origin", chunks*4096))
+		snap, err := origin.AddSnapshot("snap", s, dev, cow.SnapshotOptions{})
+		require.NoError(b, err)
+		ctx := context.Background()
+		p := make([]byte, 4096)
+		for c := 0; c < chunks; c += 2 {
+			require.NoError(b, origin.WriteAt(ctx, p, int64(c)*4096, false))
+		}
+		b.ResetTimer()
+		for i := range b.N {
+			if err := snap.ReadAt(ctx, p, int64(i%chunks)*4096); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+}
+
+// BenchmarkCOWOriginWrite writes 4 KiB to chunks of the origin that the
+// snapshot has no exception for: a lookup, an allocation, a copy and a
+// commit per write.
+func BenchmarkCOWOriginWrite(b *testing.B) {
+	forBoth(b, func(b *testing.B, clustered bool) {
+		const chunks = 16384
+		var origin *cow.Origin
+		setup := func() {
+			s, dev := benchStore(b, clustered, 80<<20)
+			origin = cow.NewOrigin(newMemDevice("origin", chunks*4096))
+			_, err := origin.AddSnapshot("snap", s, dev, cow.SnapshotOptions{})
+			require.NoError(b, err)
+		}
+		setup()
+		ctx := context.Background()
+		p := make([]byte, 4096)
+		b.ResetTimer()
+		for i := range b.N {
+			if i > 0 && i%chunks == 0 {
+				b.StopTimer()
+				setup()
+				b.StartTimer()
+			}
+			if err := origin.WriteAt(ctx, p, int64(i%chunks)*4096, false); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+}
+
+// BenchmarkTwoWritersAlternating has two nodes take turns writing one
+// exception each, so that every operation moves EX to the other node, and
+// reports the lock engine round trips per operation.
+func BenchmarkTwoWritersAlternating(b *testing.B) {
+	dev := newMemDevice("cow", 512<<20)
+	formatCOW(b, dev, benchChunkSectors)
+	cluster := inproc.NewCluster()
+	var nodes [2]*clusterized.Store
+	for i := range nodes {
+		s, err := clusterized.OpenPersistent(context.Background(), dev, cluster.Node(uint32(i+1)), "alternate", clusterized.PersistentOptions{Logger: quietLogger()})
+		require.NoError(b, err)
+		b.Cleanup(func() { _ = s.Close() })
+		nodes[i] = s
+	}
+	capacity := persistent.NewGeometry(benchChunkSectors, 512<<20).Capacity()
+	if uint64(b.N) >= capacity {
+		b.Skipf("%d operations do not fit in the COW", b.N)
+	}
+	roundTrips := func() uint64 {
+		var n uint64
+		for id := uint32(1); id <= 2; id++ {
+			st := cluster.Stats(id)
+			n += st.Requests + st.Converts + st.Unlocks
+		}
+		return n
+	}
+	before := roundTrips()
+	ctx := context.Background()
+	b.ResetTimer()
+	for i := range b.N {
+		s := nodes[i%2]
+		e, err := s.Prepare(ctx, exstore.Chunk(i))
+		if err != nil {
+			b.Fatal(err)
+		}
+		if err := s.Commit(ctx, e); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.StopTimer()
+	b.ReportMetric(float64(roundTrips()-before)/float64(b.N), "lockops/op")
+	var refreshes uint64
+	for _, s := range nodes {
+		refreshes += s.Stats().Refreshes
+	}
+	b.ReportMetric(float64(refreshes)/float64(b.N), "refreshes/op")
+}
+
+// exstoreCounter hands out distinct origin chunks to parallel goroutines.
+type exstoreCounter struct{ n atomic.Uint64 }
+
+func (c *exstoreCounter) take() exstore.Chunk { return exstore.Chunk(c.n.Add(1)) }

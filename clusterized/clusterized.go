@@ -1,0 +1,617 @@
+// Package clusterized makes an exception store safe for several nodes that
+// share the origin and COW devices, by coordinating them through one cluster
+// lock (package lockc) per store: the "clusterized" store type of the seed
+// design, whose table argument names the cluster.
+//
+// # Locking
+//
+// Every node holds the store's lock resource (named from the cluster id) at
+// least in NL for as long as it serves, so the lock value block (LVB) is
+// kept. The node's lock is shared by all its goroutines and cached:
+//
+//   - A Lookup that hits needs no lock: exceptions are only ever removed by
+//     merge, which takes EX and is offline, as in the kernel (the other
+//     nodes do not serve the snapshot meanwhile; a node that does sees the
+//     removal at its next grant).
+//   - A Lookup that misses enters in CR. The miss stays true until its
+//     Release, because another node needs EX to add an exception (and only
+//     then overwrites that origin chunk): a snapshot read of the origin
+//     cannot race another node's copy-on-write of that chunk.
+//   - Prepare enters in EX and stays in until the exception is committed or
+//     aborted, so the node never gives EX up with an allocation another node
+//     could repeat. Commit, Abort, the merge primitives and Invalidate work
+//     under EX too.
+//   - CR and EX stay held after use; the node gives them up only when a
+//     blocking notification says another node waits, once its users are out.
+//
+// # The counter
+//
+// The LVB carries a counter (layout in lvb.go, specs/locks.md §5). A node
+// leaving EX publishes one more than it was granted if it prepared,
+// merged or invalidated anything under EX (an aborted allocation counts),
+// and the value it was granted otherwise, so that the lock moving between
+// nodes costs no metadata read while nothing changes. A node that gets
+// CR or EX compares the counter with the last one it saw: equal means no
+// other node changed the metadata, so nothing is read; a higher counter in
+// the same epoch means Refresh (which reads only what was appended); an
+// invalid LVB (a node died holding EX), an unknown one after a known value,
+// another epoch (a re-seed or a merge) or a counter that went backwards
+// means a full reload. The next EX holder after an invalid or unknown LVB
+// re-seeds: a counter above every value this node has seen, and a fresh
+// random epoch. Nothing is added to the COW device: its metadata stays
+// byte-compatible with dm-snapshot, so the counter lives only in the LVB and
+// in each node's memory; the random epoch is what keeps a re-seeded counter
+// from being mistaken for an old value.
+//
+// # Node failure
+//
+// When the node loses the lockspace (lockc.Lockspace.Lost), every later
+// lookup miss, Prepare, Commit, merge step, Invalidate and Refresh fails with
+// an error that wraps lockc.ErrLost and names the cluster; prepared
+// exceptions are aborted rather than committed. Stores opened through the
+// registry also fence the metadata writes of their core store.
+package clusterized
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/clustersnap/clustersnap/exstore"
+	"github.com/clustersnap/clustersnap/lockc"
+	"github.com/clustersnap/clustersnap/persistent"
+)
+
+// DefaultLockspace is the lockspace stores join unless Options say otherwise.
+const DefaultLockspace = "clustersnap"
+
+// resourcePrefix starts every store's lock resource name.
+const resourcePrefix = "cow:"
+
+// ResourceName is the lock resource of the store of cluster id clusterID.
+func ResourceName(clusterID string) []byte { return []byte(resourcePrefix + clusterID) }
+
+// Options tune New.
+type Options struct {
+	// Lockspace is the lockspace to join; "" means DefaultLockspace.
+	Lockspace string
+	// Reopen opens a fresh instance of the core store on the same device,
+	// for a full reload (after a node died holding EX, or a merge). nil
+	// means the core's Refresh is used instead: it reads incrementally when
+	// the last record it knew is still in place, which is right after any
+	// failure or growth, and only misses a merge that removed records and
+	// re-added the same last record.
+	Reopen func(ctx context.Context) (exstore.Store, error)
+	// Grace bounds how long a conversion's drain keeps local newcomers
+	// waiting (see DefaultGrace); 0 means DefaultGrace.
+	Grace time.Duration
+}
+
+// coreRef boxes the core store so that a full reload can swap it
+// atomically. p is the core as a *persistent.Store when it is one, so that
+// the lookups of the hot path call it directly.
+type coreRef struct {
+	s exstore.Store
+	p *persistent.Store
+}
+
+func newCoreRef(s exstore.Store) *coreRef {
+	p, _ := s.(*persistent.Store)
+	return &coreRef{s: s, p: p}
+}
+
+// setCore makes c the core and returns the one it replaces (nil at first).
+// A lookup may still use either while they are swapped: reloads happen
+// with no user inside, and both answer from committed metadata.
+func (s *Store) setCore(c exstore.Store) exstore.Store {
+	ref := newCoreRef(c)
+	old := s.core.Swap(ref)
+	s.pcore.Store(ref.p)
+	if old == nil {
+		return nil
+	}
+	return old.s
+}
+
+// lookup is the core's Lookup, released at once: the wrapper holds misses
+// itself.
+func (r *coreRef) lookup(ctx context.Context, old exstore.Chunk) (exstore.Chunk, bool, error) {
+	var (
+		new   exstore.Chunk
+		found bool
+		rel   exstore.Release
+		err   error
+	)
+	if r.p != nil {
+		new, found, rel, err = r.p.Lookup(ctx, old)
+	} else {
+		new, found, rel, err = r.s.Lookup(ctx, old)
+	}
+	rel()
+	return new, found, err
+}
+
+// Stats are a store's counters of cluster work, for tests and monitoring.
+type Stats struct {
+	UpConverts   uint64 // conversions from NL to CR or EX
+	DownConverts uint64 // conversions down, after a blocking notification or before an up-conversion
+	Publishes    uint64 // counters published on leaving EX
+	Refreshes    uint64 // core Refresh calls for a moved counter (or a reload without Reopen)
+	Reloads      uint64 // full reloads (invalid, unknown or re-seeded LVB)
+	InvalidLVBs  uint64 // grants that found the LVB invalid
+	Drains       uint64 // drains of the local users begun, to convert down
+}
+
+// Store is an exstore.Store shared by several nodes through a cluster lock.
+// It wraps a core store (normally persistent) opened on the shared COW
+// device by this node.
+type Store struct {
+	id     string
+	reopen func(ctx context.Context) (exstore.Store, error)
+	grace  time.Duration
+
+	ls     lockc.Lockspace
+	lost   <-chan struct{} // ls.Lost()
+	lock   lockc.Lock
+	nodeID uint32
+
+	// state and the core are read by every lookup: they share a line that
+	// written fields stay off.
+	_     [64]byte
+	state atomic.Uint64 // see gate.go
+	core  atomic.Pointer[coreRef]
+	pcore atomic.Pointer[persistent.Store] // core.Load().p, one load less
+	_     [40]byte
+
+	users       [userShards]userShard
+	releases    [userShards]exstore.Release // leave through each shard
+	dirty       atomic.Bool                 // the metadata may have changed under the current EX
+	stopped     atomic.Pointer[error]
+	ctx         context.Context // the manager's; ends at Close
+	cancel      context.CancelFunc
+	wake        chan struct{}
+	drained     chan struct{}
+	managerDone chan struct{}
+
+	mu         sync.Mutex // guards what follows, and admissions on the slow path
+	changed    chan struct{}
+	demand     [lockc.EX + 1]int
+	draining   bool
+	tickets    [lockc.EX + 1]int // waiters let in by the manager that have not woken yet
+	failGen    uint64
+	failErr    error
+	stopErr    error
+	stale      syncKind
+	granted    bool // the lock has been above NL once
+	seen       Counter
+	seenOK     bool // seen is the counter the core's metadata corresponds to
+	trusted    bool // the current grant read a valid counter
+	maxCounter uint64
+	shrank     bool   // a merge removed exceptions under the current EX
+	syncGen    uint64 // metadata re-reads so far
+	mergeGen   uint64 // syncGen at the last PrepareMerge
+	closed     bool
+
+	pmu      sync.Mutex
+	prepared map[exstore.Chunk]preparedEntry // by COW chunk
+
+	upConverts, downConverts, publishes, refreshes, reloads, invalidSeen, drains atomic.Uint64
+}
+
+var (
+	_ exstore.Store         = (*Store)(nil)
+	_ exstore.RangeLookuper = (*Store)(nil)
+)
+
+// New wraps core, a store this node opened on the shared COW device, for the
+// cluster clusterID: it joins the lockspace through engine and takes the
+// store's lock resource in NL, which it holds until Close. The core belongs
+// to the returned store from then on (Close closes it).
+func New(ctx context.Context, core exstore.Store, engine lockc.Engine, clusterID string, opts Options) (*Store, error) {
+	if core == nil || engine == nil {
+		return nil, fmt.Errorf("cluster %s: a core store and a lock engine are required", clusterID)
+	}
+	res := ResourceName(clusterID)
+	if clusterID == "" || len(res) > lockc.MaxResourceName {
+		return nil, fmt.Errorf("cluster %q: the cluster id must be 1 to %d bytes", clusterID, lockc.MaxResourceName-len(resourcePrefix))
+	}
+	name := opts.Lockspace
+	if name == "" {
+		name = DefaultLockspace
+	}
+	ls, err := engine.Open(ctx, name)
+	if err != nil {
+		return nil, fmt.Errorf("cluster %s: join lockspace %s: %w", clusterID, name, err)
+	}
+	lock, err := ls.Lock(ctx, res, lockc.NL)
+	if err != nil {
+		_ = ls.Close()
+		return nil, fmt.Errorf("cluster %s: take the store lock in NL: %w", clusterID, err)
+	}
+	s := &Store{
+		id:          clusterID,
+		reopen:      opts.Reopen,
+		grace:       opts.Grace,
+		ls:          ls,
+		lost:        ls.Lost(),
+		lock:        lock,
+		nodeID:      ls.NodeID(),
+		wake:        make(chan struct{}, 1),
+		drained:     make(chan struct{}, 1),
+		managerDone: make(chan struct{}),
+		changed:     make(chan struct{}),
+		prepared:    make(map[exstore.Chunk]preparedEntry),
+	}
+	if s.grace <= 0 {
+		s.grace = DefaultGrace
+	}
+	s.setCore(core)
+	for i := range s.releases {
+		s.releases[i] = func() { s.leave(i) }
+	}
+	s.state.Store(uint64(lockc.NL))
+	s.ctx, s.cancel = context.WithCancel(context.Background())
+	go s.manage()
+	return s, nil
+}
+
+// ClusterID is the cluster id the store was opened with.
+func (s *Store) ClusterID() string { return s.id }
+
+// Core returns the core store currently wrapped (a full reload replaces it).
+func (s *Store) Core() exstore.Store { return s.core.Load().s }
+
+// Lost is closed when the node loses the lockspace (or the store is
+// closed): from then on the node must not write the shared metadata.
+func (s *Store) Lost() <-chan struct{} { return s.ls.Lost() }
+
+// Stats returns the store's counters of cluster work.
+func (s *Store) Stats() Stats {
+	return Stats{
+		UpConverts:   s.upConverts.Load(),
+		DownConverts: s.downConverts.Load(),
+		Publishes:    s.publishes.Load(),
+		Refreshes:    s.refreshes.Load(),
+		Reloads:      s.reloads.Load(),
+		InvalidLVBs:  s.invalidSeen.Load(),
+		Drains:       s.drains.Load(),
+	}
+}
+
+// stopError is the error of a lost or closed store, or nil. It looks at
+// the lockspace itself too, so that nothing is admitted between the loss
+// and the manager noticing it.
+func (s *Store) stopError() error {
+	if p := s.stopped.Load(); p != nil {
+		return *p
+	}
+	select {
+	case <-s.lost:
+		return s.lostError()
+	default:
+		return nil
+	}
+}
+
+// wrap wraps err with the cluster id.
+func (s *Store) wrap(err error) error {
+	if err == nil {
+		return nil
+	}
+	return fmt.Errorf("cluster %s: %w", s.id, err)
+}
+
+// ChunkSectors implements exstore.Store.
+func (s *Store) ChunkSectors() uint32 { return s.core.Load().s.ChunkSectors() }
+
+// Lookup implements exstore.Store. A hit is answered from the node's table
+// without a lock; a miss holds the node's lock in CR (at least) until
+// release, so no other node can add an exception for old, and so overwrite
+// its origin chunk, in between.
+func (s *Store) Lookup(ctx context.Context, old exstore.Chunk) (exstore.Chunk, bool, exstore.Release, error) {
+	w := s.state.Load()
+	var (
+		new   exstore.Chunk
+		found bool
+		rel   exstore.Release
+		err   error
+	)
+	if p := s.pcore.Load(); p != nil {
+		new, found, rel, err = p.Lookup(ctx, old)
+	} else {
+		new, found, rel, err = s.core.Load().s.Lookup(ctx, old)
+	}
+	if found && err == nil {
+		return new, true, rel, nil // a hit needs no lock: the core's release is all
+	}
+	rel()
+	return s.lookupMiss(ctx, old, w, err)
+}
+
+// lookupMiss is Lookup after the core missed (or failed) with the gate in
+// state w: it enters in CR, looking up again if the state changed.
+func (s *Store) lookupMiss(ctx context.Context, old exstore.Chunk, w uint64, err error) (exstore.Chunk, bool, exstore.Release, error) {
+	if err != nil {
+		return 0, false, exstore.NoRelease, fmt.Errorf("cluster %s: chunk %d: %w", s.id, old, err)
+	}
+	// The miss holds if the node held a covering mode, without a refresh,
+	// from before the lookup until it enters.
+	shard := shardOf(old)
+	if s.enterIfState(w, lockc.CR, shard) {
+		if err := s.stopError(); err != nil {
+			s.leave(shard)
+			return 0, false, exstore.NoRelease, fmt.Errorf("chunk %d: lookup: %w", old, err)
+		}
+		return 0, false, s.releases[shard], nil
+	}
+	if err := s.enter(ctx, lockc.CR, shard); err != nil {
+		return 0, false, exstore.NoRelease, fmt.Errorf("chunk %d: lookup: %w", old, err)
+	}
+	new, found, err := s.core.Load().lookup(ctx, old)
+	if err != nil || found {
+		s.leave(shard)
+		return new, found, exstore.NoRelease, s.wrap(err)
+	}
+	return 0, false, s.releases[shard], nil
+}
+
+// LookupRange implements exstore.RangeLookuper: Lookup of the chunks
+// first.. into into, with one entry in CR for the whole run if any of
+// them misses, held until the one release.
+func (s *Store) LookupRange(ctx context.Context, first exstore.Chunk, into []exstore.LookupResult) (exstore.Release, error) {
+	w := s.state.Load()
+	allFound, err := s.lookupInto(ctx, first, into)
+	if err != nil || allFound {
+		return exstore.NoRelease, err
+	}
+	shard := shardOf(first)
+	if s.enterIfState(w, lockc.CR, shard) {
+		if err := s.stopError(); err != nil {
+			s.leave(shard)
+			return exstore.NoRelease, fmt.Errorf("chunks %d to %d: lookup: %w", first, first+exstore.Chunk(len(into))-1, err)
+		}
+		return s.releases[shard], nil
+	}
+	if err := s.enter(ctx, lockc.CR, shard); err != nil {
+		return exstore.NoRelease, fmt.Errorf("chunks %d to %d: lookup: %w", first, first+exstore.Chunk(len(into))-1, err)
+	}
+	allFound, err = s.lookupInto(ctx, first, into)
+	if err != nil || allFound {
+		s.leave(shard)
+		return exstore.NoRelease, err
+	}
+	return s.releases[shard], nil
+}
+
+// lookupInto answers into from the core's table and reports whether every
+// chunk has an exception.
+func (s *Store) lookupInto(ctx context.Context, first exstore.Chunk, into []exstore.LookupResult) (bool, error) {
+	core := s.core.Load().s
+	if rl, ok := core.(exstore.RangeLookuper); ok {
+		release, err := rl.LookupRange(ctx, first, into)
+		release()
+		if err != nil {
+			return false, fmt.Errorf("cluster %s: chunks %d to %d: %w", s.id, first, first+exstore.Chunk(len(into))-1, err)
+		}
+	} else {
+		for i := range into {
+			new, found, release, err := core.Lookup(ctx, first+exstore.Chunk(i))
+			release()
+			if err != nil {
+				return false, fmt.Errorf("cluster %s: chunk %d: %w", s.id, first+exstore.Chunk(i), err)
+			}
+			into[i] = exstore.LookupResult{New: new, Found: found}
+		}
+	}
+	for _, r := range into {
+		if !r.Found {
+			return false, nil
+		}
+	}
+	return true, nil
+}
+
+// Prepare implements exstore.Store. It enters in EX, so the node's metadata
+// is current when it allocates; the node keeps EX until the exception is
+// committed or aborted. If another node added an exception for old since
+// this node's lookup, Prepare returns exstore.ErrExists.
+func (s *Store) Prepare(ctx context.Context, old exstore.Chunk) (exstore.Exception, error) {
+	shard := shardOf(old)
+	if err := s.enter(ctx, lockc.EX, shard); err != nil {
+		return exstore.Exception{}, fmt.Errorf("cluster %s: chunk %d: prepare: %w", s.id, old, err)
+	}
+	core := s.core.Load().s
+	e, err := core.Prepare(ctx, old)
+	if err != nil {
+		s.leave(shard)
+		// The core refuses a chunk that has an exception; tell that case
+		// apart, as the COW engine acts on it.
+		_, found, rel, lerr := core.Lookup(ctx, old)
+		rel()
+		if lerr == nil && found {
+			return exstore.Exception{}, fmt.Errorf("cluster %s: chunk %d: %w", s.id, old, exstore.ErrExists)
+		}
+		return exstore.Exception{}, s.wrap(err)
+	}
+	if !s.dirty.Load() {
+		s.dirty.Store(true)
+	}
+	s.pmu.Lock()
+	s.prepared[e.New] = preparedEntry{e, shard}
+	s.pmu.Unlock()
+	return e, nil
+}
+
+// preparedEntry is an exception this wrapper prepared, and the user
+// counter it entered through.
+type preparedEntry struct {
+	e     exstore.Exception
+	shard int
+}
+
+// takePrepared removes e from the exceptions this wrapper prepared and
+// returns the counter its Prepare entered through, or -1 if it was not one.
+func (s *Store) takePrepared(e exstore.Exception) int {
+	s.pmu.Lock()
+	defer s.pmu.Unlock()
+	p, ok := s.prepared[e.New]
+	if !ok || p.e != e {
+		return -1
+	}
+	delete(s.prepared, e.New)
+	return p.shard
+}
+
+// Commit implements exstore.Store, under the EX that Prepare entered. If
+// the node lost the lockspace since, the exception is aborted instead and
+// Commit fails: the node must not write the shared metadata any more.
+func (s *Store) Commit(ctx context.Context, e exstore.Exception) error {
+	shard := s.takePrepared(e)
+	if shard < 0 {
+		return s.wrap(s.core.Load().s.Commit(ctx, e))
+	}
+	core := s.core.Load().s
+	if err := s.stopError(); err != nil {
+		core.Abort(e)
+		s.leave(shard)
+		return fmt.Errorf("commit %v: %w", e, err)
+	}
+	if ctx.Done() == nil {
+		err := core.Commit(ctx, e)
+		s.leave(shard)
+		return s.wrap(err)
+	}
+	// The exception stays queued if ctx ends first: the node keeps EX
+	// until the core has written (or failed) it.
+	done := make(chan error, 1)
+	go func() {
+		err := core.Commit(context.WithoutCancel(ctx), e)
+		s.leave(shard)
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		return s.wrap(err)
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// Abort implements exstore.Store.
+func (s *Store) Abort(e exstore.Exception) {
+	shard := s.takePrepared(e)
+	if shard < 0 {
+		return
+	}
+	s.core.Load().s.Abort(e)
+	s.leave(shard)
+}
+
+// Usage implements exstore.Store: the node's view as of its last refresh.
+func (s *Store) Usage() exstore.Usage { return s.core.Load().s.Usage() }
+
+// Err implements exstore.Store: the lockspace loss once the node lost it,
+// else the core's validity.
+func (s *Store) Err() error {
+	if err := s.stopError(); err != nil {
+		return err
+	}
+	return s.core.Load().s.Err()
+}
+
+// Invalidate implements exstore.Store, under EX.
+func (s *Store) Invalidate(ctx context.Context, reason error) error {
+	if err := s.enter(ctx, lockc.EX, 0); err != nil {
+		return fmt.Errorf("cluster %s: invalidate: %w", s.id, err)
+	}
+	defer s.leave(0)
+	s.dirty.Store(true)
+	return s.wrap(s.core.Load().s.Invalidate(ctx, reason))
+}
+
+// PrepareMerge implements exstore.Store, under EX.
+func (s *Store) PrepareMerge(ctx context.Context) (exstore.Exception, int, error) {
+	if err := s.enter(ctx, lockc.EX, 0); err != nil {
+		return exstore.Exception{}, 0, fmt.Errorf("cluster %s: prepare merge: %w", s.id, err)
+	}
+	defer s.leave(0)
+	last, n, err := s.core.Load().s.PrepareMerge(ctx)
+	s.mu.Lock()
+	s.mergeGen = s.syncGen
+	s.mu.Unlock()
+	return last, n, s.wrap(err)
+}
+
+// CommitMerge implements exstore.Store, under EX. It fails (wrapping
+// exstore.ErrMerge) if the node re-read metadata that another node changed
+// since PrepareMerge: the run it prepared may no longer be the last one.
+func (s *Store) CommitMerge(ctx context.Context, n int) error {
+	if err := s.enter(ctx, lockc.EX, 0); err != nil {
+		return fmt.Errorf("cluster %s: commit merge: %w", s.id, err)
+	}
+	defer s.leave(0)
+	s.mu.Lock()
+	moved := s.syncGen != s.mergeGen
+	s.mu.Unlock()
+	if moved {
+		return fmt.Errorf("cluster %s: commit merge: %w: another node changed the metadata since PrepareMerge", s.id, exstore.ErrMerge)
+	}
+	s.dirty.Store(true)
+	err := s.core.Load().s.CommitMerge(ctx, n)
+	if err == nil {
+		s.mu.Lock()
+		s.shrank = true
+		s.mu.Unlock()
+	}
+	return s.wrap(err)
+}
+
+// Refresh implements exstore.Store: it takes CR, which re-reads what other
+// nodes changed if the counter moved. While the node holds its lock no other
+// node can change the metadata, so there is nothing else to read.
+func (s *Store) Refresh(ctx context.Context) error {
+	if err := s.enter(ctx, lockc.CR, 0); err != nil {
+		return fmt.Errorf("cluster %s: refresh: %w", s.id, err)
+	}
+	s.leave(0)
+	return nil
+}
+
+// Walk implements exstore.Store on the node's view.
+func (s *Store) Walk(fn func(exstore.Exception) bool) { s.core.Load().s.Walk(fn) }
+
+// Close implements exstore.Store: it gives the lock up (publishing the
+// counter if it held EX), leaves the lockspace and closes the core. Callers
+// stop I/O first.
+func (s *Store) Close() error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return nil
+	}
+	s.closed = true
+	s.mu.Unlock()
+	s.cancel()
+	<-s.managerDone
+	lost := s.stopError() != nil
+	s.stop(fmt.Errorf("cluster %s: %w", s.id, exstore.ErrClosed))
+	var errs []error
+	if !lost && modeOf(s.state.Load()) == lockc.EX {
+		s.publish()
+	}
+	if !lost {
+		if err := s.lock.Unlock(context.Background()); err != nil && !errors.Is(err, lockc.ErrLost) {
+			errs = append(errs, fmt.Errorf("cluster %s: unlock: %w", s.id, err))
+		}
+	}
+	if err := s.ls.Close(); err != nil && !errors.Is(err, lockc.ErrLost) {
+		errs = append(errs, fmt.Errorf("cluster %s: leave lockspace: %w", s.id, err))
+	}
+	if err := s.core.Load().s.Close(); err != nil {
+		errs = append(errs, s.wrap(err))
+	}
+	return errors.Join(errs...)
+}

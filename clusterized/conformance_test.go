@@ -1,0 +1,96 @@
+package clusterized_test
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"sync"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/clustersnap/clustersnap/clusterized"
+	"github.com/clustersnap/clustersnap/exstore"
+	"github.com/clustersnap/clustersnap/exstore/blockdev"
+	"github.com/clustersnap/clustersnap/exstore/blockdev/faultdev"
+	"github.com/clustersnap/clustersnap/exstore/storetest"
+	"github.com/clustersnap/clustersnap/lockc"
+	"github.com/clustersnap/clustersnap/lockc/inproc"
+	"github.com/clustersnap/clustersnap/persistent"
+)
+
+func quietLogger() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
+
+// formatCOW writes an empty persistent store on dev, as snapd create does
+// before any clustered node opens it.
+func formatCOW(t testing.TB, dev blockdev.Device, chunkSectors uint32) {
+	t.Helper()
+	s, err := persistent.Format(context.Background(), dev, chunkSectors, quietLogger())
+	require.NoError(t, err)
+	require.NoError(t, s.Close())
+}
+
+func openClustered(t testing.TB, dev blockdev.Device, engine lockc.Engine, id string) *clusterized.Store {
+	t.Helper()
+	s, err := clusterized.OpenPersistent(context.Background(), dev, engine, id, clusterized.PersistentOptions{Logger: quietLogger()})
+	require.NoError(t, err)
+	return s
+}
+
+// TestConformance runs the store suite against the wrapper on a one-node
+// engine; OpenShared joins the same cluster as a second member, which
+// contends for the lock like another node.
+func TestConformance(t *testing.T) {
+	var mu sync.Mutex
+	engines := map[blockdev.Device]lockc.Engine{}
+	engineOf := func(dev blockdev.Device) lockc.Engine {
+		mu.Lock()
+		defer mu.Unlock()
+		e := engines[dev]
+		if e == nil {
+			e = inproc.New()
+			engines[dev] = e
+		}
+		return e
+	}
+	storetest.Run(t, storetest.Harness{
+		Name: "clusterized",
+		New: func(t *testing.T, chunkSectors uint32, cowBytes int64) (exstore.Store, blockdev.Device) {
+			dev := faultdev.New("cow", cowBytes)
+			formatCOW(t, dev, chunkSectors)
+			return openClustered(t, dev, engineOf(dev), "conformance"), dev
+		},
+		Reopen: func(t *testing.T, s exstore.Store, dev blockdev.Device) exstore.Store {
+			require.NoError(t, s.Close())
+			return openClustered(t, dev, engineOf(dev), "conformance")
+		},
+		OpenShared: func(t *testing.T, dev blockdev.Device) exstore.Store {
+			return openClustered(t, dev, engineOf(dev), "conformance")
+		},
+		Capacity: func(chunkSectors uint32, cowBytes int64) uint64 {
+			return persistent.NewGeometry(chunkSectors, cowBytes).Capacity()
+		},
+		IsMetadata: func(chunkSectors uint32, c exstore.Chunk) bool {
+			return persistent.NewGeometry(chunkSectors, 1<<40).IsMetadata(c)
+		},
+		WantUsage: func(chunkSectors uint32, cowBytes int64, n uint64) exstore.Usage {
+			g := persistent.NewGeometry(chunkSectors, cowBytes)
+			c := uint64(chunkSectors)
+			next := uint64(2)
+			if n > 0 {
+				last := n - 1
+				next = 2 + last + last/g.PerArea + 1
+				if next%(g.PerArea+1) == 1 {
+					next++
+				}
+			}
+			return exstore.Usage{
+				AllocatedSectors: next * c,
+				TotalSectors:     uint64(cowBytes) / exstore.SectorSize,
+				MetadataSectors:  (n/g.PerArea + 2) * c,
+				Exceptions:       n,
+			}
+		},
+		Merge: true,
+	})
+}

@@ -1,0 +1,102 @@
+package clusterized_test
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/clustersnap/clustersnap/exstore/blockdev/faultdev"
+	"github.com/clustersnap/clustersnap/lockc/inproc"
+)
+
+// A miss held by a reader keeps another node's EX (and so its COW of the
+// chunk) waiting; a lookup the reader makes meanwhile, while its node
+// drains for that EX, is let in after the grace period instead of
+// deadlocking.
+func TestHeldMissBlocksOtherNodesEX(t *testing.T) {
+	ctx := context.Background()
+	dev := faultdev.New("cow", 4<<20)
+	formatCOW(t, dev, 8)
+	cluster := inproc.NewCluster()
+	a := openClustered(t, dev, cluster.Node(1), "held")
+	t.Cleanup(func() { _ = a.Close() })
+	b := openClustered(t, dev, cluster.Node(2), "held")
+	t.Cleanup(func() { _ = b.Close() })
+
+	add(t, a, 0) // A caches EX
+	_, found, release1, err := a.Lookup(ctx, 1)
+	require.NoError(t, err)
+	require.False(t, found)
+
+	done := make(chan error, 1)
+	go func() {
+		e, err := b.Prepare(ctx, 1)
+		if err == nil {
+			err = b.Commit(ctx, e)
+		}
+		done <- err
+	}()
+	require.Eventually(t, func() bool { return a.Stats().Drains >= 1 }, 10*time.Second, time.Millisecond, "A starts draining for B")
+	select {
+	case err := <-done:
+		t.Fatalf("B allocated chunk 1 while A held its miss (err %v)", err)
+	default:
+	}
+
+	_, found, release2, err := a.Lookup(ctx, 2) // nested in the held one
+	require.NoError(t, err)
+	require.False(t, found)
+	select {
+	case err := <-done:
+		t.Fatalf("B allocated while A held two misses (err %v)", err)
+	default:
+	}
+	release2()
+	release1()
+	require.NoError(t, <-done)
+
+	// A sees B's exception once it looks again.
+	_, found, release, err := a.Lookup(ctx, 1)
+	release()
+	require.NoError(t, err)
+	assert.True(t, found)
+}
+
+// A lookup that waits for the lock gives up when its context ends, and
+// leaves nothing behind: the node still serves and yields afterwards.
+func TestWaitingLookupCancelled(t *testing.T) {
+	ctx := context.Background()
+	dev := faultdev.New("cow", 4<<20)
+	formatCOW(t, dev, 8)
+	cluster := inproc.NewCluster()
+	a := openClustered(t, dev, cluster.Node(1), "cancel")
+	t.Cleanup(func() { _ = a.Close() })
+	b := openClustered(t, dev, cluster.Node(2), "cancel")
+	t.Cleanup(func() { _ = b.Close() })
+
+	e, err := b.Prepare(ctx, 5) // B holds EX until the commit
+	require.NoError(t, err)
+	cctx, cancel := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() {
+		_, _, release, err := a.Lookup(cctx, 9)
+		release()
+		done <- err
+	}()
+	require.NoError(t, cluster.WaitQueueLen(ctx, "clustersnap", []byte("cow:cancel"), 1, 0), "A's conversion queued")
+	cancel()
+	err = <-done
+	require.ErrorIs(t, err, context.Canceled)
+	assert.ErrorContains(t, err, "cluster cancel")
+
+	require.NoError(t, b.Commit(ctx, e))
+	got, found, release, err := a.Lookup(ctx, 5)
+	release()
+	require.NoError(t, err)
+	assert.True(t, found)
+	assert.Equal(t, e.New, got)
+	add(t, b, 6) // A gives the lock back: nothing of the cancelled wait is left inside
+}

@@ -1,0 +1,534 @@
+package clusterized_test
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"math"
+	"math/rand/v2"
+	"runtime"
+	"sync"
+	"sync/atomic"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/clustersnap/clustersnap/clusterized"
+	"github.com/clustersnap/clustersnap/exstore"
+	"github.com/clustersnap/clustersnap/exstore/blockdev"
+	"github.com/clustersnap/clustersnap/exstore/blockdev/faultdev"
+	"github.com/clustersnap/clustersnap/exstore/cow"
+	"github.com/clustersnap/clustersnap/lockc"
+	"github.com/clustersnap/clustersnap/lockc/inproc"
+	"github.com/clustersnap/clustersnap/persistent"
+)
+
+// errNodeDown is the error of every I/O of a node after its power went.
+var errNodeDown = errors.New("node is down")
+
+// nodeDevice is one node's path to a shared device. Fencing it stands for
+// the node's power going: it waits for the node's I/O in flight and fails
+// every later one, as a dead node does no more I/O (the DLM recovers locks
+// only after fencing, so a crash test fences first, then Crash).
+type nodeDevice struct {
+	blockdev.Device
+	mu   sync.RWMutex
+	dead bool
+}
+
+func (d *nodeDevice) begin() error {
+	d.mu.RLock()
+	if d.dead {
+		d.mu.RUnlock()
+		return fmt.Errorf("%s: %w", d.Device.Name(), errNodeDown)
+	}
+	return nil
+}
+
+func (d *nodeDevice) ReadAt(p []byte, off int64) (int, error) {
+	if err := d.begin(); err != nil {
+		return 0, err
+	}
+	defer d.mu.RUnlock()
+	// Let other goroutines run between a lookup and the read it decided
+	// on: that widens the windows the test is after.
+	runtime.Gosched()
+	return d.Device.ReadAt(p, off)
+}
+
+func (d *nodeDevice) WriteAt(p []byte, off int64) (int, error) {
+	if err := d.begin(); err != nil {
+		return 0, err
+	}
+	defer d.mu.RUnlock()
+	return d.Device.WriteAt(p, off)
+}
+
+func (d *nodeDevice) WriteAtSync(p []byte, off int64) (int, error) {
+	if err := d.begin(); err != nil {
+		return 0, err
+	}
+	defer d.mu.RUnlock()
+	return d.Device.WriteAtSync(p, off)
+}
+
+func (d *nodeDevice) Sync() error {
+	if err := d.begin(); err != nil {
+		return err
+	}
+	defer d.mu.RUnlock()
+	return d.Device.Sync()
+}
+
+func (d *nodeDevice) Close() error { return nil }
+
+func (d *nodeDevice) fence() {
+	d.mu.Lock()
+	d.dead = true
+	d.mu.Unlock()
+}
+
+// recorder notes every exception the nodes' stores handed out and
+// committed.
+type recorder struct {
+	mu        sync.Mutex
+	prepared  []recorded
+	committed []recorded
+}
+
+type recorded struct {
+	node int
+	e    exstore.Exception
+}
+
+// recordingStore passes everything to the node's store and records
+// Prepare's and Commit's successes.
+type recordingStore struct {
+	exstore.Store
+	node int
+	rec  *recorder
+}
+
+func (r *recordingStore) Prepare(ctx context.Context, old exstore.Chunk) (exstore.Exception, error) {
+	e, err := r.Store.Prepare(ctx, old)
+	if err == nil {
+		r.rec.mu.Lock()
+		r.rec.prepared = append(r.rec.prepared, recorded{r.node, e})
+		r.rec.mu.Unlock()
+	}
+	return e, err
+}
+
+func (r *recordingStore) Commit(ctx context.Context, e exstore.Exception) error {
+	err := r.Store.Commit(ctx, e)
+	if err == nil {
+		r.rec.mu.Lock()
+		r.rec.committed = append(r.rec.committed, recorded{r.node, e})
+		r.rec.mu.Unlock()
+	}
+	return err
+}
+
+// Chunk content: 16-byte tags repeated over the chunk, saying which chunk
+// it belongs to, what wrote it and which write it was.
+const (
+	kindOriginal = 0 // the origin's content when the snapshot was taken
+	kindOrigin   = 1 // an origin write after it
+	kindSnapshot = 2 // a snapshot write
+	tagSize      = 16
+)
+
+type tag struct {
+	chunk   uint32
+	kind    uint8
+	node    uint8
+	version uint64
+}
+
+func fillTag(p []byte, tg tag) {
+	for i := 0; i+tagSize <= len(p); i += tagSize {
+		binary.LittleEndian.PutUint32(p[i:], tg.chunk)
+		p[i+4], p[i+5], p[i+6], p[i+7] = tg.kind, tg.node, 0, 0
+		binary.LittleEndian.PutUint64(p[i+8:], tg.version)
+	}
+}
+
+// readTag returns the tag of a chunk's content, and false if the content
+// is not one tag repeated.
+func readTag(p []byte) (tag, bool) {
+	tg := tag{
+		chunk:   binary.LittleEndian.Uint32(p),
+		kind:    p[4],
+		node:    p[5],
+		version: binary.LittleEndian.Uint64(p[8:]),
+	}
+	for i := tagSize; i+tagSize <= len(p); i += tagSize {
+		if string(p[i:i+tagSize]) != string(p[:tagSize]) {
+			return tg, false
+		}
+	}
+	return tg, true
+}
+
+// snapWrite is one snapshot write in the history of a chunk, in the logical
+// time of the test's clock; a write that failed may still have landed, so
+// it never supersedes anything.
+type snapWrite struct {
+	version    uint64
+	start, end uint64
+	ok         bool
+}
+
+// history is the snapshot writes of every chunk.
+type history struct {
+	mu     sync.Mutex
+	clock  atomic.Uint64
+	writes map[uint32][]*snapWrite
+}
+
+func (h *history) begin(chunk uint32, version uint64) *snapWrite {
+	w := &snapWrite{version: version, start: h.clock.Add(1), end: math.MaxUint64}
+	h.mu.Lock()
+	h.writes[chunk] = append(h.writes[chunk], w)
+	h.mu.Unlock()
+	return w
+}
+
+func (h *history) end(w *snapWrite, ok bool) {
+	end := h.clock.Add(1)
+	h.mu.Lock()
+	w.end, w.ok = end, ok
+	h.mu.Unlock()
+}
+
+// check says what is wrong with a snapshot read of chunk that started at
+// start, ended at end and returned tg, or "".
+func (h *history) check(chunk uint32, tg tag, start, end uint64) string {
+	if tg.chunk != chunk {
+		return fmt.Sprintf("chunk %d read the data of chunk %d (%+v)", chunk, tg.chunk, tg)
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	writes := h.writes[chunk]
+	supersededBefore := func(after uint64) bool { // a write that began after `after` and ended before the read began
+		for _, w := range writes {
+			if w.ok && w.start > after && w.end < start {
+				return true
+			}
+		}
+		return false
+	}
+	switch tg.kind {
+	case kindOrigin:
+		return fmt.Sprintf("chunk %d: snapshot read returned origin data written after the snapshot (%+v)", chunk, tg)
+	case kindOriginal:
+		if supersededBefore(0) {
+			return fmt.Sprintf("chunk %d: snapshot read returned the original data after a snapshot write completed", chunk)
+		}
+		return ""
+	case kindSnapshot:
+		for _, w := range writes {
+			if w.version == tg.version {
+				if w.start > end {
+					return fmt.Sprintf("chunk %d: read returned write %d before it began", chunk, tg.version)
+				}
+				if w.end != math.MaxUint64 && supersededBefore(w.end) {
+					return fmt.Sprintf("chunk %d: read returned write %d, superseded before the read began", chunk, tg.version)
+				}
+				return ""
+			}
+		}
+		return fmt.Sprintf("chunk %d: read returned snapshot write %d, which never happened", chunk, tg.version)
+	}
+	return fmt.Sprintf("chunk %d: unknown content %+v", chunk, tg)
+}
+
+// node is one simulated node: its own store instance on the shared COW and
+// its own COW engine over the shared origin.
+type node struct {
+	id      uint32
+	origin  *nodeDevice
+	cowDev  *nodeDevice
+	store   *clusterized.Store
+	volume  *cow.Origin
+	snap    *cow.Snapshot
+	crashed atomic.Bool
+}
+
+const (
+	mnChunkSectors = 8
+	mnChunkBytes   = mnChunkSectors * exstore.SectorSize
+	mnChunks       = 256 // origin chunks
+	mnHot          = 250 // chunks the workers use; the others are for the crash
+	mnClusterID    = "multi"
+)
+
+// TestMultiNode runs three nodes, each with its own store and COW engine
+// over the same origin and COW devices, doing random concurrent origin
+// writes, snapshot reads and writes and flushes, and checks them against a
+// reference model. In the crash runs one node dies while it holds EX with an
+// exception in commit; the survivors carry on.
+//
+// In most runs a node never writes the origin chunks it writes in the
+// snapshot (each chunk's snapshot writes belong to one node, its origin
+// writes to the others), so every race on a chunk is between nodes; "same
+// node" lifts that and so also tests the COW engine's own guard of a
+// snapshot read that went to the origin.
+func TestMultiNode(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		seed     uint64
+		crash    bool
+		sameNode bool
+	}{
+		{"no crash", 1, false, false},
+		{"crash", 2, true, false},
+		{"crash 2", 3, true, false},
+		{"same node", 4, false, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) { runMultiNode(t, tc.seed, tc.crash, tc.sameNode) })
+	}
+}
+
+func runMultiNode(t *testing.T, seed uint64, crash, sameNode bool) {
+	ctx := context.Background()
+	rng := rand.New(rand.NewPCG(seed, 77))
+	originDev := faultdev.New("origin", mnChunks*mnChunkBytes)
+	initial := make([]byte, mnChunkBytes)
+	for c := range mnChunks {
+		fillTag(initial, tag{chunk: uint32(c), kind: kindOriginal})
+		_, err := originDev.WriteAt(initial, int64(c)*mnChunkBytes)
+		require.NoError(t, err)
+	}
+	cowDev := faultdev.New("cow", 2*mnChunks*mnChunkBytes)
+	formatCOW(t, cowDev, mnChunkSectors)
+
+	cluster := inproc.NewCluster()
+	rec := &recorder{}
+	hist := &history{writes: map[uint32][]*snapWrite{}}
+	nodes := make([]*node, 3)
+	for i := range nodes {
+		n := &node{id: uint32(i + 1), origin: &nodeDevice{Device: originDev}, cowDev: &nodeDevice{Device: cowDev}}
+		var err error
+		n.store, err = clusterized.OpenPersistent(ctx, n.cowDev, cluster.Node(n.id), mnClusterID, clusterized.PersistentOptions{Logger: quietLogger()})
+		require.NoError(t, err)
+		t.Cleanup(func() { _ = n.store.Close() })
+		n.volume = cow.NewOrigin(n.origin)
+		n.snap, err = n.volume.AddSnapshot("snap", &recordingStore{Store: n.store, node: int(n.id), rec: rec}, n.cowDev, cow.SnapshotOptions{})
+		require.NoError(t, err)
+		nodes[i] = n
+	}
+
+	const workersPerNode, opsPerWorker = 3, 200
+	var versions atomic.Uint64
+	var opsDone atomic.Int64
+	crashAt := int64(workersPerNode * len(nodes) * opsPerWorker / 3)
+	crashNow := make(chan struct{})
+	var crashOnce sync.Once
+	var wg sync.WaitGroup
+	for _, n := range nodes {
+		for w := range workersPerNode {
+			wrng := rand.New(rand.NewPCG(seed, uint64(n.id)*100+uint64(w)))
+			wg.Go(func() {
+				buf := make([]byte, 3*mnChunkBytes)
+				for range opsPerWorker {
+					progress := opsDone.Add(1)
+					if progress == crashAt {
+						crashOnce.Do(func() { close(crashNow) })
+					}
+					if err := mnOp(ctx, t, n, wrng, buf, progress, sameNode, &versions, hist); err != nil {
+						if n.crashed.Load() {
+							return // a dead node's I/O fails; checked below
+						}
+						t.Errorf("node %d: %v", n.id, err)
+						return
+					}
+				}
+			})
+		}
+	}
+
+	var victim *node
+	if crash {
+		<-crashNow
+		victim = nodes[rng.IntN(len(nodes))]
+		// The victim dies holding EX, in the middle of a commit: e2 is
+		// queued behind e1, which is still being copied.
+		e1, err := victim.store.Prepare(ctx, mnChunks-1)
+		require.NoError(t, err)
+		e2, err := victim.store.Prepare(ctx, mnChunks-2)
+		require.NoError(t, err)
+		for _, e := range []exstore.Exception{e1, e2} {
+			_, err = victim.cowDev.WriteAt(make([]byte, mnChunkBytes), int64(e.New)*mnChunkBytes)
+			require.NoError(t, err)
+		}
+		done := make(chan error, 1)
+		go func() { done <- victim.store.Commit(ctx, e2) }()
+		victim.crashed.Store(true)
+		victim.origin.fence()
+		victim.cowDev.fence()
+		cluster.Crash(victim.id)
+		err = victim.store.Commit(ctx, e1)
+		require.ErrorIs(t, err, lockc.ErrLost, "commit after the crash")
+		assert.ErrorContains(t, err, mnClusterID)
+		require.Error(t, <-done, "commit queued behind one that never completed")
+		t.Logf("node %d crashed holding EX; its commit: %v", victim.id, err)
+	} else {
+		crashOnce.Do(func() {})
+	}
+	wg.Wait()
+
+	var survivors []*node
+	for _, n := range nodes {
+		if n != victim {
+			survivors = append(survivors, n)
+		}
+	}
+
+	if victim != nil {
+		// The dead node fails with a clear error and writes nothing.
+		assert.ErrorIs(t, victim.store.Err(), lockc.ErrLost)
+		_, err := victim.store.Prepare(ctx, mnChunks-3)
+		assert.ErrorIs(t, err, lockc.ErrLost)
+		assert.ErrorContains(t, err, mnClusterID)
+		_, _, release, err := victim.store.Lookup(ctx, mnChunks-3)
+		release()
+		assert.ErrorIs(t, err, lockc.ErrLost)
+		assert.Error(t, victim.volume.WriteAt(ctx, make([]byte, mnChunkBytes), 0, false))
+		// (Its device may have failed a commit first: then the snapshot says
+		// it is invalid, else that the lock is lost.)
+		assert.Error(t, victim.snap.ReadAt(ctx, make([]byte, mnChunkBytes), 0), "a snapshot read of the dead node")
+
+		// The next holder found the LVB invalid and reloaded.
+		var invalid, reloads uint64
+		for _, n := range survivors {
+			st := n.store.Stats()
+			invalid += st.InvalidLVBs
+			reloads += st.Reloads
+		}
+		assert.Positive(t, invalid, "a survivor saw the invalid LVB")
+		assert.Positive(t, reloads, "a survivor reloaded fully")
+	}
+
+	// Every survivor sees every committed exception, and the disk agrees.
+	for _, n := range survivors {
+		require.NoError(t, n.store.Refresh(ctx))
+		require.NoError(t, n.volume.Flush(ctx))
+	}
+	disk, err := persistent.Open(ctx, cowDev, persistent.Options{NoFormat: true, Logger: quietLogger()})
+	require.NoError(t, err)
+	defer disk.Close()
+	want := walkMap(disk)
+	require.NotEmpty(t, want)
+	for _, n := range survivors {
+		assert.Equal(t, want, walkMap(n.store), "node %d's exceptions", n.id)
+	}
+	byNew := map[exstore.Chunk]recorded{}
+	for _, r := range rec.committed {
+		assert.Equal(t, r.e.New, want[r.e.Old], "committed exception %v of node %d on disk", r.e, r.node)
+		if prev, dup := byNew[r.e.New]; dup {
+			t.Errorf("COW chunk %d committed twice: %v by node %d and %v by node %d", r.e.New, prev.e, prev.node, r.e, r.node)
+		}
+		byNew[r.e.New] = r
+	}
+	if !crash {
+		seen := map[exstore.Chunk]recorded{}
+		for _, r := range rec.prepared {
+			if prev, dup := seen[r.e.New]; dup {
+				t.Errorf("COW chunk %d allocated twice: %v by node %d and %v by node %d", r.e.New, prev.e, prev.node, r.e, r.node)
+			}
+			seen[r.e.New] = r
+		}
+	}
+	t.Logf("%d exceptions; %d prepared, %d committed", len(want), len(rec.prepared), len(rec.committed))
+
+	// Every survivor reads the snapshot as the model says, quiescent now.
+	p := make([]byte, mnChunkBytes)
+	for _, n := range survivors {
+		for c := range uint32(mnHot) {
+			start := hist.clock.Add(1)
+			require.NoError(t, n.snap.ReadAt(ctx, p, int64(c)*mnChunkBytes))
+			tg, uniform := readTag(p)
+			if assert.True(t, uniform, "node %d: chunk %d is torn", n.id, c) {
+				if msg := hist.check(c, tg, start, hist.clock.Add(1)); msg != "" {
+					t.Errorf("node %d, final read: %s", n.id, msg)
+				}
+			}
+		}
+	}
+	for _, n := range survivors {
+		st := n.store.Stats()
+		t.Logf("node %d: %+v", n.id, st)
+	}
+}
+
+// mnOp does one random operation of node n.
+func mnOp(ctx context.Context, t *testing.T, n *node, rng *rand.Rand, buf []byte, progress int64, sameNode bool, versions *atomic.Uint64, hist *history) error {
+	// Mostly near a frontier that moves with the test's progress, so that
+	// the nodes contend for chunks that have no exception yet.
+	c := uint32((progress/6 + int64(rng.IntN(6))) % mnHot)
+	if rng.IntN(4) == 0 {
+		c = uint32(rng.IntN(mnHot))
+	}
+	// snapWriter is the node that writes chunk c in the snapshot, unless
+	// sameNode.
+	snapWriter := func(c uint32) uint32 { return c%3 + 1 }
+	r := rng.IntN(100)
+	switch {
+	case sameNode:
+	case r < 35 && snapWriter(c) == n.id:
+		c = (c + 1) % mnHot
+	case r >= 70 && r < 92 && snapWriter(c) != n.id:
+		c = c - c%3 + n.id - 1
+		if c >= mnHot {
+			c -= 3
+		}
+	}
+	off := int64(c) * mnChunkBytes
+	switch {
+	case r < 35: // origin write, whole or half chunk
+		p := buf[:mnChunkBytes]
+		if rng.IntN(2) == 0 {
+			p = buf[:mnChunkBytes/2]
+		}
+		fillTag(p, tag{chunk: c, kind: kindOrigin, node: uint8(n.id), version: versions.Add(1)})
+		return n.volume.WriteAt(ctx, p, off, rng.IntN(4) == 0)
+	case r < 70: // snapshot read of one to three chunks
+		k := 1 + rng.IntN(3)
+		if int(c)+k > mnHot {
+			k = mnHot - int(c)
+		}
+		p := buf[:k*mnChunkBytes]
+		start := hist.clock.Add(1)
+		if err := n.snap.ReadAt(ctx, p, off); err != nil {
+			return err
+		}
+		end := hist.clock.Add(1)
+		for i := range k {
+			tg, uniform := readTag(p[i*mnChunkBytes : (i+1)*mnChunkBytes])
+			if !uniform {
+				t.Errorf("node %d: snapshot chunk %d is torn", n.id, int(c)+i)
+				continue
+			}
+			if msg := hist.check(c+uint32(i), tg, start, end); msg != "" {
+				t.Errorf("node %d: %s", n.id, msg)
+			}
+		}
+		return nil
+	case r < 92: // snapshot write of a whole chunk
+		v := versions.Add(1)
+		p := buf[:mnChunkBytes]
+		fillTag(p, tag{chunk: c, kind: kindSnapshot, node: uint8(n.id), version: v})
+		w := hist.begin(c, v)
+		err := n.snap.WriteAt(ctx, p, off, false)
+		hist.end(w, err == nil)
+		return err
+	default:
+		if rng.IntN(2) == 0 {
+			return n.volume.Flush(ctx)
+		}
+		return n.snap.Flush(ctx)
+	}
+}

@@ -1,0 +1,167 @@
+package clusterized_test
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/clustersnap/clustersnap/exstore"
+	"github.com/clustersnap/clustersnap/exstore/cow"
+	"github.com/clustersnap/clustersnap/persistent"
+)
+
+// The Ratio benchmarks run the bare persistent store and the wrapper
+// alternately, a slice of operations each, in one goroutine, and report
+// the wrapper's throughput relative to the bare store's
+// ("throughput-ratio", 1 means equal): on a machine shared with other work
+// the load then weighs on both alike, which separate benchmarks cannot
+// promise.
+
+// ratioSlice is how many operations each side runs before the other's turn.
+const ratioSlice = 1000
+
+// runRatio times bare(i) and clustered(i) for i in [0, b.N), alternating
+// slices, and reports both costs and the throughput ratio.
+func runRatio(b *testing.B, bare, clustered func(i int)) {
+	var tBare, tClustered time.Duration
+	b.ResetTimer()
+	for done := 0; done < b.N; done += ratioSlice {
+		n := min(ratioSlice, b.N-done)
+		t0 := time.Now()
+		for i := range n {
+			bare(done + i)
+		}
+		t1 := time.Now()
+		for i := range n {
+			clustered(done + i)
+		}
+		tClustered += time.Since(t1)
+		tBare += t1.Sub(t0)
+	}
+	b.StopTimer()
+	b.ReportMetric(float64(tBare.Nanoseconds())/float64(b.N), "bare-ns/op")
+	b.ReportMetric(float64(tClustered.Nanoseconds())/float64(b.N), "clustered-ns/op")
+	b.ReportMetric(float64(tBare)/float64(tClustered), "throughput-ratio")
+}
+
+// lookupOp returns an operation looking chunk i%n up.
+func lookupOp(b *testing.B, s exstore.Store, base exstore.Chunk, n int) func(int) {
+	ctx := context.Background()
+	return func(i int) {
+		_, _, release, err := s.Lookup(ctx, base+exstore.Chunk(i%n))
+		release()
+		if err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// BenchmarkRatioLookupHit: lookups that find an exception.
+func BenchmarkRatioLookupHit(b *testing.B) {
+	const n = 4096
+	bare, _ := benchStore(b, false, 64<<20)
+	clustered, _ := benchStore(b, true, 64<<20)
+	for i := range n {
+		add(b, bare, exstore.Chunk(i))
+		add(b, clustered, exstore.Chunk(i))
+	}
+	runRatio(b, lookupOp(b, bare, 0, n), lookupOp(b, clustered, 0, n))
+}
+
+// BenchmarkRatioLookupMiss: lookups that find none, held and released (the
+// wrapper's CR entry).
+func BenchmarkRatioLookupMiss(b *testing.B) {
+	bare, _ := benchStore(b, false, 16<<20)
+	clustered, _ := benchStore(b, true, 16<<20)
+	add(b, bare, 1)
+	add(b, clustered, 1) // the lock is cached in EX
+	runRatio(b, lookupOp(b, bare, 1000, 4096), lookupOp(b, clustered, 1000, 4096))
+}
+
+// prepareCommitOp returns an operation that prepares and commits an
+// exception, starting over on a fresh store when the COW fills up.
+func prepareCommitOp(b *testing.B, clustered bool) func(int) {
+	const cowBytes = 128 << 20
+	capacity := persistent.NewGeometry(benchChunkSectors, cowBytes).Capacity()
+	s, _ := benchStore(b, clustered, cowBytes)
+	used := uint64(0)
+	ctx := context.Background()
+	return func(i int) {
+		if used == capacity-1 {
+			_ = s.Close()
+			s, _ = benchStore(b, clustered, cowBytes)
+			used = 0
+		}
+		e, err := s.Prepare(ctx, exstore.Chunk(i))
+		if err != nil {
+			b.Fatal(err)
+		}
+		if err := s.Commit(ctx, e); err != nil {
+			b.Fatal(err)
+		}
+		used++
+	}
+}
+
+// BenchmarkRatioPrepareCommit: one exception prepared and committed at a
+// time (a metadata write each).
+func BenchmarkRatioPrepareCommit(b *testing.B) {
+	runRatio(b, prepareCommitOp(b, false), prepareCommitOp(b, true))
+}
+
+// snapshotReadOp returns a 4 KiB snapshot read through the COW engine,
+// chunks alternately from the COW and from the origin.
+func snapshotReadOp(b *testing.B, clustered bool) func(int) {
+	const chunks = 4096
+	s, dev := benchStore(b, clustered, 64<<20)
+	origin := cow.NewOrigin(newMemDevice("origin", chunks*4096))
+	snap, err := origin.AddSnapshot("snap", s, dev, cow.SnapshotOptions{})
+	require.NoError(b, err)
+	ctx := context.Background()
+	p := make([]byte, 4096)
+	for c := 0; c < chunks; c += 2 {
+		require.NoError(b, origin.WriteAt(ctx, p, int64(c)*4096, false))
+	}
+	return func(i int) {
+		if err := snap.ReadAt(ctx, p, int64(i%chunks)*4096); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// BenchmarkRatioCOWSnapshotRead: snapshot reads through the COW engine.
+func BenchmarkRatioCOWSnapshotRead(b *testing.B) {
+	runRatio(b, snapshotReadOp(b, false), snapshotReadOp(b, true))
+}
+
+// originWriteOp returns a 4 KiB origin write through the COW engine to a
+// chunk without exception: lookup, allocation, copy, commit, write.
+func originWriteOp(b *testing.B, clustered bool) func(int) {
+	const chunks = 16384
+	var origin *cow.Origin
+	setup := func() {
+		s, dev := benchStore(b, clustered, 80<<20)
+		origin = cow.NewOrigin(newMemDevice("origin", chunks*4096))
+		_, err := origin.AddSnapshot("snap", s, dev, cow.SnapshotOptions{})
+		require.NoError(b, err)
+	}
+	setup()
+	ctx := context.Background()
+	p := make([]byte, 4096)
+	return func(i int) {
+		if i > 0 && i%chunks == 0 {
+			setup()
+		}
+		if err := origin.WriteAt(ctx, p, int64(i%chunks)*4096, false); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// BenchmarkRatioCOWOriginWrite: origin writes that copy a chunk into the
+// snapshot through the COW engine.
+func BenchmarkRatioCOWOriginWrite(b *testing.B) {
+	runRatio(b, originWriteOp(b, false), originWriteOp(b, true))
+}
