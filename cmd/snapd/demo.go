@@ -57,7 +57,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		return usagef("give --listen or --socket, or --no-serve")
 	}
 	fmt.Fprintln(stdout)
-	v, err := openVolumes(ctx, originPath, []snapshotSpec{{name: "snap", cow: cowPath}}, false)
+	v, err := openVolumes(ctx, originPath, []snapshotSpec{{name: "snap", cow: cowPath}}, false, nil)
 	if err != nil {
 		return err
 	}

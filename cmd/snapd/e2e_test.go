@@ -261,3 +261,45 @@ func TestServeTrimAndZeroes(t *testing.T) {
 	// 16 chunks copied for the origin's discard, 16 for its zeroes, 4 for the snapshot's zeroes.
 	assert.Contains(t, rest, "snapshot snap: 36 exceptions")
 }
+
+// A clustered serve (--cluster-id, in-process lock engine) behaves as a
+// plain one through NBD and leaves the same COW behind.
+func TestServeClustered(t *testing.T) {
+	qemuIO := tool(t, "qemu-io", "qemu-utils")
+	nbdcopy := tool(t, "nbdcopy", "libnbd-bin")
+	bin := buildSnapd(t)
+	f := newFixture(t, bin, 4<<20, 11)
+	sock := filepath.Join(f.dir, "nbd.sock")
+	uri := func(name string) string { return "nbd+unix:///" + name + "?socket=" + sock }
+
+	for _, bad := range [][]string{
+		{"--cluster-id", "c1", "--lock", "etcd"},
+		{"--lock", "local"},
+		{"--cluster-id", "a/b"},
+	} {
+		args := append([]string{"serve", "--origin", f.origin, "--snapshot", "snap=" + f.cow, "--listen", "", "--socket", sock}, bad...)
+		out, err := exec.Command(bin, args...).CombinedOutput()
+		require.Error(t, err, "%v", bad)
+		assert.Equal(t, 2, err.(*exec.ExitError).ExitCode(), "%v: %s", bad, out)
+		assert.Equal(t, 1, strings.Count(strings.TrimSpace(string(out)), "\n")+1, "%v: one line: %s", bad, out)
+	}
+
+	srv := startServe(t, bin, "--origin", f.origin, "--snapshot", "snap="+f.cow, "--listen", "", "--socket", sock, "--cluster-id", "c1", "--lock", "local")
+	run1(t, qemuIO, "-f", "raw", uri("origin"), "-c", "write -P 0xab 0 64k", "-c", "flush")
+	run1(t, qemuIO, "-f", "raw", uri("snap"), "-c", "write -P 0xee 1M 4k", "-c", "flush")
+	snapOut := filepath.Join(f.dir, "snap.out")
+	run1(t, nbdcopy, uri("snap"), snapOut)
+	got, err := os.ReadFile(snapOut)
+	require.NoError(t, err)
+	want := append([]byte(nil), f.orig...)
+	copy(want[1<<20:], bytes.Repeat([]byte{0xee}, 4096))
+	assert.True(t, bytes.Equal(want, got), "the clustered snapshot shows the origin as it was, plus its own write")
+	code, _ := srv.stop(t)
+	assert.Equal(t, 0, code)
+
+	var reports []statusReport
+	require.NoError(t, json.Unmarshal([]byte(run1(t, bin, "status", "--json", f.cow)), &reports))
+	require.Len(t, reports, 1)
+	assert.Equal(t, uint64(17), reports[0].Exceptions, "16 origin chunks and one snapshot chunk")
+	assert.Equal(t, "valid", reports[0].State)
+}

@@ -48,7 +48,7 @@ func commands() []command {
 		{"status", "show a snapshot's usage as dmsetup status does, humanized", runStatus},
 		{"check", "verify a COW's metadata without changing it", runCheck},
 		{"merge", "roll the origin back to a snapshot (resumable)", runMerge},
-		{"attach", "attach an NBD export to /dev/nbdN with the kernel's nbd driver (go-nbd's client)", runAttach},
+		{"attach", "attach an NBD export to /dev/nbdN with the kernel's nbd driver, as nbd-client does", runAttach},
 		{"detach", "detach /dev/nbdN", runDetach},
 	}
 }

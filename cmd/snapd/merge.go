@@ -107,7 +107,7 @@ func runMerge(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if *originPath == "" || *cowPath == "" {
 		return usagef("--origin and --cow are required")
 	}
-	v, err := openVolumes(ctx, *originPath, []snapshotSpec{{name: "merge", cow: *cowPath}}, false)
+	v, err := openVolumes(ctx, *originPath, []snapshotSpec{{name: "merge", cow: *cowPath}}, false, nil)
 	if err != nil {
 		return err
 	}

@@ -13,8 +13,12 @@ import (
 	"strings"
 	"time"
 
+	"github.com/clustersnap/clustersnap/clusterized"
+	"github.com/clustersnap/clustersnap/exstore"
 	"github.com/clustersnap/clustersnap/exstore/blockdev"
 	"github.com/clustersnap/clustersnap/exstore/cow"
+	"github.com/clustersnap/clustersnap/lockc"
+	"github.com/clustersnap/clustersnap/lockc/inproc"
 	"github.com/clustersnap/clustersnap/nbd"
 	"github.com/clustersnap/clustersnap/persistent"
 )
@@ -72,9 +76,45 @@ type volumes struct {
 	closers []io.Closer // stores, then devices, in closing order
 }
 
+// clusterConfig makes the snapshots' stores clustered: each is wrapped by
+// clusterized under the lock resource of cluster id and snapshot name, in
+// the lock engine's lockspace.
+type clusterConfig struct {
+	id     string
+	engine lockc.Engine
+}
+
+// lockEngines are the --lock values snapd knows.
+const lockEngines = "local"
+
+// newClusterConfig checks --cluster-id and --lock. Without a cluster id
+// the stores are plain persistent ones (nil).
+func newClusterConfig(id, lock string) (*clusterConfig, error) {
+	if id == "" {
+		if lock != "" {
+			return nil, usagef("--lock needs --cluster-id")
+		}
+		return nil, nil
+	}
+	if strings.ContainsAny(id, "/\x00") || len(id) > 32 {
+		return nil, usagef("--cluster-id %q: at most 32 bytes, without '/'", id)
+	}
+	switch lock {
+	case "", "local":
+		return &clusterConfig{id: id, engine: inproc.New()}, nil
+	}
+	return nil, usagef("--lock %q: unknown lock engine (known: %s)", lock, lockEngines)
+}
+
+// resource is the cluster id of snapshot name's store: one lock resource
+// per COW, the same on every node that serves it under the same name.
+func (c *clusterConfig) resource(name string) string { return c.id + "/" + name }
+
 // openVolumes opens the origin and every snapshot's COW with exclusive
-// locks, so that no second snapd on this host serves them at once.
-func openVolumes(ctx context.Context, originPath string, specs []snapshotSpec, direct bool) (*volumes, error) {
+// locks, so that no second snapd on this host serves them at once. With a
+// cluster the stores are clustered; the in-process lock engine ("local")
+// coordinates one process only, so the exclusive locks stay.
+func openVolumes(ctx context.Context, originPath string, specs []snapshotSpec, direct bool, cluster *clusterConfig) (*volumes, error) {
 	v := &volumes{}
 	fail := func(err error) (*volumes, error) {
 		v.Close()
@@ -99,7 +139,12 @@ func openVolumes(ctx context.Context, originPath string, specs []snapshotSpec, d
 			return fail(fmt.Errorf("snapshot %s: %w", spec.name, err))
 		}
 		v.closers = append([]io.Closer{cd}, v.closers...)
-		st, err := persistent.Open(ctx, cd, persistent.Options{NoFormat: true})
+		var st exstore.Store
+		if cluster != nil {
+			st, err = clusterized.OpenPersistent(ctx, cd, cluster.engine, cluster.resource(spec.name), clusterized.PersistentOptions{})
+		} else {
+			st, err = persistent.Open(ctx, cd, persistent.Options{NoFormat: true})
+		}
 		if err != nil {
 			return fail(fmt.Errorf("snapshot %s: %w", spec.name, err))
 		}
@@ -205,7 +250,13 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	verifyClients := flags.Bool("tls-verify-clients", false, "require client certificates signed by the directory's ca-cert.pem")
 	stdio := flags.Bool("stdio", false, "serve one client on stdin/stdout (inetd, libnbd's connect_command) instead of listening")
 	defaultExport := flags.String("default-export", "", "export also served under the empty name (what nbd-client without -N and 'nbdinfo -- [ snapd serve ... ]' ask for)")
+	clusterID := flags.String("cluster-id", "", "serve the snapshots as members of this cluster: their stores take cluster locks (resource ID/NAME per snapshot)")
+	lock := flags.String("lock", "", "lock engine with --cluster-id: local (in-process, this snapd only; the default)")
 	if err := parse(flags, args); err != nil {
+		return err
+	}
+	cluster, err := newClusterConfig(*clusterID, *lock)
+	if err != nil {
 		return err
 	}
 	if *origin == "" {
@@ -225,7 +276,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		}
 		cfg.tlsMode = mode
 	}
-	v, err := openVolumes(ctx, *origin, specs, *direct)
+	v, err := openVolumes(ctx, *origin, specs, *direct, cluster)
 	if err != nil {
 		return err
 	}
