@@ -168,6 +168,7 @@ func (c *conn) optStartTLS(data []byte) error {
 	}
 	// c.nc stays the raw connection: deadlines and Close act on it, and
 	// reach the TLS stream through it.
+	c.stream = tc
 	c.r.Reset(tc)
 	c.w.Reset(tc)
 	c.tls = true

@@ -5,12 +5,15 @@
 #   randread-4k   4 KiB random reads, iodepth 64, 4 jobs (4 connections): IOPS
 #   seqread-1m    1 MiB sequential reads, iodepth 8: MiB/s
 #   seqwrite-1m   1 MiB sequential writes, iodepth 8: MiB/s
-# and prints snapd/nbdkit (target >= 1.0; higher is better for all three).
+# and prints snapd/nbdkit (target >= 1.0; higher is better for all three):
+# the ratio of the medians, and the median of each round's own ratio (the two
+# servers run each workload back to back).
 #
 # Environment: SIZE (file size, default 1GiB), RUNTIME (seconds per fio job,
-# default 10), ROUNDS (runs per server, alternating, median reported; default
-# 1), SNAPD (a snapd binary; built from this checkout if unset),
-# BENCH_TMPDIR (where the scratch directory goes, default /var/tmp).
+# default 10), ROUNDS (runs per server and workload, servers alternating,
+# median reported; default 1), SNAPD (a snapd binary; built from this
+# checkout if unset), BENCH_TMPDIR (where the scratch directory goes, default
+# /var/tmp).
 set -euo pipefail
 
 # shellcheck source=lib.sh
@@ -51,34 +54,49 @@ EOF
 
 fill_file "$file" "$SIZE_BYTES"
 
-# bench_server NAME ROUND URI CMD...: one server, all workloads; fio's JSON
-# goes to $BENCH_DIR/NAME-WORKLOAD-rNNN.json.
-bench_server() {
-	local name=$1 round=$2 uri=$3 w strict='' tag
-	shift 3
+# bench_run NAME ROUND WORKLOAD: one server, one workload; fio's JSON goes to
+# $BENCH_DIR/NAME-WORKLOAD-rNNN.json. Each run gets a fresh server, after the
+# previous server's dirty pages are written back and the file is cached.
+bench_run() {
+	local name=$1 round=$2 w=$3 uri strict='' tag
 	printf -v tag 'r%03d' "$round"
-	[[ $name == snapd ]] && strict=strict
 	settle "$file"
 	rm -f "$sock"
-	start_server "$BENCH_DIR/$name.log" "$uri" "$@"
-	for w in "${workloads[@]}"; do
-		echo "  round $round: $name $w" >&2
-		run_fio "$jobs" "$w" "$uri" "$BENCH_DIR/$name-$w-$tag.json"
-	done
+	echo "  round $round: $name $w" >&2
+	case $name in
+	snapd)
+		uri="nbd+unix:///origin?socket=$sock" strict=strict
+		start_server "$BENCH_DIR/$name.log" "$uri" \
+			"$SNAPD" serve --origin "$file" --listen "" --socket "$sock"
+		;;
+	nbdkit)
+		uri="nbd+unix:///?socket=$sock"
+		start_server "$BENCH_DIR/$name.log" "$uri" \
+			nbdkit -f --exit-with-parent --unix "$sock" file "$file"
+		;;
+	esac
+	run_fio "$jobs" "$w" "$uri" "$BENCH_DIR/$name-$w-$tag.json"
 	stop_server $strict
 }
 
-# Servers alternate round by round, so drift in the machine's speed falls on both.
+# The two servers run each workload back to back, in alternating order from
+# round to round (snapd first in odd rounds), so that drift in the machine's
+# speed - other work starting or stopping - falls on both alike, and each
+# round gives a paired ratio.
 for ((round = 1; round <= ROUNDS; round++)); do
-	bench_server snapd "$round" "nbd+unix:///origin?socket=$sock" \
-		"$SNAPD" serve --origin "$file" --listen "" --socket "$sock"
-	bench_server nbdkit "$round" "nbd+unix:///?socket=$sock" \
-		nbdkit -f --exit-with-parent --unix "$sock" file "$file"
+	order=(snapd nbdkit)
+	((round % 2)) || order=(nbdkit snapd)
+	for w in "${workloads[@]}"; do
+		for s in "${order[@]}"; do
+			bench_run "$s" "$round" "$w"
+		done
+	done
 done
 
 bench_header
 echo "# median of $ROUNDS round(s); higher is better; ratio = snapd/nbdkit, target >= 1.0"
-printf '%-13s %-7s %9s %9s %7s   %s\n' workload unit snapd nbdkit ratio "each round (snapd; nbdkit)"
+echo "# paired: median of the rounds' own ratios (each round runs both servers back to back)"
+printf '%-13s %-7s %9s %9s %7s %7s   %s\n' workload unit snapd nbdkit ratio paired "each round: snapd; nbdkit; ratio"
 for w in "${workloads[@]}"; do
 	case $w in
 	randread-4k) unit=IOPS metric=(fio_iops read) ;;
@@ -87,6 +105,14 @@ for w in "${workloads[@]}"; do
 	esac
 	s=$(median_of "${metric[@]}" "$BENCH_DIR/snapd-$w-"r*.json)
 	p=$(median_of "${metric[@]}" "$BENCH_DIR/nbdkit-$w-"r*.json)
-	printf '%-13s %-7s %9.0f %9.0f %7s   %s; %s\n' "$w" "$unit" "$s" "$p" "$(ratio "$s" "$p")" \
-		"$(each_of "${metric[@]}" "$BENCH_DIR/snapd-$w-"r*.json)" "$(each_of "${metric[@]}" "$BENCH_DIR/nbdkit-$w-"r*.json)"
+	ratios=()
+	for ((round = 1; round <= ROUNDS; round++)); do
+		printf -v tag 'r%03d' "$round"
+		ratios+=("$(ratio "$("${metric[0]}" "$BENCH_DIR/snapd-$w-$tag.json" "${metric[1]}")" \
+			"$("${metric[0]}" "$BENCH_DIR/nbdkit-$w-$tag.json" "${metric[1]}")")")
+	done
+	printf '%-13s %-7s %9.0f %9.0f %7s %7s   %s; %s; %s\n' "$w" "$unit" "$s" "$p" "$(ratio "$s" "$p")" \
+		"$(printf '%s\n' "${ratios[@]}" | sort -n | awk '{ v[NR] = $1 } END { if (NR % 2) printf "%.2f", v[(NR + 1) / 2]; else printf "%.2f", (v[NR / 2] + v[NR / 2 + 1]) / 2 }')" \
+		"$(each_of "${metric[@]}" "$BENCH_DIR/snapd-$w-"r*.json)" "$(each_of "${metric[@]}" "$BENCH_DIR/nbdkit-$w-"r*.json)" \
+		"$(IFS=/; echo "${ratios[*]}")"
 done
