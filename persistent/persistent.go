@@ -120,10 +120,14 @@ type Store struct {
 	// for Durable, which takes no lock). Every visible exception whose COW
 	// chunk is at least lazyFirst waits: one committed normally after it
 	// is written only in a batch that writes it too.
-	lazyWaiting  int
-	lazyLast     exstore.Chunk
-	lazyFirst    uint64
-	lazyFirstNow atomic.Uint64
+	lazyWaiting int
+	// durableWaiting counts the queued exceptions whose Commit waits,
+	// syncWaiting the Syncs waiting: a lazy commit that completes the
+	// queue's ready prefix must wake the committer for them.
+	durableWaiting, syncWaiting int
+	lazyLast                    exstore.Chunk
+	lazyFirst                   uint64
+	lazyFirstNow                atomic.Uint64
 	// Batches started and completed, and a channel closed (and replaced)
 	// at the end of each, for Sync to wait on.
 	batchesStarted, batchesDone uint64
@@ -585,6 +589,7 @@ func (s *Store) Commit(ctx context.Context, e exstore.Exception) error {
 	}
 	p.ready = true
 	p.done = make(chan error, 1)
+	s.durableWaiting++
 	s.allocMu.Unlock()
 	s.kick()
 	select {
@@ -617,7 +622,7 @@ func (s *Store) CommitLazy(ctx context.Context, e exstore.Exception) error {
 		s.lazyFirst = uint64(e.New)
 		s.lazyFirstNow.Store(s.lazyFirst)
 	}
-	kick := s.lazyWaiting >= lazyKick
+	kick := s.lazyWaiting >= lazyKick || s.durableWaiting > 0 || s.syncWaiting > 0
 	// In the table under allocMu, so that no batch can write it and look
 	// for it in the table in between.
 	err := s.insert(s.table, []exstore.Exception{e}, true)
@@ -648,7 +653,13 @@ func (s *Store) Durable(new exstore.Chunk) bool {
 func (s *Store) Sync(ctx context.Context) error {
 	s.allocMu.Lock()
 	last, started := s.lazyLast, s.batchesStarted
+	s.syncWaiting++
 	s.allocMu.Unlock()
+	defer func() {
+		s.allocMu.Lock()
+		s.syncWaiting--
+		s.allocMu.Unlock()
+	}()
 	for {
 		s.allocMu.Lock()
 		lazyDone := s.lazyFirst > uint64(last)
@@ -735,6 +746,8 @@ func (s *Store) takeReady() []*prepared {
 		if p.ready {
 			if p.lazy {
 				s.lazyWaiting--
+			} else {
+				s.durableWaiting--
 			}
 			batch = append(batch, p)
 		} else {
