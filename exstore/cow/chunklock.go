@@ -13,16 +13,13 @@ import (
 // a fixed table costs no allocation, map or table mutex per I/O.
 const chunkLockStripes = 1024
 
-// chunkStripe is one stripe, alone on its cache line so that goroutines on
-// different CPUs working on different chunks do not share lines.
+// chunkStripe is one stripe's lock, held by the COW path of a chunk from its
+// lookup through its commit: the kernel's pending exception. Each is alone
+// on its cache line, so that COW paths on different CPUs working on
+// different chunks do not share lines.
 type chunkStripe struct {
-	// mu is held by the COW path of a chunk from its lookup through its
-	// commit: the kernel's pending exception.
 	mu sync.Mutex
-	// overwrites counts the origin overwrites announced on this stripe's
-	// chunks. Snapshot reads only load it.
-	overwrites atomic.Uint64
-	_          [64 - 16]byte
+	_  [64 - 8]byte
 }
 
 // chunkLocks is a snapshot's pending-exception table and the guard of its
@@ -45,6 +42,13 @@ type chunkStripe struct {
 // runs cannot deadlock; it never takes a stripe twice.
 type chunkLocks struct {
 	stripes [chunkLockStripes]chunkStripe
+	// overwrites counts, per stripe, the origin overwrites announced on
+	// its chunks. Reads only load them, so they are packed (4 KiB, which
+	// stays in the CPU's caches between reads; padded lines would be
+	// 64 KiB and miss after every read's copy), and a 32-bit counter may
+	// wrap: only an exact multiple of 2^32 announcements during one read
+	// would go unnoticed.
+	overwrites [chunkLockStripes]atomic.Uint32
 }
 
 // stripe returns chunk c's stripe.
@@ -60,19 +64,21 @@ func (t *chunkLocks) unlock(c exstore.Chunk) { t.stripe(c).mu.Unlock() }
 
 // announceOverwrite records that origin chunk c, held by lock, is about to
 // be overwritten: reads of it that are in flight will read again.
-func (t *chunkLocks) announceOverwrite(c exstore.Chunk) { t.stripe(c).overwrites.Add(1) }
+func (t *chunkLocks) announceOverwrite(c exstore.Chunk) {
+	t.overwrites[uint64(c)%chunkLockStripes].Add(1)
+}
 
-// overwrites sums the announcements of chunks [first, end)'s stripes. The
-// counters only grow, so an unchanged sum means no announcement. The run
-// must not be longer than chunkLockStripes.
-func (t *chunkLocks) overwrites(first, end exstore.Chunk) uint64 {
+// announcements sums the announcements of chunks [first, end)'s stripes.
+// The counters only grow (modulo 2^32), so an unchanged sum means no
+// announcement. The run must not be longer than chunkLockStripes.
+func (t *chunkLocks) announcements(first, end exstore.Chunk) uint64 {
 	lo1, hi1, lo2, hi2 := stripeRanges(first, end)
 	var sum uint64
 	for i := lo1; i < hi1; i++ {
-		sum += t.stripes[i].overwrites.Load()
+		sum += uint64(t.overwrites[i].Load())
 	}
 	for i := lo2; i < hi2; i++ {
-		sum += t.stripes[i].overwrites.Load()
+		sum += uint64(t.overwrites[i].Load())
 	}
 	return sum
 }

@@ -61,14 +61,14 @@ func TestChunkLocksRange(t *testing.T) {
 func TestOverwriteAnnouncements(t *testing.T) {
 	var locks chunkLocks
 	first, end := exstore.Chunk(chunkLockStripes-2), exstore.Chunk(chunkLockStripes+3)
-	before := locks.overwrites(first, end)
+	before := locks.announcements(first, end)
 	locks.announceOverwrite(end)
 	locks.announceOverwrite(first - 1)
-	assert.Equal(t, before, locks.overwrites(first, end), "chunks outside the run")
+	assert.Equal(t, before, locks.announcements(first, end), "chunks outside the run")
 	locks.announceOverwrite(chunkLockStripes + 1)
-	assert.Equal(t, before+1, locks.overwrites(first, end), "a chunk of the run")
+	assert.Equal(t, before+1, locks.announcements(first, end), "a chunk of the run")
 	locks.announceOverwrite(1 + 3*chunkLockStripes)
-	assert.Equal(t, before+2, locks.overwrites(first, end), "a chunk sharing a stripe with the run")
+	assert.Equal(t, before+2, locks.announcements(first, end), "a chunk sharing a stripe with the run")
 }
 
 // TestReadRetriesUnderOriginOverwrite lands an origin write on a chunk while

@@ -221,6 +221,7 @@ func (o *Origin) WriteAt(ctx context.Context, p []byte, off int64, fua bool) err
 	if err := o.copyBeforeOverwrite(ctx, off, int64(len(p))); err != nil {
 		return fmt.Errorf("origin %s: write %d bytes at %d: %w", o.dev.Name(), len(p), off, err)
 	}
+	o.announceOverwrite(off, int64(len(p)))
 	if err := writeDev(o.dev, p, off, fua); err != nil {
 		return fmt.Errorf("origin %s: write %d bytes at %d: %w", o.dev.Name(), len(p), off, err)
 	}
@@ -272,6 +273,27 @@ func (o *Origin) copyBeforeOverwrite(ctx context.Context, off, n int64) error {
 		}
 		return nil
 	})
+}
+
+// announceOverwrite tells the snapshots' reads that [off, off+n) of the
+// origin is about to be overwritten (see chunkLocks): a read that missed
+// one of its chunks before the exception appeared (whether this write's
+// copy, an earlier one or a snapshot write made it) and is reading the
+// origin now reads again, and finds the exception. Every origin change
+// comes after its copies and calls it first; the caller holds o.snapMu.
+func (o *Origin) announceOverwrite(off, n int64) {
+	if n <= 0 {
+		return
+	}
+	for _, s := range o.snaps {
+		first, last := off/s.chunkBytes, (off+n-1)/s.chunkBytes
+		if last-first+1 >= chunkLockStripes {
+			first, last = 0, chunkLockStripes-1
+		}
+		for c := first; c <= last; c++ {
+			s.locks.announceOverwrite(exstore.Chunk(c))
+		}
+	}
 }
 
 // copyTask is one chunk an origin write needs copied into one snapshot.

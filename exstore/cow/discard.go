@@ -105,6 +105,7 @@ func (o *Origin) Trim(ctx context.Context, off, length int64, fua bool) error {
 	if err := o.copyBeforeOverwrite(ctx, start, end-start); err != nil {
 		return fmt.Errorf("origin %s: trim %d bytes at %d: %w", o.dev.Name(), length, off, err)
 	}
+	o.announceOverwrite(start, end-start)
 	if err := d.Discard(start, end-start); err != nil {
 		return fmt.Errorf("origin %s: trim %d bytes at %d: %w", o.dev.Name(), length, off, err)
 	}
@@ -143,6 +144,7 @@ func (o *Origin) WriteZeroes(ctx context.Context, off, length int64, noHole, fua
 	if err := o.copyBeforeOverwrite(ctx, off, length); err != nil {
 		return fmt.Errorf("origin %s: write %d zeroes at %d: %w", o.dev.Name(), length, off, err)
 	}
+	o.announceOverwrite(off, length)
 	if err := zeroDev(o.dev, o.zeroes(), off, length, !noHole); err != nil {
 		return fmt.Errorf("origin %s: write %d zeroes at %d: %w", o.dev.Name(), length, off, err)
 	}

@@ -147,6 +147,7 @@ func (o *Origin) mergeRun(ctx context.Context, s *Snapshot, last exstore.Excepti
 	if err != nil {
 		return buf, err
 	}
+	o.announceOverwrite(start, length)
 
 	piece := max(maxMergeIO/s.chunkBytes, 1) * s.chunkBytes
 	for done := int64(0); done < length; {

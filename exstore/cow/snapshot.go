@@ -373,21 +373,19 @@ func (s *Snapshot) readFailure(err error) error {
 // was announced during the attempt (see chunkLocks), holding the chunks
 // after optimisticReadAttempts.
 func (s *Snapshot) readWindow(ctx context.Context, first, end exstore.Chunk, at int64, p []byte) error {
-	for attempt := 1; ; attempt++ {
-		hold := attempt > optimisticReadAttempts
-		if hold {
-			s.locks.lockRange(first, end)
-		}
-		before := s.locks.overwrites(first, end)
+	for range optimisticReadAttempts {
+		before := s.locks.announcements(first, end)
 		err := s.readWindowOnce(ctx, first, end, at, p)
-		disturbed := s.locks.overwrites(first, end) != before
-		if hold {
-			s.locks.unlockRange(first, end)
-		}
-		if err != nil || !disturbed {
+		if err != nil || s.locks.announcements(first, end) == before {
 			return err
 		}
 	}
+	// Holding the chunks, no exception for them can appear, so no origin
+	// write can land on one this read found without: announcements during
+	// this attempt do not matter.
+	s.locks.lockRange(first, end)
+	defer s.locks.unlockRange(first, end)
+	return s.readWindowOnce(ctx, first, end, at, p)
 }
 
 // readWindowOnce is one attempt of readWindow. The chunks are looked up
@@ -546,10 +544,6 @@ func (s *Snapshot) writeChunk(ctx context.Context, c exstore.Chunk, at int64, da
 	} else if found {
 		return s.putCOW(c, new, at, data, n, fua)
 	}
-	// Once the exception below exists, an origin write to c goes ahead
-	// without a copy: reads that missed c and went to the origin must read
-	// again (see chunkLocks), from the COW.
-	defer s.locks.announceOverwrite(c)
 	e, err := s.store.Prepare(ctx, c)
 	switch {
 	case err == nil:
@@ -642,12 +636,6 @@ func (s *Snapshot) copyChunkForOrigin(ctx context.Context, c exstore.Chunk) erro
 		s.ensureDurable(ctx, c, new)
 		return nil
 	}
-	// Whatever happens next, the origin chunk is overwritten after this
-	// returns: reads that missed it and went to the origin must read again.
-	// The announcement comes after the commit (the second read finds the
-	// exception) and before the unlock (readers holding the chunk are never
-	// disturbed).
-	defer s.locks.announceOverwrite(c)
 	e, err := s.store.Prepare(ctx, c)
 	switch {
 	case err == nil:
