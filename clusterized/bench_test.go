@@ -60,19 +60,22 @@ func (d *memDevice) Sync() error                                  { return nil }
 func (d *memDevice) Close() error                                 { return nil }
 
 // benchStore returns a fresh COW of cowBytes with a persistent store and,
-// for clustered, the wrapper around it.
+// for clustered, the wrapper around it (as the COW engine gets it: a
+// LazyStore).
 func benchStore(b *testing.B, clustered bool, cowBytes int64) (exstore.Store, *memDevice) {
 	b.Helper()
 	dev := newMemDevice("cow", cowBytes)
 	formatCOW(b, dev, benchChunkSectors)
 	var s exstore.Store
-	var err error
 	if clustered {
-		s, err = clusterized.OpenPersistent(context.Background(), dev, inproc.New(), "bench", clusterized.PersistentOptions{Logger: quietLogger()})
+		cs, err := clusterized.OpenPersistent(context.Background(), dev, inproc.New(), "bench", clusterized.PersistentOptions{Logger: quietLogger()})
+		require.NoError(b, err)
+		s = cs.Exstore()
 	} else {
+		var err error
 		s, err = persistent.Open(context.Background(), dev, persistent.Options{NoFormat: true, Logger: quietLogger()})
+		require.NoError(b, err)
 	}
-	require.NoError(b, err)
 	b.Cleanup(func() { _ = s.Close() })
 	return s, dev
 }

@@ -24,6 +24,21 @@
 //   - CR and EX stay held after use; the node gives them up only when a
 //     blocking notification says another node waits, once its users are out.
 //
+// # Lazy commits
+//
+// When the core is an exstore.LazyCommitter (the persistent store is), so
+// is the store Exstore returns (a *LazyStore): the COW engine then commits
+// a snapshot write's exception lazily, visible at once and durable at the
+// next Sync, as on the bare store. CommitLazy ends the Prepare's stay in EX
+// as Commit does, so lazily committed exceptions only ever wait to be
+// written while the node holds EX: before it gives EX up (or closes), the
+// node has the core write them (a core Sync), and only then publishes the
+// counter, so that no other node refreshes metadata missing an exception
+// this node made visible, or allocates its COW chunk. Sync with none
+// waiting only flushes the device, and needs no lock. A node that loses the
+// lockspace writes none of them any more (the fence refuses, and Sync
+// fails): they covered only snapshot writes no flush had completed for.
+//
 // # The counter
 //
 // The LVB carries a counter (layout in lvb.go, specs/locks.md §5). A node
@@ -58,7 +73,6 @@ import (
 	"fmt"
 	"sync"
 	"sync/atomic"
-	"time"
 
 	"github.com/clustersnap/clustersnap/exstore"
 	"github.com/clustersnap/clustersnap/lockc"
@@ -85,9 +99,6 @@ type Options struct {
 	// failure or growth, and only misses a merge that removed records and
 	// re-added the same last record.
 	Reopen func(ctx context.Context) (exstore.Store, error)
-	// Grace bounds how long a conversion's drain keeps local newcomers
-	// waiting (see DefaultGrace); 0 means DefaultGrace.
-	Grace time.Duration
 }
 
 // coreRef boxes the core store so that a full reload can swap it
@@ -143,6 +154,7 @@ type Stats struct {
 	Reloads      uint64 // full reloads (invalid, unknown or re-seeded LVB)
 	InvalidLVBs  uint64 // grants that found the LVB invalid
 	Drains       uint64 // drains of the local users begun, to convert down
+	LazyCommits  uint64 // exceptions committed lazily (LazyStore.CommitLazy)
 }
 
 // Store is an exstore.Store shared by several nodes through a cluster lock.
@@ -151,7 +163,6 @@ type Stats struct {
 type Store struct {
 	id     string
 	reopen func(ctx context.Context) (exstore.Store, error)
-	grace  time.Duration
 
 	ls     lockc.Lockspace
 	lost   <-chan struct{} // ls.Lost()
@@ -179,7 +190,6 @@ type Store struct {
 	mu         sync.Mutex // guards what follows, and admissions on the slow path
 	changed    chan struct{}
 	demand     [lockc.EX + 1]int
-	draining   bool
 	tickets    [lockc.EX + 1]int // waiters let in by the manager that have not woken yet
 	failGen    uint64
 	failErr    error
@@ -195,8 +205,20 @@ type Store struct {
 	mergeGen   uint64 // syncGen at the last PrepareMerge
 	closed     bool
 
-	pmu      sync.Mutex
-	prepared map[exstore.Chunk]preparedEntry // by COW chunk
+	prepared [userShards]preparedShard // by COW chunk, sharded like the users
+
+	// lazyCommits counts the exceptions committed lazily; lazySynced is
+	// the count read before the latest core Sync that succeeded, so some
+	// may wait to be written while lazySynced < lazyCommits.
+	lazyCommits, lazySynced atomic.Uint64
+	// coreWaiters counts the durable core Commits and core Syncs under
+	// way, which a lazy commit must wake the core's committer for (see
+	// wakeCommitter).
+	coreWaiters atomic.Int64
+	ended       context.Context // a context that has ended, for wakeCommitter
+	// swapMu is held shared by core Syncs and exclusively by a full
+	// reload's swap, so that a Sync never reaches a core being closed.
+	swapMu sync.RWMutex
 
 	upConverts, downConverts, publishes, refreshes, reloads, invalidSeen, drains atomic.Uint64
 }
@@ -234,7 +256,6 @@ func New(ctx context.Context, core exstore.Store, engine lockc.Engine, clusterID
 	s := &Store{
 		id:          clusterID,
 		reopen:      opts.Reopen,
-		grace:       opts.Grace,
 		ls:          ls,
 		lost:        ls.Lost(),
 		lock:        lock,
@@ -243,17 +264,19 @@ func New(ctx context.Context, core exstore.Store, engine lockc.Engine, clusterID
 		drained:     make(chan struct{}, 1),
 		managerDone: make(chan struct{}),
 		changed:     make(chan struct{}),
-		prepared:    make(map[exstore.Chunk]preparedEntry),
-	}
-	if s.grace <= 0 {
-		s.grace = DefaultGrace
 	}
 	s.setCore(core)
+	for i := range s.prepared {
+		s.prepared[i].m = make(map[exstore.Chunk]preparedEntry)
+	}
 	for i := range s.releases {
 		s.releases[i] = func() { s.leave(i) }
 	}
 	s.state.Store(uint64(lockc.NL))
 	s.ctx, s.cancel = context.WithCancel(context.Background())
+	var endNow context.CancelFunc
+	s.ended, endNow = context.WithCancel(context.Background())
+	endNow()
 	go s.manage()
 	return s, nil
 }
@@ -278,6 +301,7 @@ func (s *Store) Stats() Stats {
 		Reloads:      s.reloads.Load(),
 		InvalidLVBs:  s.invalidSeen.Load(),
 		Drains:       s.drains.Load(),
+		LazyCommits:  s.lazyCommits.Load(),
 	}
 }
 
@@ -439,10 +463,20 @@ func (s *Store) Prepare(ctx context.Context, old exstore.Chunk) (exstore.Excepti
 	if !s.dirty.Load() {
 		s.dirty.Store(true)
 	}
-	s.pmu.Lock()
-	s.prepared[e.New] = preparedEntry{e, shard}
-	s.pmu.Unlock()
+	ps := &s.prepared[shardOf(e.New)]
+	ps.mu.Lock()
+	ps.m[e.New] = preparedEntry{e, shard}
+	ps.mu.Unlock()
 	return e, nil
+}
+
+// preparedShard is one shard of the exceptions this wrapper prepared and
+// has not seen committed or aborted, alone on its cache line: the
+// goroutines of a parallel load do not all fight over one lock.
+type preparedShard struct {
+	mu sync.Mutex
+	m  map[exstore.Chunk]preparedEntry
+	_  [48]byte
 }
 
 // preparedEntry is an exception this wrapper prepared, and the user
@@ -455,13 +489,14 @@ type preparedEntry struct {
 // takePrepared removes e from the exceptions this wrapper prepared and
 // returns the counter its Prepare entered through, or -1 if it was not one.
 func (s *Store) takePrepared(e exstore.Exception) int {
-	s.pmu.Lock()
-	defer s.pmu.Unlock()
-	p, ok := s.prepared[e.New]
+	ps := &s.prepared[shardOf(e.New)]
+	ps.mu.Lock()
+	defer ps.mu.Unlock()
+	p, ok := ps.m[e.New]
 	if !ok || p.e != e {
 		return -1
 	}
-	delete(s.prepared, e.New)
+	delete(ps.m, e.New)
 	return p.shard
 }
 
@@ -479,8 +514,10 @@ func (s *Store) Commit(ctx context.Context, e exstore.Exception) error {
 		s.leave(shard)
 		return fmt.Errorf("commit %v: %w", e, err)
 	}
+	s.coreWaiters.Add(1)
 	if ctx.Done() == nil {
 		err := core.Commit(ctx, e)
+		s.coreWaiters.Add(-1)
 		s.leave(shard)
 		return s.wrap(err)
 	}
@@ -489,6 +526,7 @@ func (s *Store) Commit(ctx context.Context, e exstore.Exception) error {
 	done := make(chan error, 1)
 	go func() {
 		err := core.Commit(context.WithoutCancel(ctx), e)
+		s.coreWaiters.Add(-1)
 		s.leave(shard)
 		done <- err
 	}()
@@ -600,6 +638,13 @@ func (s *Store) Close() error {
 	s.stop(fmt.Errorf("cluster %s: %w", s.id, exstore.ErrClosed))
 	var errs []error
 	if !lost && modeOf(s.state.Load()) == lockc.EX {
+		// The core would write waiting lazy commits as it closes, after
+		// the unlock: write them while this node still holds EX.
+		if s.lazyWaiting() {
+			if err := s.syncLazy(context.Background()); err != nil && !errors.Is(err, exstore.ErrInvalid) {
+				errs = append(errs, err)
+			}
+		}
 		s.publish()
 	}
 	if !lost {

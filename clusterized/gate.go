@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"sync/atomic"
-	"time"
 
 	"github.com/clustersnap/clustersnap/exstore"
 	"github.com/clustersnap/clustersnap/lockc"
@@ -80,17 +79,17 @@ const (
 	syncReload           // the LVB cannot vouch for anything: reload everything
 )
 
-// DefaultGrace is how long a drain for a conversion waits before it admits
-// the local users that arrived while it was draining.
-//
-// Why admit anyone while draining: a caller may hold one lookup's answer
-// while it asks for the next (the COW engine's multi-chunk reads do with a
-// store that is not an exstore.RangeLookuper), and the gate cannot tell
-// such a nested request from a new one. Blocking every newcomer would
-// deadlock on it; admitting every newcomer could starve the other node. So newcomers wait, and every grace period the ones waiting
-// are admitted: a nested request loses at most one grace period, and the
-// drain ends as soon as the admitted ones leave.
-const DefaultGrace = time.Millisecond
+// Nested users: a goroutine must not ask the store for a lookup, a
+// Prepare or any other metadata call while it holds a lookup miss or a
+// prepared exception of the same store. A drain for a conversion closes the
+// gate to newcomers until the conversion is done, and the gate cannot tell
+// a nested request from a new one: the nested request would wait for the
+// drain, and the drain for the holder. The COW engine never nests: a read
+// looks its window up with one LookupRange call and releases single
+// lookups at once (or holds one only over its I/O), and every Prepare is
+// committed or aborted before that goroutine's next store call. Closing
+// the gate outright is what keeps a busy node from starving the node it
+// drains for.
 
 // enterFast admits a user wanting want through shard if the cached mode
 // allows it.
@@ -328,13 +327,25 @@ func (s *Store) convertDown(target lockc.Mode) error {
 	}
 	held := modeOf(s.state.Load())
 	if held == lockc.EX {
+		// Lazily committed exceptions are written before any other node
+		// can read the metadata or allocate: with no user inside, none
+		// can be added until the next EX. If they cannot be written the
+		// node keeps EX and stops, as for a lock error: its view has
+		// exceptions the disk lacks, and no other node may allocate their
+		// COW chunks while it might still use them. An invalid store is
+		// the exception: nothing is allocated in it any more, so holding
+		// EX would only keep the other nodes from finding that out.
+		if s.lazyWaiting() {
+			if err := s.syncLazy(s.ctx); err != nil && !errors.Is(err, exstore.ErrInvalid) {
+				return fmt.Errorf("give up EX: %w", err)
+			}
+		}
 		s.publish()
 	}
 	if err := s.lock.Convert(s.ctx, target); err != nil {
 		return err
 	}
 	s.mu.Lock()
-	s.draining = false
 	s.setModeLocked(target)
 	s.mu.Unlock()
 	s.downConverts.Add(1)
@@ -342,40 +353,26 @@ func (s *Store) convertDown(target lockc.Mode) error {
 }
 
 // drain closes the gate and waits until no user is inside. It returns with
-// the gate closed and no user inside; users arriving in the meantime are
-// admitted once per grace period (see DefaultGrace).
+// the gate closed and no user inside: users arriving meanwhile wait for
+// the conversion that follows (see "Nested users" above).
 func (s *Store) drain() error {
 	s.drains.Add(1)
 	s.mu.Lock()
-	s.draining = true
 	s.state.Or(closedBit)
 	s.mu.Unlock()
-	var timer *time.Timer
-	defer func() {
-		if timer != nil {
-			timer.Stop()
-		}
-	}()
 	for {
 		s.mu.Lock()
-		if s.usersInside() == 0 {
-			// Admissions happen under mu: none can slip in from here on.
-			s.draining = false
-			s.mu.Unlock()
+		// Admissions happen under mu: none can slip in once this sees no
+		// user inside.
+		empty := s.usersInside() == 0
+		s.mu.Unlock()
+		if empty {
 			return nil
 		}
-		s.mu.Unlock()
-		if timer == nil {
-			timer = time.NewTimer(s.grace)
-		}
+		// The last user out signals drained, buffered: a leave between
+		// the count and the wait is not missed.
 		select {
 		case <-s.drained:
-		case <-timer.C:
-			s.mu.Lock()
-			s.handOutLocked(modeOf(s.state.Load()))
-			s.broadcastLocked()
-			s.mu.Unlock()
-			timer.Reset(s.grace)
 		case <-s.ls.Lost():
 			return s.lostError()
 		case <-s.ctx.Done():
@@ -547,10 +544,6 @@ func (s *Store) syncAfterGrant(m lockc.Mode, kind syncKind) {
 	s.setModeLocked(m)
 }
 
-// refreshRetries bounds the retries of a Refresh that the core refuses
-// because aborted exceptions are still leaving its queue.
-const refreshRetries = 12
-
 // syncCore re-reads the metadata: Refresh, or a full reload through
 // Options.Reopen (Refresh when there is none). No user is inside.
 func (s *Store) syncCore(kind syncKind) error {
@@ -564,24 +557,12 @@ func (s *Store) syncCore(kind syncKind) error {
 			if err != nil {
 				return fmt.Errorf("reload: %w", err)
 			}
-			return s.setCore(fresh).Close()
+			s.swapMu.Lock()
+			old := s.setCore(fresh)
+			s.swapMu.Unlock()
+			return old.Close()
 		}
 	}
 	s.refreshes.Add(1)
-	var err error
-	wait := 50 * time.Microsecond
-	for range refreshRetries {
-		if err = s.core.Load().s.Refresh(s.ctx); err == nil || s.ctx.Err() != nil {
-			return err
-		}
-		// The core refuses while exceptions are still in its queue:
-		// aborted ones leave it asynchronously, just after their Abort.
-		select {
-		case <-time.After(wait):
-		case <-s.ctx.Done():
-			return s.ctx.Err()
-		}
-		wait = min(2*wait, 20*time.Millisecond)
-	}
-	return err
+	return s.core.Load().s.Refresh(s.ctx)
 }

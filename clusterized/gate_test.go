@@ -13,9 +13,10 @@ import (
 )
 
 // A miss held by a reader keeps another node's EX (and so its COW of the
-// chunk) waiting; a lookup the reader makes meanwhile, while its node
-// drains for that EX, is let in after the grace period instead of
-// deadlocking.
+// chunk) waiting. A lookup another goroutine of the reader's node makes
+// meanwhile, while the node drains for that EX, waits for the other node
+// rather than keeping it out: it gets in once the other node had its EX,
+// and sees its exception.
 func TestHeldMissBlocksOtherNodesEX(t *testing.T) {
 	ctx := context.Background()
 	dev := faultdev.New("cow", 4<<20)
@@ -40,29 +41,31 @@ func TestHeldMissBlocksOtherNodesEX(t *testing.T) {
 		done <- err
 	}()
 	require.Eventually(t, func() bool { return a.Stats().Drains >= 1 }, 10*time.Second, time.Millisecond, "A starts draining for B")
+
+	type answer struct {
+		found bool
+		err   error
+	}
+	newcomer := make(chan answer, 1)
+	go func() {
+		_, found, release, err := a.Lookup(ctx, 1)
+		release()
+		newcomer <- answer{found, err}
+	}()
+	require.NoError(t, cluster.WaitQueueLen(ctx, "clustersnap", []byte("cow:held"), 1, 0), "B's conversion queued")
 	select {
 	case err := <-done:
 		t.Fatalf("B allocated chunk 1 while A held its miss (err %v)", err)
+	case got := <-newcomer:
+		t.Fatalf("a newcomer got in while A drained for B (%+v)", got)
 	default:
 	}
 
-	_, found, release2, err := a.Lookup(ctx, 2) // nested in the held one
-	require.NoError(t, err)
-	require.False(t, found)
-	select {
-	case err := <-done:
-		t.Fatalf("B allocated while A held two misses (err %v)", err)
-	default:
-	}
-	release2()
 	release1()
 	require.NoError(t, <-done)
-
-	// A sees B's exception once it looks again.
-	_, found, release, err := a.Lookup(ctx, 1)
-	release()
-	require.NoError(t, err)
-	assert.True(t, found)
+	got := <-newcomer
+	require.NoError(t, got.err)
+	assert.True(t, got.found, "the newcomer waited for B's exception")
 }
 
 // A lookup that waits for the lock gives up when its context ends, and

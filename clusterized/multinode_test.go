@@ -96,26 +96,85 @@ type recorder struct {
 	mu        sync.Mutex
 	prepared  []recorded
 	committed []recorded
+	// durable is, by node, how many of committed were recorded before a
+	// Sync of that node that succeeded began: that node's lazy commits
+	// among them are on disk.
+	durable map[int]int
 }
 
 type recorded struct {
 	node int
 	e    exstore.Exception
+	lazy bool
 }
 
-// recordingStore passes everything to the node's store and records
-// Prepare's and Commit's successes.
+// recordingStore passes everything to the node's store (a LazyStore, whose
+// lookups of a range and lazy commits it passes on as such) and records
+// Prepare's, Commit's, CommitLazy's and Sync's successes; synced is the
+// test clock before the node's latest successful Sync began.
 type recordingStore struct {
 	exstore.Store
-	node int
-	rec  *recorder
+	lazy   exstore.LazyCommitter
+	ranges exstore.RangeLookuper
+	node   int
+	rec    *recorder
+	clock  *atomic.Uint64
+	synced atomic.Uint64
+}
+
+func newRecordingStore(s exstore.Store, node int, rec *recorder, clock *atomic.Uint64) *recordingStore {
+	r := &recordingStore{Store: s, node: node, rec: rec, clock: clock}
+	r.lazy, _ = s.(exstore.LazyCommitter)
+	r.ranges, _ = s.(exstore.RangeLookuper)
+	return r
+}
+
+func (r *recordingStore) LookupRange(ctx context.Context, first exstore.Chunk, into []exstore.LookupResult) (exstore.Release, error) {
+	return r.ranges.LookupRange(ctx, first, into)
+}
+
+func (r *recordingStore) CommitLazy(ctx context.Context, e exstore.Exception) error {
+	err := r.lazy.CommitLazy(ctx, e)
+	r.recordCommit(e, true, err)
+	return err
+}
+
+// recordCommit records the commit of e if it succeeded (err nil).
+func (r *recordingStore) recordCommit(e exstore.Exception, lazy bool, err error) {
+	if err == nil {
+		r.rec.mu.Lock()
+		r.rec.committed = append(r.rec.committed, recorded{r.node, e, lazy})
+		r.rec.mu.Unlock()
+	}
+}
+
+func (r *recordingStore) Durable(new exstore.Chunk) bool { return r.lazy.Durable(new) }
+
+func (r *recordingStore) Sync(ctx context.Context) error {
+	start := r.clock.Add(1)
+	r.rec.mu.Lock()
+	n := len(r.rec.committed)
+	r.rec.mu.Unlock()
+	err := r.lazy.Sync(ctx)
+	if err == nil {
+		r.rec.mu.Lock()
+		r.rec.durable[r.node] = max(r.rec.durable[r.node], n)
+		r.rec.mu.Unlock()
+		for {
+			s := r.synced.Load()
+			if s >= start || r.synced.CompareAndSwap(s, start) {
+				break
+			}
+		}
+	}
+	return err
 }
 
 func (r *recordingStore) Prepare(ctx context.Context, old exstore.Chunk) (exstore.Exception, error) {
 	e, err := r.Store.Prepare(ctx, old)
 	if err == nil {
 		r.rec.mu.Lock()
-		r.rec.prepared = append(r.rec.prepared, recorded{r.node, e})
+		r.rec.prepared = append(r.rec.prepared, recorded{r.node, e, false})
 		r.rec.mu.Unlock()
 	}
 	return e, err
@@ -123,11 +182,7 @@ func (r *recordingStore) Prepare(ctx context.Context, old exstore.Chunk) (exstor
 
 func (r *recordingStore) Commit(ctx context.Context, e exstore.Exception) error {
 	err := r.Store.Commit(ctx, e)
-	if err == nil {
-		r.rec.mu.Lock()
-		r.rec.committed = append(r.rec.committed, recorded{r.node, e})
-		r.rec.mu.Unlock()
-	}
+	r.recordCommit(e, false, err)
 	return err
 }
 
@@ -177,6 +232,7 @@ func readTag(p []byte) (tag, bool) {
 // it never supersedes anything.
 type snapWrite struct {
 	version    uint64
+	node       uint32
 	start, end uint64
 	ok         bool
 }
@@ -186,21 +242,41 @@ type history struct {
 	mu     sync.Mutex
 	clock  atomic.Uint64
 	writes map[uint32][]*snapWrite
+	dead   map[uint32]bool // nodes that crashed
 }
 
-func (h *history) begin(chunk uint32, version uint64) *snapWrite {
-	w := &snapWrite{version: version, start: h.clock.Add(1), end: math.MaxUint64}
+func (h *history) begin(chunk uint32, version uint64, node uint32) *snapWrite {
+	w := &snapWrite{version: version, node: node, start: h.clock.Add(1), end: math.MaxUint64}
 	h.mu.Lock()
 	h.writes[chunk] = append(h.writes[chunk], w)
 	h.mu.Unlock()
 	return w
 }
 
+// end records the end of w; a write of a node that crashed before it
+// ended may be lost.
 func (h *history) end(w *snapWrite, ok bool) {
 	end := h.clock.Add(1)
 	h.mu.Lock()
-	w.end, w.ok = end, ok
+	w.end, w.ok = end, ok && !h.dead[w.node]
 	h.mu.Unlock()
+}
+
+// crash records that node crashed, and that its snapshot writes that
+// ended after synced (the clock before its last Sync that succeeded
+// began) may be lost: their exceptions may have been committed lazily and
+// never written, and they were never flushed.
+func (h *history) crash(node uint32, synced uint64) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.dead[node] = true
+	for _, writes := range h.writes {
+		for _, w := range writes {
+			if w.node == node && w.end > synced {
+				w.ok = false
+			}
+		}
+	}
 }
 
 // check says what is wrong with a snapshot read of chunk that started at
@@ -252,6 +328,7 @@ type node struct {
 	origin  *nodeDevice
 	cowDev  *nodeDevice
 	store   *clusterized.Store
+	rec     *recordingStore
 	volume  *cow.Origin
 	snap    *cow.Snapshot
 	crashed atomic.Bool
@@ -307,7 +384,8 @@ func runMultiNode(t *testing.T, seed uint64, crash, sameNode bool) {
 
 	cluster := inproc.NewCluster()
 	rec := &recorder{}
-	hist := &history{writes: map[uint32][]*snapWrite{}}
+	rec.durable = map[int]int{}
+	hist := &history{writes: map[uint32][]*snapWrite{}, dead: map[uint32]bool{}}
 	nodes := make([]*node, 3)
 	for i := range nodes {
 		n := &node{id: uint32(i + 1), origin: &nodeDevice{Device: originDev}, cowDev: &nodeDevice{Device: cowDev}}
@@ -316,7 +394,9 @@ func runMultiNode(t *testing.T, seed uint64, crash, sameNode bool) {
 		require.NoError(t, err)
 		t.Cleanup(func() { _ = n.store.Close() })
 		n.volume = cow.NewOrigin(n.origin)
-		n.snap, err = n.volume.AddSnapshot("snap", &recordingStore{Store: n.store, node: int(n.id), rec: rec}, n.cowDev, cow.SnapshotOptions{})
+		n.rec = newRecordingStore(n.store.Exstore(), int(n.id), rec, &hist.clock)
+		require.NotNil(t, n.rec.lazy, "the store commits lazily")
+		n.snap, err = n.volume.AddSnapshot("snap", n.rec, n.cowDev, cow.SnapshotOptions{})
 		require.NoError(t, err)
 		nodes[i] = n
 	}
@@ -345,35 +425,47 @@ func runMultiNode(t *testing.T, seed uint64, crash, sameNode bool) {
 						t.Errorf("node %d: %v", n.id, err)
 						return
 					}
+					if n.store.LazyWaitingOutsideEX() {
+						t.Errorf("node %d: lazy commits wait to be written while it does not hold EX", n.id)
+					}
 				}
 			})
 		}
 	}
 
 	var victim *node
+	var lastE0 exstore.Exception
 	if crash {
 		<-crashNow
 		victim = nodes[rng.IntN(len(nodes))]
-		// The victim dies holding EX, in the middle of a commit: e2 is
-		// queued behind e1, which is still being copied.
+		// The victim dies holding EX, in the middle of a commit (e1 is
+		// still being copied), with a lazy commit (e0) visible on it that
+		// may not be written yet. (One goroutine never holds a prepared
+		// exception while it asks for another: see "Nested users" in
+		// gate.go.)
+		e0, err := victim.rec.Prepare(ctx, mnChunks-4)
+		require.NoError(t, err)
+		_, err = victim.cowDev.WriteAt(make([]byte, mnChunkBytes), int64(e0.New)*mnChunkBytes)
+		require.NoError(t, err)
+		require.NoError(t, victim.rec.CommitLazy(ctx, e0))
+		got, found, release, err := victim.rec.Lookup(ctx, e0.Old)
+		release()
+		require.NoError(t, err)
+		require.True(t, found && got == e0.New, "the victim sees its lazy commit")
+		lastE0 = e0
 		e1, err := victim.store.Prepare(ctx, mnChunks-1)
 		require.NoError(t, err)
-		e2, err := victim.store.Prepare(ctx, mnChunks-2)
+		_, err = victim.cowDev.WriteAt(make([]byte, mnChunkBytes), int64(e1.New)*mnChunkBytes)
 		require.NoError(t, err)
-		for _, e := range []exstore.Exception{e1, e2} {
-			_, err = victim.cowDev.WriteAt(make([]byte, mnChunkBytes), int64(e.New)*mnChunkBytes)
-			require.NoError(t, err)
-		}
-		done := make(chan error, 1)
-		go func() { done <- victim.store.Commit(ctx, e2) }()
 		victim.crashed.Store(true)
 		victim.origin.fence()
 		victim.cowDev.fence()
+		hist.crash(victim.id, victim.rec.synced.Load())
 		cluster.Crash(victim.id)
+		require.ErrorIs(t, victim.rec.Sync(ctx), lockc.ErrLost, "a sync after the crash")
 		err = victim.store.Commit(ctx, e1)
 		require.ErrorIs(t, err, lockc.ErrLost, "commit after the crash")
 		assert.ErrorContains(t, err, mnClusterID)
-		require.Error(t, <-done, "commit queued behind one that never completed")
 		t.Logf("node %d crashed holding EX; its commit: %v", victim.id, err)
 	} else {
 		crashOnce.Do(func() {})
@@ -426,8 +518,16 @@ func runMultiNode(t *testing.T, seed uint64, crash, sameNode bool) {
 		assert.Equal(t, want, walkMap(n.store), "node %d's exceptions", n.id)
 	}
 	byNew := map[exstore.Chunk]recorded{}
-	for _, r := range rec.committed {
-		assert.Equal(t, r.e.New, want[r.e.Old], "committed exception %v of node %d on disk", r.e, r.node)
+	lostLazy := 0
+	for i, r := range rec.committed {
+		if victim != nil && r.node == int(victim.id) && r.lazy && i >= rec.durable[r.node] && want[r.e.Old] != r.e.New {
+			// Committed lazily by the dead node and not written before
+			// it died: no sync covered it, so it may be lost, and its COW
+			// chunk is free for the survivors.
+			lostLazy++
+			continue
+		}
+		assert.Equal(t, r.e.New, want[r.e.Old], "committed exception %v of node %d on disk (lazily: %v)", r.e, r.node, r.lazy)
 		if prev, dup := byNew[r.e.New]; dup {
 			t.Errorf("COW chunk %d committed twice: %v by node %d and %v by node %d", r.e.New, prev.e, prev.node, r.e, r.node)
 		}
@@ -442,7 +542,17 @@ func runMultiNode(t *testing.T, seed uint64, crash, sameNode bool) {
 			seen[r.e.New] = r
 		}
 	}
-	t.Logf("%d exceptions; %d prepared, %d committed", len(want), len(rec.prepared), len(rec.committed))
+	if victim != nil {
+		// Written or not (the victim's own commits and flushes may have
+		// written it), the survivors agree with the disk, checked above.
+		t.Logf("the dead node's last lazy commit %v on disk: %v", lastE0, want[lastE0.Old] == lastE0.New)
+	}
+	var lazyCommits uint64
+	for _, n := range nodes {
+		lazyCommits += n.store.Stats().LazyCommits
+	}
+	assert.Positive(t, lazyCommits, "snapshot writes commit lazily")
+	t.Logf("%d exceptions; %d prepared, %d committed (%d lazily, %d of them lost with the dead node)", len(want), len(rec.prepared), len(rec.committed), lazyCommits, lostLazy)
 
 	// Every survivor reads the snapshot as the model says, quiescent now.
 	p := make([]byte, mnChunkBytes)
@@ -521,7 +631,7 @@ func mnOp(ctx context.Context, t *testing.T, n *node, rng *rand.Rand, buf []byte
 		v := versions.Add(1)
 		p := buf[:mnChunkBytes]
 		fillTag(p, tag{chunk: c, kind: kindSnapshot, node: uint8(n.id), version: v})
-		w := hist.begin(c, v)
+		w := hist.begin(c, v, n.id)
 		err := n.snap.WriteAt(ctx, p, off, false)
 		hist.end(w, err == nil)
 		return err

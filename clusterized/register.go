@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"log/slog"
 	"sync/atomic"
-	"time"
 
 	"github.com/clustersnap/clustersnap/exstore"
 	"github.com/clustersnap/clustersnap/exstore/blockdev"
@@ -19,8 +18,9 @@ const TypeName = "clusterized_persistent"
 
 // Register adds the "clusterized_persistent" type to r: a persistent store
 // shared by the nodes of a cluster, whose lock engine is engine. Its Open
-// takes the cluster id as Params[0]; it never formats the COW device (a
-// clustered node must not: format it once with the plain persistent type).
+// takes the cluster id as Params[0] and returns a *LazyStore (Store.Exstore);
+// it never formats the COW device (a clustered node must not: format it
+// once with the plain persistent type).
 func Register(r *exstore.Registry, engine lockc.Engine) error {
 	if engine == nil {
 		return fmt.Errorf("exstore type %s: a lock engine is required", TypeName)
@@ -32,7 +32,11 @@ func Register(r *exstore.Registry, engine lockc.Engine) error {
 			if len(args.Params) != 1 || args.Params[0] == "" {
 				return nil, fmt.Errorf("cow %s: %s takes exactly one parameter, the cluster id; got %q", cow.Name(), TypeName, args.Params)
 			}
-			return OpenPersistent(ctx, cow, engine, args.Params[0], PersistentOptions{ChunkSectors: args.ChunkSectors})
+			s, err := OpenPersistent(ctx, cow, engine, args.Params[0], PersistentOptions{ChunkSectors: args.ChunkSectors})
+			if err != nil {
+				return nil, err
+			}
+			return s.Exstore(), nil
 		},
 	})
 }
@@ -44,9 +48,8 @@ type PersistentOptions struct {
 	// Logger receives the persistent store's warnings; nil means
 	// slog.Default().
 	Logger *slog.Logger
-	// Lockspace and Grace are as in Options.
+	// Lockspace is as in Options.
 	Lockspace string
-	Grace     time.Duration
 }
 
 // OpenPersistent opens the persistent store on cow (NoFormat) for cluster
@@ -62,7 +65,7 @@ func OpenPersistent(ctx context.Context, cow blockdev.Device, engine lockc.Engin
 	if err != nil {
 		return nil, fmt.Errorf("cluster %s: %w", clusterID, err)
 	}
-	s, err := New(ctx, core, engine, clusterID, Options{Reopen: open, Lockspace: opts.Lockspace, Grace: opts.Grace})
+	s, err := New(ctx, core, engine, clusterID, Options{Reopen: open, Lockspace: opts.Lockspace})
 	if err != nil {
 		_ = core.Close()
 		return nil, err

@@ -36,8 +36,8 @@ func TestRegister(t *testing.T) {
 
 	s, err := r.Open(ctx, clusterized.TypeName, dev, exstore.Args{Params: []string{"c1"}})
 	require.NoError(t, err)
-	cs, ok := s.(*clusterized.Store)
-	require.True(t, ok)
+	cs, ok := s.(*clusterized.LazyStore)
+	require.True(t, ok, "the persistent core commits lazily, and so does the store the registry opens")
 	assert.Equal(t, "c1", cs.ClusterID())
 	assert.Equal(t, uint32(8), s.ChunkSectors())
 	e := add(t, s, 42)

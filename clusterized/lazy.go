@@ -1,0 +1,148 @@
+package clusterized
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"github.com/clustersnap/clustersnap/exstore"
+)
+
+// LazyStore is a Store whose core is an exstore.LazyCommitter, and which is
+// one too (see "Lazy commits" in the package documentation). Exstore
+// returns one when the core commits lazily; a Store alone is not a
+// LazyCommitter, because the COW engine then leaves the COW device's
+// flushes to the store's Sync, which only a lazily committing core can do.
+type LazyStore struct {
+	*Store
+}
+
+var (
+	_ exstore.LazyCommitter = (*LazyStore)(nil)
+	_ exstore.RangeLookuper = (*LazyStore)(nil)
+)
+
+// Exstore returns the store to hand to the COW engine: a *LazyStore if the
+// core is an exstore.LazyCommitter, else s. Both are s; only the methods
+// they offer differ.
+func (s *Store) Exstore() exstore.Store {
+	if _, ok := s.core.Load().s.(exstore.LazyCommitter); ok {
+		return &LazyStore{Store: s}
+	}
+	return s
+}
+
+// CommitLazy implements exstore.LazyCommitter, under the EX that Prepare
+// entered, which it ends as Commit does: the core makes e visible at once
+// and writes it by the next Sync, at the latest before the node gives EX
+// up. If the node lost the lockspace since the Prepare, e is aborted
+// instead and CommitLazy fails.
+func (s *LazyStore) CommitLazy(ctx context.Context, e exstore.Exception) error {
+	shard := s.takePrepared(e)
+	core := s.core.Load().s
+	lazy, ok := core.(exstore.LazyCommitter)
+	if shard < 0 {
+		if !ok {
+			return fmt.Errorf("cluster %s: commit %v: not a prepared exception", s.id, e)
+		}
+		return s.wrap(lazy.CommitLazy(ctx, e))
+	}
+	if err := s.stopError(); err != nil {
+		core.Abort(e)
+		s.leave(shard)
+		return fmt.Errorf("commit %v: %w", e, err)
+	}
+	if !ok {
+		// A reload brought a core of another kind: commit durably.
+		err := core.Commit(context.WithoutCancel(ctx), e)
+		s.leave(shard)
+		return s.wrap(err)
+	}
+	err := lazy.CommitLazy(ctx, e)
+	if err == nil {
+		// Counted before the leave, so that a drain that follows sees it.
+		s.lazyCommits.Add(1)
+		if s.coreWaiters.Load() > 0 {
+			s.wakeCommitter(lazy)
+		}
+	}
+	s.leave(shard)
+	return s.wrap(err)
+}
+
+// wakeCommitter has the core look at its queue again, without waiting.
+//
+// The persistent store's CommitLazy does not wake its committer, which
+// writes the queue's ready prefix only: a durable Commit or a Sync that
+// woke it while an exception ahead of its own was still being copied
+// waits, after that one is committed lazily, for a wake-up that may never
+// come (and here, with the Commit's user inside, the drain that would
+// bring one waits for it). A Sync whose context has ended wakes the
+// committer and returns at once. A waiter that began after the caller's
+// check of coreWaiters woke the committer itself, after e was ready.
+func (s *Store) wakeCommitter(lazy exstore.LazyCommitter) {
+	_ = lazy.Sync(s.ended)
+}
+
+// Durable implements exstore.LazyCommitter: the core's answer.
+func (s *LazyStore) Durable(new exstore.Chunk) bool {
+	if lazy, ok := s.core.Load().s.(exstore.LazyCommitter); ok {
+		return lazy.Durable(new)
+	}
+	return true
+}
+
+// Sync implements exstore.LazyCommitter: the core's Sync. It takes no lock:
+// lazily committed exceptions wait to be written only while the node holds
+// EX (the manager writes them before it gives EX up), and with none
+// waiting the core only flushes the device. It fails, wrapping
+// lockc.ErrLost, once the node lost the lockspace: what waited then is
+// never written.
+func (s *LazyStore) Sync(ctx context.Context) error {
+	if err := s.stopError(); err != nil {
+		return fmt.Errorf("sync: %w", err)
+	}
+	if err := s.syncLazy(ctx); err != nil {
+		return err
+	}
+	// A loss during the Sync may have fenced some of its writes.
+	if err := s.stopError(); err != nil {
+		return fmt.Errorf("sync: %w", err)
+	}
+	return nil
+}
+
+// lazyWaiting reports whether exceptions committed lazily may still wait
+// to be written (it may say so for ones the core wrote on its own).
+func (s *Store) lazyWaiting() bool {
+	return s.lazySynced.Load() < s.lazyCommits.Load()
+}
+
+// syncLazy is the core's Sync if it is an exstore.LazyCommitter (nil
+// otherwise), noting what it made durable. An invalid core writes nothing
+// more: what it had waiting waits no longer either.
+func (s *Store) syncLazy(ctx context.Context) error {
+	s.swapMu.RLock()
+	defer s.swapMu.RUnlock()
+	lazy, ok := s.core.Load().s.(exstore.LazyCommitter)
+	if !ok {
+		return nil
+	}
+	n := s.lazyCommits.Load()
+	s.coreWaiters.Add(1)
+	err := lazy.Sync(ctx)
+	s.coreWaiters.Add(-1)
+	if err != nil && !errors.Is(err, exstore.ErrInvalid) {
+		return fmt.Errorf("cluster %s: sync: %w", s.id, err)
+	}
+	for {
+		synced := s.lazySynced.Load()
+		if synced >= n || s.lazySynced.CompareAndSwap(synced, n) {
+			break
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("cluster %s: sync: %w", s.id, err)
+	}
+	return nil
+}
