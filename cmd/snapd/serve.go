@@ -141,7 +141,10 @@ func openVolumes(ctx context.Context, originPath string, specs []snapshotSpec, d
 		v.closers = append([]io.Closer{cd}, v.closers...)
 		var st exstore.Store
 		if cluster != nil {
-			st, err = clusterized.OpenPersistent(ctx, cd, cluster.engine, cluster.resource(spec.name), clusterized.PersistentOptions{})
+			var cs *clusterized.Store
+			if cs, err = clusterized.OpenPersistent(ctx, cd, cluster.engine, cluster.resource(spec.name), clusterized.PersistentOptions{}); err == nil {
+				st = cs.Exstore() // with lazy commits, as the bare store has them
+			}
 		} else {
 			st, err = persistent.Open(ctx, cd, persistent.Options{NoFormat: true})
 		}
