@@ -17,13 +17,8 @@ import (
 // and commits it lazily.
 func takeLazy(t *testing.T, s *persistent.Store, dev *faultdev.Device, old exstore.Chunk, fill byte) exstore.Exception {
 	t.Helper()
-	ctx := context.Background()
-	e, err := s.Prepare(ctx, old)
-	require.NoError(t, err)
-	cb := int64(s.ChunkSectors()) * 512
-	_, err = dev.WriteAt(bytes.Repeat([]byte{fill}, int(cb)), int64(e.New)*cb)
-	require.NoError(t, err)
-	require.NoError(t, s.CommitLazy(ctx, e))
+	e := prepareWritten(t, s, dev, old, fill)
+	require.NoError(t, s.CommitLazy(context.Background(), e))
 	return e
 }
 

@@ -34,13 +34,20 @@ func open(t *testing.T, dev *faultdev.Device, chunkSectors uint32) *persistent.S
 // take prepares and commits an exception for old, writing fill bytes as its data.
 func take(t *testing.T, s *persistent.Store, dev *faultdev.Device, old exstore.Chunk, fill byte) exstore.Exception {
 	t.Helper()
-	ctx := context.Background()
-	e, err := s.Prepare(ctx, old)
+	e := prepareWritten(t, s, dev, old, fill)
+	require.NoError(t, s.Commit(context.Background(), e))
+	return e
+}
+
+// prepareWritten prepares an exception for old and writes fill bytes as its
+// data, for the caller to commit.
+func prepareWritten(t *testing.T, s *persistent.Store, dev *faultdev.Device, old exstore.Chunk, fill byte) exstore.Exception {
+	t.Helper()
+	e, err := s.Prepare(context.Background(), old)
 	require.NoError(t, err)
 	cb := int64(s.ChunkSectors()) * 512
 	_, err = dev.WriteAt(bytes.Repeat([]byte{fill}, int(cb)), int64(e.New)*cb)
 	require.NoError(t, err)
-	require.NoError(t, s.Commit(ctx, e))
 	return e
 }
 
