@@ -478,3 +478,35 @@ func TestOriginWriteMakesLazyExceptionDurable(t *testing.T) {
 		require.NoError(t, store.Close())
 	}
 }
+
+// lostStore is a store whose Err reports a failure that is not the
+// snapshot's invalidity, as a clustered store's does once its node lost
+// the cluster lock.
+type lostStore struct{ exstore.Store }
+
+var errLostLock = errors.New("node lost its cluster lock")
+
+func (lostStore) Err() error { return errLostLock }
+
+// TestOriginWriteFailsWhenStoreLostItsLock: an origin write must fail, and
+// leave the origin alone, when a snapshot's store fails for a reason other
+// than invalidity: skipping the copy would corrupt a snapshot that other
+// nodes still serve.
+func TestOriginWriteFailsWhenStoreLostItsLock(t *testing.T) {
+	ctx := context.Background()
+	rng := rand.New(rand.NewPCG(9, 9))
+	dev := newOriginDev(rng, 8*smallChunk)
+	before := dev.Bytes()
+	o := NewOrigin(dev)
+	cow := faultdev.New("cow", smallCOWChunks*smallChunk)
+	store, err := persistent.Open(ctx, cow, persistent.Options{ChunkSectors: smallChunkSectors, Logger: testLogger(t)})
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = store.Close() })
+	_, err = o.AddSnapshot("s", lostStore{store}, cow, SnapshotOptions{})
+	require.NoError(t, err)
+	err = o.WriteAt(ctx, bytes.Repeat([]byte{1}, 512), 2*smallChunk, false)
+	assert.ErrorIs(t, err, errLostLock)
+	assert.Equal(t, before, dev.Bytes(), "origin after the refused write")
+	assert.ErrorIs(t, o.WriteZeroes(ctx, 0, smallChunk, false, false), errLostLock)
+	assert.Equal(t, before, dev.Bytes(), "origin after the refused zeroing")
+}

@@ -593,12 +593,28 @@ func (s *Snapshot) writeChunk(ctx context.Context, c exstore.Chunk, at int64, da
 	return s.putCOW(c, e.New, at, data, n, fua)
 }
 
+// skipForOrigin reports whether origin writes may skip the snapshot: it is
+// invalid or merged, so nothing it shows must be kept. Any other failure
+// of its store (a clustered store whose node lost the cluster lock: the
+// snapshot is valid for the other nodes) fails the origin write instead, as
+// overwriting the origin without the copy would corrupt the snapshot.
+func (s *Snapshot) skipForOrigin() (bool, error) {
+	err := s.failure()
+	if err == nil {
+		return false, nil
+	}
+	if errors.Is(err, exstore.ErrInvalid) || errors.Is(err, ErrMerged) {
+		return true, nil
+	}
+	return false, fmt.Errorf("snapshot %s: %w", s.name, err)
+}
+
 // chunksToCopy appends to tasks the chunks that an origin write of n bytes
 // at off overwrites and the snapshot has no exception for. An invalid
 // snapshot needs none.
 func (s *Snapshot) chunksToCopy(ctx context.Context, off, n int64, tasks []copyTask) ([]copyTask, error) {
-	if s.failure() != nil {
-		return tasks, nil
+	if skip, err := s.skipForOrigin(); skip || err != nil {
+		return tasks, err
 	}
 	for c := off / s.chunkBytes; c <= (off+n-1)/s.chunkBytes; c++ {
 		new, found, err := s.lookup(ctx, exstore.Chunk(c))
@@ -626,8 +642,8 @@ func (s *Snapshot) copyChunkForOrigin(ctx context.Context, c exstore.Chunk) erro
 	defer releaseSlot()
 	s.locks.lock(c)
 	defer s.locks.unlock(c)
-	if s.failure() != nil {
-		return nil
+	if skip, err := s.skipForOrigin(); skip || err != nil {
+		return err
 	}
 	if new, found, err := s.lookup(ctx, c); err != nil {
 		return err
