@@ -17,6 +17,7 @@ import (
 	"github.com/clustersnap/clustersnap/lockc"
 	"github.com/clustersnap/clustersnap/lockc/inproc"
 	"github.com/clustersnap/clustersnap/persistent"
+	"github.com/clustersnap/clustersnap/persistent/persistenttest"
 )
 
 func quietLogger() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
@@ -53,7 +54,7 @@ func TestConformance(t *testing.T) {
 		}
 		return e
 	}
-	storetest.Run(t, storetest.Harness{
+	storetest.Run(t, persistenttest.WithLayout(storetest.Harness{
 		Name: "clusterized",
 		New: func(t *testing.T, chunkSectors uint32, cowBytes int64) (exstore.Store, blockdev.Device) {
 			dev := faultdev.New("cow", cowBytes)
@@ -67,30 +68,6 @@ func TestConformance(t *testing.T) {
 		OpenShared: func(t *testing.T, dev blockdev.Device) exstore.Store {
 			return openClustered(t, dev, engineOf(dev), "conformance")
 		},
-		Capacity: func(chunkSectors uint32, cowBytes int64) uint64 {
-			return persistent.NewGeometry(chunkSectors, cowBytes).Capacity()
-		},
-		IsMetadata: func(chunkSectors uint32, c exstore.Chunk) bool {
-			return persistent.NewGeometry(chunkSectors, 1<<40).IsMetadata(c)
-		},
-		WantUsage: func(chunkSectors uint32, cowBytes int64, n uint64) exstore.Usage {
-			g := persistent.NewGeometry(chunkSectors, cowBytes)
-			c := uint64(chunkSectors)
-			next := uint64(2)
-			if n > 0 {
-				last := n - 1
-				next = 2 + last + last/g.PerArea + 1
-				if next%(g.PerArea+1) == 1 {
-					next++
-				}
-			}
-			return exstore.Usage{
-				AllocatedSectors: next * c,
-				TotalSectors:     uint64(cowBytes) / exstore.SectorSize,
-				MetadataSectors:  (n/g.PerArea + 2) * c,
-				Exceptions:       n,
-			}
-		},
 		Merge: true,
-	})
+	}))
 }
