@@ -633,14 +633,6 @@ func (s *Store) CommitLazy(ctx context.Context, e exstore.Exception) error {
 	return err
 }
 
-// lazyLastCommitted is the highest COW chunk of a lazily committed
-// exception so far.
-func (s *Store) lazyLastCommitted() exstore.Chunk {
-	s.allocMu.Lock()
-	defer s.allocMu.Unlock()
-	return s.lazyLast
-}
-
 // Durable implements exstore.LazyCommitter.
 func (s *Store) Durable(new exstore.Chunk) bool {
 	return uint64(new) < s.lazyFirstNow.Load()
@@ -1186,7 +1178,7 @@ func (s *Store) Close() error {
 	s.stopOnce.Do(func() {
 		// Lazily committed exceptions are written first: a Close is
 		// not a crash.
-		if !s.Durable(exstore.Chunk(s.lazyLastCommitted())) {
+		if s.lazyFirstNow.Load() != noLazy {
 			if err := s.Sync(context.Background()); err != nil {
 				s.log.Error("close: writing lazily committed exceptions failed", "cow", s.name, "err", err)
 			}

@@ -26,16 +26,18 @@ type chunkStripe struct {
 // reads that go to the origin, striped. Its zero value is ready to use.
 //
 // The COW path holds a chunk exclusively (lock) from its lookup to its
-// commit, and an origin write's copy announces, still holding it, that the
-// origin chunk is about to be overwritten (announceOverwrite). A snapshot
-// read does not lock: it samples the announcements of its chunks' stripes
-// (overwrites) before its lookups and again after its I/O, and reads again
-// if they changed, since an origin write may then have landed under a read
-// that went to the origin. Announcements only follow a commit, so the
-// second attempt finds the exception; a stripe shared with other chunks
-// can disturb a read needlessly, so after a few attempts a read holds its
-// chunks (lockRange) and cannot be disturbed. Reads thus cost loads, not
-// atomic writes on shared lines.
+// commit. Every origin change, once the snapshots' copies are committed and
+// before it touches the origin, announces each chunk it covers
+// (announceOverwrite, Origin.announceOverwrite). A snapshot read does not
+// lock: it samples the announcements of its chunks' stripes
+// (announcements) before its lookups and again after its I/O, and reads
+// again if they changed, since an origin write may then have landed under
+// a read that went to the origin. An announcement follows the exception it
+// is about, so the second attempt finds it; a stripe shared with other
+// chunks can disturb a read needlessly, so after a few attempts a read
+// holds its chunks (lockRange), under which no exception for them can
+// appear, and is not retried. Reads thus cost loads, not atomic writes on
+// shared lines.
 //
 // A goroutine holds at most one stripe (lock), or a run of consecutive
 // chunks' stripes (lockRange), taken in ascending stripe order so that two
@@ -62,8 +64,8 @@ func (t *chunkLocks) lock(c exstore.Chunk) { t.stripe(c).mu.Lock() }
 // unlock releases chunk c, held by lock.
 func (t *chunkLocks) unlock(c exstore.Chunk) { t.stripe(c).mu.Unlock() }
 
-// announceOverwrite records that origin chunk c, held by lock, is about to
-// be overwritten: reads of it that are in flight will read again.
+// announceOverwrite records that origin chunk c is about to be
+// overwritten: reads of it that are in flight will read again.
 func (t *chunkLocks) announceOverwrite(c exstore.Chunk) {
 	t.overwrites[uint64(c)%chunkLockStripes].Add(1)
 }

@@ -16,15 +16,19 @@
 //   - an origin write proceeds only after every snapshot's copy of the chunks
 //     it covers is committed (the store syncs the copy before the record and
 //     makes the record durable before Commit returns);
-//   - a snapshot read holds the chunks it reads shared from their lookup to
-//     the end of the read, and the COW path holds a chunk exclusively from
-//     the lookup through the commit, so the origin is never overwritten
-//     under a read that goes to it (the chunk locks are striped, so a read
-//     costs no allocation, and a read of several chunks reads each run of
-//     them that is contiguous on the origin or the COW with one I/O);
+//   - an origin write announces the chunks it covers after their copies and
+//     before it writes; a snapshot read takes no lock but compares the
+//     announcements on its chunks before its lookup and after its I/O, and
+//     reads again if one came, so a read that went to the origin never
+//     returns data written after the snapshot (see chunkLocks; a read of
+//     several chunks reads each run of them that is contiguous on the
+//     origin or the COW with one I/O);
+//   - an origin write never overwrites a chunk whose exception is not
+//     durable: a lazily committed one is synced first;
 //   - a partial snapshot write reaches the COW only after the copy of the
 //     rest of the chunk is committed; a whole-chunk write goes straight to
-//     the new COW chunk and is committed after it.
+//     the new COW chunk and is committed after it. Without FUA the commit
+//     is lazy where the store allows it: durable at the next Flush.
 //
 // Trims and zeroing (the NBD server's optional Trimmer interface, and a
 // WriteZeroes(ctx, off, length, noHole, fua) that a caller adapts to its

@@ -25,9 +25,9 @@ type Snapshot struct {
 	size       int64
 	chunkBytes int64
 
-	// locks is the pending-exception table: the COW path holds a chunk
-	// exclusively from its lookup to its commit, snapshot reads hold the
-	// chunks they read shared from their lookup to the end of the read.
+	// locks is the pending-exception table (the COW path holds a chunk
+	// from its lookup to its commit) and the origin writes' announcements
+	// that snapshot reads check (see chunkLocks).
 	locks chunkLocks
 	// copies bounds the chunk copies in flight (CopiesInFlight). A slot is
 	// taken before the chunk lock and before Prepare: the store commits in
