@@ -10,6 +10,10 @@
 // full area is zeroed before the full area is written, so a loader always
 // finds a terminator. Exceptions are committed in allocation order, so a
 // crash never leaks a chunk that a later allocation could reuse.
+// CommitLazy (exstore.LazyCommitter) makes an exception visible at once and
+// leaves its record for the next batch, which Sync, a Commit or enough
+// waiting exceptions start, with the same ordering; the COW engine uses it
+// for snapshot writes, which owe durability only to the next flush.
 //
 // Unlike the kernel, the store writes only the sectors of an area that
 // changed (byte-for-byte the same result), refuses an allocation that would
