@@ -28,6 +28,11 @@ import (
 //   - a B+ tree of extents for longer runs, searched (in O(log extents))
 //     only when it is not empty, so a run of any length is one entry.
 //
+// In front of both, a filter with a bit per group of groupChunks chunks
+// (groupFilter) answers most lookups of chunks without an exception from
+// one word, which stays cached where the hash would not, and lets
+// LookupRange skip whole groups.
+//
 // The zero Table is empty and ready to use, like NewTable's.
 //
 // Runs in the hash are maximal: no two of them, and no run and extent, could
@@ -39,6 +44,9 @@ type Table struct {
 	hashRuns    int // maximal runs in the hash
 	extents     extentTree
 	extentCount uint64 // exceptions in extents
+	// filter tells which groups of chunks may have exceptions, for
+	// LookupRange.
+	filter groupFilter
 }
 
 const (
@@ -103,7 +111,7 @@ func (t *Table) Reset() { *t = Table{hash: newChunkHash()} }
 // Lookup returns the COW chunk of origin chunk old, if it has an exception.
 // It does not allocate.
 func (t *Table) Lookup(old Chunk) (Chunk, bool) {
-	if old > MaxChunk {
+	if old > MaxChunk || !t.filter.mayHave(uint64(old)>>groupShift) {
 		return 0, false
 	}
 	if s := t.hash.find(uint64(old) + 1); s != nil {
@@ -118,10 +126,46 @@ func (t *Table) Lookup(old Chunk) (Chunk, bool) {
 	return 0, false
 }
 
+// LookupRange looks up chunks first, first+1, ... and puts chunk
+// first+i's answer in into[i]. It answers a table without exceptions at
+// once, the common case of a young snapshot, and groups of chunks the
+// filter knows have none with one probe, rather than a hash probe per
+// chunk.
+func (t *Table) LookupRange(first Chunk, into []LookupResult) {
+	if t.hash.count == 0 && t.extents.count == 0 {
+		clear(into)
+		return
+	}
+	for i := 0; i < len(into); {
+		c := first + Chunk(i)
+		g := uint64(c) >> groupShift
+		// The chunks of c's group in the range.
+		n := min(len(into)-i, int((g+1)<<groupShift-uint64(c)))
+		if !t.filter.mayHave(g) {
+			clear(into[i : i+n])
+			i += n
+			continue
+		}
+		for end := i + n; i < end; i++ {
+			new, ok := t.Lookup(first + Chunk(i))
+			into[i] = LookupResult{New: new, Found: ok}
+		}
+	}
+}
+
 // Insert adds exception e, joining it to the runs it extends at either end
 // (and so bridging two runs into one). It fails if e.Old already has an
 // exception or if a chunk is beyond MaxChunk.
 func (t *Table) Insert(e Exception) error {
+	if err := t.insert(e); err != nil {
+		return err
+	}
+	t.filter.add(t, e.Old)
+	return nil
+}
+
+// insert is Insert without the group filter.
+func (t *Table) insert(e Exception) error {
 	if e.Old > MaxChunk || e.New > MaxChunk {
 		return fmt.Errorf("exception table: insert %v: %w", e, errChunkRange)
 	}

@@ -609,6 +609,9 @@ func runTableModel(t *testing.T, w tableWorkload, seed uint64, ops, checkEvery i
 			want, wantOK := model[old]
 			require.Equal(t, wantOK, ok, "op %d: Lookup(%d) found", op, old)
 			require.Equal(t, want, got, "op %d: Lookup(%d)", op, old)
+			if op%8 == 0 {
+				requireLookupRange(t, tab, model, old, 1+rng.IntN(70))
+			}
 		}
 		// Full checks cost O(len(model)): often while the table is small.
 		if op%checkEvery == 0 || (op%2000 == 0 && len(model) < 20000) {
@@ -625,6 +628,31 @@ func runTableModel(t *testing.T, w tableWorkload, seed uint64, ops, checkEvery i
 	}
 	t.Logf("%d inserts (%d refused), %d removed, final %d exceptions in %d entries (%d extents, at most %d)",
 		inserts, refused, removed, tab.Len(), tab.Entries(), tab.extents.count, maxExtents)
+}
+
+// requireLookupRange checks LookupRange of n chunks from first against the
+// model, writing over stale answers so that each must be set.
+func requireLookupRange(t *testing.T, tab *Table, model map[Chunk]Chunk, first Chunk, n int) {
+	t.Helper()
+	n = int(min(uint64(n), uint64(MaxChunk-first)+1))
+	into := make([]LookupResult, n)
+	for i := range into {
+		into[i] = LookupResult{New: 12345, Found: true}
+	}
+	tab.LookupRange(first, into)
+	for i, got := range into {
+		want, ok := model[first+Chunk(i)]
+		require.Equal(t, LookupResult{New: want, Found: ok}, got, "LookupRange(%d, %d): chunk %d", first, n, first+Chunk(i))
+	}
+}
+
+func TestTableLookupRangeEmpty(t *testing.T) {
+	tab := NewTable()
+	requireLookupRange(t, tab, nil, 100, 64)
+	require.NoError(t, tab.Insert(Exception{Old: 130, New: 7}))
+	requireLookupRange(t, tab, map[Chunk]Chunk{130: 7}, 100, 64)
+	tab.Remove(130, 1)
+	requireLookupRange(t, tab, nil, 100, 64)
 }
 
 func TestTableSequentialRunIsOneEntry(t *testing.T) {
@@ -974,4 +1002,33 @@ func TestTableConcurrentReaders(t *testing.T) {
 		})
 	}
 	wg.Wait()
+}
+
+func TestTableGroupFilterSelective(t *testing.T) {
+	// Scattered exceptions in the first 2^20 chunks: the filter must say
+	// "maybe" for every group that has one, and "no" for most groups of
+	// the next 2^20 chunks, which have none.
+	tab := NewTable()
+	rng := rand.New(rand.NewPCG(5, 6))
+	const area = 1 << 20
+	groups := map[uint64]bool{}
+	for i := range 20_000 {
+		c := Chunk(rng.Uint64N(area))
+		if tab.Insert(Exception{Old: c, New: Chunk(i)}) == nil {
+			groups[uint64(c)>>groupShift] = true
+		}
+	}
+	for g := range groups {
+		require.True(t, tab.filter.mayHave(g), "group %d has an exception", g)
+	}
+	maybe := 0
+	const probed = area >> groupShift
+	for g := uint64(area >> groupShift); g < 2*area>>groupShift; g++ {
+		if tab.filter.mayHave(g) {
+			maybe++
+		}
+	}
+	assert.Less(t, float64(maybe)/probed, 1.0/4, "%d of %d empty groups may have exceptions", maybe, probed)
+	assert.LessOrEqual(t, len(tab.filter.words)*8, 2*len(groups), "filter bytes per group")
+	t.Logf("%d groups with exceptions, filter %d bits, %d of %d empty groups pass", len(groups), len(tab.filter.words)*64, maybe, probed)
 }

@@ -491,10 +491,7 @@ func (s *Store) Lookup(ctx context.Context, old exstore.Chunk) (exstore.Chunk, b
 // LookupRange implements exstore.RangeLookuper: one read lock for the run.
 func (s *Store) LookupRange(ctx context.Context, first exstore.Chunk, into []exstore.LookupResult) (exstore.Release, error) {
 	s.mu.RLock()
-	for i := range into {
-		n, ok := s.table.Lookup(first + exstore.Chunk(i))
-		into[i] = exstore.LookupResult{New: n, Found: ok}
-	}
+	s.table.LookupRange(first, into)
 	s.mu.RUnlock()
 	return exstore.NoRelease, nil
 }

@@ -264,23 +264,58 @@ func concurrencies() []struct {
 }
 
 // BenchmarkFileRead compares random reads of a snapshot's chunks that have
-// no exception (the origin read under the chunks' shared locks) with the
-// same reads of the origin file itself.
+// no exception (the origin read, checked against the origin writes'
+// announcements) with the same reads of the origin file itself. The
+// "fresh" snapshot has no exceptions at all; the "busy" one has
+// busyExceptions, scattered over a second origin area that the reads do
+// not touch, so that its lookups search a table of realistic size.
 func BenchmarkFileRead(b *testing.B) {
 	for _, size := range []int{4 << 10, 64 << 10} {
 		for _, conc := range concurrencies() {
-			b.Run(fmt.Sprintf("%dKiB/%s", size>>10, conc.name), func(b *testing.B) {
-				fs := newFileSnapshot(b, fileBenchReadSize, 8, 1<<20)
-				blocks := uint64(fileBenchReadSize / size)
-				seed := rand.Uint64()
-				ctx := context.Background()
-				runPaired(b, rawVolume{fs.originFile}, fs.snap, conc.parallel, false, size, func(v Volume, j int64, buf []byte) error {
-					blk := int64(mix(seed+uint64(j)) % blocks)
-					return v.ReadAt(ctx, buf, blk*int64(size))
+			for _, busy := range []bool{false, true} {
+				table := "fresh"
+				if busy {
+					table = "busy"
+				}
+				b.Run(fmt.Sprintf("%dKiB/%s/%s", size>>10, conc.name, table), func(b *testing.B) {
+					originSize := int64(fileBenchReadSize)
+					if busy {
+						originSize *= 2
+					}
+					fs := newFileSnapshot(b, originSize, 8, 1<<20)
+					if busy {
+						addScatteredExceptions(b, fs.snap, fileBenchReadSize, busyExceptions)
+					}
+					blocks := uint64(fileBenchReadSize / size)
+					seed := rand.Uint64()
+					ctx := context.Background()
+					runPaired(b, rawVolume{fs.originFile}, fs.snap, conc.parallel, false, size, func(v Volume, j int64, buf []byte) error {
+						blk := int64(mix(seed+uint64(j)) % blocks)
+						return v.ReadAt(ctx, buf, blk*int64(size))
+					})
 				})
-			})
+			}
 		}
 	}
+}
+
+// busyExceptions is how many exceptions the "busy" read benchmarks'
+// snapshot has: a quarter of a fileBenchReadSize area in 4 KiB chunks.
+const busyExceptions = fileBenchReadSize / (4 << 10) / 4
+
+// addScatteredExceptions gives n random 4 KiB chunks of s from byte from on
+// an exception, by writing them, in a random order so that they form no
+// runs, and flushes.
+func addScatteredExceptions(b *testing.B, s *Snapshot, from int64, n int) {
+	b.Helper()
+	ctx := context.Background()
+	chunks := (s.Size() - from) / s.chunkBytes
+	buf := make([]byte, s.chunkBytes)
+	for _, c := range rand.Perm(int(chunks))[:n] {
+		require.NoError(b, s.WriteAt(ctx, buf, from+int64(c)*s.chunkBytes, false))
+	}
+	require.NoError(b, s.Flush(ctx))
+	require.Equal(b, uint64(n), s.Store().Usage().Exceptions)
 }
 
 // mix is a stateless 64-bit mixer (splitmix64's finaliser), so that

@@ -510,3 +510,20 @@ func TestOriginWriteFailsWhenStoreLostItsLock(t *testing.T) {
 	assert.ErrorIs(t, o.WriteZeroes(ctx, 0, smallChunk, false, false), errLostLock)
 	assert.Equal(t, before, dev.Bytes(), "origin after the refused zeroing")
 }
+
+// TestReadInOneChunkIsOneDeviceRead: a read of part of one chunk reads its
+// device once, from the origin or from the COW, and returns the right
+// data; this is the path most reads take.
+func TestReadInOneChunkIsOneDeviceRead(t *testing.T) {
+	ctx := context.Background()
+	o, dev, model, s := smallSetup(t, SnapshotOptions{})
+	writeOrigin(t, o, model, 3, 0x33) // chunk 3 gets an exception
+	for _, c := range []int64{2, 3} {
+		dev.ResetStats()
+		s.cow.ResetStats()
+		got := make([]byte, 300)
+		require.NoError(t, s.snap.ReadAt(ctx, got, c*smallChunk+40))
+		requireSame(t, s.model[c*smallChunk+40:c*smallChunk+340], got, "snapshot read")
+		assert.Equal(t, uint64(1), dev.Stats().Reads+s.cow.Stats().Reads, "chunk %d: device reads", c)
+	}
+}
