@@ -192,10 +192,50 @@ func (s *Snapshot) ReadAt(ctx context.Context, p []byte, off int64) error {
 
 // WriteAt implements Volume.
 func (s *Snapshot) WriteAt(ctx context.Context, p []byte, off int64, fua bool) error {
+	if s.rewriteInChunk(ctx, p, off, fua) {
+		return nil
+	}
 	if err := s.writeRange(ctx, off, int64(len(p)), p, fua); err != nil {
 		return fmt.Errorf("snapshot %s: write %d bytes at %d: %w", s.name, len(p), off, err)
 	}
 	return nil
+}
+
+// rewriteInChunk is the common write, of part of one chunk that has an
+// exception already, in as few calls as can be: it reports whether it
+// wrote p at off, and does nothing else when it did not. It makes the
+// checks writeRange and writeChunk make; any other outcome (another
+// request shape, a chunk without an exception, a canceled context, a
+// snapshot that is not writable, an error) leaves the request to
+// writeRange, which writes again or fails it with its error. Writing the
+// same data twice at the same place changes nothing.
+func (s *Snapshot) rewriteInChunk(ctx context.Context, p []byte, off int64, fua bool) bool {
+	n := int64(len(p))
+	if n == 0 || off < 0 || off > s.size-n || off/s.chunkBytes != (off+n-1)/s.chunkBytes {
+		return false
+	}
+	if a := s.ioAlign; a > 1 && ((off|n)&(a-1) != 0 || !memAligned(p, int(a))) {
+		return false
+	}
+	if s.opts.ReadOnly || s.failed.Load() || s.overflowed.Load() || ctx.Err() != nil || s.store.Err() != nil {
+		return false
+	}
+	c := exstore.Chunk(off / s.chunkBytes)
+	new, found, release, err := s.store.Lookup(ctx, c)
+	release()
+	if err != nil || !found {
+		return false
+	}
+	at := s.cowOffset(c, new, off)
+	if fua {
+		_, err = s.cow.WriteAtSync(p, at)
+		return err == nil
+	}
+	if _, err = s.cow.WriteAt(p, at); err != nil {
+		return false
+	}
+	s.syncs.wrote()
+	return true
 }
 
 // writeRange checks a write of n bytes at off to the snapshot and writes
