@@ -11,7 +11,8 @@
 #
 # Environment: SIZE (file size, default 1GiB), RUNTIME (seconds per fio job,
 # default 10), ROUNDS (runs per server and workload, servers alternating,
-# median reported; default 1), SNAPD (a snapd binary; built from this
+# median reported; default 1), WORKLOADS (which of the three, space-
+# separated; default all), SNAPD (a snapd binary; built from this
 # checkout if unset), BENCH_TMPDIR (where the scratch directory goes, default
 # /var/tmp).
 set -euo pipefail
@@ -23,7 +24,7 @@ bench_init
 file=$BENCH_DIR/disk.img
 sock=$BENCH_DIR/nbd.sock
 jobs=$BENCH_DIR/plain.fio
-workloads=(randread-4k seqread-1m seqwrite-1m)
+read -ra workloads <<<"${WORKLOADS:-randread-4k seqread-1m seqwrite-1m}"
 
 # One job file for every server; only ${NBD_URI} differs between runs.
 cat >"$jobs" <<EOF
