@@ -11,6 +11,7 @@ import (
 
 	"github.com/clustersnap/clustersnap/clusterized"
 	"github.com/clustersnap/clustersnap/exstore"
+	"github.com/clustersnap/clustersnap/exstore/blockdev"
 	"github.com/clustersnap/clustersnap/exstore/cow"
 	"github.com/clustersnap/clustersnap/lockc/inproc"
 	"github.com/clustersnap/clustersnap/persistent"
@@ -65,6 +66,13 @@ func (d *memDevice) Close() error                                 { return nil }
 func benchStore(b *testing.B, clustered bool, cowBytes int64) (exstore.Store, *memDevice) {
 	b.Helper()
 	dev := newMemDevice("cow", cowBytes)
+	return benchStoreOn(b, clustered, dev), dev
+}
+
+// benchStoreOn formats dev as a COW device and opens the bare store or the
+// wrapper on it.
+func benchStoreOn(b *testing.B, clustered bool, dev blockdev.Device) exstore.Store {
+	b.Helper()
 	formatCOW(b, dev, benchChunkSectors)
 	var s exstore.Store
 	if clustered {
@@ -77,7 +85,7 @@ func benchStore(b *testing.B, clustered bool, cowBytes int64) (exstore.Store, *m
 		require.NoError(b, err)
 	}
 	b.Cleanup(func() { _ = s.Close() })
-	return s, dev
+	return s
 }
 
 func forBoth(b *testing.B, fn func(b *testing.B, clustered bool)) {

@@ -17,6 +17,15 @@
 //     Release, because another node needs EX to add an exception (and only
 //     then overwrites that origin chunk): a snapshot read of the origin
 //     cannot race another node's copy-on-write of that chunk.
+//   - The COW engine's snapshot reads first look up optimistically
+//     (exstore.OptimisticLookuper): while the node holds CR or EX with
+//     current metadata, the core's answer is the cluster's, and it stays so
+//     until the gate's state word changes, which it does before the node
+//     gives the lock down. Such a read enters nothing, so it costs what a
+//     read of the bare store costs; after its I/O it checks the word, and
+//     reads again if it moved (another node may then have copied and
+//     overwritten a chunk it read from the origin). After a few such tries
+//     it holds its misses in CR as above, so it cannot starve.
 //   - Prepare enters in EX and stays in until the exception is committed or
 //     aborted, so the node never gives EX up with an allocation another node
 //     could repeat. Commit, Abort, the merge primitives and Invalidate work
@@ -224,8 +233,9 @@ type Store struct {
 }
 
 var (
-	_ exstore.Store         = (*Store)(nil)
-	_ exstore.RangeLookuper = (*Store)(nil)
+	_ exstore.Store              = (*Store)(nil)
+	_ exstore.RangeLookuper      = (*Store)(nil)
+	_ exstore.OptimisticLookuper = (*Store)(nil)
 )
 
 // New wraps core, a store this node opened on the shared COW device, for the
@@ -409,6 +419,45 @@ func (s *Store) LookupRange(ctx context.Context, first exstore.Chunk, into []exs
 	}
 	return s.releases[shard], nil
 }
+
+// LookupOptimistic implements exstore.OptimisticLookuper: while the node
+// holds its lock in CR or EX with its metadata current, the core's answer
+// is the cluster's, and it stays so until the gate's state word changes,
+// which it does (a drain closes the gate) before the node gives the lock
+// down and another node can add exceptions. The token is that word.
+func (s *Store) LookupOptimistic(old exstore.Chunk) (exstore.Chunk, bool, uint64, bool) {
+	w := s.state.Load()
+	if !admits(w, lockc.CR) || s.stopError() != nil {
+		return 0, false, 0, false
+	}
+	var (
+		new     exstore.Chunk
+		found   bool
+		release exstore.Release
+		err     error
+	)
+	if p := s.pcore.Load(); p != nil {
+		new, found, release, err = p.Lookup(s.ctx, old)
+	} else {
+		new, found, release, err = s.core.Load().s.Lookup(s.ctx, old)
+	}
+	release()
+	return new, found, w, err == nil
+}
+
+// LookupRangeOptimistic implements exstore.OptimisticLookuper.
+func (s *Store) LookupRangeOptimistic(first exstore.Chunk, into []exstore.LookupResult) (uint64, bool) {
+	w := s.state.Load()
+	if !admits(w, lockc.CR) || s.stopError() != nil {
+		return 0, false
+	}
+	_, err := s.lookupInto(s.ctx, first, into)
+	return w, err == nil
+}
+
+// Unchanged implements exstore.OptimisticLookuper: the node held its lock,
+// with the same metadata, from the lookups to now.
+func (s *Store) Unchanged(token uint64) bool { return s.state.Load() == token }
 
 // lookupInto answers into from the core's table and reports whether every
 // chunk has an exception.

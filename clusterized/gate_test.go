@@ -8,6 +8,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/clustersnap/clustersnap/exstore"
 	"github.com/clustersnap/clustersnap/exstore/blockdev/faultdev"
 	"github.com/clustersnap/clustersnap/lockc/inproc"
 )
@@ -102,4 +103,50 @@ func TestWaitingLookupCancelled(t *testing.T) {
 	assert.True(t, found)
 	assert.Equal(t, e.New, got)
 	add(t, b, 6) // A gives the lock back: nothing of the cancelled wait is left inside
+}
+
+// An optimistic lookup answers as Lookup does while the node holds its
+// lock, holds nothing (another node's EX does not wait for it), and its
+// token stops vouching for the answer once the node gave the lock up for
+// another node's allocation; with the lock given up, it declines.
+func TestOptimisticLookup(t *testing.T) {
+	dev := faultdev.New("cow", 4<<20)
+	formatCOW(t, dev, 8)
+	cluster := inproc.NewCluster()
+	a := openClustered(t, dev, cluster.Node(1), "optimistic")
+	t.Cleanup(func() { _ = a.Close() })
+	b := openClustered(t, dev, cluster.Node(2), "optimistic")
+	t.Cleanup(func() { _ = b.Close() })
+
+	_, _, _, ok := a.LookupOptimistic(1)
+	assert.False(t, ok, "A holds NL: it cannot vouch for a miss")
+
+	e0 := add(t, a, 0) // A caches EX
+	new, found, token, ok := a.LookupOptimistic(0)
+	require.True(t, ok)
+	assert.True(t, found)
+	assert.Equal(t, e0.New, new)
+	_, found, missToken, ok := a.LookupOptimistic(1)
+	require.True(t, ok)
+	assert.False(t, found)
+	assert.Equal(t, token, missToken)
+	into := make([]exstore.LookupResult, 3)
+	rangeToken, ok := a.LookupRangeOptimistic(0, into)
+	require.True(t, ok)
+	assert.Equal(t, []exstore.LookupResult{{New: e0.New, Found: true}, {}, {}}, into)
+	assert.True(t, a.Unchanged(rangeToken), "nothing happened")
+
+	// B allocates chunk 1 without waiting for A's optimistic reader.
+	e1 := add(t, b, 1)
+	assert.False(t, a.Unchanged(missToken), "A gave its lock to B: the miss of chunk 1 is void")
+	_, _, _, ok = a.LookupOptimistic(1)
+	assert.False(t, ok, "A holds NL again")
+
+	// A held lookup brings the lock back, and the optimistic one sees B's
+	// exception.
+	miss(t, a, 2)
+	new, found, _, ok = a.LookupOptimistic(1)
+	require.True(t, ok)
+	assert.True(t, found)
+	assert.Equal(t, e1.New, new)
 }

@@ -184,6 +184,29 @@ type RangeLookuper interface {
 	LookupRange(ctx context.Context, first Chunk, into []LookupResult) (Release, error)
 }
 
+// OptimisticLookuper is implemented by stores whose Lookup holds a miss
+// stable at a cost (a store shared with other nodes holds its cluster lock
+// for it) and that can instead tell afterwards whether an answer may have
+// changed. A reader looks up without holding anything, does the I/O the
+// answers guide, then asks Unchanged; if they may have changed (another
+// node may have added an exception for a chunk that missed, and then
+// overwritten its origin chunk), it reads again. Hits are stable anyway:
+// exceptions are removed only by an offline merge.
+type OptimisticLookuper interface {
+	// LookupOptimistic is Lookup of old, holding nothing, with a token for
+	// Unchanged; ok is false, and nothing else is meaningful, when it
+	// cannot answer without waiting or failed: the caller then uses
+	// Lookup.
+	LookupOptimistic(old Chunk) (new Chunk, found bool, token uint64, ok bool)
+	// LookupRangeOptimistic is LookupOptimistic of chunks first,
+	// first+1, ..., first+len(into)-1, answered into into.
+	LookupRangeOptimistic(first Chunk, into []LookupResult) (token uint64, ok bool)
+	// Unchanged reports whether every answer given with token still
+	// holds: no chunk that missed can have gained an exception since. A
+	// reader calls it after its I/O is done.
+	Unchanged(token uint64) bool
+}
+
 // LazyCommitter is implemented by stores that can make an exception visible
 // at once and durable later, as a disk's write cache makes a write durable
 // at the next flush: a snapshot write owes durability only to the next

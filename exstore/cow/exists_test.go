@@ -87,3 +87,76 @@ func TestSnapshotWriteAfterOtherNodeCopied(t *testing.T) {
 	assert.EqualValues(t, 1, racing.Usage().Exceptions, "exceptions after the snapshot write")
 	requireSame(t, model, readAll(t, snap), "snapshot")
 }
+
+// optimisticStore plays a store shared with other nodes that answers
+// lookups without holding them (exstore.OptimisticLookuper): its token is
+// a generation that moves when the test says the node's lock moved.
+type optimisticStore struct {
+	exstore.Store
+	generation atomic.Uint64
+}
+
+func (s *optimisticStore) LookupOptimistic(old exstore.Chunk) (exstore.Chunk, bool, uint64, bool) {
+	token := s.generation.Load()
+	new, found, release, err := s.Store.Lookup(context.Background(), old)
+	release()
+	return new, found, token, err == nil
+}
+
+func (s *optimisticStore) LookupRangeOptimistic(first exstore.Chunk, into []exstore.LookupResult) (uint64, bool) {
+	token := s.generation.Load()
+	for i := range into {
+		new, found, token2, ok := s.LookupOptimistic(first + exstore.Chunk(i))
+		if !ok || token2 != token {
+			return 0, false
+		}
+		into[i] = exstore.LookupResult{New: new, Found: found}
+	}
+	return token, true
+}
+
+func (s *optimisticStore) Unchanged(token uint64) bool { return s.generation.Load() == token }
+
+// A read whose optimistic lookups the store stops vouching for during its
+// I/O reads again, on every path: the one-chunk fast path, then the
+// general path's one-chunk and window attempts. The first reads of the
+// origin are disturbed; the read must try once more after each and still
+// return the snapshot's data.
+func TestReadRetriesWhenStoreStopsVouching(t *testing.T) {
+	for _, tc := range []struct {
+		name      string
+		off, n    int64
+		disturbed int32 // origin reads that see the lock move
+	}{
+		{"fast path", 2*smallChunk + 10, 100, 1},
+		{"one chunk", 2*smallChunk + 10, 100, 2},
+		{"window", 2 * smallChunk, 3 * smallChunk, 2},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			rng := rand.New(rand.NewPCG(9, 10))
+			dev := newOriginDev(rng, 16*smallChunk)
+			o := NewOrigin(dev)
+			model := dev.Bytes()
+			cow := faultdev.New("cow", smallCOWChunks*smallChunk)
+			store, err := persistent.Open(context.Background(), cow, persistent.Options{ChunkSectors: smallChunkSectors, Logger: testLogger(t)})
+			require.NoError(t, err)
+			t.Cleanup(func() { _ = store.Close() })
+			opt := &optimisticStore{Store: store}
+			snap, err := o.AddSnapshot("s", opt, cow, SnapshotOptions{})
+			require.NoError(t, err)
+
+			var reads atomic.Int32
+			dev.SetFault(func(op faultdev.Op, _, _ int64) error {
+				if op == faultdev.Read && reads.Add(1) <= tc.disturbed {
+					opt.generation.Add(1)
+				}
+				return nil
+			})
+			got := make([]byte, tc.n)
+			require.NoError(t, snap.ReadAt(context.Background(), got, tc.off))
+			dev.SetFault(nil)
+			requireSame(t, model[tc.off:tc.off+tc.n], got, "snapshot read")
+			assert.Equal(t, tc.disturbed+1, reads.Load(), "origin reads: one more than the disturbed ones")
+		})
+	}
+}

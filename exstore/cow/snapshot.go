@@ -19,7 +19,11 @@ type Snapshot struct {
 	store  exstore.Store
 	// lazy is store as an exstore.LazyCommitter, nil if it is not one:
 	// then every exception is committed durably before its write returns.
-	lazy       exstore.LazyCommitter
+	lazy exstore.LazyCommitter
+	// optimistic is store as an exstore.OptimisticLookuper, nil if it is
+	// not one: then reads hold their lookups' answers until their I/O is
+	// done.
+	optimistic exstore.OptimisticLookuper
 	cow        blockdev.Device
 	opts       SnapshotOptions
 	size       int64
@@ -78,6 +82,7 @@ func newSnapshot(o *Origin, name string, store exstore.Store, cow blockdev.Devic
 		zeroes:     zeroBuffer(min(chunkBytes, zeroBufferBytes), cow.Alignment()),
 	}
 	s.lazy, _ = store.(exstore.LazyCommitter)
+	s.optimistic, _ = store.(exstore.OptimisticLookuper)
 	s.lookups.New = func() any { return new([maxReadRunChunks]exstore.LookupResult) }
 	s.buffers.New = func() any {
 		b := blockdev.AlignedBuffer(int(chunkBytes), align)
@@ -427,7 +432,22 @@ func (s *Snapshot) readInChunk(ctx context.Context, p []byte, off int64) bool {
 	c := exstore.Chunk(off / s.chunkBytes)
 	announced := &s.locks.overwrites[uint64(c)%chunkLockStripes]
 	before := announced.Load()
-	new, found, release, err := s.store.Lookup(ctx, c)
+	var (
+		new     exstore.Chunk
+		found   bool
+		release exstore.Release
+		token   uint64
+		err     error
+	)
+	if s.optimistic != nil {
+		var ok bool
+		if new, found, token, ok = s.optimistic.LookupOptimistic(c); !ok {
+			return false
+		}
+		release = exstore.NoRelease
+	} else {
+		new, found, release, err = s.store.Lookup(ctx, c)
+	}
 	if err == nil {
 		dev, at := s.origin.dev, off
 		if found {
@@ -440,7 +460,8 @@ func (s *Snapshot) readInChunk(ctx context.Context, p []byte, off int64) bool {
 		}
 	}
 	release()
-	return err == nil && announced.Load() == before && !s.failed.Load() && s.store.Err() == nil
+	return err == nil && announced.Load() == before && (s.optimistic == nil || s.optimistic.Unchanged(token)) &&
+		!s.failed.Load() && s.store.Err() == nil
 }
 
 // readFailure is what a read that failed with err reports: the reason the
@@ -455,13 +476,15 @@ func (s *Snapshot) readFailure(err error) error {
 
 // readWindow reads p at at, which lies in chunks [first, end), at most
 // maxReadRunChunks of them, again while an origin overwrite of its chunks
-// was announced during the attempt (see chunkLocks), holding the chunks
-// after optimisticReadAttempts.
+// was announced during the attempt (see chunkLocks), or the store could
+// not vouch for the answers of its lookups done without holding them (see
+// exstore.OptimisticLookuper), holding the chunks and the answers after
+// optimisticReadAttempts.
 func (s *Snapshot) readWindow(ctx context.Context, first, end exstore.Chunk, at int64, p []byte) error {
 	for range optimisticReadAttempts {
 		before := s.locks.announcements(first, end)
-		err := s.readWindowOnce(ctx, first, end, at, p)
-		if err != nil || s.locks.announcements(first, end) == before {
+		valid, err := s.readWindowOnce(ctx, first, end, at, p, true)
+		if err != nil || valid && s.locks.announcements(first, end) == before {
 			return err
 		}
 	}
@@ -470,28 +493,40 @@ func (s *Snapshot) readWindow(ctx context.Context, first, end exstore.Chunk, at 
 	// this attempt do not matter.
 	s.locks.lockRange(first, end)
 	defer s.locks.unlockRange(first, end)
-	return s.readWindowOnce(ctx, first, end, at, p)
+	_, err := s.readWindowOnce(ctx, first, end, at, p, false)
+	return err
 }
 
 // readWindowOnce is one attempt of readWindow. The chunks are looked up
 // together (one call for a store that is an exstore.RangeLookuper) and
 // held by the store until the I/O is done, for stores shared with other
-// nodes. Runs of chunks whose data is contiguous are read with one I/O
-// each: chunks without an exception from the origin, chunks whose
-// exceptions are consecutive COW chunks from the COW device.
-func (s *Snapshot) readWindowOnce(ctx context.Context, first, end exstore.Chunk, at int64, p []byte) error {
+// nodes; or, with optimistic and a store that is an
+// exstore.OptimisticLookuper, looked up without holding, and then valid
+// reports whether the store vouches for the answers after the I/O. Runs
+// of chunks whose data is contiguous are read with one I/O each: chunks
+// without an exception from the origin, chunks whose exceptions are
+// consecutive COW chunks from the COW device.
+func (s *Snapshot) readWindowOnce(ctx context.Context, first, end exstore.Chunk, at int64, p []byte, optimistic bool) (valid bool, err error) {
+	optimistic = optimistic && s.optimistic != nil
 	if end-first == 1 {
-		return s.readChunkOnce(ctx, first, at, p)
+		return s.readChunkOnce(ctx, first, at, p, optimistic)
 	}
 	// The answers come from a pool: a buffer passed to a store's method
 	// escapes, and a window's is too big to allocate per read.
 	statesp := s.lookups.Get().(*[maxReadRunChunks]exstore.LookupResult)
 	defer s.lookups.Put(statesp)
 	states := statesp[:end-first]
-	release, err := s.lookupRange(ctx, first, states)
-	defer release()
-	if err != nil {
-		return err
+	release := exstore.NoRelease
+	var token uint64
+	if optimistic {
+		token, optimistic = s.optimistic.LookupRangeOptimistic(first, states)
+	}
+	if !optimistic {
+		release, err = s.lookupRange(ctx, first, states)
+		defer release()
+		if err != nil {
+			return false, err
+		}
 	}
 	for c := first; c < end; {
 		st := states[c-first]
@@ -508,32 +543,42 @@ func (s *Snapshot) readWindowOnce(ctx context.Context, first, end exstore.Chunk,
 		q := p[from-at : to-at]
 		if st.Found {
 			if err := s.readCOW(c, st.New, from, q); err != nil {
-				return err
+				return false, err
 			}
 		} else {
 			if err := readDev(s.origin.dev, q, from); err != nil {
-				return fmt.Errorf("chunks %d to %d: origin %s: %w", c, runEnd-1, s.origin.dev.Name(), err)
+				return false, fmt.Errorf("chunks %d to %d: origin %s: %w", c, runEnd-1, s.origin.dev.Name(), err)
 			}
 		}
 		c = runEnd
 	}
-	return nil
+	return !optimistic || s.optimistic.Unchanged(token), nil
 }
 
 // readChunkOnce is readWindowOnce for a window of one chunk, c.
-func (s *Snapshot) readChunkOnce(ctx context.Context, c exstore.Chunk, at int64, p []byte) error {
-	new, found, release, err := s.store.Lookup(ctx, c)
-	defer release()
-	if err != nil {
-		return fmt.Errorf("chunk %d: lookup: %w", c, err)
+func (s *Snapshot) readChunkOnce(ctx context.Context, c exstore.Chunk, at int64, p []byte, optimistic bool) (valid bool, err error) {
+	var (
+		new     exstore.Chunk
+		found   bool
+		release = exstore.NoRelease
+		token   uint64
+	)
+	if optimistic {
+		new, found, token, optimistic = s.optimistic.LookupOptimistic(c)
+	}
+	if !optimistic {
+		new, found, release, err = s.store.Lookup(ctx, c)
+		defer release()
+		if err != nil {
+			return false, fmt.Errorf("chunk %d: lookup: %w", c, err)
+		}
 	}
 	if found {
-		return s.readCOW(c, new, at, p)
+		err = s.readCOW(c, new, at, p)
+	} else if err = readDev(s.origin.dev, p, at); err != nil {
+		err = fmt.Errorf("chunk %d: origin %s: %w", c, s.origin.dev.Name(), err)
 	}
-	if err := readDev(s.origin.dev, p, at); err != nil {
-		return fmt.Errorf("chunk %d: origin %s: %w", c, s.origin.dev.Name(), err)
-	}
-	return nil
+	return err == nil && (!optimistic || s.optimistic.Unchanged(token)), err
 }
 
 // lookupRange looks up chunks first.. into into, with one call if the

@@ -138,6 +138,31 @@ func (s *modelStore) LookupRange(_ context.Context, first exstore.Chunk, into []
 	return exstore.NoRelease, nil
 }
 
+// LookupOptimistic implements exstore.OptimisticLookuper (the model has
+// no other nodes: its token never changes); the optimisticOffByOne mutant
+// answers for the chunk after old.
+func (s *modelStore) LookupOptimistic(old exstore.Chunk) (exstore.Chunk, bool, uint64, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.mutant == "optimisticOffByOne" {
+		old++
+	}
+	n, ok := s.table[old]
+	return n, ok, 7, true
+}
+
+// LookupRangeOptimistic implements exstore.OptimisticLookuper.
+func (s *modelStore) LookupRangeOptimistic(first exstore.Chunk, into []exstore.LookupResult) (uint64, bool) {
+	for i := range into {
+		n, ok, _, _ := s.LookupOptimistic(first + exstore.Chunk(i))
+		into[i] = exstore.LookupResult{New: n, Found: ok}
+	}
+	return 7, true
+}
+
+// Unchanged implements exstore.OptimisticLookuper.
+func (s *modelStore) Unchanged(token uint64) bool { return token == 7 }
+
 func (s *modelStore) Prepare(_ context.Context, old exstore.Chunk) (exstore.Exception, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -459,6 +484,7 @@ func TestSuiteCatchesMutants(t *testing.T) {
 		{"reuseAborted", "in-order commit/abort"},
 		{"lookupBeforeCommit", "lookup"},
 		{"rangeOffByOne", "lookup"},
+		{"optimisticOffByOne", "lookup"},
 		{"walkNoStop", "walk"},
 		{"commitNoWait", "in-order commit/cancelled"},
 		{"lostOnReopen", "reload"},

@@ -229,7 +229,36 @@ func (ss *session) lookup(s exstore.Store, old exstore.Chunk) (exstore.Chunk, bo
 	if rl, ok := s.(exstore.RangeLookuper); ok {
 		ss.checkRange(s, rl, old)
 	}
+	if ol, ok := s.(exstore.OptimisticLookuper); ok {
+		ss.checkOptimistic(s, ol, old)
+	}
 	return c, found
+}
+
+// checkOptimistic asserts that a store's optimistic lookups of old and of
+// the chunks around it, when it gives them, answer as Lookup does, and
+// that their tokens vouch for them while nothing changes.
+func (ss *session) checkOptimistic(s exstore.Store, ol exstore.OptimisticLookuper, old exstore.Chunk) {
+	ss.t.Helper()
+	want := func(c exstore.Chunk) exstore.LookupResult {
+		new, found, release, err := s.Lookup(ss.t.Context(), c)
+		release()
+		require.NoError(ss.t, err, "%s: Lookup(%d)", ss.h.Name, c)
+		return exstore.LookupResult{New: new, Found: found}
+	}
+	if new, found, token, ok := ol.LookupOptimistic(old); ok {
+		assert.Equal(ss.t, want(old), exstore.LookupResult{New: new, Found: found}, "%s: LookupOptimistic(%d)", ss.h.Name, old)
+		assert.True(ss.t, ol.Unchanged(token), "%s: LookupOptimistic(%d): token void with nothing changed", ss.h.Name, old)
+	}
+	first := old - min(old, 2)
+	into := make([]exstore.LookupResult, min(exstore.MaxChunk-first, 4)+1)
+	if token, ok := ol.LookupRangeOptimistic(first, into); ok {
+		for i, got := range into {
+			c := first + exstore.Chunk(i)
+			assert.Equal(ss.t, want(c), got, "%s: LookupRangeOptimistic(%d, %d) for chunk %d", ss.h.Name, first, len(into), c)
+		}
+		assert.True(ss.t, ol.Unchanged(token), "%s: LookupRangeOptimistic(%d, %d): token void with nothing changed", ss.h.Name, first, len(into))
+	}
 }
 
 // checkRange asserts that a store's LookupRange of the chunks around old
