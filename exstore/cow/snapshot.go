@@ -226,8 +226,7 @@ func (s *Snapshot) rewriteInChunk(ctx context.Context, p []byte, off int64, fua 
 		return false
 	}
 	c := exstore.Chunk(off / s.chunkBytes)
-	new, found, release, err := s.store.Lookup(ctx, c)
-	release()
+	new, found, err := s.lookup(ctx, c)
 	if err != nil || !found {
 		return false
 	}
@@ -365,8 +364,15 @@ func (s *Snapshot) cowOffset(old, new exstore.Chunk, at int64) int64 {
 
 // lookup asks the store about c and releases the answer at once: for
 // callers that either only need to know an exception exists (exceptions
-// are never removed outside merge) or hold c's chunk lock.
+// are never removed outside merge) or hold c's chunk lock. Since nothing
+// is held, an optimistic answer is as good as a held one, and cheaper from
+// a store shared with other nodes.
 func (s *Snapshot) lookup(ctx context.Context, c exstore.Chunk) (exstore.Chunk, bool, error) {
+	if s.optimistic != nil {
+		if new, found, _, ok := s.optimistic.LookupOptimistic(c); ok {
+			return new, found, nil
+		}
+	}
 	new, found, release, err := s.store.Lookup(ctx, c)
 	release()
 	if err != nil {
