@@ -214,8 +214,6 @@ type Store struct {
 	mergeGen   uint64 // syncGen at the last PrepareMerge
 	closed     bool
 
-	prepared [userShards]preparedShard // by COW chunk, sharded like the users
-
 	// lazyCommits counts the exceptions committed lazily; lazySynced is
 	// the count read before the latest core Sync that succeeded, so some
 	// may wait to be written while lazySynced < lazyCommits.
@@ -276,9 +274,6 @@ func New(ctx context.Context, core exstore.Store, engine lockc.Engine, clusterID
 		changed:     make(chan struct{}),
 	}
 	s.setCore(core)
-	for i := range s.prepared {
-		s.prepared[i].m = make(map[exstore.Chunk]preparedEntry)
-	}
 	for i := range s.releases {
 		s.releases[i] = func() { s.leave(i) }
 	}
@@ -512,62 +507,36 @@ func (s *Store) Prepare(ctx context.Context, old exstore.Chunk) (exstore.Excepti
 	if !s.dirty.Load() {
 		s.dirty.Store(true)
 	}
-	ps := &s.prepared[shardOf(e.New)]
-	ps.mu.Lock()
-	ps.m[e.New] = preparedEntry{e, shard}
-	ps.mu.Unlock()
 	return e, nil
 }
 
-// preparedShard is one shard of the exceptions this wrapper prepared and
-// has not seen committed or aborted, alone on its cache line: the
-// goroutines of a parallel load do not all fight over one lock.
-type preparedShard struct {
-	mu sync.Mutex
-	m  map[exstore.Chunk]preparedEntry
-	_  [48]byte
-}
-
-// preparedEntry is an exception this wrapper prepared, and the user
-// counter it entered through.
-type preparedEntry struct {
-	e     exstore.Exception
-	shard int
-}
-
-// takePrepared removes e from the exceptions this wrapper prepared and
-// returns the counter its Prepare entered through, or -1 if it was not one.
-func (s *Store) takePrepared(e exstore.Exception) int {
-	ps := &s.prepared[shardOf(e.New)]
-	ps.mu.Lock()
-	defer ps.mu.Unlock()
-	p, ok := ps.m[e.New]
-	if !ok || p.e != e {
-		return -1
-	}
-	delete(ps.m, e.New)
-	return p.shard
-}
+// preparedShard is the user counter a Prepare of e entered through, which
+// its Commit, CommitLazy or Abort leaves through. Only the counters' sum
+// matters, but the same shard keeps the counter's line where it was.
+func preparedShard(e exstore.Exception) int { return shardOf(e.Old) }
 
 // Commit implements exstore.Store, under the EX that Prepare entered. If
 // the node lost the lockspace since, the exception is aborted instead and
 // Commit fails: the node must not write the shared metadata any more.
 func (s *Store) Commit(ctx context.Context, e exstore.Exception) error {
-	shard := s.takePrepared(e)
-	if shard < 0 {
-		return s.wrap(s.core.Load().s.Commit(ctx, e))
-	}
+	// The core tells whether e is a prepared exception (its Prepare entered
+	// the gate, and this leaves it) by refusing it with ErrNotPrepared
+	// otherwise, so that a second Commit or Abort cannot leave twice.
+	shard := preparedShard(e)
 	core := s.core.Load().s
 	if err := s.stopError(); err != nil {
-		core.Abort(e)
-		s.leave(shard)
+		if core.Abort(e) {
+			s.leave(shard)
+		}
 		return fmt.Errorf("commit %v: %w", e, err)
 	}
 	s.coreWaiters.Add(1)
 	if ctx.Done() == nil {
 		err := core.Commit(ctx, e)
 		s.coreWaiters.Add(-1)
-		s.leave(shard)
+		if !errors.Is(err, exstore.ErrNotPrepared) {
+			s.leave(shard)
+		}
 		return s.wrap(err)
 	}
 	// The exception stays queued if ctx ends first: the node keeps EX
@@ -576,25 +545,33 @@ func (s *Store) Commit(ctx context.Context, e exstore.Exception) error {
 	go func() {
 		err := core.Commit(context.WithoutCancel(ctx), e)
 		s.coreWaiters.Add(-1)
-		s.leave(shard)
+		if !errors.Is(err, exstore.ErrNotPrepared) {
+			s.leave(shard)
+		}
 		done <- err
 	}()
 	select {
 	case err := <-done:
 		return s.wrap(err)
 	case <-ctx.Done():
-		return ctx.Err()
+		// If the core answered meanwhile (a refusal is immediate), that
+		// is the answer.
+		select {
+		case err := <-done:
+			return s.wrap(err)
+		default:
+			return ctx.Err()
+		}
 	}
 }
 
 // Abort implements exstore.Store.
-func (s *Store) Abort(e exstore.Exception) {
-	shard := s.takePrepared(e)
-	if shard < 0 {
-		return
+func (s *Store) Abort(e exstore.Exception) bool {
+	if !s.core.Load().s.Abort(e) {
+		return false
 	}
-	s.core.Load().s.Abort(e)
-	s.leave(shard)
+	s.leave(preparedShard(e))
+	return true
 }
 
 // Usage implements exstore.Store: the node's view as of its last refresh.

@@ -11,3 +11,6 @@ func (s *Store) LazyWaitingOutsideEX() bool {
 	defer s.mu.Unlock()
 	return modeOf(s.state.Load()) != lockc.EX && s.lazyWaiting()
 }
+
+// UsersInside is the number of users the gate counts inside.
+func (s *Store) UsersInside() uint64 { return s.usersInside() }

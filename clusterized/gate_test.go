@@ -150,3 +150,33 @@ func TestOptimisticLookup(t *testing.T) {
 	assert.True(t, found)
 	assert.Equal(t, e1.New, new)
 }
+
+// A second Commit or Abort of an exception, or a Commit of one that was
+// aborted, leaves the gate no more than once: the core refuses them, and
+// the wrapper leaves only for what the core took.
+func TestMisusedCommitLeavesOnce(t *testing.T) {
+	ctx := context.Background()
+	dev := faultdev.New("cow", 4<<20)
+	formatCOW(t, dev, 8)
+	s := openClustered(t, dev, inproc.New(), "misuse")
+	t.Cleanup(func() { _ = s.Close() })
+	for i, st := range []exstore.Store{s, s.Exstore()} {
+		base := exstore.Chunk(10 * i)
+		a, err := st.Prepare(ctx, base+1)
+		require.NoError(t, err)
+		b, err := st.Prepare(ctx, base+2)
+		require.NoError(t, err)
+		require.EqualValues(t, 2, s.UsersInside(), "two prepared exceptions")
+		require.NoError(t, st.Commit(ctx, a))
+		assert.ErrorIs(t, st.Commit(ctx, a), exstore.ErrNotPrepared)
+		assert.False(t, st.Abort(a))
+		assert.True(t, st.Abort(b))
+		assert.False(t, st.Abort(b))
+		assert.ErrorIs(t, st.Commit(ctx, b), exstore.ErrNotPrepared)
+		if lazy, ok := st.(exstore.LazyCommitter); ok {
+			assert.ErrorIs(t, lazy.CommitLazy(ctx, b), exstore.ErrNotPrepared)
+		}
+		assert.Zero(t, s.UsersInside(), "users inside after the misuse")
+		miss(t, st, 1000) // and it still serves
+	}
+}

@@ -38,27 +38,27 @@ func (s *Store) Exstore() exstore.Store {
 // up. If the node lost the lockspace since the Prepare, e is aborted
 // instead and CommitLazy fails.
 func (s *LazyStore) CommitLazy(ctx context.Context, e exstore.Exception) error {
-	shard := s.takePrepared(e)
+	shard := preparedShard(e)
 	core := s.core.Load().s
-	lazy, ok := core.(exstore.LazyCommitter)
-	if shard < 0 {
-		if !ok {
-			return fmt.Errorf("cluster %s: commit %v: not a prepared exception", s.id, e)
-		}
-		return s.wrap(lazy.CommitLazy(ctx, e))
-	}
 	if err := s.stopError(); err != nil {
-		core.Abort(e)
-		s.leave(shard)
+		if core.Abort(e) {
+			s.leave(shard)
+		}
 		return fmt.Errorf("commit %v: %w", e, err)
 	}
+	lazy, ok := core.(exstore.LazyCommitter)
 	if !ok {
 		// A reload brought a core of another kind: commit durably.
 		err := core.Commit(context.WithoutCancel(ctx), e)
-		s.leave(shard)
+		if !errors.Is(err, exstore.ErrNotPrepared) {
+			s.leave(shard)
+		}
 		return s.wrap(err)
 	}
 	err := lazy.CommitLazy(ctx, e)
+	if errors.Is(err, exstore.ErrNotPrepared) {
+		return s.wrap(err)
+	}
 	if err == nil {
 		// Counted before the leave, so that a drain that follows sees it.
 		s.lazyCommits.Add(1)

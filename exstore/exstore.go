@@ -87,13 +87,16 @@ type Store interface {
 	// flushes the COW device before writing metadata that points at it.
 	// Concurrent commits are batched into one metadata write. If ctx ends
 	// first, Commit returns ctx.Err() but the exception stays queued: it is
-	// committed later, or the store is invalidated.
+	// committed later, or the store is invalidated. If e is not an
+	// exception Prepare returned, or was committed or aborted already,
+	// Commit does nothing and returns an error wrapping ErrNotPrepared.
 	Commit(ctx context.Context, e Exception) error
 
 	// Abort gives up a prepared exception whose data could not be written.
 	// Its COW chunk is not reused before the store is reloaded; its origin
-	// chunk may be prepared again.
-	Abort(e Exception)
+	// chunk may be prepared again. It reports whether e was a prepared
+	// exception, neither committed nor aborted yet; if not, it did nothing.
+	Abort(e Exception) bool
 
 	// Usage reports the store's space accounting.
 	Usage() Usage
@@ -168,6 +171,12 @@ func (e *InvalidError) Unwrap() []error {
 // chunk up again and uses that exception.
 var ErrExists = errors.New("chunk already has an exception")
 
+// ErrNotPrepared is returned by Commit and CommitLazy for an exception that
+// Prepare did not return, or that was committed or aborted already: a
+// caller's bug, which the store refuses without changing anything. A store
+// that wraps another relies on it to learn whether the commit took.
+var ErrNotPrepared = errors.New("not a prepared exception")
+
 // LookupResult is one chunk's answer in a range lookup.
 type LookupResult struct {
 	New   Chunk // the COW chunk, if Found
@@ -216,7 +225,9 @@ type OptimisticLookuper interface {
 type LazyCommitter interface {
 	// CommitLazy makes prepared e visible to Lookup at once; it becomes
 	// durable by the next Sync at the latest. A crash before that loses it,
-	// and with it only snapshot writes that no flush covered.
+	// and with it only snapshot writes that no flush covered. Like Commit,
+	// it returns an error wrapping ErrNotPrepared for an exception that
+	// is not (or no longer) prepared.
 	CommitLazy(ctx context.Context, e Exception) error
 	// Durable reports whether the exception whose COW chunk is new (one
 	// that Lookup returned) is durable: false only while it was committed

@@ -586,7 +586,7 @@ func (s *Store) Commit(ctx context.Context, e exstore.Exception) error {
 	p := s.byNew[e.New]
 	if p == nil || p.e != e || p.ready || p.aborted {
 		s.allocMu.Unlock()
-		return s.errf("commit %v: not a prepared exception", e)
+		return s.errf("commit %v: %w", e, exstore.ErrNotPrepared)
 	}
 	p.ready = true
 	p.done = make(chan error, 1)
@@ -614,7 +614,7 @@ func (s *Store) CommitLazy(ctx context.Context, e exstore.Exception) error {
 	p := s.byNew[e.New]
 	if p == nil || p.e != e || p.ready || p.aborted {
 		s.allocMu.Unlock()
-		return s.errf("commit %v: not a prepared exception", e)
+		return s.errf("commit %v: %w", e, exstore.ErrNotPrepared)
 	}
 	p.ready, p.lazy = true, true
 	s.lazyWaiting++
@@ -684,17 +684,18 @@ func (s *Store) Sync(ctx context.Context) error {
 }
 
 // Abort implements exstore.Store.
-func (s *Store) Abort(e exstore.Exception) {
+func (s *Store) Abort(e exstore.Exception) bool {
 	s.allocMu.Lock()
 	p := s.byNew[e.New]
 	if p == nil || p.e != e || p.ready || p.aborted {
 		s.allocMu.Unlock()
-		return
+		return false
 	}
 	p.aborted = true
 	s.reserved--
 	s.allocMu.Unlock()
 	s.kick()
+	return true
 }
 
 func (s *Store) kick() {

@@ -12,6 +12,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -212,9 +213,9 @@ func (s *modelStore) Commit(ctx context.Context, e exstore.Exception) error {
 		return s.invalid
 	}
 	p := s.pending(e)
-	if p == nil || p.done != nil {
+	if p == nil || p.done != nil || (p.aborted && s.mutant != "commitAborted") {
 		s.mu.Unlock()
-		return fmt.Errorf("model %s: %v not prepared", s.dev.Name(), e)
+		return fmt.Errorf("model %s: %v: %w", s.dev.Name(), e, exstore.ErrNotPrepared)
 	}
 	done := make(chan error, 1)
 	p.done = done
@@ -260,14 +261,17 @@ func (s *modelStore) completeLocked() {
 	}
 }
 
-func (s *modelStore) Abort(e exstore.Exception) {
+func (s *modelStore) Abort(e exstore.Exception) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if p := s.pending(e); p != nil && p.done == nil {
-		p.aborted = true
-		s.freed = append(s.freed, e.New)
-		s.completeLocked()
+	p := s.pending(e)
+	if p == nil || p.done != nil || p.aborted {
+		return false
 	}
+	p.aborted = true
+	s.freed = append(s.freed, e.New)
+	s.completeLocked()
+	return true
 }
 
 func (s *modelStore) Usage() exstore.Usage {
@@ -401,8 +405,13 @@ func modelHarness(mutant string) Harness {
 		return disks[dev]
 	}
 	perArea := func(c uint32) uint64 { return uint64(c) * exstore.SectorSize / 16 }
+	wait := time.Duration(0)
+	if mutant != "" {
+		wait = 2 * time.Second // the model answers in microseconds; mutants may never
+	}
 	return Harness{
-		Name: "model",
+		Name:      "model",
+		WaitLimit: wait,
 		New: func(t *testing.T, c uint32, cowBytes int64) (exstore.Store, blockdev.Device) {
 			dev := faultdev.New(t.Name(), cowBytes)
 			t.Cleanup(func() { assert.NoError(t, dev.Close()) })
@@ -484,6 +493,7 @@ func TestSuiteCatchesMutants(t *testing.T) {
 		{"reuseAborted", "in-order commit/abort"},
 		{"lookupBeforeCommit", "lookup"},
 		{"rangeOffByOne", "lookup"},
+		{"commitAborted", "in-order commit/not prepared"},
 		{"optimisticOffByOne", "lookup"},
 		{"walkNoStop", "walk"},
 		{"commitNoWait", "in-order commit/cancelled"},

@@ -60,11 +60,22 @@ type Harness struct {
 	WantUsage func(chunkSectors uint32, cowBytes int64, n uint64) exstore.Usage
 	// Merge: the store supports PrepareMerge/CommitMerge.
 	Merge bool
+	// WaitLimit bounds how long the suite waits for a Commit it expects to
+	// return, so that a store that never wakes a waiter fails instead of
+	// hanging; 0 means defaultWaitLimit.
+	WaitLimit time.Duration
 }
 
-// waitLimit bounds how long the suite waits for a Commit it expects to
-// return, so that a store that never wakes a waiter fails instead of hanging.
-const waitLimit = 30 * time.Second
+// defaultWaitLimit is Harness.WaitLimit's default.
+const defaultWaitLimit = 30 * time.Second
+
+// waitLimit is the harness's WaitLimit.
+func (ss *session) waitLimit() time.Duration {
+	if ss.h.WaitLimit > 0 {
+		return ss.h.WaitLimit
+	}
+	return defaultWaitLimit
+}
 
 // Run runs the conformance suite against the stores h makes.
 func Run(t *testing.T, h Harness) {
@@ -377,17 +388,17 @@ func (ss *session) result(done <-chan error, what string) error {
 	select {
 	case err := <-done:
 		return err
-	case <-time.After(waitLimit):
-		require.FailNow(ss.t, "Commit never returned", "%s: %s still blocked after %v", ss.h.Name, what, waitLimit)
+	case <-time.After(ss.waitLimit()):
+		require.FailNow(ss.t, "Commit never returned", "%s: %s still blocked after %v", ss.h.Name, what, ss.waitLimit())
 		return nil
 	}
 }
 
 // commitBounded commits e, failing the test if that takes longer than
-// waitLimit rather than hanging it. It is safe to call from several
+// the wait limit rather than hanging it. It is safe to call from several
 // goroutines.
 func (ss *session) commitBounded(e exstore.Exception) bool {
-	ctx, cancel := context.WithTimeout(ss.t.Context(), waitLimit)
+	ctx, cancel := context.WithTimeout(ss.t.Context(), ss.waitLimit())
 	defer cancel()
 	return assert.NoError(ss.t, ss.s.Commit(ctx, e), "%s: Commit(%v)", ss.h.Name, e)
 }
@@ -584,6 +595,38 @@ func testInOrderCommit(t *testing.T, h Harness) {
 		next := ss.add(300)
 		assert.NotEqual(t, a.New, next.New, "%s: the chunk of an aborted exception was handed out again", h.Name)
 		assert.Greater(t, next.New, b.New, "%s: chunk order after an abort", h.Name)
+		assert.EqualValues(t, 2, ss.s.Usage().Exceptions, "%s: usage exception count", h.Name)
+	})
+
+	t.Run("not prepared", func(t *testing.T) {
+		// Commit and Abort of an exception that is not (or no longer)
+		// prepared change nothing and say so: a wrapper counts on it to
+		// release what the Prepare took exactly once.
+		ss := newSession(t, h, c, cowBytes)
+		a, b, x := ss.prepare(100), ss.prepare(200), ss.prepare(300)
+		// b is aborted while a, prepared before it, is outstanding: a
+		// store that completes in order still has b queued.
+		assert.True(t, ss.s.Abort(b), "%s: Abort(b)", h.Name)
+		assert.False(t, ss.s.Abort(b), "%s: a second Abort(b)", h.Name)
+		// In the background and bounded: a store that wrongly took it
+		// would wait for a, which is not committed yet.
+		bDone := ss.commitAsync(t.Context(), b)
+		assert.ErrorIs(t, ss.result(bDone, "Commit(b) after its Abort"), exstore.ErrNotPrepared, "%s: Commit(b) after its Abort", h.Name)
+		ss.writeData(a)
+		require.NoError(t, ss.s.Commit(t.Context(), a), "%s: Commit(a)", h.Name)
+		assert.ErrorIs(t, ss.s.Commit(t.Context(), a), exstore.ErrNotPrepared, "%s: a second Commit(a)", h.Name)
+		assert.False(t, ss.s.Abort(a), "%s: Abort(a) after its Commit", h.Name)
+		never := exstore.Exception{Old: 400, New: x.New + 5}
+		assert.ErrorIs(t, ss.s.Commit(t.Context(), never), exstore.ErrNotPrepared, "%s: Commit of an exception never prepared", h.Name)
+		assert.False(t, ss.s.Abort(never), "%s: Abort of an exception never prepared", h.Name)
+		wrongOld := exstore.Exception{Old: x.Old + 1, New: x.New}
+		assert.ErrorIs(t, ss.s.Commit(t.Context(), wrongOld), exstore.ErrNotPrepared, "%s: Commit of a prepared COW chunk with another origin chunk", h.Name)
+		ss.writeData(x)
+		require.NoError(t, ss.s.Commit(t.Context(), x), "%s: Commit(x)", h.Name)
+		ss.checkFound(ss.s, a.Old, a.New)
+		ss.checkMissing(ss.s, b.Old, "after Abort")
+		ss.checkFound(ss.s, x.Old, x.New)
+		ss.checkMissing(ss.s, never.Old, "never committed")
 		assert.EqualValues(t, 2, ss.s.Usage().Exceptions, "%s: usage exception count", h.Name)
 	})
 

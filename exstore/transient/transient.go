@@ -202,9 +202,9 @@ func (s *Store) Commit(ctx context.Context, e exstore.Exception) error {
 		s.mu.Unlock()
 		return err
 	}
-	if p.done != nil {
+	if p.done != nil || p.aborted {
 		s.mu.Unlock()
-		return fmt.Errorf("cow %s: exception %v: already committed", s.cow.Name(), e)
+		return fmt.Errorf("cow %s: exception %v: already committed or aborted: %w", s.cow.Name(), e, exstore.ErrNotPrepared)
 	}
 	done := make(chan error, 1) // buffered: the completer never waits for an abandoned Commit
 	p.done = done
@@ -226,15 +226,16 @@ func (s *Store) Commit(ctx context.Context, e exstore.Exception) error {
 
 // Abort gives up a prepared exception. Its chunk is not handed out again;
 // exceptions committed after it stop waiting for it.
-func (s *Store) Abort(e exstore.Exception) {
+func (s *Store) Abort(e exstore.Exception) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	p, err := s.inFlightFor(e)
-	if err != nil || p.done != nil {
-		return // not prepared, or already committed: nothing to give up
+	if err != nil || p.done != nil || p.aborted {
+		return false // not prepared, or already completed: nothing to give up
 	}
 	p.aborted = true
 	s.completeInOrder()
+	return true
 }
 
 // inFlightFor returns the in-flight record of e, checking that e is what
@@ -242,7 +243,7 @@ func (s *Store) Abort(e exstore.Exception) {
 func (s *Store) inFlightFor(e exstore.Exception) (*inFlight, error) {
 	p, ok := s.inFlight[e.New]
 	if !ok || p.old != e.Old {
-		return nil, fmt.Errorf("cow %s: exception %v: not prepared, or already completed", s.cow.Name(), e)
+		return nil, fmt.Errorf("cow %s: exception %v: already completed, or %w", s.cow.Name(), e, exstore.ErrNotPrepared)
 	}
 	return p, nil
 }

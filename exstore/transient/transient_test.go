@@ -186,9 +186,9 @@ func TestAbortedChunkStaysAllocated(t *testing.T) {
 	b, err := s.Prepare(t.Context(), 1)
 	require.NoError(t, err)
 	assert.Equal(t, exstore.Chunk(1), b.New)
-	require.ErrorContains(t, s.Commit(t.Context(), a), "not prepared", "Commit after Abort")
+	require.ErrorIs(t, s.Commit(t.Context(), a), exstore.ErrNotPrepared, "Commit after Abort")
 	require.NoError(t, s.Commit(t.Context(), b))
-	s.Abort(b) // Abort after Commit is ignored
+	assert.False(t, s.Abort(b), "Abort after Commit is ignored")
 	got, found, release, err := s.Lookup(t.Context(), 1)
 	release()
 	require.NoError(t, err)
@@ -206,10 +206,10 @@ func TestCommitMisuse(t *testing.T) {
 	_, err = s.Prepare(t.Context(), exstore.MaxChunk+1)
 	assert.ErrorContains(t, err, "beyond the largest chunk")
 
-	assert.ErrorContains(t, s.Commit(t.Context(), exstore.Exception{Old: 1, New: 0}), "not prepared")
+	assert.ErrorIs(t, s.Commit(t.Context(), exstore.Exception{Old: 1, New: 0}), exstore.ErrNotPrepared)
 	e, err := s.Prepare(t.Context(), 1)
 	require.NoError(t, err)
-	assert.ErrorContains(t, s.Commit(t.Context(), exstore.Exception{Old: 2, New: e.New}), "not prepared", "wrong origin chunk")
+	assert.ErrorIs(t, s.Commit(t.Context(), exstore.Exception{Old: 2, New: e.New}), exstore.ErrNotPrepared, "wrong origin chunk")
 
 	// A Commit queued behind an earlier exception cannot be queued twice.
 	later, err := s.Prepare(t.Context(), 3)
