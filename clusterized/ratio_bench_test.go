@@ -189,6 +189,46 @@ func snapshotReadOp(b *testing.B, clustered bool) ratioOp {
 	}}
 }
 
+// snapshotRewriteOp returns a 4 KiB snapshot write through the COW engine
+// to a chunk that has its exception already (a lookup and the COW write),
+// on files as snapshotReadOp's.
+func snapshotRewriteOp(b *testing.B, clustered bool) ratioOp {
+	const chunks = 4096
+	dir := b.TempDir()
+	file := func(name string, size int64) *blockdev.File {
+		path := filepath.Join(dir, name)
+		require.NoError(b, blockdev.Create(path, size))
+		f, err := blockdev.Open(path, blockdev.Options{})
+		require.NoError(b, err)
+		b.Cleanup(func() { _ = f.Close() })
+		return f
+	}
+	dev := file("cow", 64<<20)
+	s := benchStoreOn(b, clustered, dev)
+	origin := cow.NewOrigin(file("origin", chunks*4096))
+	snap, err := origin.AddSnapshot("snap", s, dev, cow.SnapshotOptions{})
+	require.NoError(b, err)
+	ctx := context.Background()
+	p := make([]byte, 4096)
+	for c := range chunks {
+		require.NoError(b, snap.WriteAt(ctx, p, int64(c)*4096, false))
+	}
+	require.NoError(b, snap.Flush(ctx))
+	return ratioOp{run: func(i int) {
+		// Chunks in a scattered order, the same for both sides.
+		c := (i * 2654435761) % chunks
+		if err := snap.WriteAt(ctx, p, int64(c)*4096, false); err != nil {
+			b.Fatal(err)
+		}
+	}}
+}
+
+// BenchmarkRatioCOWSnapshotRewrite: snapshot writes to chunks that have
+// their exception, through the COW engine.
+func BenchmarkRatioCOWSnapshotRewrite(b *testing.B) {
+	runRatio(b, snapshotRewriteOp(b, false), snapshotRewriteOp(b, true))
+}
+
 // BenchmarkRatioCOWSnapshotRead: snapshot reads through the COW engine.
 func BenchmarkRatioCOWSnapshotRead(b *testing.B) {
 	runRatio(b, snapshotReadOp(b, false), snapshotReadOp(b, true))
