@@ -31,6 +31,21 @@ func formatCOW(t testing.TB, dev blockdev.Device, chunkSectors uint32) {
 	require.NoError(t, s.Close())
 }
 
+// twoNodes returns nodes A (1) and B (2) of a fresh in-process cluster,
+// each with its own store of cluster id on one fresh 4 MiB COW device of
+// 4 KiB chunks, closed when the test ends, and the cluster.
+func twoNodes(t *testing.T, id string) (a, b *clusterized.Store, cluster *inproc.Cluster) {
+	t.Helper()
+	dev := faultdev.New("cow", 4<<20)
+	formatCOW(t, dev, 8)
+	cluster = inproc.NewCluster()
+	a = openClustered(t, dev, cluster.Node(1), id)
+	t.Cleanup(func() { _ = a.Close() })
+	b = openClustered(t, dev, cluster.Node(2), id)
+	t.Cleanup(func() { _ = b.Close() })
+	return a, b, cluster
+}
+
 func openClustered(t testing.TB, dev blockdev.Device, engine lockc.Engine, id string) *clusterized.Store {
 	t.Helper()
 	s, err := clusterized.OpenPersistent(context.Background(), dev, engine, id, clusterized.PersistentOptions{Logger: quietLogger()})

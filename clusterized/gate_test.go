@@ -20,13 +20,7 @@ import (
 // and sees its exception.
 func TestHeldMissBlocksOtherNodesEX(t *testing.T) {
 	ctx := context.Background()
-	dev := faultdev.New("cow", 4<<20)
-	formatCOW(t, dev, 8)
-	cluster := inproc.NewCluster()
-	a := openClustered(t, dev, cluster.Node(1), "held")
-	t.Cleanup(func() { _ = a.Close() })
-	b := openClustered(t, dev, cluster.Node(2), "held")
-	t.Cleanup(func() { _ = b.Close() })
+	a, b, cluster := twoNodes(t, "held")
 
 	add(t, a, 0) // A caches EX
 	_, found, release1, err := a.Lookup(ctx, 1)
@@ -73,13 +67,7 @@ func TestHeldMissBlocksOtherNodesEX(t *testing.T) {
 // leaves nothing behind: the node still serves and yields afterwards.
 func TestWaitingLookupCancelled(t *testing.T) {
 	ctx := context.Background()
-	dev := faultdev.New("cow", 4<<20)
-	formatCOW(t, dev, 8)
-	cluster := inproc.NewCluster()
-	a := openClustered(t, dev, cluster.Node(1), "cancel")
-	t.Cleanup(func() { _ = a.Close() })
-	b := openClustered(t, dev, cluster.Node(2), "cancel")
-	t.Cleanup(func() { _ = b.Close() })
+	a, b, cluster := twoNodes(t, "cancel")
 
 	e, err := b.Prepare(ctx, 5) // B holds EX until the commit
 	require.NoError(t, err)
@@ -110,13 +98,7 @@ func TestWaitingLookupCancelled(t *testing.T) {
 // token stops vouching for the answer once the node gave the lock up for
 // another node's allocation; with the lock given up, it declines.
 func TestOptimisticLookup(t *testing.T) {
-	dev := faultdev.New("cow", 4<<20)
-	formatCOW(t, dev, 8)
-	cluster := inproc.NewCluster()
-	a := openClustered(t, dev, cluster.Node(1), "optimistic")
-	t.Cleanup(func() { _ = a.Close() })
-	b := openClustered(t, dev, cluster.Node(2), "optimistic")
-	t.Cleanup(func() { _ = b.Close() })
+	a, b, _ := twoNodes(t, "optimistic")
 
 	_, _, _, ok := a.LookupOptimistic(1)
 	assert.False(t, ok, "A holds NL: it cannot vouch for a miss")

@@ -8,8 +8,6 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/clustersnap/clustersnap/exstore"
-	"github.com/clustersnap/clustersnap/exstore/blockdev/faultdev"
-	"github.com/clustersnap/clustersnap/lockc/inproc"
 )
 
 // A merge step fails if another node changed the metadata between its
@@ -18,13 +16,7 @@ import (
 // merged exceptions.
 func TestMergeAcrossNodes(t *testing.T) {
 	ctx := context.Background()
-	dev := faultdev.New("cow", 4<<20)
-	formatCOW(t, dev, 8)
-	cluster := inproc.NewCluster()
-	a := openClustered(t, dev, cluster.Node(1), "merge")
-	t.Cleanup(func() { _ = a.Close() })
-	b := openClustered(t, dev, cluster.Node(2), "merge")
-	t.Cleanup(func() { _ = b.Close() })
+	a, b, _ := twoNodes(t, "merge")
 
 	for i := range 20 {
 		add(t, a, exstore.Chunk(i))

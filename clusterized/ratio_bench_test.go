@@ -158,27 +158,13 @@ func BenchmarkRatioPrepareCommit(b *testing.B) {
 // each side's devices, which moved the ratio by 10% from run to run.
 func snapshotReadOp(b *testing.B, clustered bool) ratioOp {
 	const chunks = 4096
-	dir := b.TempDir()
-	file := func(name string, size int64) *blockdev.File {
-		path := filepath.Join(dir, name)
-		require.NoError(b, blockdev.Create(path, size))
-		f, err := blockdev.Open(path, blockdev.Options{})
-		require.NoError(b, err)
-		b.Cleanup(func() { _ = f.Close() })
-		return f
-	}
-	dev := file("cow", 64<<20)
-	s := benchStoreOn(b, clustered, dev)
-	originDev := file("origin", chunks*4096)
+	origin, originDev, snap := fileSnapshot(b, clustered, chunks)
 	ctx := context.Background()
 	p := make([]byte, 4096)
 	for c := range chunks {
 		_, err := originDev.WriteAt(p, int64(c)*4096)
 		require.NoError(b, err)
 	}
-	origin := cow.NewOrigin(originDev)
-	snap, err := origin.AddSnapshot("snap", s, dev, cow.SnapshotOptions{})
-	require.NoError(b, err)
 	for c := 0; c < chunks; c += 2 {
 		require.NoError(b, origin.WriteAt(ctx, p, int64(c)*4096, false))
 	}
@@ -194,20 +180,7 @@ func snapshotReadOp(b *testing.B, clustered bool) ratioOp {
 // on files as snapshotReadOp's.
 func snapshotRewriteOp(b *testing.B, clustered bool) ratioOp {
 	const chunks = 4096
-	dir := b.TempDir()
-	file := func(name string, size int64) *blockdev.File {
-		path := filepath.Join(dir, name)
-		require.NoError(b, blockdev.Create(path, size))
-		f, err := blockdev.Open(path, blockdev.Options{})
-		require.NoError(b, err)
-		b.Cleanup(func() { _ = f.Close() })
-		return f
-	}
-	dev := file("cow", 64<<20)
-	s := benchStoreOn(b, clustered, dev)
-	origin := cow.NewOrigin(file("origin", chunks*4096))
-	snap, err := origin.AddSnapshot("snap", s, dev, cow.SnapshotOptions{})
-	require.NoError(b, err)
+	_, _, snap := fileSnapshot(b, clustered, chunks)
 	ctx := context.Background()
 	p := make([]byte, 4096)
 	for c := range chunks {
@@ -227,6 +200,31 @@ func snapshotRewriteOp(b *testing.B, clustered bool) ratioOp {
 // their exception, through the COW engine.
 func BenchmarkRatioCOWSnapshotRewrite(b *testing.B) {
 	runRatio(b, snapshotRewriteOp(b, false), snapshotRewriteOp(b, true))
+}
+
+// fileSnapshot returns an origin of chunks 4 KiB chunks on a fresh sparse
+// file, its device, and a snapshot of it on a fresh 64 MiB COW file with
+// the bare store or the wrapper.
+func fileSnapshot(b *testing.B, clustered bool, chunks int64) (*cow.Origin, *blockdev.File, *cow.Snapshot) {
+	dir := b.TempDir()
+	dev := benchFile(b, dir, "cow", 64<<20)
+	s := benchStoreOn(b, clustered, dev)
+	originDev := benchFile(b, dir, "origin", chunks*4096)
+	origin := cow.NewOrigin(originDev)
+	snap, err := origin.AddSnapshot("snap", s, dev, cow.SnapshotOptions{})
+	require.NoError(b, err)
+	return origin, originDev, snap
+}
+
+// benchFile creates a sparse file of size bytes in dir and opens it until
+// the benchmark ends.
+func benchFile(b *testing.B, dir, name string, size int64) *blockdev.File {
+	path := filepath.Join(dir, name)
+	require.NoError(b, blockdev.Create(path, size))
+	f, err := blockdev.Open(path, blockdev.Options{})
+	require.NoError(b, err)
+	b.Cleanup(func() { _ = f.Close() })
+	return f
 }
 
 // BenchmarkRatioCOWSnapshotRead: snapshot reads through the COW engine.

@@ -48,11 +48,12 @@ func (s *otherNodeStore) Prepare(ctx context.Context, old exstore.Chunk) (exstor
 	return exstore.Exception{}, exstore.ErrExists
 }
 
-// raceSetup is smallSetup with the snapshot's store wrapped in an
-// otherNodeStore racing on chunk race.
-func raceSetup(t *testing.T, race exstore.Chunk) (*Origin, []byte, *Snapshot, *otherNodeStore) {
+// wrappedSetup is smallSetup (with a random origin from seed) with the
+// snapshot's persistent store wrapped by wrap, which gets the origin
+// device, the COW device and the store.
+func wrappedSetup(t *testing.T, seed uint64, wrap func(origin, cow *faultdev.Device, s exstore.Store) exstore.Store) (*Origin, *faultdev.Device, []byte, *Snapshot) {
 	t.Helper()
-	rng := rand.New(rand.NewPCG(uint64(race), 11))
+	rng := rand.New(rand.NewPCG(seed, 11))
 	dev := newOriginDev(rng, 16*smallChunk)
 	o := NewOrigin(dev)
 	model := dev.Bytes()
@@ -60,9 +61,20 @@ func raceSetup(t *testing.T, race exstore.Chunk) (*Origin, []byte, *Snapshot, *o
 	store, err := persistent.Open(context.Background(), cow, persistent.Options{ChunkSectors: smallChunkSectors, Logger: testLogger(t)})
 	require.NoError(t, err)
 	t.Cleanup(func() { _ = store.Close() })
-	racing := &otherNodeStore{Store: store, origin: dev, cow: cow, race: race}
-	snap, err := o.AddSnapshot("s", racing, cow, SnapshotOptions{})
+	snap, err := o.AddSnapshot("s", wrap(dev, cow, store), cow, SnapshotOptions{})
 	require.NoError(t, err)
+	return o, dev, model, snap
+}
+
+// raceSetup is smallSetup with the snapshot's store wrapped in an
+// otherNodeStore racing on chunk race.
+func raceSetup(t *testing.T, race exstore.Chunk) (*Origin, []byte, *Snapshot, *otherNodeStore) {
+	t.Helper()
+	var racing *otherNodeStore
+	o, _, model, snap := wrappedSetup(t, uint64(race), func(origin, cow *faultdev.Device, s exstore.Store) exstore.Store {
+		racing = &otherNodeStore{Store: s, origin: origin, cow: cow, race: race}
+		return racing
+	})
 	return o, model, snap, racing
 }
 
@@ -133,17 +145,11 @@ func TestReadRetriesWhenStoreStopsVouching(t *testing.T) {
 		{"window", 2 * smallChunk, 3 * smallChunk, 2},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			rng := rand.New(rand.NewPCG(9, 10))
-			dev := newOriginDev(rng, 16*smallChunk)
-			o := NewOrigin(dev)
-			model := dev.Bytes()
-			cow := faultdev.New("cow", smallCOWChunks*smallChunk)
-			store, err := persistent.Open(context.Background(), cow, persistent.Options{ChunkSectors: smallChunkSectors, Logger: testLogger(t)})
-			require.NoError(t, err)
-			t.Cleanup(func() { _ = store.Close() })
-			opt := &optimisticStore{Store: store}
-			snap, err := o.AddSnapshot("s", opt, cow, SnapshotOptions{})
-			require.NoError(t, err)
+			var opt *optimisticStore
+			_, dev, model, snap := wrappedSetup(t, 9, func(_, _ *faultdev.Device, s exstore.Store) exstore.Store {
+				opt = &optimisticStore{Store: s}
+				return opt
+			})
 
 			var reads atomic.Int32
 			dev.SetFault(func(op faultdev.Op, _, _ int64) error {
