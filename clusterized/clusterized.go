@@ -419,10 +419,12 @@ func (s *Store) LookupRange(ctx context.Context, first exstore.Chunk, into []exs
 // holds its lock in CR or EX with its metadata current, the core's answer
 // is the cluster's, and it stays so until the gate's state word changes,
 // which it does (a drain closes the gate) before the node gives the lock
-// down and another node can add exceptions. The token is that word.
+// down and another node can add exceptions. The token is that word. It
+// does not look for a lost lockspace (nor does Lookup's hit path):
+// Unchanged does, after the reader's I/O, where it matters.
 func (s *Store) LookupOptimistic(old exstore.Chunk) (exstore.Chunk, bool, uint64, bool) {
 	w := s.state.Load()
-	if !admits(w, lockc.CR) || s.stopError() != nil {
+	if !admits(w, lockc.CR) {
 		return 0, false, 0, false
 	}
 	var (
@@ -443,7 +445,7 @@ func (s *Store) LookupOptimistic(old exstore.Chunk) (exstore.Chunk, bool, uint64
 // LookupRangeOptimistic implements exstore.OptimisticLookuper.
 func (s *Store) LookupRangeOptimistic(first exstore.Chunk, into []exstore.LookupResult) (uint64, bool) {
 	w := s.state.Load()
-	if !admits(w, lockc.CR) || s.stopError() != nil {
+	if !admits(w, lockc.CR) {
 		return 0, false
 	}
 	_, err := s.lookupInto(s.ctx, first, into)
@@ -451,8 +453,12 @@ func (s *Store) LookupRangeOptimistic(first exstore.Chunk, into []exstore.Lookup
 }
 
 // Unchanged implements exstore.OptimisticLookuper: the node held its lock,
-// with the same metadata, from the lookups to now.
-func (s *Store) Unchanged(token uint64) bool { return s.state.Load() == token }
+// with the same metadata, from the lookups to now, and has not lost the
+// lockspace (the manager may not have changed the state word for that
+// yet, while the other nodes may already have taken the node's place).
+func (s *Store) Unchanged(token uint64) bool {
+	return s.state.Load() == token && s.stopError() == nil
+}
 
 // lookupInto answers into from the core's table and reports whether every
 // chunk has an exception.

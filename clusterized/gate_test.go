@@ -162,3 +162,17 @@ func TestMisusedCommitLeavesOnce(t *testing.T) {
 		miss(t, st, 1000) // and it still serves
 	}
 }
+
+// An optimistic answer's token stops vouching for it the moment the node
+// loses the lockspace, before the node's manager has noticed: the other
+// nodes may take the node's place at once.
+func TestOptimisticTokenVoidOnLoss(t *testing.T) {
+	a, _, cluster := twoNodes(t, "optimistic-loss")
+	miss(t, a, 1) // A takes CR
+	_, found, token, ok := a.LookupOptimistic(1)
+	require.True(t, ok)
+	require.False(t, found)
+	require.True(t, a.Unchanged(token))
+	cluster.Crash(1)
+	assert.False(t, a.Unchanged(token), "A lost the lockspace")
+}
