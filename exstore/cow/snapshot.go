@@ -197,49 +197,75 @@ func (s *Snapshot) ReadAt(ctx context.Context, p []byte, off int64) error {
 
 // WriteAt implements Volume.
 func (s *Snapshot) WriteAt(ctx context.Context, p []byte, off int64, fua bool) error {
-	if s.rewriteInChunk(ctx, p, off, fua) {
+	var err error
+	switch s.rewriteInChunk(ctx, p, off, fua) {
+	case rewritten:
 		return nil
+	case firstWrite:
+		// writeRange's checks passed and the lookup missed: what is left
+		// is writeChunk's allocation.
+		err = s.allocateChunk(ctx, exstore.Chunk(off/s.chunkBytes), off, p, int64(len(p)), fua)
+	default:
+		err = s.writeRange(ctx, off, int64(len(p)), p, fua)
 	}
-	if err := s.writeRange(ctx, off, int64(len(p)), p, fua); err != nil {
+	if err != nil {
 		return fmt.Errorf("snapshot %s: write %d bytes at %d: %w", s.name, len(p), off, err)
 	}
 	return nil
 }
 
+// chunkWrite is what rewriteInChunk did with a write.
+type chunkWrite int
+
+const (
+	// notInChunk: nothing; the write takes the general path.
+	notInChunk chunkWrite = iota
+	// rewritten: the write is done.
+	rewritten
+	// firstWrite: the write is inside one chunk, passed writeRange's
+	// checks, and the chunk had no exception when looked up: it needs
+	// allocateChunk.
+	firstWrite
+)
+
 // rewriteInChunk is the common write, of part of one chunk that has an
-// exception already, in as few calls as can be: it reports whether it
-// wrote p at off, and does nothing else when it did not. It makes the
-// checks writeRange and writeChunk make; any other outcome (another
-// request shape, a chunk without an exception, a canceled context, a
-// snapshot that is not writable, an error) leaves the request to
-// writeRange, which writes again or fails it with its error. Writing the
-// same data twice at the same place changes nothing.
-func (s *Snapshot) rewriteInChunk(ctx context.Context, p []byte, off int64, fua bool) bool {
+// exception already, in as few calls as can be, after the checks
+// writeRange and writeChunk make. A write of part of one chunk without an
+// exception comes back as firstWrite, so that its checks and lookup are
+// not made twice; any other outcome (another request shape, a canceled
+// context, a snapshot that is not writable, an error) comes back as
+// notInChunk and takes writeRange, which writes again or fails it with
+// its error. Writing the same data twice at the same place changes
+// nothing.
+func (s *Snapshot) rewriteInChunk(ctx context.Context, p []byte, off int64, fua bool) chunkWrite {
 	n := int64(len(p))
 	if n == 0 || off < 0 || off > s.size-n || off/s.chunkBytes != (off+n-1)/s.chunkBytes {
-		return false
+		return notInChunk
 	}
 	if a := s.ioAlign; a > 1 && ((off|n)&(a-1) != 0 || !memAligned(p, int(a))) {
-		return false
+		return notInChunk
 	}
 	if s.opts.ReadOnly || s.failed.Load() || s.overflowed.Load() || ctx.Err() != nil || s.store.Err() != nil {
-		return false
+		return notInChunk
 	}
 	c := exstore.Chunk(off / s.chunkBytes)
 	new, found, err := s.lookup(ctx, c)
-	if err != nil || !found {
-		return false
+	switch {
+	case err != nil:
+		return notInChunk
+	case !found:
+		return firstWrite
 	}
 	at := s.cowOffset(c, new, off)
 	if fua {
 		_, err = s.cow.WriteAtSync(p, at)
-		return err == nil
+	} else if _, err = s.cow.WriteAt(p, at); err == nil {
+		s.syncs.wrote()
 	}
-	if _, err = s.cow.WriteAt(p, at); err != nil {
-		return false
+	if err != nil {
+		return notInChunk
 	}
-	s.syncs.wrote()
-	return true
+	return rewritten
 }
 
 // writeRange checks a write of n bytes at off to the snapshot and writes
@@ -665,6 +691,13 @@ func (s *Snapshot) writeChunk(ctx context.Context, c exstore.Chunk, at int64, da
 	if found {
 		return s.putCOW(c, new, at, data, n, fua)
 	}
+	return s.allocateChunk(ctx, c, at, data, n, fua)
+}
+
+// allocateChunk is writeChunk for chunk c that had no exception when
+// looked up: it allocates one (unless another goroutine or node did
+// meanwhile) and writes.
+func (s *Snapshot) allocateChunk(ctx context.Context, c exstore.Chunk, at int64, data []byte, n int64, fua bool) error {
 	releaseSlot, err := s.acquireCopySlot(ctx)
 	if err != nil {
 		return err
@@ -675,7 +708,7 @@ func (s *Snapshot) writeChunk(ctx context.Context, c exstore.Chunk, at int64, da
 	if err := s.writable(); err != nil {
 		return err
 	}
-	if new, found, err = s.lookup(ctx, c); err != nil {
+	if new, found, err := s.lookup(ctx, c); err != nil {
 		return err
 	} else if found {
 		return s.putCOW(c, new, at, data, n, fua)
@@ -688,7 +721,8 @@ func (s *Snapshot) writeChunk(ctx context.Context, c exstore.Chunk, at int64, da
 	case errors.Is(err, exstore.ErrExists):
 		// Another node sharing the store added the exception after our
 		// lookup: write to its chunk.
-		if new, found, err = s.lookup(ctx, c); err != nil {
+		new, found, err := s.lookup(ctx, c)
+		if err != nil {
 			return err
 		} else if !found {
 			return fmt.Errorf("chunk %d: allocate: %w, but the lookup after it misses", c, exstore.ErrExists)
