@@ -173,10 +173,13 @@ type Store struct {
 	id     string
 	reopen func(ctx context.Context) (exstore.Store, error)
 
-	ls     lockc.Lockspace
-	lost   <-chan struct{} // ls.Lost()
-	lock   lockc.Lock
-	nodeID uint32
+	ls   lockc.Lockspace
+	lost <-chan struct{} // ls.Lost()
+	// lostCheck is ls as a lockc.LostChecker, nil if it is not one:
+	// stopError then receives from lost instead.
+	lostCheck lockc.LostChecker
+	lock      lockc.Lock
+	nodeID    uint32
 
 	// state and the core are read by every lookup: they share a line that
 	// written fields stay off.
@@ -277,6 +280,7 @@ func New(ctx context.Context, core exstore.Store, engine lockc.Engine, clusterID
 	for i := range s.releases {
 		s.releases[i] = func() { s.leave(i) }
 	}
+	s.lostCheck, _ = ls.(lockc.LostChecker)
 	s.state.Store(uint64(lockc.NL))
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	var endNow context.CancelFunc
@@ -316,6 +320,12 @@ func (s *Store) Stats() Stats {
 func (s *Store) stopError() error {
 	if p := s.stopped.Load(); p != nil {
 		return *p
+	}
+	if s.lostCheck != nil {
+		if s.lostCheck.IsLost() {
+			return s.lostError()
+		}
+		return nil
 	}
 	select {
 	case <-s.lost:

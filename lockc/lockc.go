@@ -189,6 +189,16 @@ type Lockspace interface {
 	Close() error
 }
 
+// LostChecker is implemented by lockspaces that can say whether Lost is
+// closed without a channel operation: a user that asks on every I/O (the
+// clusterizer does, several times per write) then pays an atomic load, not
+// a receive on a channel.
+type LostChecker interface {
+	// IsLost reports whether Lost is closed. It is true before Lost is
+	// closed, so that anyone who saw Lost closed sees it true.
+	IsLost() bool
+}
+
 // Lock is one granted lock. A lock allows one operation (Convert or Unlock)
 // at a time; a second one while the first waits fails with ErrBusy.
 type Lock interface {

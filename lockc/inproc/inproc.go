@@ -37,6 +37,7 @@ import (
 	"fmt"
 	"slices"
 	"sync"
+	"sync/atomic"
 
 	"github.com/clustersnap/clustersnap/lockc"
 )
@@ -283,8 +284,12 @@ type member struct {
 	sp    *space
 	locks map[*lock]struct{}
 	lost  chan struct{}
-	err   error // set when lost, under c.mu
+	// isLost is set just before lost is closed.
+	isLost atomic.Bool
+	err    error // set when lost, under c.mu
 }
+
+var _ lockc.LostChecker = (*member)(nil)
 
 // NodeID returns the node's id.
 func (m *member) NodeID() uint32 { return m.n.id }
@@ -294,6 +299,9 @@ func (m *member) Name() string { return m.sp.name }
 
 // Lost is closed when the membership ends (Close or Crash).
 func (m *member) Lost() <-chan struct{} { return m.lost }
+
+// IsLost implements lockc.LostChecker.
+func (m *member) IsLost() bool { return m.isLost.Load() }
 
 // Err says why the membership ended, or nil.
 func (m *member) Err() error {
@@ -339,6 +347,7 @@ func (m *member) leave(err error, crash bool) {
 		l.detach()
 	}
 	clear(m.locks)
+	m.isLost.Store(true)
 	close(m.lost)
 	delete(m.n.members, m)
 	delete(m.sp.members, m)

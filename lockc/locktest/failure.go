@@ -26,6 +26,9 @@ func testCrash(e *env) {
 	e.queued("r", 0, 1)
 	e.queued("other", 0, 1)
 
+	for _, ls := range []lockc.Lockspace{a, a2} {
+		assertIsLost(e, ls, false, "before the crash")
+	}
 	cr.Crash(1)
 	for _, ls := range []lockc.Lockspace{a, a2} {
 		select {
@@ -33,6 +36,7 @@ func testCrash(e *env) {
 		default:
 			e.t.Errorf("Lost not closed after the crash")
 		}
+		assertIsLost(e, ls, true, "after the crash")
 		assert.ErrorIs(e.t, ls.Err(), lockc.ErrLost)
 	}
 	_, err := e.wait(stuck)
@@ -75,12 +79,14 @@ func testClose(e *env) {
 	stuck := e.lockAsync(e.ctx, a, "r3", lockc.CW)
 	e.queued("r3", 0, 1)
 
+	assertIsLost(e, a, false, "before Close")
 	require.NoError(e.t, a.Close())
 	select {
 	case <-a.Lost():
 	default:
 		e.t.Errorf("Lost not closed by Close")
 	}
+	assertIsLost(e, a, true, "after Close")
 	assert.ErrorIs(e.t, a.Err(), lockc.ErrLost)
 	_, err := e.wait(stuck)
 	assert.ErrorIs(e.t, err, lockc.ErrLost, "a pending request of the closed lockspace")
@@ -281,4 +287,12 @@ func testBusy(e *env) {
 	assert.Equal(e.t, lockc.PR, l.Mode(), "the first conversion completes as asked")
 	e.unlock(l)
 	e.assertNoResources()
+}
+
+// assertIsLost checks, for a lockspace that is a lockc.LostChecker, that
+// IsLost says want.
+func assertIsLost(e *env, ls lockc.Lockspace, want bool, when string) {
+	if lc, ok := ls.(lockc.LostChecker); ok {
+		assert.Equal(e.t, want, lc.IsLost(), "IsLost %s", when)
+	}
 }
