@@ -168,6 +168,8 @@ func snapshotReadOp(b *testing.B, clustered bool) ratioOp {
 	for c := 0; c < chunks; c += 2 {
 		require.NoError(b, origin.WriteAt(ctx, p, int64(c)*4096, false))
 	}
+	// Nothing left for writeback to write while the other side is timed.
+	require.NoError(b, snap.Flush(ctx))
 	return ratioOp{run: func(i int) {
 		if err := snap.ReadAt(ctx, p, int64(i%chunks)*4096); err != nil {
 			b.Fatal(err)
