@@ -19,7 +19,9 @@ import (
 
 // The benchmarks compare the wrapper, uncontended on a one-node engine
 // with its lock cached, with the bare persistent store on the same kind of
-// device: the wrapper should cost under 5%.
+// device: the wrapper should cost under 5%. These run each side on its own
+// and from parallel goroutines; the Ratio benchmarks (ratio_bench_test.go)
+// alternate the two sides and report their ratio, for serial work.
 
 const benchChunkSectors = 8 // 4 KiB chunks
 
@@ -129,72 +131,6 @@ func BenchmarkLookup(b *testing.B) {
 	})
 }
 
-// BenchmarkLookupHit looks up chunks that have an exception: no lock.
-func BenchmarkLookupHit(b *testing.B) {
-	forBoth(b, func(b *testing.B, clustered bool) {
-		const n = 4096
-		s, _ := benchStore(b, clustered, 64<<20)
-		for i := range n {
-			add(b, s, exstore.Chunk(i))
-		}
-		ctx := context.Background()
-		b.ResetTimer()
-		for i := range b.N {
-			_, _, release, err := s.Lookup(ctx, exstore.Chunk(i%n))
-			release()
-			if err != nil {
-				b.Fatal(err)
-			}
-		}
-	})
-}
-
-// BenchmarkLookupMiss looks up chunks that have no exception: the path that
-// enters the cluster lock.
-func BenchmarkLookupMiss(b *testing.B) {
-	forBoth(b, func(b *testing.B, clustered bool) {
-		s, _ := benchStore(b, clustered, 16<<20)
-		add(b, s, 1) // and the lock is cached
-		ctx := context.Background()
-		b.ResetTimer()
-		for i := range b.N {
-			_, _, release, err := s.Lookup(ctx, exstore.Chunk(1000+i%4096))
-			release()
-			if err != nil {
-				b.Fatal(err)
-			}
-		}
-	})
-}
-
-// BenchmarkPrepareCommit prepares and commits exceptions one at a time.
-func BenchmarkPrepareCommit(b *testing.B) {
-	forBoth(b, func(b *testing.B, clustered bool) {
-		const cowBytes = 256 << 20
-		capacity := persistent.NewGeometry(benchChunkSectors, cowBytes).Capacity()
-		s, _ := benchStore(b, clustered, cowBytes)
-		ctx := context.Background()
-		used := uint64(0)
-		b.ResetTimer()
-		for i := range b.N {
-			if used == capacity-1 {
-				b.StopTimer()
-				s, _ = benchStore(b, clustered, cowBytes)
-				used = 0
-				b.StartTimer()
-			}
-			e, err := s.Prepare(ctx, exstore.Chunk(i))
-			if err != nil {
-				b.Fatal(err)
-			}
-			if err := s.Commit(ctx, e); err != nil {
-				b.Fatal(err)
-			}
-			used++
-		}
-	})
-}
-
 // BenchmarkPrepareCommitParallel prepares and commits from parallel
 // goroutines, so that commits share metadata writes.
 func BenchmarkPrepareCommitParallel(b *testing.B) {
@@ -252,59 +188,6 @@ func BenchmarkCOWSnapshotRead(b *testing.B) {
 				c++
 			}
 		})
-	})
-}
-
-// BenchmarkCOWSnapshotReadSequential is BenchmarkCOWSnapshotRead from one
-// goroutine: steadier figures on a busy machine.
-func BenchmarkCOWSnapshotReadSequential(b *testing.B) {
-	forBoth(b, func(b *testing.B, clustered bool) {
-		const chunks = 4096
-		s, dev := benchStore(b, clustered, 64<<20)
-		origin := cow.NewOrigin(newMemDevice("origin", chunks*4096))
-		snap, err := origin.AddSnapshot("snap", s, dev, cow.SnapshotOptions{})
-		require.NoError(b, err)
-		ctx := context.Background()
-		p := make([]byte, 4096)
-		for c := 0; c < chunks; c += 2 {
-			require.NoError(b, origin.WriteAt(ctx, p, int64(c)*4096, false))
-		}
-		b.ResetTimer()
-		for i := range b.N {
-			if err := snap.ReadAt(ctx, p, int64(i%chunks)*4096); err != nil {
-				b.Fatal(err)
-			}
-		}
-	})
-}
-
-// BenchmarkCOWOriginWrite writes 4 KiB to chunks of the origin that the
-// snapshot has no exception for: a lookup, an allocation, a copy and a
-// commit per write.
-func BenchmarkCOWOriginWrite(b *testing.B) {
-	forBoth(b, func(b *testing.B, clustered bool) {
-		const chunks = 16384
-		var origin *cow.Origin
-		setup := func() {
-			s, dev := benchStore(b, clustered, 80<<20)
-			origin = cow.NewOrigin(newMemDevice("origin", chunks*4096))
-			_, err := origin.AddSnapshot("snap", s, dev, cow.SnapshotOptions{})
-			require.NoError(b, err)
-		}
-		setup()
-		ctx := context.Background()
-		p := make([]byte, 4096)
-		b.ResetTimer()
-		for i := range b.N {
-			if i > 0 && i%chunks == 0 {
-				b.StopTimer()
-				setup()
-				b.StartTimer()
-			}
-			if err := origin.WriteAt(ctx, p, int64(i%chunks)*4096, false); err != nil {
-				b.Fatal(err)
-			}
-		}
 	})
 }
 

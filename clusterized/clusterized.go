@@ -346,23 +346,22 @@ func (s *Store) wrap(err error) error {
 // ChunkSectors implements exstore.Store.
 func (s *Store) ChunkSectors() uint32 { return s.core.Load().s.ChunkSectors() }
 
+// coreLookup is the core's Lookup of old, without an interface call when
+// the core is the persistent store.
+func (s *Store) coreLookup(ctx context.Context, old exstore.Chunk) (exstore.Chunk, bool, exstore.Release, error) {
+	if p := s.pcore.Load(); p != nil {
+		return p.Lookup(ctx, old)
+	}
+	return s.core.Load().s.Lookup(ctx, old)
+}
+
 // Lookup implements exstore.Store. A hit is answered from the node's table
 // without a lock; a miss holds the node's lock in CR (at least) until
 // release, so no other node can add an exception for old, and so overwrite
 // its origin chunk, in between.
 func (s *Store) Lookup(ctx context.Context, old exstore.Chunk) (exstore.Chunk, bool, exstore.Release, error) {
 	w := s.state.Load()
-	var (
-		new   exstore.Chunk
-		found bool
-		rel   exstore.Release
-		err   error
-	)
-	if p := s.pcore.Load(); p != nil {
-		new, found, rel, err = p.Lookup(ctx, old)
-	} else {
-		new, found, rel, err = s.core.Load().s.Lookup(ctx, old)
-	}
+	new, found, rel, err := s.coreLookup(ctx, old)
 	if found && err == nil {
 		return new, true, rel, nil // a hit needs no lock: the core's release is all
 	}
@@ -437,17 +436,7 @@ func (s *Store) LookupOptimistic(old exstore.Chunk) (exstore.Chunk, bool, uint64
 	if !admits(w, lockc.CR) {
 		return 0, false, 0, false
 	}
-	var (
-		new     exstore.Chunk
-		found   bool
-		release exstore.Release
-		err     error
-	)
-	if p := s.pcore.Load(); p != nil {
-		new, found, release, err = p.Lookup(s.ctx, old)
-	} else {
-		new, found, release, err = s.core.Load().s.Lookup(s.ctx, old)
-	}
+	new, found, release, err := s.coreLookup(s.ctx, old)
 	release()
 	return new, found, w, err == nil
 }
@@ -531,28 +520,43 @@ func (s *Store) Prepare(ctx context.Context, old exstore.Chunk) (exstore.Excepti
 // matters, but the same shard keeps the counter's line where it was.
 func preparedShard(e exstore.Exception) int { return shardOf(e.Old) }
 
+// abortIfStopped aborts prepared e and returns why if the node was
+// stopped (lost the lockspace, closed) since the Prepare, which entered
+// the gate: the Prepare's stay ends here if the core took e back.
+func (s *Store) abortIfStopped(core exstore.Store, e exstore.Exception) error {
+	err := s.stopError()
+	if err == nil {
+		return nil
+	}
+	if core.Abort(e) {
+		s.leave(preparedShard(e))
+	}
+	return fmt.Errorf("commit %v: %w", e, err)
+}
+
+// leaveCommitted ends the stay in the gate of e's Prepare after the core's
+// commit of e returned err, unless the core refused e as not prepared (a
+// second Commit or a Commit after Abort): then the stay had ended before.
+// The core's refusal is what keeps a misused Commit from leaving twice.
+func (s *Store) leaveCommitted(e exstore.Exception, err error) {
+	if !errors.Is(err, exstore.ErrNotPrepared) {
+		s.leave(preparedShard(e))
+	}
+}
+
 // Commit implements exstore.Store, under the EX that Prepare entered. If
 // the node lost the lockspace since, the exception is aborted instead and
 // Commit fails: the node must not write the shared metadata any more.
 func (s *Store) Commit(ctx context.Context, e exstore.Exception) error {
-	// The core tells whether e is a prepared exception (its Prepare entered
-	// the gate, and this leaves it) by refusing it with ErrNotPrepared
-	// otherwise, so that a second Commit or Abort cannot leave twice.
-	shard := preparedShard(e)
 	core := s.core.Load().s
-	if err := s.stopError(); err != nil {
-		if core.Abort(e) {
-			s.leave(shard)
-		}
-		return fmt.Errorf("commit %v: %w", e, err)
+	if err := s.abortIfStopped(core, e); err != nil {
+		return err
 	}
 	s.coreWaiters.Add(1)
 	if ctx.Done() == nil {
 		err := core.Commit(ctx, e)
 		s.coreWaiters.Add(-1)
-		if !errors.Is(err, exstore.ErrNotPrepared) {
-			s.leave(shard)
-		}
+		s.leaveCommitted(e, err)
 		return s.wrap(err)
 	}
 	// The exception stays queued if ctx ends first: the node keeps EX
@@ -561,9 +565,7 @@ func (s *Store) Commit(ctx context.Context, e exstore.Exception) error {
 	go func() {
 		err := core.Commit(context.WithoutCancel(ctx), e)
 		s.coreWaiters.Add(-1)
-		if !errors.Is(err, exstore.ErrNotPrepared) {
-			s.leave(shard)
-		}
+		s.leaveCommitted(e, err)
 		done <- err
 	}()
 	select {

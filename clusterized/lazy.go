@@ -38,27 +38,18 @@ func (s *Store) Exstore() exstore.Store {
 // up. If the node lost the lockspace since the Prepare, e is aborted
 // instead and CommitLazy fails.
 func (s *LazyStore) CommitLazy(ctx context.Context, e exstore.Exception) error {
-	shard := preparedShard(e)
 	core := s.core.Load().s
-	if err := s.stopError(); err != nil {
-		if core.Abort(e) {
-			s.leave(shard)
-		}
-		return fmt.Errorf("commit %v: %w", e, err)
+	if err := s.abortIfStopped(core, e); err != nil {
+		return err
 	}
 	lazy, ok := core.(exstore.LazyCommitter)
 	if !ok {
 		// A reload brought a core of another kind: commit durably.
 		err := core.Commit(context.WithoutCancel(ctx), e)
-		if !errors.Is(err, exstore.ErrNotPrepared) {
-			s.leave(shard)
-		}
+		s.leaveCommitted(e, err)
 		return s.wrap(err)
 	}
 	err := lazy.CommitLazy(ctx, e)
-	if errors.Is(err, exstore.ErrNotPrepared) {
-		return s.wrap(err)
-	}
 	if err == nil {
 		// Counted before the leave, so that a drain that follows sees it.
 		s.lazyCommits.Add(1)
@@ -66,7 +57,7 @@ func (s *LazyStore) CommitLazy(ctx context.Context, e exstore.Exception) error {
 			s.wakeCommitter(lazy)
 		}
 	}
-	s.leave(shard)
+	s.leaveCommitted(e, err)
 	return s.wrap(err)
 }
 

@@ -580,11 +580,21 @@ func (s *Store) Prepare(ctx context.Context, old exstore.Chunk) (exstore.Excepti
 	return e, nil
 }
 
+// pendingLocked returns e's record if e is what a Prepare returned and is
+// neither committed nor aborted yet, else nil. The caller holds allocMu.
+func (s *Store) pendingLocked(e exstore.Exception) *prepared {
+	p := s.byNew[e.New]
+	if p == nil || p.e != e || p.ready || p.aborted {
+		return nil
+	}
+	return p
+}
+
 // Commit implements exstore.Store.
 func (s *Store) Commit(ctx context.Context, e exstore.Exception) error {
 	s.allocMu.Lock()
-	p := s.byNew[e.New]
-	if p == nil || p.e != e || p.ready || p.aborted {
+	p := s.pendingLocked(e)
+	if p == nil {
 		s.allocMu.Unlock()
 		return s.errf("commit %v: %w", e, exstore.ErrNotPrepared)
 	}
@@ -611,8 +621,8 @@ const lazyKick = 4096
 // lazyKick waiting exceptions start).
 func (s *Store) CommitLazy(ctx context.Context, e exstore.Exception) error {
 	s.allocMu.Lock()
-	p := s.byNew[e.New]
-	if p == nil || p.e != e || p.ready || p.aborted {
+	p := s.pendingLocked(e)
+	if p == nil {
 		s.allocMu.Unlock()
 		return s.errf("commit %v: %w", e, exstore.ErrNotPrepared)
 	}
@@ -686,8 +696,8 @@ func (s *Store) Sync(ctx context.Context) error {
 // Abort implements exstore.Store.
 func (s *Store) Abort(e exstore.Exception) bool {
 	s.allocMu.Lock()
-	p := s.byNew[e.New]
-	if p == nil || p.e != e || p.ready || p.aborted {
+	p := s.pendingLocked(e)
+	if p == nil {
 		s.allocMu.Unlock()
 		return false
 	}
