@@ -9,6 +9,12 @@
 // that snapshot merge is built from. Refresh re-reads metadata that another
 // node changed, which is what the clusterizer builds on.
 //
+// A store may do more, through optional interfaces the COW engine looks
+// for: RangeLookuper (one call for a run of chunks), LazyCommitter
+// (exceptions visible at once, durable at the next Sync) and
+// OptimisticLookuper (answers checked after the I/O instead of held, for
+// stores shared with other nodes).
+//
 // The package also holds the in-memory exception Table and the Registry of
 // store types. Stores live in their own packages (persistent, transient,
 // clusterized) and register themselves into a Registry the program builds.
