@@ -9,7 +9,8 @@ import (
 // consecutive exceptions (Old and New both +1) are kept as one entry. It is
 // not safe for concurrent use: the stores guard it. Lookup, Len, Entries and
 // Range only read it, so they may run concurrently with each other (under a
-// read lock); Insert, Remove and Reset need it to themselves.
+// read lock); Insert, Remove and Reset need it to themselves. RulesOut alone
+// may run without the lock, concurrently with Insert and Remove.
 //
 // Unlike the kernel, whose hash buckets hold 256 origin chunks and so keep
 // (255,x) and (256,x+1) as two entries with at most 256 chunks each, a run
@@ -93,9 +94,12 @@ var (
 	errChunkRange  = errors.New("chunk number beyond the 56-bit limit")
 )
 
-// NewTable returns an empty table.
+// NewTable returns an empty table. Its filter exists from the start, so
+// that RulesOut answers for a table that never had an exception.
 func NewTable() *Table {
-	return &Table{hash: newChunkHash()}
+	t := &Table{hash: newChunkHash()}
+	t.filter.reset(groupFilterMinBits)
+	return t
 }
 
 // Len is the number of exceptions (chunks) in the table.
@@ -106,7 +110,30 @@ func (t *Table) Len() uint64 { return uint64(t.hash.count) + t.extentCount }
 func (t *Table) Entries() int { return t.hashRuns + t.extents.count }
 
 // Reset empties the table and gives its memory back.
-func (t *Table) Reset() { *t = Table{hash: newChunkHash()} }
+func (t *Table) Reset() {
+	t.hash, t.hashRuns = newChunkHash(), 0
+	t.extents, t.extentCount = extentTree{}, 0
+	t.filter.reset(groupFilterMinBits)
+}
+
+// RulesOut reports whether the table's filter rules out an exception for
+// every chunk of old, old+1, ... old+n-1 (n > 0): true means none of them
+// has one. A false answer says nothing (ask Lookup or LookupRange).
+//
+// Unlike the other methods it may run concurrently with Insert and Remove
+// (not Reset), without the store's lock: its answer is true of the table
+// at an instant during the call, because an insertion sets its group's
+// bit (an atomic OR) and a growth of the filter publishes a complete new
+// bit array (an atomic store), so every array a reader can load covers
+// every exception inserted while it was current. Stores use it to answer
+// snapshot reads of chunks without exceptions, the common case, without
+// the read lock's atomic writes to a line that every CPU shares.
+func (t *Table) RulesOut(old Chunk, n uint64) bool {
+	if n == 0 || old > MaxChunk || n-1 > uint64(MaxChunk-old) {
+		return false
+	}
+	return !t.filter.mayHaveGroups(uint64(old)>>groupShift, (uint64(old)+n-1)>>groupShift)
+}
 
 // Lookup returns the COW chunk of origin chunk old, if it has an exception.
 // It does not allocate.

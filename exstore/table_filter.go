@@ -1,6 +1,9 @@
 package exstore
 
-import "math/bits"
+import (
+	"math/bits"
+	"sync/atomic"
+)
 
 // groupFilter tells, for a group of groupChunks consecutive aligned origin
 // chunks, whether any of them may have an exception: one bit per hash of the
@@ -16,12 +19,22 @@ import "math/bits"
 // with one that has: it doubles (and is rebuilt from the table) when it
 // fills past that. It costs one or two bytes per scattered exception.
 type groupFilter struct {
-	words []uint64
+	// bits is the filter's current bit array. A growth publishes a new
+	// one, complete, with one store, so a reader that does not hold the
+	// table (Table.RulesOut) sees either array, each of which covers
+	// every exception inserted before it stopped being current.
+	bits atomic.Pointer[filterBits]
+	// set counts the bits set, which decides when to grow.
+	set int
+}
+
+// filterBits is one bit array of a groupFilter. Its words are set with
+// atomic ORs by the table's writer and loaded atomically by readers.
+type filterBits struct {
+	words []atomic.Uint64
 	// shift is 64 - log2(bits): the top bits of a group's hash index the
 	// filter.
 	shift uint
-	// set counts the bits set, which decides when to grow.
-	set int
 }
 
 const (
@@ -39,31 +52,58 @@ const (
 // bitOf returns the word and mask of group g's bit. The multiply and
 // shifts (half of splitmix64's finaliser) spread consecutive groups, and
 // groups whose numbers are multiples of some constant, over the filter.
-func (f *groupFilter) bitOf(g uint64) (int, uint64) {
+func (b *filterBits) bitOf(g uint64) (int, uint64) {
 	x := (g ^ g>>29) * 0xbf58476d1ce4e5b9
-	i := (x ^ x>>32) >> f.shift
+	i := (x ^ x>>32) >> b.shift
 	return int(i / 64), 1 << (i % 64)
 }
 
 // mayHave reports whether a chunk of group g may have an exception. An
 // unallocated filter (of the zero Table) knows nothing, so it says yes.
 func (f *groupFilter) mayHave(g uint64) bool {
-	if f.words == nil {
+	b := f.bits.Load()
+	if b == nil {
 		return true
 	}
-	w, m := f.bitOf(g)
-	return f.words[w]&m != 0
+	w, m := b.bitOf(g)
+	return b.words[w].Load()&m != 0
+}
+
+// mayHaveGroups reports whether a chunk of groups first to last may have
+// an exception. It may run concurrently with add: see Table.RulesOut.
+func (f *groupFilter) mayHaveGroups(first, last uint64) bool {
+	b := f.bits.Load()
+	if b == nil || last-first >= uint64(len(b.words))*64 {
+		return true
+	}
+	for g := first; ; g++ {
+		w, m := b.bitOf(g)
+		if b.words[w].Load()&m != 0 {
+			return true
+		}
+		if g == last {
+			return false
+		}
+	}
+}
+
+// nbits is the size of the current bit array, 0 before the first.
+func (f *groupFilter) nbits() int {
+	if b := f.bits.Load(); b != nil {
+		return len(b.words) * 64
+	}
+	return 0
 }
 
 // add notes that chunk old has an exception; t is the table that holds
 // it, which a growth rebuilds from.
 func (f *groupFilter) add(t *Table, old Chunk) {
-	if f.words == nil {
+	if f.bits.Load() == nil {
 		f.reset(groupFilterMinBits)
 	}
 	g := uint64(old) >> groupShift
-	if f.addGroups(g, g) && f.set*groupFilterBitsPerGroup > len(f.words)*64 {
-		f.rebuild(t, len(f.words)*64*2)
+	if f.addGroups(g, g) && f.set*groupFilterBitsPerGroup > f.nbits() {
+		f.rebuild(t, f.nbits()*2)
 	}
 }
 
@@ -71,18 +111,23 @@ func (f *groupFilter) add(t *Table, old Chunk) {
 // set one that was clear. A span at least as long as the filter sets every
 // bit.
 func (f *groupFilter) addGroups(first, last uint64) bool {
-	if last-first >= uint64(len(f.words))*64 {
-		for i := range f.words {
-			f.words[i] = ^uint64(0)
+	return f.addGroupsTo(f.bits.Load(), first, last)
+}
+
+// addGroupsTo is addGroups on bit array b, current or about to be.
+func (f *groupFilter) addGroupsTo(b *filterBits, first, last uint64) bool {
+	if last-first >= uint64(len(b.words))*64 {
+		for i := range b.words {
+			b.words[i].Store(^uint64(0))
 		}
-		f.set = len(f.words) * 64
+		f.set = len(b.words) * 64
 		return true
 	}
 	added := false
 	for g := first; ; g++ {
-		w, m := f.bitOf(g)
-		if f.words[w]&m == 0 {
-			f.words[w] |= m
+		w, m := b.bitOf(g)
+		if b.words[w].Load()&m == 0 {
+			b.words[w].Or(m)
 			f.set++
 			added = true
 		}
@@ -92,17 +137,27 @@ func (f *groupFilter) addGroups(first, last uint64) bool {
 	}
 }
 
-// reset empties the filter, with nbits bits (a power of two).
+// newFilterBits returns an empty bit array of nbits bits (a power of two).
+func newFilterBits(nbits int) *filterBits {
+	return &filterBits{words: make([]atomic.Uint64, nbits/64), shift: uint(64 - bits.TrailingZeros(uint(nbits)))}
+}
+
+// reset empties the filter, with nbits bits (a power of two). Readers that
+// do not hold the table must not run meanwhile: it forgets exceptions.
 func (f *groupFilter) reset(nbits int) {
-	*f = groupFilter{words: make([]uint64, nbits/64), shift: uint(64 - bits.TrailingZeros(uint(nbits)))}
+	f.bits.Store(newFilterBits(nbits))
+	f.set = 0
 }
 
 // rebuild makes the filter nbits long and sets the bits of t's exceptions
-// only, dropping those of removed ones.
+// only, dropping those of removed ones. The new array is published only
+// once complete, so it may run concurrently with Table.RulesOut.
 func (f *groupFilter) rebuild(t *Table, nbits int) {
-	f.reset(nbits)
+	b := newFilterBits(nbits)
+	f.set = 0
 	t.Range(func(old, _ Chunk, n uint64) bool {
-		f.addGroups(uint64(old)>>groupShift, (uint64(old)+n-1)>>groupShift)
+		f.addGroupsTo(b, uint64(old)>>groupShift, (uint64(old)+n-1)>>groupShift)
 		return true
 	})
+	f.bits.Store(b)
 }

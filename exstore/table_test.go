@@ -8,6 +8,7 @@ import (
 	"runtime"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -643,6 +644,7 @@ func requireLookupRange(t *testing.T, tab *Table, model map[Chunk]Chunk, first C
 	for i, got := range into {
 		want, ok := model[first+Chunk(i)]
 		require.Equal(t, LookupResult{New: want, Found: ok}, got, "LookupRange(%d, %d): chunk %d", first, n, first+Chunk(i))
+		require.False(t, ok && tab.RulesOut(first, uint64(n)), "RulesOut(%d, %d) with chunk %d mapped", first, n, first+Chunk(i))
 	}
 }
 
@@ -653,6 +655,71 @@ func TestTableLookupRangeEmpty(t *testing.T) {
 	requireLookupRange(t, tab, map[Chunk]Chunk{130: 7}, 100, 64)
 	tab.Remove(130, 1)
 	requireLookupRange(t, tab, nil, 100, 64)
+}
+
+func TestTableRulesOut(t *testing.T) {
+	tab := NewTable()
+	assert.True(t, tab.RulesOut(0, 1024), "a new table has no exceptions")
+	assert.False(t, tab.RulesOut(0, 0), "an empty range")
+	assert.False(t, tab.RulesOut(MaxChunk, 2), "a range past MaxChunk")
+	assert.False(t, new(Table).RulesOut(0, 1), "the zero table has no filter yet")
+	require.NoError(t, tab.Insert(Exception{Old: 1000, New: 7}))
+	assert.False(t, tab.RulesOut(1000, 1))
+	assert.False(t, tab.RulesOut(990, 64), "a range around the exception")
+	assert.True(t, tab.RulesOut(1<<30, 64), "a range far from it")
+	tab.Reset()
+	assert.True(t, tab.RulesOut(1000, 1), "after Reset")
+}
+
+// TestTableRulesOutConcurrent checks that RulesOut, called without holding
+// the table, never rules out an exception whose Insert returned before the
+// call, while the inserts grow the filter several times over.
+func TestTableRulesOutConcurrent(t *testing.T) {
+	tab := NewTable()
+	const n = 40_000
+	chunks := make([]Chunk, n)
+	for i := range chunks {
+		chunks[i] = Chunk(mixChunk(uint64(i)) % (1 << 32))
+	}
+	var inserted atomic.Int64 // chunks[:inserted] are in the table
+	var wg sync.WaitGroup
+	for r := range 2 {
+		wg.Go(func() {
+			rng := rand.New(rand.NewPCG(uint64(r), 9))
+			for {
+				k := inserted.Load()
+				if k == 0 {
+					continue
+				}
+				c := chunks[rng.Int64N(k)]
+				if tab.RulesOut(c-c%8, 8) {
+					t.Errorf("RulesOut(%d, 8) after chunk %d was inserted (%d inserted)", c-c%8, c, k)
+					return
+				}
+				if k == n {
+					return
+				}
+			}
+		})
+	}
+	bitsBefore := tab.filter.nbits()
+	for i, c := range chunks {
+		if err := tab.Insert(Exception{Old: c, New: Chunk(i)}); err != nil {
+			require.ErrorContains(t, err, "already has an exception")
+		}
+		inserted.Store(int64(i + 1))
+	}
+	wg.Wait()
+	assert.Greater(t, tab.filter.nbits(), 4*bitsBefore, "the filter grew meanwhile")
+}
+
+// mixChunk spreads i over 64 bits (splitmix64's finaliser).
+func mixChunk(i uint64) uint64 {
+	i ^= i >> 30
+	i *= 0xbf58476d1ce4e5b9
+	i ^= i >> 27
+	i *= 0x94d049bb133111eb
+	return i ^ i>>31
 }
 
 func TestTableSequentialRunIsOneEntry(t *testing.T) {
@@ -1029,6 +1096,6 @@ func TestTableGroupFilterSelective(t *testing.T) {
 		}
 	}
 	assert.Less(t, float64(maybe)/probed, 1.0/4, "%d of %d empty groups may have exceptions", maybe, probed)
-	assert.LessOrEqual(t, len(tab.filter.words)*8, 2*len(groups), "filter bytes per group")
-	t.Logf("%d groups with exceptions, filter %d bits, %d of %d empty groups pass", len(groups), len(tab.filter.words)*64, maybe, probed)
+	assert.LessOrEqual(t, tab.filter.nbits()/8, 2*len(groups), "filter bytes per group")
+	t.Logf("%d groups with exceptions, filter %d bits, %d of %d empty groups pass", len(groups), tab.filter.nbits(), maybe, probed)
 }

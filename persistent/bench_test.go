@@ -136,3 +136,45 @@ func BenchmarkCommitBatched(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkLookupParallel looks up chunks from every CPU in a store of
+// 4,096 scattered exceptions, as snapshot reads do: "miss" chunks have
+// none, and are answered by the table's filter without the store's read
+// lock; "hit" chunks have one, and take the read lock.
+func BenchmarkLookupParallel(b *testing.B) {
+	path := filepath.Join(b.TempDir(), "cow")
+	const n = 4096
+	writeImage(b, path, 8, n)
+	f, err := blockdev.Open(path, blockdev.Options{ReadOnly: true})
+	require.NoError(b, err)
+	defer f.Close()
+	ctx := context.Background()
+	s, err := persistent.Open(ctx, f, persistent.Options{Logger: quietLogger()})
+	require.NoError(b, err)
+	defer s.Close()
+	var hits []exstore.Chunk
+	s.Walk(func(e exstore.Exception) bool { hits = append(hits, e.Old); return true })
+	require.Len(b, hits, n)
+	for _, tc := range []struct {
+		name  string
+		chunk func(i uint64) exstore.Chunk
+		found bool
+	}{
+		{"miss", func(i uint64) exstore.Chunk { return exstore.Chunk(1<<41 + i%(1<<20)) }, false},
+		{"hit", func(i uint64) exstore.Chunk { return hits[i%n] }, true},
+	} {
+		b.Run(tc.name, func(b *testing.B) {
+			var seed atomic.Uint64
+			b.RunParallel(func(pb *testing.PB) {
+				i := seed.Add(1 << 32)
+				for pb.Next() {
+					i += 7919
+					if _, found, _, err := s.Lookup(ctx, tc.chunk(i)); err != nil || found != tc.found {
+						b.Errorf("Lookup(%d) = found %v, %v", tc.chunk(i), found, err)
+						return
+					}
+				}
+			})
+		})
+	}
+}

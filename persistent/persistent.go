@@ -96,6 +96,11 @@ type Store struct {
 	log   *slog.Logger
 	geo   Geometry
 	align int // metadata I/O granularity: max(512, device alignment)
+	// table is published atomically (a full scan replaces it) so that
+	// Lookup and LookupRange can ask its filter without mu
+	// (Table.RulesOut); its contents are guarded by mu.
+	table   atomic.Pointer[exstore.Table]
+	invalid atomic.Pointer[exstore.InvalidError] // set once invalid; read without locks on every I/O
 
 	metaMu sync.Mutex
 	// Owned by whoever holds metaMu:
@@ -137,9 +142,10 @@ type Store struct {
 	batchesStarted, batchesDone uint64
 	batchEnd                    chan struct{}
 
-	mu      sync.RWMutex
-	table   *exstore.Table
-	invalid atomic.Pointer[exstore.InvalidError] // set once invalid; read without locks on every I/O
+	// mu guards the table's contents. Its read lock writes its line,
+	// which is why the table pointer and validity, loaded on every I/O,
+	// live among the read-only fields above instead of next to it.
+	mu sync.RWMutex
 
 	wake     chan struct{}
 	stop     chan struct{}
@@ -229,7 +235,6 @@ func newStore(cow blockdev.Device, opts Options) (*Store, error) {
 		pendingOld: make(map[exstore.Chunk]struct{}),
 		lazyFirst:  noLazy,
 		batchEnd:   make(chan struct{}),
-		table:      exstore.NewTable(),
 		wake:       make(chan struct{}, 1),
 		stop:       make(chan struct{}),
 		stopped:    make(chan struct{}),
@@ -238,6 +243,7 @@ func newStore(cow blockdev.Device, opts Options) (*Store, error) {
 		return nil, s.errf("device of %d bytes is too small for a header", cow.Size())
 	}
 	s.lazyFirstNow.Store(noLazy)
+	s.table.Store(exstore.NewTable())
 	return s, nil
 }
 
@@ -328,7 +334,7 @@ func (s *Store) scan(ctx context.Context, area, slot uint64, full bool) error {
 	g := s.geo
 	maxNew := uint64(0)
 	var recs []exstore.Exception
-	table := s.table
+	table := s.table.Load()
 	if full {
 		table = exstore.NewTable()
 	}
@@ -357,7 +363,7 @@ func (s *Store) scan(ctx context.Context, area, slot uint64, full bool) error {
 		next := g.skipMetadata(max(2, maxNew+1))
 		if full {
 			s.mu.Lock()
-			s.table = table
+			s.table.Store(table)
 			s.mu.Unlock()
 		}
 		s.allocMu.Lock()
@@ -482,16 +488,24 @@ func (s *Store) Geometry() Geometry { return s.geo }
 // this process changes them, so release is a no-op. Lookup answers from the
 // table even when the store is invalid; callers check Err.
 func (s *Store) Lookup(ctx context.Context, old exstore.Chunk) (exstore.Chunk, bool, exstore.Release, error) {
+	if s.table.Load().RulesOut(old, 1) {
+		return 0, false, exstore.NoRelease, nil
+	}
 	s.mu.RLock()
-	n, ok := s.table.Lookup(old)
+	n, ok := s.table.Load().Lookup(old)
 	s.mu.RUnlock()
 	return n, ok, exstore.NoRelease, nil
 }
 
-// LookupRange implements exstore.RangeLookuper: one read lock for the run.
+// LookupRange implements exstore.RangeLookuper: one read lock for the run,
+// or none when the table's filter rules the whole run out.
 func (s *Store) LookupRange(ctx context.Context, first exstore.Chunk, into []exstore.LookupResult) (exstore.Release, error) {
+	if s.table.Load().RulesOut(first, uint64(len(into))) {
+		clear(into)
+		return exstore.NoRelease, nil
+	}
 	s.mu.RLock()
-	s.table.LookupRange(first, into)
+	s.table.Load().LookupRange(first, into)
 	s.mu.RUnlock()
 	return exstore.NoRelease, nil
 }
@@ -508,7 +522,7 @@ func (s *Store) Err() error {
 func (s *Store) Walk(fn func(exstore.Exception) bool) {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
-	s.table.Range(func(old, new exstore.Chunk, n uint64) bool {
+	s.table.Load().Range(func(old, new exstore.Chunk, n uint64) bool {
 		for i := uint64(0); i < n; i++ {
 			if !fn(exstore.Exception{Old: old + exstore.Chunk(i), New: new + exstore.Chunk(i)}) {
 				return false
@@ -524,7 +538,7 @@ func (s *Store) Usage() exstore.Usage {
 	nf, area := s.nextFree, s.currentArea
 	s.allocMu.Unlock()
 	s.mu.RLock()
-	n := s.table.Len()
+	n := s.table.Load().Len()
 	s.mu.RUnlock()
 	c := uint64(s.geo.ChunkSectors)
 	return exstore.Usage{
@@ -547,7 +561,7 @@ func (s *Store) Prepare(ctx context.Context, old exstore.Chunk) (exstore.Excepti
 		return exstore.Exception{}, err
 	}
 	s.mu.RLock()
-	_, exists := s.table.Lookup(old)
+	_, exists := s.table.Load().Lookup(old)
 	s.mu.RUnlock()
 	if exists {
 		return exstore.Exception{}, s.errf("chunk %d: %w", old, exstore.ErrExists)
@@ -636,7 +650,7 @@ func (s *Store) CommitLazy(ctx context.Context, e exstore.Exception) error {
 	kick := s.lazyWaiting >= lazyKick || s.durableWaiting > 0 || s.syncWaiting > 0
 	// In the table under allocMu, so that no batch can write it and look
 	// for it in the table in between.
-	err := s.insert(s.table, []exstore.Exception{e}, true)
+	err := s.insert(s.table.Load(), []exstore.Exception{e}, true)
 	s.allocMu.Unlock()
 	if kick {
 		s.kick()
@@ -815,7 +829,7 @@ func (s *Store) commitBatch() bool {
 					recs = append(recs, p.e)
 				}
 			}
-			err = s.insert(s.table, recs, true)
+			err = s.insert(s.table.Load(), recs, true)
 		}
 	} else {
 		s.allocMu.Lock()
@@ -1098,7 +1112,7 @@ func (s *Store) CommitMerge(ctx context.Context, n int) error {
 	}
 	last := s.merge.last
 	s.mu.Lock()
-	s.table.Remove(last.Old-exstore.Chunk(n-1), uint64(n))
+	s.table.Load().Remove(last.Old-exstore.Chunk(n-1), uint64(n))
 	s.mu.Unlock()
 	s.merge.n -= n
 	s.merge.last = exstore.Exception{Old: last.Old - exstore.Chunk(n), New: last.New - exstore.Chunk(n)}
