@@ -11,9 +11,10 @@
 //
 // A store may do more, through optional interfaces the COW engine looks
 // for: RangeLookuper (one call for a run of chunks), LazyCommitter
-// (exceptions visible at once, durable at the next Sync) and
+// (exceptions visible at once, durable at the next Sync),
 // OptimisticLookuper (answers checked after the I/O instead of held, for
-// stores shared with other nodes).
+// stores shared with other nodes) and AbsenceChecker (a run of chunks
+// without exceptions told at once, for reads that go to the origin).
 //
 // The package also holds the in-memory exception Table and the Registry of
 // store types. Stores live in their own packages (persistent, transient,
@@ -197,6 +198,19 @@ type RangeLookuper interface {
 	// first+len(into)-1, answered into into, all held stable until the
 	// one release is called (exactly once, also on error).
 	LookupRange(ctx context.Context, first Chunk, into []LookupResult) (Release, error)
+}
+
+// AbsenceChecker is implemented by stores that can tell cheaply, without
+// a lock, that a run of chunks has no exceptions: a snapshot read of such
+// a run, the common case, goes to the origin without per-chunk answers.
+// Only stores whose answers need no holding (Lookup's release does
+// nothing) implement it.
+type AbsenceChecker interface {
+	// NoExceptions reports whether none of chunks first, first+1, ...,
+	// first+n-1 has an exception, as Lookup would have answered at some
+	// instant during the call. False says nothing: the caller looks the
+	// chunks up.
+	NoExceptions(first Chunk, n uint64) bool
 }
 
 // OptimisticLookuper is implemented by stores whose Lookup holds a miss

@@ -154,9 +154,10 @@ type Store struct {
 }
 
 var (
-	_ exstore.Store         = (*Store)(nil)
-	_ exstore.RangeLookuper = (*Store)(nil)
-	_ exstore.LazyCommitter = (*Store)(nil)
+	_ exstore.Store          = (*Store)(nil)
+	_ exstore.RangeLookuper  = (*Store)(nil)
+	_ exstore.LazyCommitter  = (*Store)(nil)
+	_ exstore.AbsenceChecker = (*Store)(nil)
 )
 
 // Open opens the persistent store on cow, formatting it when its first four
@@ -508,6 +509,12 @@ func (s *Store) LookupRange(ctx context.Context, first exstore.Chunk, into []exs
 	s.table.Load().LookupRange(first, into)
 	s.mu.RUnlock()
 	return exstore.NoRelease, nil
+}
+
+// NoExceptions implements exstore.AbsenceChecker: the table's filter, read
+// without mu.
+func (s *Store) NoExceptions(first exstore.Chunk, n uint64) bool {
+	return s.table.Load().RulesOut(first, n)
 }
 
 // Err implements exstore.Store.

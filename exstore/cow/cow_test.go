@@ -5,6 +5,8 @@ import (
 	"context"
 	"errors"
 	"math/rand/v2"
+	"slices"
+	"sync/atomic"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -526,4 +528,45 @@ func TestReadInOneChunkIsOneDeviceRead(t *testing.T) {
 		requireSame(t, s.model[c*smallChunk+40:c*smallChunk+340], got, "snapshot read")
 		assert.Equal(t, uint64(1), dev.Stats().Reads+s.cow.Stats().Reads, "chunk %d: device reads", c)
 	}
+}
+
+// rangeCountingStore counts a persistent store's LookupRange calls; it
+// keeps the store's exstore.AbsenceChecker.
+type rangeCountingStore struct {
+	*persistent.Store
+	ranges atomic.Int32
+}
+
+// LookupRange implements exstore.RangeLookuper, counting.
+func (s *rangeCountingStore) LookupRange(ctx context.Context, first exstore.Chunk, into []exstore.LookupResult) (exstore.Release, error) {
+	s.ranges.Add(1)
+	return s.Store.LookupRange(ctx, first, into)
+}
+
+// TestReadOfChunksWithoutExceptions: a read of several chunks that the
+// store says have no exceptions is one origin read, with no per-chunk
+// answers; once one of them has an exception, the read looks them up.
+func TestReadOfChunksWithoutExceptions(t *testing.T) {
+	ctx := context.Background()
+	var store *rangeCountingStore
+	o, dev, model, snap := wrappedSetup(t, 3, func(_, _ *faultdev.Device, s exstore.Store) exstore.Store {
+		store = &rangeCountingStore{Store: s.(*persistent.Store)}
+		return store
+	})
+	read := func() {
+		t.Helper()
+		dev.ResetStats()
+		got := make([]byte, 3*smallChunk)
+		require.NoError(t, snap.ReadAt(ctx, got, 4*smallChunk))
+		requireSame(t, model[4*smallChunk:7*smallChunk], got, "snapshot read")
+	}
+	read()
+	assert.Zero(t, store.ranges.Load(), "lookups of chunks without exceptions")
+	assert.Equal(t, uint64(1), dev.Stats().Reads, "origin reads")
+
+	want := slices.Clone(model)
+	writeOrigin(t, o, model, 5, 0x55)
+	model = want // the snapshot keeps the old data
+	read()
+	assert.Equal(t, int32(1), store.ranges.Load(), "range lookups once chunk 5 has an exception")
 }

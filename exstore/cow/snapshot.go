@@ -24,6 +24,9 @@ type Snapshot struct {
 	// not one: then reads hold their lookups' answers until their I/O is
 	// done.
 	optimistic exstore.OptimisticLookuper
+	// absence is store as an exstore.AbsenceChecker, nil if it is not one:
+	// then every read of several chunks looks each up.
+	absence    exstore.AbsenceChecker
 	cow        blockdev.Device
 	opts       SnapshotOptions
 	size       int64
@@ -83,6 +86,7 @@ func newSnapshot(o *Origin, name string, store exstore.Store, cow blockdev.Devic
 	}
 	s.lazy, _ = store.(exstore.LazyCommitter)
 	s.optimistic, _ = store.(exstore.OptimisticLookuper)
+	s.absence, _ = store.(exstore.AbsenceChecker)
 	s.lookups.New = func() any { return new([maxReadRunChunks]exstore.LookupResult) }
 	s.buffers.New = func() any {
 		b := blockdev.AlignedBuffer(int(chunkBytes), align)
@@ -542,6 +546,14 @@ func (s *Snapshot) readWindowOnce(ctx context.Context, first, end exstore.Chunk,
 	optimistic = optimistic && s.optimistic != nil
 	if end-first == 1 {
 		return s.readChunkOnce(ctx, first, at, p, optimistic)
+	}
+	if s.absence != nil && s.absence.NoExceptions(first, uint64(end-first)) {
+		// Answers that need no holding, all misses: one origin read, with
+		// no per-chunk answers to fetch and walk.
+		if err := readDev(s.origin.dev, p, at); err != nil {
+			return false, fmt.Errorf("chunks %d to %d: origin %s: %w", first, end-1, s.origin.dev.Name(), err)
+		}
+		return true, nil
 	}
 	// The answers come from a pool: a buffer passed to a store's method
 	// escapes, and a window's is too big to allocate per read.

@@ -161,6 +161,22 @@ func (s *modelStore) LookupRangeOptimistic(first exstore.Chunk, into []exstore.L
 	return 7, true
 }
 
+// NoExceptions implements exstore.AbsenceChecker; the absenceShort mutant
+// does not look at the run's last chunk.
+func (s *modelStore) NoExceptions(first exstore.Chunk, n uint64) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.mutant == "absenceShort" {
+		n--
+	}
+	for c := first; c < first+exstore.Chunk(n); c++ {
+		if _, ok := s.table[c]; ok {
+			return false
+		}
+	}
+	return true
+}
+
 // Unchanged implements exstore.OptimisticLookuper.
 func (s *modelStore) Unchanged(token uint64) bool { return token == 7 }
 
@@ -495,6 +511,7 @@ func TestSuiteCatchesMutants(t *testing.T) {
 		{"rangeOffByOne", "lookup"},
 		{"commitAborted", "in-order commit/not prepared"},
 		{"optimisticOffByOne", "lookup"},
+		{"absenceShort", "lookup"},
 		{"walkNoStop", "walk"},
 		{"commitNoWait", "in-order commit/cancelled"},
 		{"lostOnReopen", "reload"},

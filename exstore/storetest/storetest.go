@@ -243,7 +243,28 @@ func (ss *session) lookup(s exstore.Store, old exstore.Chunk) (exstore.Chunk, bo
 	if ol, ok := s.(exstore.OptimisticLookuper); ok {
 		ss.checkOptimistic(s, ol, old)
 	}
+	if ac, ok := s.(exstore.AbsenceChecker); ok {
+		ss.checkAbsence(s, ac, old)
+	}
 	return c, found
+}
+
+// checkAbsence asserts that a store that says a run of chunks around old
+// (or old alone) has no exceptions is right: Lookup misses each.
+func (ss *session) checkAbsence(s exstore.Store, ac exstore.AbsenceChecker, old exstore.Chunk) {
+	ss.t.Helper()
+	first := old - min(old, 2)
+	for _, run := range [][2]exstore.Chunk{{old, 1}, {first, min(exstore.MaxChunk-first, 4) + 1}} {
+		if !ac.NoExceptions(run[0], uint64(run[1])) {
+			continue
+		}
+		for c := run[0]; c < run[0]+run[1]; c++ {
+			new, found, release, err := s.Lookup(ss.t.Context(), c)
+			release()
+			require.NoError(ss.t, err, "%s: Lookup(%d)", ss.h.Name, c)
+			assert.False(ss.t, found, "%s: NoExceptions(%d, %d), but chunk %d has one (COW chunk %d)", ss.h.Name, run[0], run[1], c, new)
+		}
+	}
 }
 
 // checkOptimistic asserts that a store's optimistic lookups of old and of
