@@ -132,7 +132,12 @@ func (t *Table) RulesOut(old Chunk, n uint64) bool {
 	if n == 0 || old > MaxChunk || n-1 > uint64(MaxChunk-old) {
 		return false
 	}
-	return !t.filter.mayHaveGroups(uint64(old)>>groupShift, (uint64(old)+n-1)>>groupShift)
+	first, last := uint64(old)>>groupShift, (uint64(old)+n-1)>>groupShift
+	if first == last {
+		// One group, as for most reads: inlined, one probe.
+		return !t.filter.mayHave(first)
+	}
+	return !t.filter.mayHaveGroups(first, last)
 }
 
 // Lookup returns the COW chunk of origin chunk old, if it has an exception.
