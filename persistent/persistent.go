@@ -724,6 +724,9 @@ func (s *Store) Abort(e exstore.Exception) bool {
 	}
 	p.aborted = true
 	s.reserved--
+	// Its origin chunk may be prepared again at once, although the record
+	// stays queued (for the order of COW chunks) until a batch drops it.
+	delete(s.pendingOld, e.Old)
 	s.allocMu.Unlock()
 	s.kick()
 	return true
@@ -775,11 +778,10 @@ func (s *Store) takeReady() []*prepared {
 				s.durableWaiting--
 			}
 			batch = append(batch, p)
-		} else {
-			// Aborted: its origin chunk may be prepared again. (Ready
-			// ones stay marked until their record is in the table.)
-			delete(s.pendingOld, p.e.Old)
 		}
+		// Aborted ones left pendingOld at Abort, and their origin chunk
+		// may be pending again (ready ones stay marked until their record
+		// is in the table).
 	}
 	s.queue = append(s.queue[:0], s.queue[i:]...)
 	if len(batch) > 0 {
@@ -1156,7 +1158,6 @@ func (s *Store) Refresh(ctx context.Context) error {
 	// with metaMu held no batch runs, so they leave here instead.
 	for len(s.queue) > 0 && s.queue[0].aborted {
 		delete(s.byNew, s.queue[0].e.New)
-		delete(s.pendingOld, s.queue[0].e.Old)
 		s.queue = s.queue[1:]
 	}
 	busy := len(s.queue) > 0

@@ -619,6 +619,27 @@ func testInOrderCommit(t *testing.T, h Harness) {
 		assert.EqualValues(t, 2, ss.s.Usage().Exceptions, "%s: usage exception count", h.Name)
 	})
 
+	t.Run("prepare again after abort", func(t *testing.T) {
+		// An aborted exception's origin chunk may be prepared again at
+		// once, also while an exception prepared before it is still
+		// outstanding (a store that completes in order still has the
+		// aborted one queued): a COW path that gave up on a chunk, for a
+		// failed copy, retries with the next write.
+		ss := newSession(t, h, c, cowBytes)
+		a, b := ss.prepare(100), ss.prepare(200)
+		require.True(t, ss.s.Abort(b), "%s: Abort(b)", h.Name)
+		again := ss.prepare(200)
+		assert.NotEqual(t, b.New, again.New, "%s: the chunk of an aborted exception was handed out again", h.Name)
+		ss.writeData(a)
+		ss.writeData(again)
+		require.NoError(t, ss.s.Commit(t.Context(), a), "%s: Commit(a)", h.Name)
+		require.NoError(t, ss.s.Commit(t.Context(), again), "%s: Commit of chunk %d prepared again", h.Name, again.Old)
+		ss.checkFound(ss.s, a.Old, a.New)
+		ss.checkFound(ss.s, again.Old, again.New)
+		ss.checkData(again)
+		assert.EqualValues(t, 2, ss.s.Usage().Exceptions, "%s: usage exception count", h.Name)
+	})
+
 	t.Run("not prepared", func(t *testing.T) {
 		// Commit and Abort of an exception that is not (or no longer)
 		// prepared change nothing and say so: a wrapper counts on it to
