@@ -112,15 +112,19 @@ type Options struct {
 
 // coreRef boxes the core store so that a full reload can swap it
 // atomically. p is the core as a *persistent.Store when it is one, so that
-// the lookups of the hot path call it directly.
+// the lookups of the hot path call it directly; lazy is the core as an
+// exstore.LazyCommitter (nil if it is not one), asserted once rather than
+// on every lazy commit.
 type coreRef struct {
-	s exstore.Store
-	p *persistent.Store
+	s    exstore.Store
+	p    *persistent.Store
+	lazy exstore.LazyCommitter
 }
 
 func newCoreRef(s exstore.Store) *coreRef {
 	p, _ := s.(*persistent.Store)
-	return &coreRef{s: s, p: p}
+	lazy, _ := s.(exstore.LazyCommitter)
+	return &coreRef{s: s, p: p, lazy: lazy}
 }
 
 // setCore makes c the core and returns the one it replaces (nil at first).

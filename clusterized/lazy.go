@@ -26,7 +26,7 @@ var (
 // core is an exstore.LazyCommitter, else s. Both are s; only the methods
 // they offer differ.
 func (s *Store) Exstore() exstore.Store {
-	if _, ok := s.core.Load().s.(exstore.LazyCommitter); ok {
+	if s.core.Load().lazy != nil {
 		return &LazyStore{Store: s}
 	}
 	return s
@@ -38,12 +38,12 @@ func (s *Store) Exstore() exstore.Store {
 // up. If the node lost the lockspace since the Prepare, e is aborted
 // instead and CommitLazy fails.
 func (s *LazyStore) CommitLazy(ctx context.Context, e exstore.Exception) error {
-	core := s.core.Load().s
+	ref := s.core.Load()
+	core, lazy := ref.s, ref.lazy
 	if err := s.abortIfStopped(core, e); err != nil {
 		return err
 	}
-	lazy, ok := core.(exstore.LazyCommitter)
-	if !ok {
+	if lazy == nil {
 		// A reload brought a core of another kind: commit durably.
 		err := core.Commit(context.WithoutCancel(ctx), e)
 		s.leaveCommitted(e, err)
@@ -77,7 +77,7 @@ func (s *Store) wakeCommitter(lazy exstore.LazyCommitter) {
 
 // Durable implements exstore.LazyCommitter: the core's answer.
 func (s *LazyStore) Durable(new exstore.Chunk) bool {
-	if lazy, ok := s.core.Load().s.(exstore.LazyCommitter); ok {
+	if lazy := s.core.Load().lazy; lazy != nil {
 		return lazy.Durable(new)
 	}
 	return true
@@ -115,8 +115,8 @@ func (s *Store) lazyWaiting() bool {
 func (s *Store) syncLazy(ctx context.Context) error {
 	s.swapMu.RLock()
 	defer s.swapMu.RUnlock()
-	lazy, ok := s.core.Load().s.(exstore.LazyCommitter)
-	if !ok {
+	lazy := s.core.Load().lazy
+	if lazy == nil {
 		return nil
 	}
 	n := s.lazyCommits.Load()
