@@ -327,6 +327,7 @@ func (w *firstWriter) setup() {
 	}
 	s := w.store
 	w.b.Cleanup(func() { _ = s.Close() })
+	warmStore(w.b, s)
 	origin := cow.NewOrigin(newMemDevice("origin", firstWriteChunks*4096))
 	w.snap, err = origin.AddSnapshot("snap", s, dev, cow.SnapshotOptions{})
 	require.NoError(w.b, err)
