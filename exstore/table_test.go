@@ -679,7 +679,7 @@ func TestTableRulesOutConcurrent(t *testing.T) {
 	const n = 40_000
 	chunks := make([]Chunk, n)
 	for i := range chunks {
-		chunks[i] = Chunk(mixChunk(uint64(i)) % (1 << 32))
+		chunks[i] = Chunk(mix64(uint64(i)) % (1 << 32))
 	}
 	var inserted atomic.Int64 // chunks[:inserted] are in the table
 	var wg sync.WaitGroup
@@ -711,15 +711,6 @@ func TestTableRulesOutConcurrent(t *testing.T) {
 	}
 	wg.Wait()
 	assert.Greater(t, tab.filter.nbits(), 4*bitsBefore, "the filter grew meanwhile")
-}
-
-// mixChunk spreads i over 64 bits (splitmix64's finaliser).
-func mixChunk(i uint64) uint64 {
-	i ^= i >> 30
-	i *= 0xbf58476d1ce4e5b9
-	i ^= i >> 27
-	i *= 0x94d049bb133111eb
-	return i ^ i>>31
 }
 
 func TestTableSequentialRunIsOneEntry(t *testing.T) {
