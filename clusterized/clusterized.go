@@ -435,6 +435,11 @@ func (s *Store) LookupRange(ctx context.Context, first exstore.Chunk, into []exs
 // down and another node can add exceptions. The token is that word. It
 // does not look for a lost lockspace (nor does Lookup's hit path):
 // Unchanged does, after the reader's I/O, where it matters.
+//
+// The wrapper is deliberately no exstore.AbsenceChecker, although its core
+// is: an answer without a token could not tell a reader that another node
+// copied and overwrote the chunk meanwhile (the window case of
+// TestOptimisticReadRetriesUnderOtherNodesOverwrite fails if it were one).
 func (s *Store) LookupOptimistic(old exstore.Chunk) (exstore.Chunk, bool, uint64, bool) {
 	w := s.state.Load()
 	if !admits(w, lockc.CR) {
