@@ -489,7 +489,7 @@ func (s *Store) Geometry() Geometry { return s.geo }
 // this process changes them, so release is a no-op. Lookup answers from the
 // table even when the store is invalid; callers check Err.
 func (s *Store) Lookup(ctx context.Context, old exstore.Chunk) (exstore.Chunk, bool, exstore.Release, error) {
-	if s.table.Load().RulesOut(old, 1) {
+	if s.NoExceptions(old, 1) {
 		return 0, false, exstore.NoRelease, nil
 	}
 	s.mu.RLock()
@@ -501,7 +501,7 @@ func (s *Store) Lookup(ctx context.Context, old exstore.Chunk) (exstore.Chunk, b
 // LookupRange implements exstore.RangeLookuper: one read lock for the run,
 // or none when the table's filter rules the whole run out.
 func (s *Store) LookupRange(ctx context.Context, first exstore.Chunk, into []exstore.LookupResult) (exstore.Release, error) {
-	if s.table.Load().RulesOut(first, uint64(len(into))) {
+	if s.NoExceptions(first, uint64(len(into))) {
 		clear(into)
 		return exstore.NoRelease, nil
 	}
@@ -567,10 +567,8 @@ func (s *Store) Prepare(ctx context.Context, old exstore.Chunk) (exstore.Excepti
 	if err := s.Err(); err != nil {
 		return exstore.Exception{}, err
 	}
-	s.mu.RLock()
-	_, exists := s.table.Load().Lookup(old)
-	s.mu.RUnlock()
-	if exists {
+	// A first write's chunk has none: the filter says so without mu.
+	if _, exists, _, _ := s.Lookup(ctx, old); exists {
 		return exstore.Exception{}, s.errf("chunk %d: %w", old, exstore.ErrExists)
 	}
 	s.allocMu.Lock()
