@@ -199,6 +199,19 @@ type LostChecker interface {
 	IsLost() bool
 }
 
+// LostNotifier is implemented by lockspaces that can call a function
+// synchronously with the loss, before anyone can observe it: a user that
+// checks for the loss on every I/O then reads a flag of its own that the
+// function sets, which costs less than a call through LostChecker.
+type LostNotifier interface {
+	// OnLost has f called once when this node loses the lockspace:
+	// before IsLost turns true, before Lost is closed, and before another
+	// node can be granted a lock this node held. If the lockspace is lost
+	// already, f is called before OnLost returns. f must return quickly
+	// and must not call into the lockspace (it may run under its locks).
+	OnLost(f func())
+}
+
 // Lock is one granted lock. A lock allows one operation (Convert or Unlock)
 // at a time; a second one while the first waits fails with ErrBusy.
 type Lock interface {

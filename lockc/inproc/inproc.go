@@ -286,10 +286,14 @@ type member struct {
 	lost  chan struct{}
 	// isLost is set just before lost is closed.
 	isLost atomic.Bool
-	err    error // set when lost, under c.mu
+	err    error    // set when lost, under c.mu
+	onLost []func() // OnLost's functions, called as the membership ends; under c.mu
 }
 
-var _ lockc.LostChecker = (*member)(nil)
+var (
+	_ lockc.LostChecker  = (*member)(nil)
+	_ lockc.LostNotifier = (*member)(nil)
+)
 
 // NodeID returns the node's id.
 func (m *member) NodeID() uint32 { return m.n.id }
@@ -302,6 +306,20 @@ func (m *member) Lost() <-chan struct{} { return m.lost }
 
 // IsLost implements lockc.LostChecker.
 func (m *member) IsLost() bool { return m.isLost.Load() }
+
+// OnLost implements lockc.LostNotifier: f runs under the cluster's mutex
+// as the membership ends, before its locks are given to anyone.
+func (m *member) OnLost(f func()) {
+	c := m.n.c
+	c.mu.Lock()
+	if m.err == nil {
+		m.onLost = append(m.onLost, f)
+		c.mu.Unlock()
+		return
+	}
+	c.mu.Unlock()
+	f()
+}
 
 // Err says why the membership ended, or nil.
 func (m *member) Err() error {
@@ -347,6 +365,10 @@ func (m *member) leave(err error, crash bool) {
 		l.detach()
 	}
 	clear(m.locks)
+	for _, f := range m.onLost {
+		f()
+	}
+	m.onLost = nil
 	m.isLost.Store(true)
 	close(m.lost)
 	delete(m.n.members, m)

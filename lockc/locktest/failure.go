@@ -26,11 +26,13 @@ func testCrash(e *env) {
 	e.queued("r", 0, 1)
 	e.queued("other", 0, 1)
 
+	var watches []*lossWatch
 	for _, ls := range []lockc.Lockspace{a, a2} {
 		assertIsLost(e, ls, false, "before the crash")
+		watches = append(watches, watchLoss(ls, waiter.done))
 	}
 	cr.Crash(1)
-	for _, ls := range []lockc.Lockspace{a, a2} {
+	for i, ls := range []lockc.Lockspace{a, a2} {
 		select {
 		case <-ls.Lost():
 		default:
@@ -38,6 +40,7 @@ func testCrash(e *env) {
 		}
 		assertIsLost(e, ls, true, "after the crash")
 		assert.ErrorIs(e.t, ls.Err(), lockc.ErrLost)
+		watches[i].check(e, ls, "crash")
 	}
 	_, err := e.wait(stuck)
 	assert.ErrorIs(e.t, err, lockc.ErrLost, "the crashed node's pending request")
@@ -80,6 +83,7 @@ func testClose(e *env) {
 	e.queued("r3", 0, 1)
 
 	assertIsLost(e, a, false, "before Close")
+	watch := watchLoss(a, nil)
 	require.NoError(e.t, a.Close())
 	select {
 	case <-a.Lost():
@@ -87,6 +91,7 @@ func testClose(e *env) {
 		e.t.Errorf("Lost not closed by Close")
 	}
 	assertIsLost(e, a, true, "after Close")
+	watch.check(e, a, "Close")
 	assert.ErrorIs(e.t, a.Err(), lockc.ErrLost)
 	_, err := e.wait(stuck)
 	assert.ErrorIs(e.t, err, lockc.ErrLost, "a pending request of the closed lockspace")
@@ -287,6 +292,65 @@ func testBusy(e *env) {
 	assert.Equal(e.t, lockc.PR, l.Mode(), "the first conversion completes as asked")
 	e.unlock(l)
 	e.assertNoResources()
+}
+
+// lossWatch records, for a lockspace that is a lockc.LostNotifier, the
+// calls of an OnLost function and what it saw of the loss when called.
+type lossWatch struct {
+	mu      sync.Mutex
+	calls   int
+	early   bool // called while Lost was still open and IsLost false
+	granted bool // another node's waiter was done when it was called
+}
+
+// watchLoss registers a lossWatch with ls if it is a lockc.LostNotifier
+// (nil otherwise); waiter, if not nil, is closed once another node's
+// request that waits for a lock of ls's node is answered.
+func watchLoss(ls lockc.Lockspace, waiter <-chan struct{}) *lossWatch {
+	ln, ok := ls.(lockc.LostNotifier)
+	if !ok {
+		return nil
+	}
+	w := &lossWatch{}
+	ln.OnLost(func() {
+		w.mu.Lock()
+		defer w.mu.Unlock()
+		w.calls++
+		w.early = true
+		select {
+		case <-ls.Lost():
+			w.early = false
+		default:
+		}
+		if lc, ok := ls.(lockc.LostChecker); ok && lc.IsLost() {
+			w.early = false
+		}
+		if waiter != nil {
+			select {
+			case <-waiter:
+				w.granted = true
+			default:
+			}
+		}
+	})
+	return w
+}
+
+// check asserts, after ls was lost through how, that the function ran
+// once, before the loss could be seen and before another node was
+// granted, and that one registered now runs at once.
+func (w *lossWatch) check(e *env, ls lockc.Lockspace, how string) {
+	if w == nil {
+		return
+	}
+	w.mu.Lock()
+	assert.Equal(e.t, 1, w.calls, "OnLost function calls after the %s", how)
+	assert.True(e.t, w.early, "the OnLost function ran before Lost was closed and IsLost turned true (%s)", how)
+	assert.False(e.t, w.granted, "the OnLost function ran after another node was granted (%s)", how)
+	w.mu.Unlock()
+	late := false
+	ls.(lockc.LostNotifier).OnLost(func() { late = true })
+	assert.True(e.t, late, "OnLost on a lost lockspace calls the function before it returns (%s)", how)
 }
 
 // assertIsLost checks, for a lockspace that is a lockc.LostChecker, that
