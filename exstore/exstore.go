@@ -14,7 +14,10 @@
 // (exceptions visible at once, durable at the next Sync),
 // OptimisticLookuper (answers checked after the I/O instead of held, for
 // stores shared with other nodes) and AbsenceChecker (a run of chunks
-// without exceptions told at once, for reads that go to the origin).
+// without exceptions told at once, for reads that go to the origin). One
+// more is for wrappers rather than the COW engine: ConditionalPreparer
+// (allocation conditional on a caller's word, and a count of the prepared
+// exceptions not yet settled), which the clusterizer admits Prepares with.
 //
 // The package also holds the in-memory exception Table and the Registry of
 // store types. Stores live in their own packages (persistent, transient,
@@ -25,6 +28,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync/atomic"
 )
 
 // SectorSize is the unit of the kernel's chunk sizes and usage figures.
@@ -235,6 +239,30 @@ type OptimisticLookuper interface {
 	// reader calls it after its I/O is done.
 	Unchanged(token uint64) bool
 }
+
+// ConditionalPreparer is implemented by stores that can make an allocation
+// conditional on a word the caller owns and count the exceptions not yet
+// settled, under one lock. A wrapper that must know when no prepared
+// exception is outstanding (the clusterizer, before it gives its cluster
+// lock up) uses them instead of counting Prepares itself: it changes the
+// word, then reads Unsettled, and knows that every Prepare admitted before
+// the change is in the count and none is admitted after it.
+type ConditionalPreparer interface {
+	// PrepareIfUnchanged is Prepare, except that it allocates only if
+	// *word equals want at the moment it does, checked under the lock that
+	// Unsettled takes; otherwise it changes nothing and returns an error
+	// wrapping ErrChanged (before any other refusal, a closed store's
+	// included).
+	PrepareIfUnchanged(ctx context.Context, old Chunk, word *atomic.Uint64, want uint64) (Exception, error)
+	// Unsettled is how many exceptions are prepared and not settled yet:
+	// neither aborted, nor committed lazily, nor written (or failed) by a
+	// Commit.
+	Unsettled() int
+}
+
+// ErrChanged is returned by PrepareIfUnchanged when the caller's word no
+// longer has the value it was to allocate under.
+var ErrChanged = errors.New("admission word changed")
 
 // LazyCommitter is implemented by stores that can make an exception visible
 // at once and durable later, as a disk's write cache makes a write durable

@@ -119,6 +119,7 @@ type Store struct {
 	currentArea uint64
 	committed   uint64 // records in the current area
 	reserved    uint64 // prepared exceptions not aborted and not yet written
+	unsettled   int    // prepared exceptions not aborted, not committed lazily, not yet written by a Commit (Unsettled)
 	queue       []*prepared
 	byNew       map[exstore.Chunk]*prepared
 	pendingOld  map[exstore.Chunk]struct{}
@@ -154,10 +155,11 @@ type Store struct {
 }
 
 var (
-	_ exstore.Store          = (*Store)(nil)
-	_ exstore.RangeLookuper  = (*Store)(nil)
-	_ exstore.LazyCommitter  = (*Store)(nil)
-	_ exstore.AbsenceChecker = (*Store)(nil)
+	_ exstore.Store               = (*Store)(nil)
+	_ exstore.RangeLookuper       = (*Store)(nil)
+	_ exstore.LazyCommitter       = (*Store)(nil)
+	_ exstore.AbsenceChecker      = (*Store)(nil)
+	_ exstore.ConditionalPreparer = (*Store)(nil)
 )
 
 // Open opens the persistent store on cow, formatting it when its first four
@@ -558,6 +560,24 @@ func (s *Store) Usage() exstore.Usage {
 
 // Prepare implements exstore.Store.
 func (s *Store) Prepare(ctx context.Context, old exstore.Chunk) (exstore.Exception, error) {
+	return s.prepare(ctx, old, nil, 0)
+}
+
+// PrepareIfUnchanged implements exstore.ConditionalPreparer: the word is
+// checked under allocMu, which Unsettled takes too.
+func (s *Store) PrepareIfUnchanged(ctx context.Context, old exstore.Chunk, word *atomic.Uint64, want uint64) (exstore.Exception, error) {
+	return s.prepare(ctx, old, word, want)
+}
+
+// Unsettled implements exstore.ConditionalPreparer.
+func (s *Store) Unsettled() int {
+	s.allocMu.Lock()
+	defer s.allocMu.Unlock()
+	return s.unsettled
+}
+
+// prepare is Prepare, conditional on *word == want if word is not nil.
+func (s *Store) prepare(ctx context.Context, old exstore.Chunk, word *atomic.Uint64, want uint64) (exstore.Exception, error) {
 	if err := ctx.Err(); err != nil {
 		return exstore.Exception{}, err
 	}
@@ -573,6 +593,9 @@ func (s *Store) Prepare(ctx context.Context, old exstore.Chunk) (exstore.Excepti
 	}
 	s.allocMu.Lock()
 	defer s.allocMu.Unlock()
+	if word != nil && word.Load() != want {
+		return exstore.Exception{}, s.errf("chunk %d: %w", old, exstore.ErrChanged)
+	}
 	if s.closed {
 		return exstore.Exception{}, s.errf("%w", exstore.ErrClosed)
 	}
@@ -596,6 +619,7 @@ func (s *Store) Prepare(ctx context.Context, old exstore.Chunk) (exstore.Excepti
 	s.byNew[e.New] = p
 	s.pendingOld[old] = struct{}{}
 	s.reserved++
+	s.unsettled++
 	return e, nil
 }
 
@@ -646,6 +670,7 @@ func (s *Store) CommitLazy(ctx context.Context, e exstore.Exception) error {
 		return s.errf("commit %v: %w", e, exstore.ErrNotPrepared)
 	}
 	p.ready, p.lazy = true, true
+	s.unsettled--
 	s.lazyWaiting++
 	s.lazyLast = max(s.lazyLast, e.New)
 	if uint64(e.New) < s.lazyFirst {
@@ -722,6 +747,7 @@ func (s *Store) Abort(e exstore.Exception) bool {
 	}
 	p.aborted = true
 	s.reserved--
+	s.unsettled--
 	// Its origin chunk may be prepared again at once, although the record
 	// stays queued (for the order of COW chunks) until a batch drops it.
 	delete(s.pendingOld, e.Old)
@@ -846,6 +872,9 @@ func (s *Store) commitBatch() bool {
 	s.allocMu.Lock()
 	for _, p := range batch {
 		delete(s.pendingOld, p.e.Old)
+		if !p.lazy {
+			s.unsettled-- // written or failed: its Commit returns
+		}
 	}
 	if err == nil {
 		s.batchWrittenLocked()
@@ -1223,6 +1252,11 @@ func (s *Store) Close() error {
 		s.closed = true
 		q := s.queue
 		s.queue = nil
+		for _, p := range q {
+			if p.ready && !p.lazy {
+				s.unsettled-- // its Commit fails
+			}
+		}
 		s.allocMu.Unlock()
 		for _, p := range q {
 			if p.ready && p.done != nil {

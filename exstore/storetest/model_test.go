@@ -8,9 +8,11 @@ import (
 	"os"
 	"os/exec"
 	"regexp"
+	"runtime"
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -183,6 +185,45 @@ func (s *modelStore) Unchanged(token uint64) bool { return token == 7 }
 func (s *modelStore) Prepare(_ context.Context, old exstore.Chunk) (exstore.Exception, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	return s.prepareLocked(old)
+}
+
+// PrepareIfUnchanged implements exstore.ConditionalPreparer. The
+// condUnlocked mutant checks the word before it takes mu, so that it can
+// allocate after a change of the word and a count that missed it.
+func (s *modelStore) PrepareIfUnchanged(_ context.Context, old exstore.Chunk, word *atomic.Uint64, want uint64) (exstore.Exception, error) {
+	changed := fmt.Errorf("model %s: %w", s.dev.Name(), exstore.ErrChanged)
+	if s.mutant == "condUnlocked" {
+		if word.Load() != want {
+			return exstore.Exception{}, changed
+		}
+		runtime.Gosched()
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.mutant != "condUnlocked" && word.Load() != want {
+		return exstore.Exception{}, changed
+	}
+	return s.prepareLocked(old)
+}
+
+// Unsettled implements exstore.ConditionalPreparer: the queued exceptions
+// not aborted (a Commit's stays queued until written). The settleAtCommit
+// mutant stops counting one when its Commit is called.
+func (s *modelStore) Unsettled() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	n := 0
+	for _, p := range s.queue {
+		if !p.aborted && (p.done == nil || s.mutant != "settleAtCommit") {
+			n++
+		}
+	}
+	return n
+}
+
+// prepareLocked is Prepare. Callers hold mu.
+func (s *modelStore) prepareLocked(old exstore.Chunk) (exstore.Exception, error) {
 	if s.invalid != nil {
 		return exstore.Exception{}, s.invalid
 	}
@@ -519,6 +560,8 @@ func TestSuiteCatchesMutants(t *testing.T) {
 		{"invalidNotDurable", "invalidate"},
 		{"mergeOldOnly", "merge/areas"},
 		{"refreshNoop", "refresh"},
+		{"condUnlocked", "conditional prepare"},
+		{"settleAtCommit", "conditional prepare"},
 	} {
 		t.Run(m.mutant+"/"+m.subtest, func(t *testing.T) {
 			name := strings.ReplaceAll(m.subtest, " ", "_")
