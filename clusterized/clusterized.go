@@ -29,7 +29,12 @@
 //   - Prepare enters in EX and stays in until the exception is committed or
 //     aborted, so the node never gives EX up with an allocation another node
 //     could repeat. Commit, Abort, the merge primitives and Invalidate work
-//     under EX too.
+//     under EX too. When the core is an exstore.ConditionalPreparer (the
+//     persistent store is), a Prepare while the node holds EX enters
+//     nothing: the core allocates only if the gate's state word is still
+//     the one that admitted it, and it counts the exception as unsettled
+//     until it is committed or aborted, which a drain waits for as it
+//     waits for the users inside (see gate.go).
 //   - CR and EX stay held after use; the node gives them up only when a
 //     blocking notification says another node waits, once its users are out.
 //
@@ -112,19 +117,21 @@ type Options struct {
 
 // coreRef boxes the core store so that a full reload can swap it
 // atomically. p is the core as a *persistent.Store when it is one, so that
-// the lookups of the hot path call it directly; lazy is the core as an
-// exstore.LazyCommitter (nil if it is not one), asserted once rather than
-// on every lazy commit.
+// the lookups of the hot path call it directly; lazy and cond are the core
+// as an exstore.LazyCommitter and an exstore.ConditionalPreparer (nil if
+// it is not one), asserted once rather than on every call.
 type coreRef struct {
 	s    exstore.Store
 	p    *persistent.Store
 	lazy exstore.LazyCommitter
+	cond exstore.ConditionalPreparer
 }
 
 func newCoreRef(s exstore.Store) *coreRef {
 	p, _ := s.(*persistent.Store)
 	lazy, _ := s.(exstore.LazyCommitter)
-	return &coreRef{s: s, p: p, lazy: lazy}
+	cond, _ := s.(exstore.ConditionalPreparer)
+	return &coreRef{s: s, p: p, lazy: lazy, cond: cond}
 }
 
 // setCore makes c the core and returns the one it replaces (nil at first).
@@ -167,7 +174,6 @@ type Stats struct {
 	Reloads      uint64 // full reloads (invalid, unknown or re-seeded LVB)
 	InvalidLVBs  uint64 // grants that found the LVB invalid
 	Drains       uint64 // drains of the local users begun, to convert down
-	LazyCommits  uint64 // exceptions committed lazily (LazyStore.CommitLazy)
 }
 
 // Store is an exstore.Store shared by several nodes through a cluster lock.
@@ -179,24 +185,29 @@ type Store struct {
 
 	ls   lockc.Lockspace
 	lost <-chan struct{} // ls.Lost()
-	// lostCheck is ls as a lockc.LostChecker, nil if it is not one:
-	// stopError then receives from lost instead.
+	// lostCheck is ls as a lockc.LostChecker when it is no
+	// lockc.LostNotifier (nil if it is neither): stopError then asks it,
+	// or receives from lost.
 	lostCheck lockc.LostChecker
 	lock      lockc.Lock
 	nodeID    uint32
 
-	// state and the core are read by every lookup: they share a line that
-	// written fields stay off.
-	_     [64]byte
-	state atomic.Uint64 // see gate.go
-	core  atomic.Pointer[coreRef]
-	pcore atomic.Pointer[persistent.Store] // core.Load().p, one load less
-	_     [40]byte
+	// state and the core are read by every lookup, stopped and halt
+	// by every write: they share a line that written fields stay off.
+	_       [64]byte
+	state   atomic.Uint64 // see gate.go
+	core    atomic.Pointer[coreRef]
+	pcore   atomic.Pointer[persistent.Store] // core.Load().p, one load less
+	stopped atomic.Pointer[error]
+	halt    atomic.Uint32 // why stopError must look closer: halt* bits
+	_       [28]byte
 
-	users       [userShards]userShard
-	releases    [userShards]exstore.Release // leave through each shard
-	dirty       atomic.Bool                 // the metadata may have changed under the current EX
-	stopped     atomic.Pointer[error]
+	users    [userShards]userShard
+	releases [userShards]exstore.Release // leave through each shard
+	// dirty says the metadata may have changed under the current EX: a
+	// Prepare (lazy commits may wait to be written), merge or
+	// invalidation.
+	dirty       atomic.Bool
 	ctx         context.Context // the manager's; ends at Close
 	cancel      context.CancelFunc
 	wake        chan struct{}
@@ -221,10 +232,6 @@ type Store struct {
 	mergeGen   uint64 // syncGen at the last PrepareMerge
 	closed     bool
 
-	// lazyCommits counts the exceptions committed lazily; lazySynced is
-	// the count read before the latest core Sync that succeeded, so some
-	// may wait to be written while lazySynced < lazyCommits.
-	lazyCommits, lazySynced atomic.Uint64
 	// coreWaiters counts the durable core Commits and core Syncs under
 	// way, which a lazy commit must wake the core's committer for (see
 	// wakeCommitter).
@@ -284,7 +291,12 @@ func New(ctx context.Context, core exstore.Store, engine lockc.Engine, clusterID
 	for i := range s.releases {
 		s.releases[i] = func() { s.leave(i) }
 	}
-	s.lostCheck, _ = ls.(lockc.LostChecker)
+	if ln, ok := ls.(lockc.LostNotifier); ok {
+		ln.OnLost(func() { s.halt.Or(haltLost) })
+	} else {
+		s.halt.Store(haltAsk)
+		s.lostCheck, _ = ls.(lockc.LostChecker)
+	}
 	s.state.Store(uint64(lockc.NL))
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	var endNow context.CancelFunc
@@ -314,18 +326,40 @@ func (s *Store) Stats() Stats {
 		Reloads:      s.reloads.Load(),
 		InvalidLVBs:  s.invalidSeen.Load(),
 		Drains:       s.drains.Load(),
-		LazyCommits:  s.lazyCommits.Load(),
 	}
 }
 
+// The bits of Store.halt, which stopError looks past only when one is set.
+const (
+	haltStopped uint32 = 1 << iota // stopped is set
+	haltLost                       // the lockspace's OnLost ran
+	haltAsk                        // the lockspace notifies no loss: ask it
+)
+
 // stopError is the error of a lost or closed store, or nil. It looks at
-// the lockspace itself too, so that nothing is admitted between the loss
-// and the manager noticing it.
+// the lockspace itself too (the bit its OnLost sets, or asking it), so
+// that nothing is admitted between the loss and the manager noticing it.
+// The common answer, nil with a notifying lockspace, is one load inlined
+// into the caller.
 func (s *Store) stopError() error {
+	if s.halt.Load() == 0 {
+		return nil
+	}
+	return s.stopErrorSlow()
+}
+
+// stopErrorSlow is stopError once a halt bit is set.
+func (s *Store) stopErrorSlow() error {
 	if p := s.stopped.Load(); p != nil {
 		return *p
 	}
-	if s.lostCheck != nil {
+	h := s.halt.Load()
+	switch {
+	case h&haltLost != 0:
+		return s.lostError()
+	case h&haltAsk == 0:
+		return nil
+	case s.lostCheck != nil:
 		if s.lostCheck.IsLost() {
 			return s.lostError()
 		}
@@ -344,8 +378,11 @@ func (s *Store) wrap(err error) error {
 	if err == nil {
 		return nil
 	}
-	return fmt.Errorf("cluster %s: %w", s.id, err)
+	return s.wrapErr(err)
 }
+
+// wrapErr is wrap of an error.
+func (s *Store) wrapErr(err error) error { return fmt.Errorf("cluster %s: %w", s.id, err) }
 
 // ChunkSectors implements exstore.Store.
 func (s *Store) ChunkSectors() uint32 { return s.core.Load().s.ChunkSectors() }
@@ -496,60 +533,110 @@ func (s *Store) lookupInto(ctx context.Context, first exstore.Chunk, into []exst
 	return true, nil
 }
 
-// Prepare implements exstore.Store. It enters in EX, so the node's metadata
-// is current when it allocates; the node keeps EX until the exception is
-// committed or aborted. If another node added an exception for old since
-// this node's lookup, Prepare returns exstore.ErrExists.
+// Prepare implements exstore.Store. The node's metadata is current when it
+// allocates: the allocation happens while the node holds EX, which it keeps
+// until the exception is committed or aborted. If another node added an
+// exception for old since this node's lookup, Prepare returns
+// exstore.ErrExists.
+//
+// With a core that is an exstore.ConditionalPreparer and the gate open in
+// EX, Prepare enters nothing: the core allocates only while the state word
+// is the one read here, and counts the exception as unsettled, which a
+// drain waits for. Otherwise Prepare enters in EX (converting the lock if
+// need be); with such a core it leaves once the core counts the
+// exception, else it stays in until the exception is settled.
 func (s *Store) Prepare(ctx context.Context, old exstore.Chunk) (exstore.Exception, error) {
+	if ref := s.core.Load(); ref.cond != nil {
+		if w := s.state.Load(); admits(w, lockc.EX) {
+			e, err := ref.cond.PrepareIfUnchanged(ctx, old, &s.state, w)
+			if err == nil && s.stopError() == nil {
+				s.markDirty()
+				return e, nil
+			}
+			if !errors.Is(err, exstore.ErrChanged) {
+				return s.prepared(ctx, ref, old, e, err)
+			}
+		}
+	}
 	shard := shardOf(old)
 	if err := s.enter(ctx, lockc.EX, shard); err != nil {
 		return exstore.Exception{}, fmt.Errorf("cluster %s: chunk %d: prepare: %w", s.id, old, err)
 	}
-	core := s.core.Load().s
-	e, err := core.Prepare(ctx, old)
-	if err != nil {
+	ref := s.core.Load()
+	e, err := ref.s.Prepare(ctx, old)
+	if err != nil || ref.cond != nil {
+		// Unsettled in the core from here on, if prepared.
 		s.leave(shard)
-		// The core refuses a chunk that has an exception; tell that case
-		// apart, as the COW engine acts on it.
-		_, found, rel, lerr := core.Lookup(ctx, old)
+	}
+	return s.prepared(ctx, ref, old, e, err)
+}
+
+// prepared finishes a Prepare of old that ref's core answered with e and
+// err: a lost lockspace aborts e, and a refusal because old has an
+// exception is told apart, as the COW engine acts on it.
+func (s *Store) prepared(ctx context.Context, ref *coreRef, old exstore.Chunk, e exstore.Exception, err error) (exstore.Exception, error) {
+	if err != nil {
+		_, found, rel, lerr := ref.s.Lookup(ctx, old)
 		rel()
 		if lerr == nil && found {
 			return exstore.Exception{}, fmt.Errorf("cluster %s: chunk %d: %w", s.id, old, exstore.ErrExists)
 		}
 		return exstore.Exception{}, s.wrap(err)
 	}
-	if !s.dirty.Load() {
-		s.dirty.Store(true)
+	if err := s.stopError(); err != nil {
+		if ref.s.Abort(e) {
+			s.settled(ref, e)
+		}
+		return exstore.Exception{}, fmt.Errorf("cluster %s: chunk %d: prepare: %w", s.id, old, err)
 	}
+	s.markDirty()
 	return e, nil
 }
 
-// preparedShard is the user counter a Prepare of e entered through, which
-// its Commit, CommitLazy or Abort leaves through. Only the counters' sum
-// matters, but the same shard keeps the counter's line where it was.
-func preparedShard(e exstore.Exception) int { return shardOf(e.Old) }
-
-// abortIfStopped aborts prepared e and returns why if the node was
-// stopped (lost the lockspace, closed) since the Prepare, which entered
-// the gate: the Prepare's stay ends here if the core took e back.
-func (s *Store) abortIfStopped(core exstore.Store, e exstore.Exception) error {
-	err := s.stopError()
-	if err == nil {
-		return nil
+// markDirty notes a change of the metadata under the current EX; the
+// load first keeps the flag's line shared while it is set.
+func (s *Store) markDirty() {
+	if !s.dirty.Load() {
+		s.dirty.Store(true)
 	}
-	if core.Abort(e) {
-		s.leave(preparedShard(e))
-	}
-	return fmt.Errorf("commit %v: %w", e, err)
 }
 
-// leaveCommitted ends the stay in the gate of e's Prepare after the core's
-// commit of e returned err, unless the core refused e as not prepared (a
-// second Commit or a Commit after Abort): then the stay had ended before.
-// The core's refusal is what keeps a misused Commit from leaving twice.
-func (s *Store) leaveCommitted(e exstore.Exception, err error) {
-	if !errors.Is(err, exstore.ErrNotPrepared) {
+// preparedShard is the user counter a Prepare of e entered through, which
+// its Commit, CommitLazy or Abort leaves through, when the core is no
+// exstore.ConditionalPreparer. Only the counters' sum matters, but the same
+// shard keeps the counter's line where it was.
+func preparedShard(e exstore.Exception) int { return shardOf(e.Old) }
+
+// settled ends what holds the node in EX for prepared e, now committed,
+// aborted or failed in ref's core: the Prepare's stay in the gate, or, for
+// an exstore.ConditionalPreparer that counts e itself, nothing but waking a
+// drain that may wait for the count to fall.
+func (s *Store) settled(ref *coreRef, e exstore.Exception) {
+	if ref.cond == nil {
 		s.leave(preparedShard(e))
+	} else if s.state.Load()&closedBit != 0 {
+		s.wakeDrain()
+	}
+}
+
+// abortStopped aborts prepared e because the node stopped (lost the
+// lockspace, closed) since the Prepare, with why, and returns the
+// commit's error: e is settled here if the core took it back. Callers ask
+// stopError first, inline.
+func (s *Store) abortStopped(ref *coreRef, e exstore.Exception, why error) error {
+	if ref.s.Abort(e) {
+		s.settled(ref, e)
+	}
+	return fmt.Errorf("commit %v: %w", e, why)
+}
+
+// settledCommit settles e after ref's core's commit of e returned err,
+// unless the core refused e as not prepared (a second Commit or a Commit
+// after Abort): then it was settled before. The core's refusal is what
+// keeps a misused Commit from leaving twice.
+func (s *Store) settledCommit(ref *coreRef, e exstore.Exception, err error) {
+	if err == nil || !errors.Is(err, exstore.ErrNotPrepared) {
+		s.settled(ref, e)
 	}
 }
 
@@ -557,15 +644,16 @@ func (s *Store) leaveCommitted(e exstore.Exception, err error) {
 // the node lost the lockspace since, the exception is aborted instead and
 // Commit fails: the node must not write the shared metadata any more.
 func (s *Store) Commit(ctx context.Context, e exstore.Exception) error {
-	core := s.core.Load().s
-	if err := s.abortIfStopped(core, e); err != nil {
-		return err
+	ref := s.core.Load()
+	core := ref.s
+	if err := s.stopError(); err != nil {
+		return s.abortStopped(ref, e, err)
 	}
 	s.coreWaiters.Add(1)
 	if ctx.Done() == nil {
 		err := core.Commit(ctx, e)
 		s.coreWaiters.Add(-1)
-		s.leaveCommitted(e, err)
+		s.settledCommit(ref, e, err)
 		return s.wrap(err)
 	}
 	// The exception stays queued if ctx ends first: the node keeps EX
@@ -574,7 +662,7 @@ func (s *Store) Commit(ctx context.Context, e exstore.Exception) error {
 	go func() {
 		err := core.Commit(context.WithoutCancel(ctx), e)
 		s.coreWaiters.Add(-1)
-		s.leaveCommitted(e, err)
+		s.settledCommit(ref, e, err)
 		done <- err
 	}()
 	select {
@@ -594,10 +682,11 @@ func (s *Store) Commit(ctx context.Context, e exstore.Exception) error {
 
 // Abort implements exstore.Store.
 func (s *Store) Abort(e exstore.Exception) bool {
-	if !s.core.Load().s.Abort(e) {
+	ref := s.core.Load()
+	if !ref.s.Abort(e) {
 		return false
 	}
-	s.leave(preparedShard(e))
+	s.settled(ref, e)
 	return true
 }
 
@@ -609,6 +698,9 @@ func (s *Store) Usage() exstore.Usage { return s.core.Load().s.Usage() }
 func (s *Store) Err() error {
 	if err := s.stopError(); err != nil {
 		return err
+	}
+	if p := s.pcore.Load(); p != nil {
+		return p.Err()
 	}
 	return s.core.Load().s.Err()
 }

@@ -53,10 +53,46 @@ func openClustered(t testing.TB, dev blockdev.Device, engine lockc.Engine, id st
 	return s
 }
 
+// plainCore hides every optional interface of the store it holds (and
+// that it is a *persistent.Store), so that the wrapper falls back to what
+// it does for any core: prepared exceptions count as users inside, and
+// every commit is durable.
+type plainCore struct{ exstore.Store }
+
+// openPlainClustered is openClustered over a plainCore.
+func openPlainClustered(t testing.TB, dev blockdev.Device, engine lockc.Engine, id string) *clusterized.Store {
+	t.Helper()
+	open := func(ctx context.Context) (exstore.Store, error) {
+		core, err := persistent.Open(ctx, dev, persistent.Options{NoFormat: true, Logger: quietLogger()})
+		if err != nil {
+			return nil, err
+		}
+		return plainCore{core}, nil
+	}
+	core, err := open(context.Background())
+	require.NoError(t, err)
+	s, err := clusterized.New(context.Background(), core, engine, id, clusterized.Options{Reopen: open})
+	require.NoError(t, err)
+	return s
+}
+
 // TestConformance runs the store suite against the wrapper on a one-node
 // engine; OpenShared joins the same cluster as a second member, which
-// contends for the lock like another node.
+// contends for the lock like another node. "plain core" runs it over a
+// core without optional interfaces.
 func TestConformance(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		open func(t testing.TB, dev blockdev.Device, engine lockc.Engine, id string) *clusterized.Store
+	}{
+		{"clusterized", openClustered},
+		{"clusterized plain core", openPlainClustered},
+	} {
+		t.Run(tc.name, func(t *testing.T) { runConformance(t, tc.name, tc.open) })
+	}
+}
+
+func runConformance(t *testing.T, name string, open func(t testing.TB, dev blockdev.Device, engine lockc.Engine, id string) *clusterized.Store) {
 	var mu sync.Mutex
 	engines := map[blockdev.Device]lockc.Engine{}
 	engineOf := func(dev blockdev.Device) lockc.Engine {
@@ -70,18 +106,18 @@ func TestConformance(t *testing.T) {
 		return e
 	}
 	storetest.Run(t, persistenttest.WithLayout(storetest.Harness{
-		Name: "clusterized",
+		Name: name,
 		New: func(t *testing.T, chunkSectors uint32, cowBytes int64) (exstore.Store, blockdev.Device) {
 			dev := faultdev.New("cow", cowBytes)
 			formatCOW(t, dev, chunkSectors)
-			return openClustered(t, dev, engineOf(dev), "conformance"), dev
+			return open(t, dev, engineOf(dev), "conformance"), dev
 		},
 		Reopen: func(t *testing.T, s exstore.Store, dev blockdev.Device) exstore.Store {
 			require.NoError(t, s.Close())
-			return openClustered(t, dev, engineOf(dev), "conformance")
+			return open(t, dev, engineOf(dev), "conformance")
 		},
 		OpenShared: func(t *testing.T, dev blockdev.Device) exstore.Store {
-			return openClustered(t, dev, engineOf(dev), "conformance")
+			return open(t, dev, engineOf(dev), "conformance")
 		},
 		Merge: true,
 	}))

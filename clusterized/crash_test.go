@@ -130,3 +130,69 @@ func testCrashReseeds(t *testing.T, reopen bool) {
 	require.NoError(t, err)
 	assert.True(t, found)
 }
+
+// checkerOnly is a lockspace that tells its loss through IsLost only, and
+// plainLockspace one that tells it through Lost only: hidingEngine opens
+// them, so that the wrapper's checks for a loss are tested for lockspaces
+// that are no lockc.LostNotifier.
+type (
+	checkerOnly struct {
+		lockc.Lockspace
+		lockc.LostChecker
+	}
+	plainLockspace struct{ lockc.Lockspace }
+	hidingEngine   struct {
+		lockc.Engine
+		checker bool
+	}
+)
+
+func (e hidingEngine) Open(ctx context.Context, name string) (lockc.Lockspace, error) {
+	ls, err := e.Engine.Open(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	if e.checker {
+		return checkerOnly{ls, ls.(lockc.LostChecker)}, nil
+	}
+	return plainLockspace{ls}, nil
+}
+
+// The moment the node loses the lockspace, before its manager can have
+// noticed, every call that would act on the shared metadata or vouch for
+// an answer fails: whichever way the lockspace tells the loss.
+func TestLossSeenAtOnce(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		wrap func(lockc.Engine) lockc.Engine
+	}{
+		{"notifier", func(e lockc.Engine) lockc.Engine { return e }},
+		{"checker", func(e lockc.Engine) lockc.Engine { return hidingEngine{e, true} }},
+		{"channel", func(e lockc.Engine) lockc.Engine { return hidingEngine{e, false} }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx := context.Background()
+			dev := faultdev.New("cow", 4<<20)
+			formatCOW(t, dev, 8)
+			cluster := inproc.NewCluster()
+			a := openClustered(t, dev, tc.wrap(cluster.Node(1)), "loss")
+			t.Cleanup(func() { _ = a.Close() })
+			add(t, a, 1)
+			inFlight, err := a.Prepare(ctx, 2)
+			require.NoError(t, err)
+			_, _, token, ok := a.LookupOptimistic(3)
+			require.True(t, ok)
+			require.NoError(t, a.Err())
+
+			cluster.Crash(1)
+			assert.ErrorIs(t, a.Err(), lockc.ErrLost)
+			assert.False(t, a.Unchanged(token))
+			assert.ErrorIs(t, a.Commit(ctx, inFlight), lockc.ErrLost)
+			_, err = a.Prepare(ctx, 4)
+			assert.ErrorIs(t, err, lockc.ErrLost)
+			_, _, release, err := a.Lookup(ctx, 5)
+			release()
+			assert.ErrorIs(t, err, lockc.ErrLost)
+		})
+	}
+}

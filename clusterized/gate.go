@@ -20,7 +20,11 @@ import (
 // exceptions not yet committed or aborted, metadata calls under way) are
 // counted in userShards padded counters, so that goroutines on different
 // CPUs do not fight over one cache line; only their sum means anything (a
-// user may leave through another shard than it entered by). The state word
+// user may leave through another shard than it entered by). A core that is
+// an exstore.ConditionalPreparer counts its prepared exceptions itself, and
+// a Prepare under a cached EX then costs the gate no atomic write at all:
+// the core allocates only while the state word is the one the Prepare
+// read, checked under the lock it counts under. The state word
 // holds the mode the node holds, a "closed" bit that sends every newcomer
 // to the slow path (draining for a conversion, lost, closed, metadata stale
 // after a failed refresh), and a generation that changes with every mode
@@ -30,7 +34,10 @@ import (
 // A user increments its shard and then re-reads the state word; a drain
 // sets the closed bit and then sums the shards. Both orders are sequentially
 // consistent (sync/atomic), so either the drain counts the user or the user
-// sees the bit and backs out.
+// sees the bit and backs out. Likewise the core's lock orders a drain's
+// count of unsettled exceptions, after it set the bit, with a Prepare's
+// check of the word and allocation: the count includes the exception, or
+// the Prepare sees the bit and allocates nothing.
 const (
 	modeMask  uint64 = 7
 	closedBit uint64 = 1 << 3
@@ -207,11 +214,28 @@ func (s *Store) handOutLocked(m lockc.Mode) {
 func (s *Store) leave(shard int) {
 	s.users[shard].n.Add(^uint64(0))
 	if s.state.Load()&closedBit != 0 && s.usersInside() == 0 {
-		select {
-		case s.drained <- struct{}{}:
-		default:
-		}
+		s.wakeDrain()
 	}
+}
+
+// wakeDrain has a drain under way count again. The signal is buffered, so a
+// drain between its count and its wait does not miss it; extra ones cost
+// it a count.
+func (s *Store) wakeDrain() {
+	select {
+	case s.drained <- struct{}{}:
+	default:
+	}
+}
+
+// unsettled is how many prepared exceptions the core counts as not settled
+// (exstore.ConditionalPreparer), 0 if it does not count them (they are
+// users inside then).
+func (s *Store) unsettled() int {
+	if cond := s.core.Load().cond; cond != nil {
+		return cond.Unsettled()
+	}
+	return 0
 }
 
 // kick wakes the manager to look at the local demand.
@@ -299,6 +323,7 @@ func (s *Store) stop(err error) {
 	if s.stopErr == nil {
 		s.stopErr = err
 		s.stopped.Store(&err)
+		s.halt.Or(haltStopped)
 	}
 	s.state.Or(closedBit)
 	s.broadcastLocked()
@@ -352,9 +377,11 @@ func (s *Store) convertDown(target lockc.Mode) error {
 	return nil
 }
 
-// drain closes the gate and waits until no user is inside. It returns with
-// the gate closed and no user inside: users arriving meanwhile wait for
-// the conversion that follows (see "Nested users" above).
+// drain closes the gate and waits until no user is inside and the core
+// counts no unsettled exception. It returns with the gate closed and
+// neither left: users arriving meanwhile wait for the conversion that
+// follows (see "Nested users" above), and the core allocates nothing under
+// the state word that admitted them (exstore.ConditionalPreparer).
 func (s *Store) drain() error {
 	s.drains.Add(1)
 	s.mu.Lock()
@@ -363,14 +390,18 @@ func (s *Store) drain() error {
 	for {
 		s.mu.Lock()
 		// Admissions happen under mu: none can slip in once this sees no
-		// user inside.
-		empty := s.usersInside() == 0
+		// user inside. The users are counted before the core's unsettled
+		// exceptions: a Prepare that entered leaves only once the core
+		// counts its exception. A Prepare that did not enter allocated
+		// under the core's lock, either before the count (and is in it)
+		// or after the closed bit (and was refused).
+		empty := s.usersInside() == 0 && s.unsettled() == 0
 		s.mu.Unlock()
 		if empty {
 			return nil
 		}
-		// The last user out signals drained, buffered: a leave between
-		// the count and the wait is not missed.
+		// The last user out, and every exception settled while the gate
+		// is closed, signal drained (see wakeDrain).
 		select {
 		case <-s.drained:
 		case <-s.ls.Lost():

@@ -8,8 +8,11 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/clustersnap/clustersnap/clusterized"
 	"github.com/clustersnap/clustersnap/exstore"
+	"github.com/clustersnap/clustersnap/exstore/blockdev"
 	"github.com/clustersnap/clustersnap/exstore/blockdev/faultdev"
+	"github.com/clustersnap/clustersnap/lockc"
 	"github.com/clustersnap/clustersnap/lockc/inproc"
 )
 
@@ -134,32 +137,48 @@ func TestOptimisticLookup(t *testing.T) {
 }
 
 // A second Commit or Abort of an exception, or a Commit of one that was
-// aborted, leaves the gate no more than once: the core refuses them, and
-// the wrapper leaves only for what the core took.
+// aborted, settles it no more than once: the core refuses them, and the
+// wrapper settles only what the core took. Over the persistent core the
+// core counts prepared exceptions (exstore.ConditionalPreparer), over a
+// plain core the gate counts them as users inside.
 func TestMisusedCommitLeavesOnce(t *testing.T) {
-	ctx := context.Background()
-	dev := faultdev.New("cow", 4<<20)
-	formatCOW(t, dev, 8)
-	s := openClustered(t, dev, inproc.New(), "misuse")
-	t.Cleanup(func() { _ = s.Close() })
-	for i, st := range []exstore.Store{s, s.Exstore()} {
-		base := exstore.Chunk(10 * i)
-		a, err := st.Prepare(ctx, base+1)
-		require.NoError(t, err)
-		b, err := st.Prepare(ctx, base+2)
-		require.NoError(t, err)
-		require.EqualValues(t, 2, s.UsersInside(), "two prepared exceptions")
-		require.NoError(t, st.Commit(ctx, a))
-		assert.ErrorIs(t, st.Commit(ctx, a), exstore.ErrNotPrepared)
-		assert.False(t, st.Abort(a))
-		assert.True(t, st.Abort(b))
-		assert.False(t, st.Abort(b))
-		assert.ErrorIs(t, st.Commit(ctx, b), exstore.ErrNotPrepared)
-		if lazy, ok := st.(exstore.LazyCommitter); ok {
-			assert.ErrorIs(t, lazy.CommitLazy(ctx, b), exstore.ErrNotPrepared)
-		}
-		assert.Zero(t, s.UsersInside(), "users inside after the misuse")
-		miss(t, st, 1000) // and it still serves
+	for _, tc := range []struct {
+		name       string
+		open       func(t testing.TB, dev blockdev.Device, engine lockc.Engine, id string) *clusterized.Store
+		coreCounts bool
+	}{
+		{"persistent core", openClustered, true},
+		{"plain core", openPlainClustered, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx := context.Background()
+			dev := faultdev.New("cow", 4<<20)
+			formatCOW(t, dev, 8)
+			s := tc.open(t, dev, inproc.New(), "misuse")
+			t.Cleanup(func() { _ = s.Close() })
+			for i, st := range []exstore.Store{s, s.Exstore()} {
+				base := exstore.Chunk(10 * i)
+				a, err := st.Prepare(ctx, base+1)
+				require.NoError(t, err)
+				b, err := st.Prepare(ctx, base+2)
+				require.NoError(t, err)
+				require.Equal(t, 2, s.Holders(), "two prepared exceptions")
+				if tc.coreCounts {
+					assert.Zero(t, s.UsersInside(), "the core counts prepared exceptions, the gate does not")
+				}
+				require.NoError(t, st.Commit(ctx, a))
+				assert.ErrorIs(t, st.Commit(ctx, a), exstore.ErrNotPrepared)
+				assert.False(t, st.Abort(a))
+				assert.True(t, st.Abort(b))
+				assert.False(t, st.Abort(b))
+				assert.ErrorIs(t, st.Commit(ctx, b), exstore.ErrNotPrepared)
+				if lazy, ok := st.(exstore.LazyCommitter); ok {
+					assert.ErrorIs(t, lazy.CommitLazy(ctx, b), exstore.ErrNotPrepared)
+				}
+				assert.Zero(t, s.Holders(), "held after the misuse")
+				miss(t, st, 1000) // and it still serves
+			}
+		})
 	}
 }
 

@@ -2,7 +2,6 @@ package clusterized
 
 import (
 	"context"
-	"errors"
 	"fmt"
 
 	"github.com/clustersnap/clustersnap/exstore"
@@ -40,24 +39,20 @@ func (s *Store) Exstore() exstore.Store {
 func (s *LazyStore) CommitLazy(ctx context.Context, e exstore.Exception) error {
 	ref := s.core.Load()
 	core, lazy := ref.s, ref.lazy
-	if err := s.abortIfStopped(core, e); err != nil {
-		return err
+	if err := s.stopError(); err != nil {
+		return s.abortStopped(ref, e, err)
 	}
 	if lazy == nil {
 		// A reload brought a core of another kind: commit durably.
 		err := core.Commit(context.WithoutCancel(ctx), e)
-		s.leaveCommitted(e, err)
+		s.settledCommit(ref, e, err)
 		return s.wrap(err)
 	}
 	err := lazy.CommitLazy(ctx, e)
-	if err == nil {
-		// Counted before the leave, so that a drain that follows sees it.
-		s.lazyCommits.Add(1)
-		if s.coreWaiters.Load() > 0 {
-			s.wakeCommitter(lazy)
-		}
+	if err == nil && s.coreWaiters.Load() > 0 {
+		s.wakeCommitter(lazy)
 	}
-	s.leaveCommitted(e, err)
+	s.settledCommit(ref, e, err)
 	return s.wrap(err)
 }
 
@@ -103,15 +98,20 @@ func (s *LazyStore) Sync(ctx context.Context) error {
 	return nil
 }
 
-// lazyWaiting reports whether exceptions committed lazily may still wait
-// to be written (it may say so for ones the core wrote on its own).
+// lazyWaiting reports whether exceptions committed lazily may wait to be
+// written: whether anything was prepared under the node's current EX (see
+// dirty). It over-approximates (the exceptions may have been committed
+// durably, or written by the core on its own), which costs the give-up of
+// EX one core Sync too many, so that lazy commits cost no shared counter.
+// Called with no user inside and no exception unsettled, so none can be
+// prepared meanwhile.
 func (s *Store) lazyWaiting() bool {
-	return s.lazySynced.Load() < s.lazyCommits.Load()
+	return s.dirty.Load()
 }
 
 // syncLazy is the core's Sync if it is an exstore.LazyCommitter (nil
-// otherwise), noting what it made durable. An invalid core writes nothing
-// more: what it had waiting waits no longer either.
+// otherwise). An invalid core writes nothing more: what it had waiting
+// waits no longer either.
 func (s *Store) syncLazy(ctx context.Context) error {
 	s.swapMu.RLock()
 	defer s.swapMu.RUnlock()
@@ -119,19 +119,9 @@ func (s *Store) syncLazy(ctx context.Context) error {
 	if lazy == nil {
 		return nil
 	}
-	n := s.lazyCommits.Load()
 	s.coreWaiters.Add(1)
 	err := lazy.Sync(ctx)
 	s.coreWaiters.Add(-1)
-	if err != nil && !errors.Is(err, exstore.ErrInvalid) {
-		return fmt.Errorf("cluster %s: sync: %w", s.id, err)
-	}
-	for {
-		synced := s.lazySynced.Load()
-		if synced >= n || s.lazySynced.CompareAndSwap(synced, n) {
-			break
-		}
-	}
 	if err != nil {
 		return fmt.Errorf("cluster %s: sync: %w", s.id, err)
 	}
