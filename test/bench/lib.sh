@@ -144,6 +144,24 @@ each_of() {
 	for out in "$@"; do "$fn" "$out" "$dir"; done | paste -sd/
 }
 
+# fio_gib OUT DIR prints the GiB moved in direction DIR of a run.
+fio_gib() { jq -r --arg d "$2" '[.jobs[][$d].io_bytes] | add / 1073741824' "$1"; }
+
+# server_cpu PID prints the CPU time (user and system) process PID has used,
+# in clock ticks.
+server_cpu() {
+	# Fields after the command name, which is in parentheses; utime and
+	# stime are the 14th and 15th of the whole line.
+	sed 's/^.*) //' "/proc/$1/stat" | awk '{ print $12 + $13 }'
+}
+
+# cpu_ms_per_gib OUT DIR prints the server CPU time per GiB moved of a run:
+# the ticks saved beside OUT (as OUT with .cpu for .json) over fio_gib.
+cpu_ms_per_gib() {
+	awk -v t="$(cat "${1%.json}.cpu")" -v g="$(fio_gib "$1" "$2")" -v hz="$(getconf CLK_TCK)" \
+		'BEGIN { if (g == 0) print 0; else printf "%.0f\n", t * 1000 / hz / g }'
+}
+
 # fio_secs OUT prints the run's wall time in seconds.
 fio_secs() { jq -r '[.jobs[].job_runtime] | max / 1000' "$1"; }
 

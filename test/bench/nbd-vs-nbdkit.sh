@@ -76,7 +76,10 @@ bench_run() {
 			nbdkit -f --exit-with-parent --unix "$sock" file "$file"
 		;;
 	esac
+	local before
+	before=$(server_cpu "$SERVER_PID")
 	run_fio "$jobs" "$w" "$uri" "$BENCH_DIR/$name-$w-$tag.json"
+	echo $(($(server_cpu "$SERVER_PID") - before)) >"$BENCH_DIR/$name-$w-$tag.cpu"
 	stop_server $strict
 }
 
@@ -96,8 +99,8 @@ done
 
 bench_header
 echo "# median of $ROUNDS round(s); higher is better; ratio = snapd/nbdkit, target >= 1.0"
-echo "# paired: median of the rounds' own ratios (each round runs both servers back to back)"
-printf '%-13s %-7s %9s %9s %7s %7s   %s\n' workload unit snapd nbdkit ratio paired "each round: snapd; nbdkit; ratio"
+echo "# paired: median of the rounds' own ratios (each round runs both servers back to back); ahead: rounds snapd won"
+printf '%-13s %-7s %9s %9s %7s %7s %6s   %s\n' workload unit snapd nbdkit ratio paired ahead "each round: snapd; nbdkit; ratio"
 for w in "${workloads[@]}"; do
 	case $w in
 	randread-4k) unit=IOPS metric=(fio_iops read) ;;
@@ -112,8 +115,23 @@ for w in "${workloads[@]}"; do
 		ratios+=("$(ratio "$("${metric[0]}" "$BENCH_DIR/snapd-$w-$tag.json" "${metric[1]}")" \
 			"$("${metric[0]}" "$BENCH_DIR/nbdkit-$w-$tag.json" "${metric[1]}")")")
 	done
-	printf '%-13s %-7s %9.0f %9.0f %7s %7s   %s; %s; %s\n' "$w" "$unit" "$s" "$p" "$(ratio "$s" "$p")" \
+	printf '%-13s %-7s %9.0f %9.0f %7s %7s %6s   %s; %s; %s\n' "$w" "$unit" "$s" "$p" "$(ratio "$s" "$p")" \
 		"$(printf '%s\n' "${ratios[@]}" | sort -n | awk '{ v[NR] = $1 } END { if (NR % 2) printf "%.2f", v[(NR + 1) / 2]; else printf "%.2f", (v[NR / 2] + v[NR / 2 + 1]) / 2 }')" \
+		"$(printf '%s\n' "${ratios[@]}" | awk '$1 > 1 { n++ } END { printf "%d/%d", n, NR }')" \
 		"$(each_of "${metric[@]}" "$BENCH_DIR/snapd-$w-"r*.json)" "$(each_of "${metric[@]}" "$BENCH_DIR/nbdkit-$w-"r*.json)" \
 		"$(IFS=/; echo "${ratios[*]}")"
+done
+
+# What each server's CPU time bought: on a small machine fio and the server
+# share the CPUs, so a server that needs less CPU per GiB leaves fio more.
+echo "# server CPU (user and system) per GiB moved, ms; median of the rounds; lower is better"
+printf '%-13s %9s %9s %7s\n' workload snapd nbdkit ratio
+for w in "${workloads[@]}"; do
+	case $w in
+	randread-4k | seqread-1m) dir='read' ;;
+	seqwrite-1m) dir='write' ;;
+	esac
+	s=$(median_of cpu_ms_per_gib "$dir" "$BENCH_DIR/snapd-$w-"r*.json)
+	p=$(median_of cpu_ms_per_gib "$dir" "$BENCH_DIR/nbdkit-$w-"r*.json)
+	printf '%-13s %9.0f %9.0f %7s\n' "$w" "$s" "$p" "$(ratio "$s" "$p")"
 done
