@@ -232,11 +232,6 @@ type Store struct {
 	mergeGen   uint64 // syncGen at the last PrepareMerge
 	closed     bool
 
-	// coreWaiters counts the durable core Commits and core Syncs under
-	// way, which a lazy commit must wake the core's committer for (see
-	// wakeCommitter).
-	coreWaiters atomic.Int64
-	ended       context.Context // a context that has ended, for wakeCommitter
 	// swapMu is held shared by core Syncs and exclusively by a full
 	// reload's swap, so that a Sync never reaches a core being closed.
 	swapMu sync.RWMutex
@@ -299,9 +294,6 @@ func New(ctx context.Context, core exstore.Store, engine lockc.Engine, clusterID
 	}
 	s.state.Store(uint64(lockc.NL))
 	s.ctx, s.cancel = context.WithCancel(context.Background())
-	var endNow context.CancelFunc
-	s.ended, endNow = context.WithCancel(context.Background())
-	endNow()
 	go s.manage()
 	return s, nil
 }
@@ -649,10 +641,8 @@ func (s *Store) Commit(ctx context.Context, e exstore.Exception) error {
 	if err := s.stopError(); err != nil {
 		return s.abortStopped(ref, e, err)
 	}
-	s.coreWaiters.Add(1)
 	if ctx.Done() == nil {
 		err := core.Commit(ctx, e)
-		s.coreWaiters.Add(-1)
 		s.settledCommit(ref, e, err)
 		return s.wrap(err)
 	}
@@ -661,7 +651,6 @@ func (s *Store) Commit(ctx context.Context, e exstore.Exception) error {
 	done := make(chan error, 1)
 	go func() {
 		err := core.Commit(context.WithoutCancel(ctx), e)
-		s.coreWaiters.Add(-1)
 		s.settledCommit(ref, e, err)
 		done <- err
 	}()

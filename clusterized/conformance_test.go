@@ -107,17 +107,19 @@ func runConformance(t *testing.T, name string, open func(t testing.TB, dev block
 	}
 	storetest.Run(t, persistenttest.WithLayout(storetest.Harness{
 		Name: name,
+		// Exstore: over a lazily committing core the suite's lazy
+		// subtest runs too.
 		New: func(t *testing.T, chunkSectors uint32, cowBytes int64) (exstore.Store, blockdev.Device) {
 			dev := faultdev.New("cow", cowBytes)
 			formatCOW(t, dev, chunkSectors)
-			return open(t, dev, engineOf(dev), "conformance"), dev
+			return open(t, dev, engineOf(dev), "conformance").Exstore(), dev
 		},
 		Reopen: func(t *testing.T, s exstore.Store, dev blockdev.Device) exstore.Store {
 			require.NoError(t, s.Close())
-			return open(t, dev, engineOf(dev), "conformance")
+			return open(t, dev, engineOf(dev), "conformance").Exstore()
 		},
 		OpenShared: func(t *testing.T, dev blockdev.Device) exstore.Store {
-			return open(t, dev, engineOf(dev), "conformance")
+			return open(t, dev, engineOf(dev), "conformance").Exstore()
 		},
 		Merge: true,
 	}))

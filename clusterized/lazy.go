@@ -49,25 +49,8 @@ func (s *LazyStore) CommitLazy(ctx context.Context, e exstore.Exception) error {
 		return s.wrap(err)
 	}
 	err := lazy.CommitLazy(ctx, e)
-	if err == nil && s.coreWaiters.Load() > 0 {
-		s.wakeCommitter(lazy)
-	}
 	s.settledCommit(ref, e, err)
 	return s.wrap(err)
-}
-
-// wakeCommitter has the core look at its queue again, without waiting.
-//
-// The persistent store's CommitLazy does not wake its committer, which
-// writes the queue's ready prefix only: a durable Commit or a Sync that
-// woke it while an exception ahead of its own was still being copied
-// waits, after that one is committed lazily, for a wake-up that may never
-// come (and here, with the Commit's user inside, the drain that would
-// bring one waits for it). A Sync whose context has ended wakes the
-// committer and returns at once. A waiter that began after the caller's
-// check of coreWaiters woke the committer itself, after e was ready.
-func (s *Store) wakeCommitter(lazy exstore.LazyCommitter) {
-	_ = lazy.Sync(s.ended)
 }
 
 // Durable implements exstore.LazyCommitter: the core's answer.
@@ -119,10 +102,7 @@ func (s *Store) syncLazy(ctx context.Context) error {
 	if lazy == nil {
 		return nil
 	}
-	s.coreWaiters.Add(1)
-	err := lazy.Sync(ctx)
-	s.coreWaiters.Add(-1)
-	if err != nil {
+	if err := lazy.Sync(ctx); err != nil {
 		return fmt.Errorf("cluster %s: sync: %w", s.id, err)
 	}
 	return nil

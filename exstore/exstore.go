@@ -275,7 +275,9 @@ type LazyCommitter interface {
 	// durable by the next Sync at the latest. A crash before that loses it,
 	// and with it only snapshot writes that no flush covered. Like Commit,
 	// it returns an error wrapping ErrNotPrepared for an exception that
-	// is not (or no longer) prepared.
+	// is not (or no longer) prepared. A durable Commit or a Sync waiting
+	// behind e is not left waiting: once e is committed lazily they
+	// finish as if it had been committed normally.
 	CommitLazy(ctx context.Context, e Exception) error
 	// Durable reports whether the exception whose COW chunk is new (one
 	// that Lookup returned) is durable: false only while it was committed

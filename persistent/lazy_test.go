@@ -134,31 +134,3 @@ func TestSyncOfInvalidStore(t *testing.T) {
 	require.NoError(t, s.Invalidate(ctx, assert.AnError))
 	assert.ErrorIs(t, s.Sync(ctx), exstore.ErrInvalid)
 }
-
-// A durable Commit or a Sync that waits behind an exception that is then
-// committed lazily is not left waiting: the lazy commit wakes the
-// committer.
-func TestLazyCommitWakesWaiters(t *testing.T) {
-	ctx := context.Background()
-	for _, viaSync := range []bool{false, true} {
-		dev := faultdev.New("cow", 4*mib)
-		s := open(t, dev, 8)
-		head, err := s.Prepare(ctx, 1)
-		require.NoError(t, err)
-		done := make(chan error, 1)
-		if viaSync {
-			lazy := takeLazy(t, s, dev, 2, 2)
-			go func() { done <- s.Sync(ctx) }()
-			defer func() { assert.True(t, s.Durable(lazy.New)) }()
-		} else {
-			second, err := s.Prepare(ctx, 2)
-			require.NoError(t, err)
-			go func() { done <- s.Commit(ctx, second) }()
-		}
-		// Whichever way the waiter and this lazy commit interleave, the
-		// waiter must finish.
-		require.NoError(t, s.CommitLazy(ctx, head))
-		require.NoError(t, <-done, "sync=%v", viaSync)
-		assert.True(t, s.Durable(head.New))
-	}
-}
