@@ -21,7 +21,7 @@ to_bytes() {
 
 bench_init() {
 	local t
-	for t in fio nbdinfo nbdkit qemu-nbd qemu-img jq numfmt awk go; do
+	for t in fio nbdinfo nbdkit qemu-nbd qemu-img jq numfmt awk go python3; do
 		command -v "$t" >/dev/null ||
 			bench_die "$t not found (apt-get install -y nbdkit qemu-utils fio libnbd-bin jq)"
 	done
@@ -108,6 +108,13 @@ stop_server() {
 	if [[ ${1:-} == strict && $rc -ne 0 ]]; then
 		bench_die "server exited $rc on SIGTERM"
 	fi
+}
+
+# free_port prints a loopback TCP port that nothing listens on now (the
+# kernel's choice for an unbound socket; another process may take it before
+# the server binds it, which start_server then reports).
+free_port() {
+	python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
 # run_fio JOBFILE SECTION URI OUT: runs one section of the job file against

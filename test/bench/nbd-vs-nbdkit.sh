@@ -13,7 +13,8 @@
 # default 10), ROUNDS (runs per server and workload, servers alternating,
 # median reported; default 1), WORKLOADS (which of the three, space-
 # separated; default all), SNAPD (a snapd binary; built from this
-# checkout if unset), BENCH_TMPDIR (where the scratch directory goes, default
+# checkout if unset), TRANSPORT (unix, the default, or tcp: loopback TCP on a
+# free port), BENCH_TMPDIR (where the scratch directory goes, default
 # /var/tmp).
 set -euo pipefail
 
@@ -25,6 +26,8 @@ file=$BENCH_DIR/disk.img
 sock=$BENCH_DIR/nbd.sock
 jobs=$BENCH_DIR/plain.fio
 read -ra workloads <<<"${WORKLOADS:-randread-4k seqread-1m seqwrite-1m}"
+TRANSPORT=${TRANSPORT:-unix}
+[[ $TRANSPORT == unix || $TRANSPORT == tcp ]] || bench_die "TRANSPORT=$TRANSPORT: want unix or tcp"
 
 # One job file for every server; only ${NBD_URI} differs between runs.
 cat >"$jobs" <<EOF
@@ -64,16 +67,23 @@ bench_run() {
 	settle "$file"
 	rm -f "$sock"
 	echo "  round $round: $name $w" >&2
+	local port listen=(--listen "" --socket "$sock") kitlisten=(--unix "$sock")
+	if [[ $TRANSPORT == tcp ]]; then
+		port=$(free_port)
+		listen=(--listen "127.0.0.1:$port") kitlisten=(-i 127.0.0.1 -p "$port")
+	fi
 	case $name in
 	snapd)
 		uri="nbd+unix:///origin?socket=$sock" strict=strict
+		[[ $TRANSPORT == unix ]] || uri="nbd://127.0.0.1:$port/origin"
 		start_server "$BENCH_DIR/$name.log" "$uri" \
-			"$SNAPD" serve --origin "$file" --listen "" --socket "$sock"
+			"$SNAPD" serve --origin "$file" "${listen[@]}"
 		;;
 	nbdkit)
 		uri="nbd+unix:///?socket=$sock"
+		[[ $TRANSPORT == unix ]] || uri="nbd://127.0.0.1:$port/"
 		start_server "$BENCH_DIR/$name.log" "$uri" \
-			nbdkit -f --exit-with-parent --unix "$sock" file "$file"
+			nbdkit -f --exit-with-parent "${kitlisten[@]}" file "$file"
 		;;
 	esac
 	local before
@@ -98,6 +108,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
 done
 
 bench_header
+echo "# transport: $TRANSPORT"
 echo "# median of $ROUNDS round(s); higher is better; ratio = snapd/nbdkit, target >= 1.0"
 echo "# paired: median of the rounds' own ratios (each round runs both servers back to back); ahead: rounds snapd won"
 printf '%-13s %-7s %9s %9s %7s %7s %6s   %s\n' workload unit snapd nbdkit ratio paired ahead "each round: snapd; nbdkit; ratio"
