@@ -23,7 +23,11 @@ type benchClient struct {
 // upgrading to TLS first when tlsConfig is not nil.
 func dialBench(b *testing.B, ts *testServer, tlsConfig *tls.Config) *benchClient {
 	b.Helper()
-	conn, err := net.Dial("unix", ts.socket)
+	network, addr := "unix", ts.socket
+	if addr == "" {
+		network, addr = "tcp", ts.addr
+	}
+	conn, err := net.Dial(network, addr)
 	require.NoError(b, err)
 	b.Cleanup(func() { conn.Close() })
 	bc := &benchClient{conn: conn, r: bufio.NewReaderSize(conn, 1<<20)}
@@ -97,6 +101,22 @@ func BenchmarkRoundTrip(b *testing.B) {
 	}
 }
 
+// BenchmarkRoundTripTCP is BenchmarkRoundTrip's qd32 cases over loopback
+// TCP, where replies too large to gather take writeLarge's MSG_MORE path.
+func BenchmarkRoundTripTCP(b *testing.B) {
+	for _, size := range []int{4 << 10, 64 << 10, 1 << 20} {
+		for _, write := range []bool{false, true} {
+			op := "read"
+			if write {
+				op = "write"
+			}
+			b.Run(fmt.Sprintf("%s/%dKiB/qd32", op, size>>10), func(b *testing.B) {
+				benchRoundTripOver(b, size, write, 32, nil, false)
+			})
+		}
+	}
+}
+
 // BenchmarkRoundTripTLS is BenchmarkRoundTrip's qd32 cases after STARTTLS.
 func BenchmarkRoundTripTLS(b *testing.B) {
 	pki := newTestPKI(b)
@@ -113,16 +133,22 @@ func BenchmarkRoundTripTLS(b *testing.B) {
 	}
 }
 
-// benchRoundTrip runs size-byte requests depth at a time, over TLS when pki
-// is not nil.
+// benchRoundTrip runs size-byte requests depth at a time over a unix socket,
+// with TLS when pki is not nil.
 func benchRoundTrip(b *testing.B, size int, write bool, depth int, pki *testPKI) {
+	benchRoundTripOver(b, size, write, depth, pki, true)
+}
+
+// benchRoundTripOver is benchRoundTrip over a unix socket or, unless unix,
+// loopback TCP.
+func benchRoundTripOver(b *testing.B, size int, write bool, depth int, pki *testPKI, unix bool) {
 	const exportSize = 64 << 20
 	opts := Options{}
 	var clientTLS *tls.Config
 	if pki != nil {
 		opts.TLSMode, opts.TLS, clientTLS = TLSRequire, pki.server, pki.client
 	}
-	ts := startServer(b, []Export{{Name: "bench", Backend: newMemBackend(exportSize)}}, opts, true)
+	ts := startServer(b, []Export{{Name: "bench", Backend: newMemBackend(exportSize)}}, opts, unix)
 	bc := dialBench(b, ts, clientTLS)
 	typ := cmdRead
 	if write {

@@ -1,9 +1,13 @@
 package nbd
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
 	"net"
 	"os"
 	"syscall"
@@ -330,4 +334,99 @@ func TestShutdownMidPayloadOverSocket(t *testing.T) {
 	backend.mu.Lock()
 	defer backend.mu.Unlock()
 	assert.True(t, string(payload) == string(backend.data[4096:4096+len(payload)]), "the payload was written")
+}
+
+// tcpPair returns the two ends of a loopback TCP connection, closed when the
+// test ends.
+func tcpPair(t *testing.T) (client, server net.Conn) {
+	t.Helper()
+	l, err := netListen(t)
+	require.NoError(t, err)
+	defer l.Close()
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		c, _ := l.Accept()
+		accepted <- c
+	}()
+	client, err = net.Dial("tcp", l.Addr().String())
+	require.NoError(t, err)
+	server = <-accepted
+	require.NotNil(t, server)
+	t.Cleanup(func() {
+		client.Close()
+		server.Close()
+	})
+	return client, server
+}
+
+// TestLargeRepliesOverTCP sends replies too large to gather over TCP, where
+// writeLarge sends what is gathered and the header with MSG_MORE and then
+// the payload: the client must get exactly the gathered bytes, the header
+// and the payload, in that order, whether the header fits beside the
+// gathered replies or not.
+func TestLargeRepliesOverTCP(t *testing.T) {
+	client, server := tcpPair(t)
+	c := newConn(context.Background(), NewServer(nil, Options{}), server)
+	c.tx = make([]byte, 0, connBufferSize)
+	c.findCorkable()
+	require.NotNil(t, c.corkable, "a plain TCP connection takes the MSG_MORE path")
+
+	hdr := make([]byte, structuredReplyHeaderSize+8)
+	data := make([]byte, 1<<20)
+	for _, gathered := range []int{0, 100, connBufferSize - len(hdr), connBufferSize - len(hdr) + 1, connBufferSize} {
+		t.Run(fmt.Sprint(gathered), func(t *testing.T) {
+			fill := byte(gathered)
+			c.tx = c.tx[:gathered]
+			for i := range c.tx {
+				c.tx[i] = fill + byte(i)
+			}
+			for i := range hdr {
+				hdr[i] = ^byte(i) + fill
+			}
+			for i := range data {
+				data[i] = byte(i*7) + fill
+			}
+			want := append(append(append([]byte(nil), c.tx...), hdr...), data...)
+			sent := make(chan struct{})
+			go func() {
+				defer close(sent)
+				c.send(hdr, data)
+			}()
+			got := make([]byte, len(want))
+			_, err := io.ReadFull(client, got)
+			require.NoError(t, err)
+			<-sent
+			require.NoError(t, c.writeErr)
+			assert.True(t, bytes.Equal(want, got), "the client reads the gathered replies, the header and the payload in order")
+			assert.Empty(t, c.tx, "what was gathered went out with the reply")
+		})
+	}
+}
+
+// TestLargeReplyToClosedTCPPeer checks that a large reply to a client that
+// has gone fails the connection with the socket's error, without a panic or
+// a SIGPIPE.
+func TestLargeReplyToClosedTCPPeer(t *testing.T) {
+	client, server := tcpPair(t)
+	c := newConn(context.Background(), NewServer(nil, Options{}), server)
+	c.tx = make([]byte, 0, connBufferSize)
+	c.findCorkable()
+	require.NotNil(t, c.corkable)
+	require.NoError(t, client.(*net.TCPConn).SetLinger(0)) // close with a reset
+	require.NoError(t, client.Close())
+
+	hdr := make([]byte, structuredReplyHeaderSize+8)
+	data := make([]byte, 1<<20)
+	// The reset may arrive after the first reply is queued; a later one
+	// sees it.
+	for range 100 {
+		c.tx = append(c.tx[:0], "gathered"...)
+		c.send(hdr, data)
+		if c.writeErr != nil {
+			break
+		}
+	}
+	require.Error(t, c.writeErr)
+	assert.True(t, errors.Is(c.writeErr, syscall.ECONNRESET) || errors.Is(c.writeErr, syscall.EPIPE), "got %v", c.writeErr)
+	assert.Error(t, c.ctx.Err(), "a failed reply closes the connection")
 }
