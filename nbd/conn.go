@@ -79,14 +79,24 @@ type conn struct {
 	tx       []byte
 	iov      [3][]byte
 	iovs     net.Buffers
-	// corkable is the raw TCP socket under stream when there is no TLS
-	// layer between (see writeLarge), nil otherwise; sendMoreFd is the
-	// function handed to its Write, made once so that a reply allocates
-	// nothing, and more and moreErr are its argument and result.
-	corkable   syscall.RawConn
-	sendMoreFd func(fd uintptr) bool
-	more       []byte
-	moreErr    error
+	// rawTCP is the TCP socket under stream when there is no TLS layer
+	// between, nil otherwise: replies too large to gather are written to it
+	// with MSG_MORE (writeLarge) and large payloads read from it with a
+	// receive low-water mark (readPayloadRest). sendMoreFd, recvFd and
+	// resetLowatFd are the functions handed to its Write, Read and Control,
+	// made once so that a request allocates nothing; more, moreErr,
+	// recvDst, recvN and recvErr are their arguments and results, and lowat
+	// the socket's SO_RCVLOWAT.
+	rawTCP       syscall.RawConn
+	sendMoreFd   func(fd uintptr) bool
+	more         []byte
+	moreErr      error
+	recvFd       func(fd uintptr) bool
+	resetLowatFd func(fd uintptr)
+	recvDst      []byte
+	recvN        int
+	recvErr      error
+	lowat        int
 
 	// free holds the request slots; its capacity is the in-flight bound.
 	free chan *request
@@ -232,7 +242,7 @@ func (c *conn) abort() {
 func (c *conn) transmit() error {
 	n := c.srv.opts.MaxInFlight
 	c.tx = make([]byte, 0, connBufferSize)
-	c.findCorkable()
+	c.findRawTCP()
 	c.free = make(chan *request, n)
 	c.work = make(chan *request, n)
 	for range n {
@@ -396,8 +406,101 @@ func (c *conn) readPayloadData(p []byte) error {
 	if n == len(p) {
 		return nil
 	}
+	if c.rawTCP != nil && len(p)-n >= lowatMinPayload {
+		return c.readPayloadRest(p[n:])
+	}
 	_, err := c.readFullFrom(c.stream, p[n:], false)
 	return err
+}
+
+// lowatMinPayload is the least rest of a WRITE's payload that is read with a
+// receive low-water mark, and payloadLowat the most the mark asks for.
+const (
+	lowatMinPayload = 64 << 10
+	payloadLowat    = 256 << 10
+)
+
+// readPayloadRest fills p, the rest of a WRITE's payload, from the TCP
+// socket. Before each wait for data it sets SO_RCVLOWAT to what is still
+// missing, up to payloadLowat, so that the reader is woken once per that
+// many bytes rather than for every segment: measured with fio's 1 MiB
+// sequential writes over loopback, that is 5 to 15% more throughput for 10%
+// less CPU per GiB (test/bench/README.md). The mark never exceeds what the
+// client must still send, so it cannot wait for data that will not come (and
+// the kernel wakes the reader anyway when its receive window closes or the
+// client shuts the connection down); it is put back to 1 before the next
+// request's header is read.
+func (c *conn) readPayloadRest(p []byte) error {
+	_, err := c.readFullFrom((*tcpPayloadReader)(c), p, false)
+	if c.lowat != 1 {
+		c.recvErr = nil
+		if cerr := c.rawTCP.Control(c.resetLowatFd); cerr != nil {
+			c.recvErr = cerr
+		}
+		if c.recvErr != nil {
+			// A mark left up could keep the next request waiting.
+			return errors.Join(err, c.recvErr)
+		}
+	}
+	return err
+}
+
+// resetLowat puts the socket's SO_RCVLOWAT back to 1, recording a failure
+// in recvErr.
+func (c *conn) resetLowat(fd uintptr) {
+	if err := unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVLOWAT, 1); err != nil {
+		c.recvErr = os.NewSyscallError("setsockopt SO_RCVLOWAT", err)
+		return
+	}
+	c.lowat = 1
+}
+
+// tcpPayloadReader reads a payload's rest from the connection's TCP socket
+// (see readPayloadRest); it is the conn itself, so that handing it to
+// readFullFrom allocates nothing.
+type tcpPayloadReader conn
+
+// Read reads what has arrived of p, waiting for at least min(len(p),
+// payloadLowat) bytes when nothing has.
+func (r *tcpPayloadReader) Read(p []byte) (int, error) {
+	c := (*conn)(r)
+	c.recvDst, c.recvN, c.recvErr = p, 0, nil
+	err := c.rawTCP.Read(c.recvFd)
+	c.recvDst = nil
+	if err != nil {
+		return c.recvN, err
+	}
+	return c.recvN, c.recvErr
+}
+
+// recvTo is tcpPayloadReader.Read's work on the socket's descriptor: false
+// asks to be called again once the socket is readable.
+func (c *conn) recvTo(fd uintptr) bool {
+	for {
+		n, err := unix.Read(int(fd), c.recvDst)
+		switch {
+		case err == nil && n == 0:
+			c.recvErr = io.EOF
+			return true
+		case err == nil:
+			c.recvN = n
+			return true
+		case err == unix.EINTR:
+		case err == unix.EAGAIN:
+			want := min(len(c.recvDst), payloadLowat)
+			if want != c.lowat {
+				if err := unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVLOWAT, want); err != nil {
+					c.recvErr = os.NewSyscallError("setsockopt SO_RCVLOWAT", err)
+					return true
+				}
+				c.lowat = want
+			}
+			return false
+		default:
+			c.recvErr = os.NewSyscallError("read", err)
+			return true
+		}
+	}
 }
 
 // readFull fills p. During shutdown the reader's deadline has passed: if
@@ -839,7 +942,7 @@ func (c *conn) send(hdr, data []byte) {
 // nbdkit's throughput instead of 1.2 (test/bench/README.md). With cubic the
 // two ways measured alike. wmu is held.
 func (c *conn) writeLarge(hdr, data []byte) error {
-	if c.corkable == nil {
+	if c.rawTCP == nil {
 		c.iov = [3][]byte{c.tx, hdr, data}
 		c.iovs = c.iov[:]
 		_, err := c.iovs.WriteTo(c.stream)
@@ -856,12 +959,16 @@ func (c *conn) writeLarge(hdr, data []byte) error {
 	return err
 }
 
-// findCorkable sets corkable when replies go straight to a TCP socket.
-func (c *conn) findCorkable() {
+// findRawTCP sets rawTCP when requests and replies go straight through a
+// TCP socket.
+func (c *conn) findRawTCP() {
 	if tc, ok := c.stream.(*net.TCPConn); ok {
 		if rc, err := tc.SyscallConn(); err == nil {
-			c.corkable = rc
+			c.rawTCP = rc
 			c.sendMoreFd = c.sendMoreTo
+			c.recvFd = c.recvTo
+			c.resetLowatFd = c.resetLowat
+			c.lowat = 1
 		}
 	}
 }
@@ -873,7 +980,7 @@ func (c *conn) sendMore(p []byte) error {
 		return nil
 	}
 	c.more, c.moreErr = p, nil
-	err := c.corkable.Write(c.sendMoreFd)
+	err := c.rawTCP.Write(c.sendMoreFd)
 	c.more = nil
 	if err != nil {
 		return err

@@ -12,9 +12,11 @@ import (
 	"os"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
 )
 
 // gatedWriteBackend is a memBackend whose WRITEs at gatedOffset wait for gate.
@@ -368,8 +370,8 @@ func TestLargeRepliesOverTCP(t *testing.T) {
 	client, server := tcpPair(t)
 	c := newConn(context.Background(), NewServer(nil, Options{}), server)
 	c.tx = make([]byte, 0, connBufferSize)
-	c.findCorkable()
-	require.NotNil(t, c.corkable, "a plain TCP connection takes the MSG_MORE path")
+	c.findRawTCP()
+	require.NotNil(t, c.rawTCP, "a plain TCP connection takes the MSG_MORE path")
 
 	hdr := make([]byte, structuredReplyHeaderSize+8)
 	data := make([]byte, 1<<20)
@@ -410,8 +412,8 @@ func TestLargeReplyToClosedTCPPeer(t *testing.T) {
 	client, server := tcpPair(t)
 	c := newConn(context.Background(), NewServer(nil, Options{}), server)
 	c.tx = make([]byte, 0, connBufferSize)
-	c.findCorkable()
-	require.NotNil(t, c.corkable)
+	c.findRawTCP()
+	require.NotNil(t, c.rawTCP)
 	require.NoError(t, client.(*net.TCPConn).SetLinger(0)) // close with a reset
 	require.NoError(t, client.Close())
 
@@ -429,4 +431,79 @@ func TestLargeReplyToClosedTCPPeer(t *testing.T) {
 	require.Error(t, c.writeErr)
 	assert.True(t, errors.Is(c.writeErr, syscall.ECONNRESET) || errors.Is(c.writeErr, syscall.EPIPE), "got %v", c.writeErr)
 	assert.Error(t, c.ctx.Err(), "a failed reply closes the connection")
+}
+
+// soRcvLowat reads the socket option under a TCP connection.
+func soRcvLowat(t *testing.T, nc net.Conn) int {
+	t.Helper()
+	rc, err := nc.(*net.TCPConn).SyscallConn()
+	require.NoError(t, err)
+	var v int
+	var gerr error
+	require.NoError(t, rc.Control(func(fd uintptr) {
+		v, gerr = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVLOWAT)
+	}))
+	require.NoError(t, gerr)
+	return v
+}
+
+// TestPayloadLowWaterMarkOverTCP reads a WRITE's payload that arrives in
+// pieces over TCP: while the reader waits, the socket's low-water mark asks
+// for what is still missing, up to payloadLowat, never more; the payload
+// arrives whole; and the mark is back to 1 before the next request is read.
+func TestPayloadLowWaterMarkOverTCP(t *testing.T) {
+	client, server := tcpPair(t)
+	c := newConn(context.Background(), NewServer(nil, Options{}), server)
+	c.findRawTCP()
+	require.NotNil(t, c.rawTCP)
+
+	payload := make([]byte, 1<<20)
+	_, err := rand.Read(payload)
+	require.NoError(t, err)
+	got := make([]byte, len(payload))
+	read := make(chan error, 1)
+	go func() { read <- c.readPayloadData(got) }()
+
+	// Each piece is at least the mark, so it wakes the reader, and leaves
+	// it waiting for the rest: the mark it then sets is the rest, capped
+	// (256 KiB after the first piece, 124 KiB after the second).
+	sent := 0
+	for _, piece := range []int{100 << 10, 800 << 10} {
+		_, err := client.Write(payload[sent : sent+piece])
+		require.NoError(t, err)
+		sent += piece
+		want := min(len(payload)-sent, payloadLowat)
+		require.Eventually(t, func() bool { return soRcvLowat(t, server) == want },
+			10*time.Second, time.Millisecond, "mark while %d bytes are missing", len(payload)-sent)
+	}
+	_, err = client.Write(payload[sent:])
+	require.NoError(t, err)
+	require.NoError(t, <-read)
+	assert.True(t, bytes.Equal(payload, got), "the payload arrives whole")
+	assert.Equal(t, 1, soRcvLowat(t, server), "the mark is back to 1 for the next request")
+	assert.Equal(t, 1, c.lowat)
+}
+
+// TestPayloadCutShortOverTCP checks that a client closing in the middle of a
+// payload, while the reader waits with a low-water mark above what it sent,
+// ends the read with an error instead of leaving it waiting.
+func TestPayloadCutShortOverTCP(t *testing.T) {
+	client, server := tcpPair(t)
+	c := newConn(context.Background(), NewServer(nil, Options{}), server)
+	c.findRawTCP()
+	require.NotNil(t, c.rawTCP)
+	got := make([]byte, 1<<20)
+	read := make(chan error, 1)
+	go func() { read <- c.readPayloadData(got) }()
+	_, err := client.Write(make([]byte, 100<<10))
+	require.NoError(t, err)
+	require.Eventually(t, func() bool { return soRcvLowat(t, server) == payloadLowat },
+		10*time.Second, time.Millisecond)
+	require.NoError(t, client.Close())
+	select {
+	case err := <-read:
+		assert.ErrorIs(t, err, io.ErrUnexpectedEOF)
+	case <-time.After(10 * time.Second):
+		t.Fatal("the read still waits after the client closed")
+	}
 }
