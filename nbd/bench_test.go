@@ -102,24 +102,25 @@ func BenchmarkRoundTrip(b *testing.B) {
 }
 
 // BenchmarkRoundTripTCP is BenchmarkRoundTrip's qd32 cases over loopback
-// TCP, where replies too large to gather take writeLarge's MSG_MORE path.
+// TCP, where replies too large to gather take writeLarge's MSG_MORE path and
+// large payloads readPayloadRest's low-water mark.
 func BenchmarkRoundTripTCP(b *testing.B) {
-	for _, size := range []int{4 << 10, 64 << 10, 1 << 20} {
-		for _, write := range []bool{false, true} {
-			op := "read"
-			if write {
-				op = "write"
-			}
-			b.Run(fmt.Sprintf("%s/%dKiB/qd32", op, size>>10), func(b *testing.B) {
-				benchRoundTripOver(b, size, write, 32, nil, false)
-			})
-		}
-	}
+	benchQD32(b, func(b *testing.B, size int, write bool) {
+		benchRoundTripOver(b, size, write, 32, nil, false)
+	})
 }
 
 // BenchmarkRoundTripTLS is BenchmarkRoundTrip's qd32 cases after STARTTLS.
 func BenchmarkRoundTripTLS(b *testing.B) {
 	pki := newTestPKI(b)
+	benchQD32(b, func(b *testing.B, size int, write bool) {
+		benchRoundTrip(b, size, write, 32, pki)
+	})
+}
+
+// benchQD32 runs bench as sub-benchmarks named like BenchmarkRoundTrip's
+// qd32 cases, for each size and direction.
+func benchQD32(b *testing.B, bench func(b *testing.B, size int, write bool)) {
 	for _, size := range []int{4 << 10, 64 << 10, 1 << 20} {
 		for _, write := range []bool{false, true} {
 			op := "read"
@@ -127,7 +128,7 @@ func BenchmarkRoundTripTLS(b *testing.B) {
 				op = "write"
 			}
 			b.Run(fmt.Sprintf("%s/%dKiB/qd32", op, size>>10), func(b *testing.B) {
-				benchRoundTrip(b, size, write, 32, pki)
+				bench(b, size, write)
 			})
 		}
 	}

@@ -361,17 +361,25 @@ func tcpPair(t *testing.T) (client, server net.Conn) {
 	return client, server
 }
 
+// tcpConn returns the client end of a loopback TCP connection and a conn
+// on the server end, ready to send replies and read payloads.
+func tcpConn(t *testing.T) (net.Conn, *conn) {
+	t.Helper()
+	client, server := tcpPair(t)
+	c := newConn(context.Background(), NewServer(nil, Options{}), server)
+	c.tx = make([]byte, 0, connBufferSize)
+	c.findRawTCP()
+	require.NotNil(t, c.rawTCP, "a plain TCP connection writes and reads its socket directly")
+	return client, c
+}
+
 // TestLargeRepliesOverTCP sends replies too large to gather over TCP, where
 // writeLarge sends what is gathered and the header with MSG_MORE and then
 // the payload: the client must get exactly the gathered bytes, the header
 // and the payload, in that order, whether the header fits beside the
 // gathered replies or not.
 func TestLargeRepliesOverTCP(t *testing.T) {
-	client, server := tcpPair(t)
-	c := newConn(context.Background(), NewServer(nil, Options{}), server)
-	c.tx = make([]byte, 0, connBufferSize)
-	c.findRawTCP()
-	require.NotNil(t, c.rawTCP, "a plain TCP connection takes the MSG_MORE path")
+	client, c := tcpConn(t)
 
 	hdr := make([]byte, structuredReplyHeaderSize+8)
 	data := make([]byte, 1<<20)
@@ -409,11 +417,7 @@ func TestLargeRepliesOverTCP(t *testing.T) {
 // has gone fails the connection with the socket's error, without a panic or
 // a SIGPIPE.
 func TestLargeReplyToClosedTCPPeer(t *testing.T) {
-	client, server := tcpPair(t)
-	c := newConn(context.Background(), NewServer(nil, Options{}), server)
-	c.tx = make([]byte, 0, connBufferSize)
-	c.findRawTCP()
-	require.NotNil(t, c.rawTCP)
+	client, c := tcpConn(t)
 	require.NoError(t, client.(*net.TCPConn).SetLinger(0)) // close with a reset
 	require.NoError(t, client.Close())
 
@@ -452,10 +456,8 @@ func soRcvLowat(t *testing.T, nc net.Conn) int {
 // for what is still missing, up to payloadLowat, never more; the payload
 // arrives whole; and the mark is back to 1 before the next request is read.
 func TestPayloadLowWaterMarkOverTCP(t *testing.T) {
-	client, server := tcpPair(t)
-	c := newConn(context.Background(), NewServer(nil, Options{}), server)
-	c.findRawTCP()
-	require.NotNil(t, c.rawTCP)
+	client, c := tcpConn(t)
+	server := c.nc
 
 	payload := make([]byte, 1<<20)
 	_, err := rand.Read(payload)
@@ -488,10 +490,8 @@ func TestPayloadLowWaterMarkOverTCP(t *testing.T) {
 // payload, while the reader waits with a low-water mark above what it sent,
 // ends the read with an error instead of leaving it waiting.
 func TestPayloadCutShortOverTCP(t *testing.T) {
-	client, server := tcpPair(t)
-	c := newConn(context.Background(), NewServer(nil, Options{}), server)
-	c.findRawTCP()
-	require.NotNil(t, c.rawTCP)
+	client, c := tcpConn(t)
+	server := c.nc
 	got := make([]byte, 1<<20)
 	read := make(chan error, 1)
 	go func() { read <- c.readPayloadData(got) }()
