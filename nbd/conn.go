@@ -87,10 +87,18 @@ type conn struct {
 	// made once so that a request allocates nothing; more, moreErr,
 	// recvDst, recvN and recvErr are their arguments and results, and lowat
 	// the socket's SO_RCVLOWAT.
-	rawTCP       syscall.RawConn
-	sendMoreFd   func(fd uintptr) bool
-	more         []byte
-	moreErr      error
+	rawTCP     syscall.RawConn
+	sendMoreFd func(fd uintptr) bool
+	more       []byte
+	moreSent   int
+	moreErr    error
+	// noMore and noLowat say the socket refused MSG_MORE or SO_RCVLOWAT
+	// (an old kernel's MPTCP may): the connection goes on without. sendmsg
+	// and setLowat are the system calls, replaced in tests.
+	noMore       bool
+	noLowat      bool
+	sendmsg      func(fd int, p []byte, flags int) (int, error)
+	setLowat     func(fd, bytes int) error
 	recvFd       func(fd uintptr) bool
 	resetLowatFd func(fd uintptr)
 	recvDst      []byte
@@ -448,7 +456,7 @@ func (c *conn) readPayloadRest(p []byte) error {
 // resetLowat puts the socket's SO_RCVLOWAT back to 1, recording a failure
 // in recvErr.
 func (c *conn) resetLowat(fd uintptr) {
-	if err := unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVLOWAT, 1); err != nil {
+	if err := c.setLowat(int(fd), 1); err != nil {
 		c.recvErr = os.NewSyscallError("setsockopt SO_RCVLOWAT", err)
 		return
 	}
@@ -488,12 +496,23 @@ func (c *conn) recvTo(fd uintptr) bool {
 		case err == unix.EINTR:
 		case err == unix.EAGAIN:
 			want := min(len(c.recvDst), payloadLowat)
-			if want != c.lowat {
-				if err := unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVLOWAT, want); err != nil {
-					c.recvErr = os.NewSyscallError("setsockopt SO_RCVLOWAT", err)
-					return true
+			if want != c.lowat && !c.noLowat {
+				if err := c.setLowat(int(fd), want); err == nil {
+					c.lowat = want
+				} else {
+					// Refused: wait without a mark, as on
+					// other sockets, from now on. A mark
+					// set before may ask for more than is
+					// still to come, so it goes first.
+					c.noLowat = true
+					if c.lowat != 1 {
+						if err := c.setLowat(int(fd), 1); err != nil {
+							c.recvErr = os.NewSyscallError("setsockopt SO_RCVLOWAT", err)
+							return true
+						}
+						c.lowat = 1
+					}
 				}
-				c.lowat = want
 			}
 			return false
 		default:
@@ -942,21 +961,37 @@ func (c *conn) send(hdr, data []byte) {
 // nbdkit's throughput instead of 1.2 (test/bench/README.md). With cubic the
 // two ways measured alike. wmu is held.
 func (c *conn) writeLarge(hdr, data []byte) error {
-	if c.rawTCP == nil {
+	if c.rawTCP == nil || c.noMore {
 		c.iov = [3][]byte{c.tx, hdr, data}
 		c.iovs = c.iov[:]
 		_, err := c.iovs.WriteTo(c.stream)
 		c.iov = [3][]byte{}
 		return err
 	}
-	if err := c.sendMore(c.tx); err != nil {
-		return err
-	}
-	if err := c.sendMore(hdr); err != nil {
-		return err
+	c.moreSent = 0
+	for _, p := range [2][]byte{c.tx, hdr} {
+		if err := c.sendMore(p); err != nil {
+			if c.moreSent == 0 && (errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.EINVAL)) {
+				// Nothing went out: write it all the plain way,
+				// now and from now on.
+				c.noMore = true
+				return c.writeLarge(hdr, data)
+			}
+			return err
+		}
 	}
 	_, err := c.stream.Write(data)
 	return err
+}
+
+// sendmsgMore is sendmsg(2) of p with flags, as conn.sendmsg.
+func sendmsgMore(fd int, p []byte, flags int) (int, error) {
+	return unix.SendmsgN(fd, p, nil, nil, flags)
+}
+
+// setRcvLowat is setsockopt(2) of SO_RCVLOWAT, as conn.setLowat.
+func setRcvLowat(fd, bytes int) error {
+	return unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVLOWAT, bytes)
 }
 
 // findRawTCP sets rawTCP when requests and replies go straight through a
@@ -969,6 +1004,8 @@ func (c *conn) findRawTCP() {
 			c.recvFd = c.recvTo
 			c.resetLowatFd = c.resetLowat
 			c.lowat = 1
+			c.sendmsg = sendmsgMore
+			c.setLowat = setRcvLowat
 		}
 	}
 }
@@ -992,10 +1029,11 @@ func (c *conn) sendMore(p []byte) error {
 // called again once the socket is writable.
 func (c *conn) sendMoreTo(fd uintptr) bool {
 	for len(c.more) > 0 {
-		n, err := unix.SendmsgN(int(fd), c.more, nil, nil, unix.MSG_MORE|unix.MSG_NOSIGNAL)
+		n, err := c.sendmsg(int(fd), c.more, unix.MSG_MORE|unix.MSG_NOSIGNAL)
 		switch err {
 		case nil:
 			c.more = c.more[n:]
+			c.moreSent += n
 		case unix.EINTR:
 		case unix.EAGAIN:
 			return false

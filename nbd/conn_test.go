@@ -370,6 +370,8 @@ func tcpConn(t *testing.T) (net.Conn, *conn) {
 	c.tx = make([]byte, 0, connBufferSize)
 	c.findRawTCP()
 	require.NotNil(t, c.rawTCP, "a plain TCP connection writes and reads its socket directly")
+	// A reply that never comes fails the test instead of hanging it.
+	require.NoError(t, client.SetReadDeadline(time.Now().Add(30*time.Second)))
 	return client, c
 }
 
@@ -505,5 +507,106 @@ func TestPayloadCutShortOverTCP(t *testing.T) {
 		assert.ErrorIs(t, err, io.ErrUnexpectedEOF)
 	case <-time.After(10 * time.Second):
 		t.Fatal("the read still waits after the client closed")
+	}
+}
+
+// TestLargeReplyWhereMSGMoreIsRefused checks that a socket refusing
+// MSG_MORE (as an old kernel's MPTCP may) gets its large replies whole with
+// a plain writev, that time and from then on.
+func TestLargeReplyWhereMSGMoreIsRefused(t *testing.T) {
+	client, c := tcpConn(t)
+	refused := 0
+	c.sendmsg = func(int, []byte, int) (int, error) {
+		refused++
+		return 0, unix.EOPNOTSUPP
+	}
+	hdr := []byte("reply header")
+	data := bytes.Repeat([]byte("payload "), 1<<17)
+	for round := range 2 {
+		c.tx = append(c.tx[:0], "gathered replies"...)
+		want := append(append([]byte("gathered replies"), hdr...), data...)
+		sent := make(chan struct{})
+		go func() {
+			defer close(sent)
+			c.send(hdr, data)
+		}()
+		got := make([]byte, len(want))
+		_, err := io.ReadFull(client, got)
+		require.NoError(t, err)
+		<-sent
+		require.NoError(t, c.writeErr, "round %d", round)
+		assert.True(t, bytes.Equal(want, got), "round %d: the reply arrives whole and in order", round)
+	}
+	assert.True(t, c.noMore)
+	assert.Equal(t, 1, refused, "after one refusal MSG_MORE is not tried again")
+}
+
+// TestPayloadWhereLowWaterMarkIsRefused checks that a socket refusing
+// SO_RCVLOWAT, at once or after a mark was set, still gets its payload read
+// whole, and that a mark set before the refusal is taken down rather than
+// left asking for more than is to come.
+func TestPayloadWhereLowWaterMarkIsRefused(t *testing.T) {
+	for _, failAfter := range []int{0, 1} {
+		t.Run(fmt.Sprintf("after %d marks", failAfter), func(t *testing.T) {
+			client, c := tcpConn(t)
+			marks := 0
+			refused := make(chan struct{}, 1)
+			c.setLowat = func(fd, bytes int) error {
+				if bytes != 1 {
+					if marks == failAfter {
+						select {
+						case refused <- struct{}{}:
+						default:
+						}
+						return unix.ENOPROTOOPT
+					}
+					marks++
+				}
+				return setRcvLowat(fd, bytes)
+			}
+			payload := make([]byte, 1<<20)
+			_, err := rand.Read(payload)
+			require.NoError(t, err)
+			got := make([]byte, len(payload))
+			read := make(chan error, 1)
+			go func() { read <- c.readPayloadData(got) }()
+
+			// Each piece leaves the reader waiting; piece failAfter
+			// meets the refusal. A mark set before it must be taken
+			// down: the rest, shorter than that mark, must still wake
+			// the reader.
+			sent := 0
+			for i, piece := range []int{100 << 10, 800 << 10} {
+				_, err := client.Write(payload[sent : sent+piece])
+				require.NoError(t, err)
+				sent += piece
+				switch {
+				case i < failAfter:
+					require.Eventually(t, func() bool { return soRcvLowat(t, c.nc) == payloadLowat },
+						10*time.Second, time.Millisecond, "the mark after the first piece")
+				case i == failAfter:
+					select {
+					case <-refused:
+					case <-time.After(10 * time.Second):
+						t.Fatal("the reader never tried a mark after piece", i)
+					}
+					if failAfter > 0 {
+						require.Eventually(t, func() bool { return soRcvLowat(t, c.nc) == 1 },
+							10*time.Second, time.Millisecond, "the mark taken down after the refusal")
+					}
+				}
+			}
+			_, err = client.Write(payload[sent:])
+			require.NoError(t, err)
+			select {
+			case err := <-read:
+				require.NoError(t, err)
+			case <-time.After(10 * time.Second):
+				t.Fatal("the reader still waits for a mark above what is left")
+			}
+			assert.True(t, bytes.Equal(payload, got), "the payload arrives whole")
+			assert.True(t, c.noLowat)
+			assert.LessOrEqual(t, soRcvLowat(t, c.nc), 1, "no mark is left up")
+		})
 	}
 }
