@@ -87,24 +87,24 @@ type conn struct {
 	// made once so that a request allocates nothing; more, moreErr,
 	// recvDst, recvN and recvErr are their arguments and results, and lowat
 	// the socket's SO_RCVLOWAT.
-	rawTCP     syscall.RawConn
-	sendMoreFd func(fd uintptr) bool
-	more       []byte
-	moreSent   int
-	moreErr    error
-	// noMore and noLowat say the socket refused MSG_MORE or SO_RCVLOWAT
-	// (an old kernel's MPTCP may): the connection goes on without. sendmsg
-	// and setLowat are the system calls, replaced in tests.
-	noMore       bool
-	noLowat      bool
-	sendmsg      func(fd int, p []byte, flags int) (int, error)
-	setLowat     func(fd, bytes int) error
+	rawTCP       syscall.RawConn
+	sendMoreFd   func(fd uintptr) bool
+	more         []byte
+	moreSent     int
+	moreErr      error
 	recvFd       func(fd uintptr) bool
 	resetLowatFd func(fd uintptr)
 	recvDst      []byte
 	recvN        int
 	recvErr      error
 	lowat        int
+	// noMore and noLowat say the socket refused MSG_MORE or SO_RCVLOWAT
+	// (an old kernel's MPTCP may): the connection goes on without. sendmsg
+	// and setLowat are the system calls, replaced in tests.
+	noMore   bool
+	noLowat  bool
+	sendmsg  func(fd int, p []byte, flags int) (int, error)
+	setLowat func(fd, bytes int) error
 
 	// free holds the request slots; its capacity is the in-flight bound.
 	free chan *request
@@ -432,8 +432,8 @@ const (
 // socket. Before each wait for data it sets SO_RCVLOWAT to what is still
 // missing, up to payloadLowat, so that the reader is woken once per that
 // many bytes rather than for every segment: measured with fio's 1 MiB
-// sequential writes over loopback, that is 5 to 15% more throughput for 10%
-// less CPU per GiB (test/bench/README.md). The mark never exceeds what the
+// sequential writes over loopback, that is 3 to 7% more throughput for 10 to
+// 15% less CPU per GiB (test/bench/README.md). The mark never exceeds what the
 // client must still send, so it cannot wait for data that will not come (and
 // the kernel wakes the reader anyway when its receive window closes or the
 // client shuts the connection down); it is put back to 1 before the next
