@@ -23,7 +23,7 @@ bench_init() {
 	local t
 	for t in fio nbdinfo nbdkit qemu-nbd qemu-img jq numfmt awk go python3; do
 		command -v "$t" >/dev/null ||
-			bench_die "$t not found (apt-get install -y nbdkit qemu-utils fio libnbd-bin jq)"
+			bench_die "$t not found (apt-get install -y nbdkit qemu-utils fio libnbd-bin jq python3)"
 	done
 	fio --enghelp=nbd >/dev/null 2>&1 || bench_die "this fio has no nbd engine"
 	BENCH_REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
