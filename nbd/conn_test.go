@@ -375,6 +375,25 @@ func tcpConn(t *testing.T) (net.Conn, *conn) {
 	return client, c
 }
 
+// requireLargeReply has c send a reply of hdr and data with what tx holds
+// gathered, and requires the client to read exactly those bytes, in that
+// order, and the send to succeed.
+func requireLargeReply(t *testing.T, client net.Conn, c *conn, hdr, data []byte) {
+	t.Helper()
+	want := append(append(append([]byte(nil), c.tx...), hdr...), data...)
+	sent := make(chan struct{})
+	go func() {
+		defer close(sent)
+		c.send(hdr, data)
+	}()
+	got := make([]byte, len(want))
+	_, err := io.ReadFull(client, got)
+	require.NoError(t, err)
+	<-sent
+	require.NoError(t, c.writeErr)
+	assert.True(t, bytes.Equal(want, got), "the client reads the gathered replies, the header and the payload, in order")
+}
+
 // TestLargeRepliesOverTCP sends replies too large to gather over TCP, where
 // writeLarge sends what is gathered and the header with MSG_MORE and then
 // the payload: the client must get exactly the gathered bytes, the header
@@ -398,18 +417,7 @@ func TestLargeRepliesOverTCP(t *testing.T) {
 			for i := range data {
 				data[i] = byte(i*7) + fill
 			}
-			want := append(append(append([]byte(nil), c.tx...), hdr...), data...)
-			sent := make(chan struct{})
-			go func() {
-				defer close(sent)
-				c.send(hdr, data)
-			}()
-			got := make([]byte, len(want))
-			_, err := io.ReadFull(client, got)
-			require.NoError(t, err)
-			<-sent
-			require.NoError(t, c.writeErr)
-			assert.True(t, bytes.Equal(want, got), "the client reads the gathered replies, the header and the payload in order")
+			requireLargeReply(t, client, c, hdr, data)
 			assert.Empty(t, c.tx, "what was gathered went out with the reply")
 		})
 	}
@@ -453,38 +461,52 @@ func soRcvLowat(t *testing.T, nc net.Conn) int {
 	return v
 }
 
-// TestPayloadLowWaterMarkOverTCP reads a WRITE's payload that arrives in
-// pieces over TCP: while the reader waits, the socket's low-water mark asks
-// for what is still missing, up to payloadLowat, never more; the payload
-// arrives whole; and the mark is back to 1 before the next request is read.
-func TestPayloadLowWaterMarkOverTCP(t *testing.T) {
-	client, c := tcpConn(t)
-	server := c.nc
-
+// readPayloadInPieces has c read a 1 MiB payload of random bytes that the
+// client sends in pieces of the given sizes and then the rest, calling
+// between(i, sent) after piece i; it requires the read to end without error
+// (within 10 s: a reader left waiting fails the test) and the payload to
+// arrive whole.
+func readPayloadInPieces(t *testing.T, client net.Conn, c *conn, pieces []int, between func(i, sent int)) {
+	t.Helper()
 	payload := make([]byte, 1<<20)
 	_, err := rand.Read(payload)
 	require.NoError(t, err)
 	got := make([]byte, len(payload))
 	read := make(chan error, 1)
 	go func() { read <- c.readPayloadData(got) }()
-
-	// Each piece is at least the mark, so it wakes the reader, and leaves
-	// it waiting for the rest: the mark it then sets is the rest, capped
-	// (256 KiB after the first piece, 124 KiB after the second).
 	sent := 0
-	for _, piece := range []int{100 << 10, 800 << 10} {
+	for i, piece := range pieces {
 		_, err := client.Write(payload[sent : sent+piece])
 		require.NoError(t, err)
 		sent += piece
-		want := min(len(payload)-sent, payloadLowat)
-		require.Eventually(t, func() bool { return soRcvLowat(t, server) == want },
-			10*time.Second, time.Millisecond, "mark while %d bytes are missing", len(payload)-sent)
+		between(i, sent)
 	}
 	_, err = client.Write(payload[sent:])
 	require.NoError(t, err)
-	require.NoError(t, <-read)
+	select {
+	case err := <-read:
+		require.NoError(t, err)
+	case <-time.After(10 * time.Second):
+		t.Fatal("the reader still waits with the whole payload sent")
+	}
 	assert.True(t, bytes.Equal(payload, got), "the payload arrives whole")
-	assert.Equal(t, 1, soRcvLowat(t, server), "the mark is back to 1 for the next request")
+}
+
+// TestPayloadLowWaterMarkOverTCP reads a WRITE's payload that arrives in
+// pieces over TCP: while the reader waits, the socket's low-water mark asks
+// for what is still missing, up to payloadLowat, never more; the payload
+// arrives whole; and the mark is back to 1 before the next request is read.
+func TestPayloadLowWaterMarkOverTCP(t *testing.T) {
+	client, c := tcpConn(t)
+	// Each piece is at least the mark, so it wakes the reader, and leaves
+	// it waiting for the rest: the mark it then sets is the rest, capped
+	// (256 KiB after the first piece, 124 KiB after the second).
+	readPayloadInPieces(t, client, c, []int{100 << 10, 800 << 10}, func(_, sent int) {
+		want := min(1<<20-sent, payloadLowat)
+		require.Eventually(t, func() bool { return soRcvLowat(t, c.nc) == want },
+			10*time.Second, time.Millisecond, "mark while %d bytes are missing", 1<<20-sent)
+	})
+	assert.Equal(t, 1, soRcvLowat(t, c.nc), "the mark is back to 1 for the next request")
 	assert.Equal(t, 1, c.lowat)
 }
 
@@ -523,19 +545,9 @@ func TestLargeReplyWhereMSGMoreIsRefused(t *testing.T) {
 	hdr := []byte("reply header")
 	data := bytes.Repeat([]byte("payload "), 1<<17)
 	for round := range 2 {
+		t.Logf("round %d", round)
 		c.tx = append(c.tx[:0], "gathered replies"...)
-		want := append(append([]byte("gathered replies"), hdr...), data...)
-		sent := make(chan struct{})
-		go func() {
-			defer close(sent)
-			c.send(hdr, data)
-		}()
-		got := make([]byte, len(want))
-		_, err := io.ReadFull(client, got)
-		require.NoError(t, err)
-		<-sent
-		require.NoError(t, c.writeErr, "round %d", round)
-		assert.True(t, bytes.Equal(want, got), "round %d: the reply arrives whole and in order", round)
+		requireLargeReply(t, client, c, hdr, data)
 	}
 	assert.True(t, c.noMore)
 	assert.Equal(t, 1, refused, "after one refusal MSG_MORE is not tried again")
@@ -564,22 +576,11 @@ func TestPayloadWhereLowWaterMarkIsRefused(t *testing.T) {
 				}
 				return setRcvLowat(fd, bytes)
 			}
-			payload := make([]byte, 1<<20)
-			_, err := rand.Read(payload)
-			require.NoError(t, err)
-			got := make([]byte, len(payload))
-			read := make(chan error, 1)
-			go func() { read <- c.readPayloadData(got) }()
-
 			// Each piece leaves the reader waiting; piece failAfter
 			// meets the refusal. A mark set before it must be taken
 			// down: the rest, shorter than that mark, must still wake
 			// the reader.
-			sent := 0
-			for i, piece := range []int{100 << 10, 800 << 10} {
-				_, err := client.Write(payload[sent : sent+piece])
-				require.NoError(t, err)
-				sent += piece
+			readPayloadInPieces(t, client, c, []int{100 << 10, 800 << 10}, func(i, _ int) {
 				switch {
 				case i < failAfter:
 					require.Eventually(t, func() bool { return soRcvLowat(t, c.nc) == payloadLowat },
@@ -595,16 +596,7 @@ func TestPayloadWhereLowWaterMarkIsRefused(t *testing.T) {
 							10*time.Second, time.Millisecond, "the mark taken down after the refusal")
 					}
 				}
-			}
-			_, err = client.Write(payload[sent:])
-			require.NoError(t, err)
-			select {
-			case err := <-read:
-				require.NoError(t, err)
-			case <-time.After(10 * time.Second):
-				t.Fatal("the reader still waits for a mark above what is left")
-			}
-			assert.True(t, bytes.Equal(payload, got), "the payload arrives whole")
+			})
 			assert.True(t, c.noLowat)
 			assert.LessOrEqual(t, soRcvLowat(t, c.nc), 1, "no mark is left up")
 		})
