@@ -120,15 +120,18 @@ for w in "${workloads[@]}"; do
 	esac
 	s=$(median_of "${metric[@]}" "$BENCH_DIR/snapd-$w-"r*.json)
 	p=$(median_of "${metric[@]}" "$BENCH_DIR/nbdkit-$w-"r*.json)
-	ratios=()
+	ratios=() ahead=0
 	for ((round = 1; round <= ROUNDS; round++)); do
 		printf -v tag 'r%03d' "$round"
-		ratios+=("$(ratio "$("${metric[0]}" "$BENCH_DIR/snapd-$w-$tag.json" "${metric[1]}")" \
-			"$("${metric[0]}" "$BENCH_DIR/nbdkit-$w-$tag.json" "${metric[1]}")")")
+		rs=$("${metric[0]}" "$BENCH_DIR/snapd-$w-$tag.json" "${metric[1]}")
+		rp=$("${metric[0]}" "$BENCH_DIR/nbdkit-$w-$tag.json" "${metric[1]}")
+		ratios+=("$(ratio "$rs" "$rp")")
+		# From the figures, not the rounded ratio: 1.004 is ahead.
+		if ((rs > rp)); then ahead=$((ahead + 1)); fi
 	done
 	printf '%-13s %-7s %9.0f %9.0f %7s %7s %6s   %s; %s; %s\n' "$w" "$unit" "$s" "$p" "$(ratio "$s" "$p")" \
 		"$(printf '%s\n' "${ratios[@]}" | sort -n | awk '{ v[NR] = $1 } END { if (NR % 2) printf "%.2f", v[(NR + 1) / 2]; else printf "%.2f", (v[NR / 2] + v[NR / 2 + 1]) / 2 }')" \
-		"$(printf '%s\n' "${ratios[@]}" | awk '$1 > 1 { n++ } END { printf "%d/%d", n, NR }')" \
+		"$ahead/$ROUNDS" \
 		"$(each_of "${metric[@]}" "$BENCH_DIR/snapd-$w-"r*.json)" "$(each_of "${metric[@]}" "$BENCH_DIR/nbdkit-$w-"r*.json)" \
 		"$(IFS=/; echo "${ratios[*]}")"
 done
