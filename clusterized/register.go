@@ -53,19 +53,31 @@ type PersistentOptions struct {
 }
 
 // OpenPersistent opens the persistent store on cow (NoFormat) for cluster
-// clusterID and wraps it; full reloads open it again. The core writes its
-// metadata through a fence that refuses every write once the node has lost
-// the lockspace.
+// clusterID and wraps it, through Open.
 func OpenPersistent(ctx context.Context, cow blockdev.Device, engine lockc.Engine, clusterID string, opts PersistentOptions) (*Store, error) {
-	fenced := &fencedDevice{Device: cow, cluster: clusterID}
-	open := func(ctx context.Context) (exstore.Store, error) {
-		return persistent.Open(ctx, fenced, persistent.Options{ChunkSectors: opts.ChunkSectors, NoFormat: true, Logger: opts.Logger})
+	open := func(ctx context.Context, dev blockdev.Device) (exstore.Store, error) {
+		return persistent.Open(ctx, dev, persistent.Options{ChunkSectors: opts.ChunkSectors, NoFormat: true, Logger: opts.Logger})
 	}
-	core, err := open(ctx)
+	return Open(ctx, cow, open, engine, clusterID, Options{Lockspace: opts.Lockspace})
+}
+
+// OpenFunc opens a core store on dev, without formatting it: a clustered
+// node never formats a shared COW device.
+type OpenFunc func(ctx context.Context, dev blockdev.Device) (exstore.Store, error)
+
+// Open opens the core store on cow through open, for cluster clusterID, and
+// wraps it (New, with a Reopen that calls open again for full reloads;
+// opts.Reopen is ignored). The core sees cow through a fence that refuses
+// every write once the node has lost the lockspace.
+func Open(ctx context.Context, cow blockdev.Device, open OpenFunc, engine lockc.Engine, clusterID string, opts Options) (*Store, error) {
+	fenced := &fencedDevice{Device: cow, cluster: clusterID}
+	reopen := func(ctx context.Context) (exstore.Store, error) { return open(ctx, fenced) }
+	core, err := reopen(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("cluster %s: %w", clusterID, err)
 	}
-	s, err := New(ctx, core, engine, clusterID, Options{Reopen: open, Lockspace: opts.Lockspace})
+	opts.Reopen = reopen
+	s, err := New(ctx, core, engine, clusterID, opts)
 	if err != nil {
 		_ = core.Close()
 		return nil, err
