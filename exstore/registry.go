@@ -19,6 +19,10 @@ type Args struct {
 	ChunkSectors uint32
 	// Params are type-specific arguments, for example a cluster id.
 	Params []string
+	// NoFormat asks for an existing store: a type that would format a
+	// device without one refuses it instead. A server sets it, so that a
+	// mistyped path is never formatted; a clustered node always does.
+	NoFormat bool
 }
 
 // OpenFunc opens (or, for a new COW device, formats) a store on cow.

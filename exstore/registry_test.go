@@ -51,3 +51,12 @@ func TestRegistryRefusesDuplicatesAndUnknownTypes(t *testing.T) {
 	_, err = r.Open(context.Background(), "P", faultdev.New("cow", 1<<20), exstore.Args{Params: []string{"x"}})
 	assert.ErrorContains(t, err, "takes no parameters")
 }
+
+func TestRegistryNoFormatLeavesABlankDeviceAlone(t *testing.T) {
+	r := exstore.NewRegistry()
+	require.NoError(t, persistent.Register(r))
+	blank := faultdev.New("blank", 1<<20)
+	_, err := r.Open(context.Background(), "P", blank, exstore.Args{ChunkSectors: 8, NoFormat: true})
+	assert.ErrorIs(t, err, persistent.ErrNotFormatted)
+	assert.Equal(t, make([]byte, 1<<20), blank.Bytes(), "nothing written to the blank device")
+}

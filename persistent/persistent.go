@@ -67,7 +67,7 @@ func Register(r *exstore.Registry) error {
 			if len(args.Params) != 0 {
 				return nil, fmt.Errorf("cow %s: persistent store takes no parameters, got %q", cow.Name(), args.Params)
 			}
-			return Open(ctx, cow, Options{ChunkSectors: args.ChunkSectors})
+			return Open(ctx, cow, Options{ChunkSectors: args.ChunkSectors, NoFormat: args.NoFormat})
 		},
 	})
 }
