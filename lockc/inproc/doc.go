@@ -1,24 +1,28 @@
 // Package inproc is lockc's in-process lock engine: the embedded default for
-// a single host, and a simulated cluster of several nodes (with crashes) for
-// tests of clustered code.
+// a single host (New), and a simulated cluster of several nodes with crashes
+// (NewCluster, Cluster.Crash) for tests of clustered code. It passes the
+// conformance suite of package lockc/locktest.
 //
-// All nodes of a Cluster share one table of lockspaces guarded by one mutex;
-// a request is decided while that mutex is held, so every decision sees one
-// consistent state. Waiting callers block on a channel that the engine closes
-// when their request completes; the engine itself never runs goroutines.
+// Locking: all nodes of a Cluster share one table of lockspaces guarded by
+// one mutex, and every request, conversion, unlock, close and crash is
+// decided while that mutex is held, so each decision sees one consistent
+// state. The engine starts no goroutines: a waiting caller blocks on a
+// channel that the engine closes when its request completes, and blocking
+// notifications are sent on a one-slot channel without ever blocking.
+// OnLost functions registered before the loss run under the mutex.
 //
 // The rules are the Linux DLM's (specs/locks.md §1), including its LVB table
-// (dlm_lvb_operations). Choices where the DLM leaves room:
+// (dlm_lvb_operations). Where the DLM leaves room, this engine promises:
 //   - A resource is forgotten as soon as no lock (granted, converting or
 //     waiting) remains on it; the next lock reads a zero LVB in state
-//     LVBUnknown (the DLM tosses it after about 10 s; here it is immediate).
+//     LVBUnknown. (The DLM keeps an unused resource for a while.)
 //   - Tokens come from one counter per Cluster, so a resource's token keeps
 //     increasing even across being forgotten.
 //   - Close is an orderly unlock of every lock: PW and EX locks publish their
 //     staged LVB (or invalidate it, after InvalidateLVB). Crash publishes
 //     nothing and marks the LVB invalid where the node held PW or EX.
 //   - Blocking notifications go to every lock holding a granted mode that is
-//     incompatible with the queued request, including locks that are
+//     incompatible with a queued request, including locks that are
 //     themselves waiting to convert (they still hold their granted mode).
 //   - After a crash a node may open lockspaces again, as a restarted node.
 //   - LVB() of a lock reports LVBValid after SetLVB and LVBInvalid after
