@@ -283,8 +283,8 @@ func (f *File) WriteAtSync(p []byte, off int64) (int, error) {
 		return n, err
 	}
 	if triedDsync {
-		// Only now: the plain write worked, so the refusal was about the
-		// flag and not about this request.
+		// Remembered only once the plain write has worked: that shows
+		// the refusal concerned the flag, not this request.
 		f.dsyncUnsupported.Store(true)
 	}
 	return n, nil
