@@ -1,7 +1,3 @@
-// Package blockdev is the device layer under the exception stores and the COW
-// engine: a Device is a regular file or a block device (or, in tests, a
-// fault-injecting memory device) with a size, positioned I/O, durable writes
-// and discards.
 package blockdev
 
 import "io"

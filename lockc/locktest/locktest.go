@@ -1,12 +1,3 @@
-// Package locktest is the conformance suite for lockc engines
-// (specs/locks.md §6): every engine (in-process, etcd, kernel DLM) runs the
-// same sub-tests through Run, against a cluster of nodes that the engine's
-// harness provides.
-//
-// Some sub-tests need more than the lockc interfaces: crashing a node
-// (Crasher), knowing that a request has reached its queue (QueueWaiter), and
-// counting remembered resources (ResourceCounter). A cluster that does not
-// implement one of these skips the sub-tests (or the checks) that need it.
 package locktest
 
 import (

@@ -1,14 +1,3 @@
-// Package faultdev is an in-memory blockdev.Device for crash and failure
-// tests.
-//
-// It models a disk with a volatile write cache at 512-byte sector granularity.
-// Every sector written since it was last made durable keeps the ordered list
-// of versions written to it; reads return the newest. A power cut (PowerCut)
-// yields a new device in which every such sector independently holds its
-// durable content or any one of its pending versions, which covers a cache
-// that dropped, kept, tore (at sector granularity) or reordered writes, or
-// wrote an older version back. Sync and WriteAtSync are the only ways to make
-// content survive every cut. SetFault makes chosen operations fail.
 package faultdev
 
 import (
@@ -279,7 +268,7 @@ func (d *Device) Discard(off, length int64) error {
 }
 
 // Close marks the device closed; later operations fail with fs.ErrClosed. A
-// closed device can still lose power: PowerCut works as before.
+// closed device can still lose power: PowerCut works on it as on an open one.
 func (d *Device) Close() error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
