@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
-	"math/bits"
 	"os"
 	"strings"
 
@@ -17,23 +16,11 @@ import (
 	"github.com/clustersnap/clustersnap/exstore"
 	"github.com/clustersnap/clustersnap/exstore/blockdev"
 	"github.com/clustersnap/clustersnap/persistent"
+	"github.com/clustersnap/clustersnap/volumes"
 )
 
 // minChunks is the smallest COW LVM accepts: header, one area, one data chunk.
 const minChunks = 3
-
-// parseChunkSize accepts go-humanize sizes ("4KiB", "8k", "512") and applies
-// the kernel's rules, returning sectors.
-func parseChunkSize(s string) (uint32, error) {
-	n, err := humanize.ParseBytes(s)
-	if err != nil {
-		return 0, usagef("--chunk-size %q: %v", s, err)
-	}
-	if n < exstore.SectorSize || n%exstore.SectorSize != 0 || bits.OnesCount64(n) != 1 || n/exstore.SectorSize > uint64(persistent.MaxChunkSectors) {
-		return 0, usagef("--chunk-size %s: must be a power of two from 512 B to 1 GiB", s)
-	}
-	return uint32(n / exstore.SectorSize), nil
-}
 
 func runCreate(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	flags := newFlags("create", "--origin PATH --cow PATH [--chunk-size SIZE] [--cow-size SIZE] [--force]", stderr)
@@ -48,9 +35,9 @@ func runCreate(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	if *origin == "" || *cow == "" {
 		return usagef("--origin and --cow are required")
 	}
-	chunkSectors, err := parseChunkSize(*chunk)
+	chunkSectors, err := volumes.ParseChunkSize(*chunk)
 	if err != nil {
-		return err
+		return usagef("--chunk-size: %v", err)
 	}
 	if *cowSize != "" {
 		size, err := humanize.ParseBytes(*cowSize)

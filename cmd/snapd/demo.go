@@ -14,6 +14,7 @@ import (
 	"github.com/clustersnap/clustersnap/exstore"
 	"github.com/clustersnap/clustersnap/exstore/blockdev"
 	"github.com/clustersnap/clustersnap/persistent"
+	"github.com/clustersnap/clustersnap/volumes"
 )
 
 // runDemo shows the store on real files with nothing installed: a sparse
@@ -57,7 +58,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		return usagef("give --listen or --socket, or --no-serve")
 	}
 	fmt.Fprintln(stdout)
-	v, err := openVolumes(ctx, originPath, []snapshotSpec{{name: "snap", cow: cowPath}}, false, nil)
+	v, err := openVolumes(ctx, volumes.Config{Origin: originPath, Snapshots: []volumes.SnapshotSpec{{Name: "snap", COW: cowPath}}})
 	if err != nil {
 		return err
 	}

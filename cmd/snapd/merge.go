@@ -16,6 +16,7 @@ import (
 	"github.com/clustersnap/clustersnap/exstore/blockdev"
 	"github.com/clustersnap/clustersnap/exstore/cow"
 	"github.com/clustersnap/clustersnap/persistent"
+	"github.com/clustersnap/clustersnap/volumes"
 )
 
 // newProgress returns a progress bar on w when w is a terminal, and nil
@@ -107,12 +108,12 @@ func runMerge(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if *originPath == "" || *cowPath == "" {
 		return usagef("--origin and --cow are required")
 	}
-	v, err := openVolumes(ctx, *originPath, []snapshotSpec{{name: "merge", cow: *cowPath}}, false, nil)
+	v, err := openVolumes(ctx, volumes.Config{Origin: *originPath, Snapshots: []volumes.SnapshotSpec{{Name: "merge", COW: *cowPath}}})
 	if err != nil {
 		return err
 	}
 	defer v.Close()
-	snap := v.snaps[0]
+	snap := v.Snapshots[0]
 	if err := snap.Err(); err != nil {
 		return fmt.Errorf("cow %s: cannot merge an invalid snapshot: %w", *cowPath, err)
 	}
@@ -120,7 +121,7 @@ func runMerge(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	bar := newProgress(stderr, int64(total), "merging", "exceptions")
 	start := time.Now()
 	var done uint64
-	err = v.origin.Merge(ctx, snap, func(p cow.MergeProgress) {
+	err = v.Origin.Merge(ctx, snap, func(p cow.MergeProgress) {
 		done = p.Done
 		if bar != nil {
 			bar.Set64(int64(p.Done))
