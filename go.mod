@@ -4,7 +4,6 @@ go 1.26.8
 
 require (
 	github.com/dustin/go-humanize v1.1.0
-	github.com/pojntfx/go-nbd v0.3.2
 	github.com/schollz/progressbar/v3 v3.19.1
 	github.com/stretchr/testify v1.12.1
 	golang.org/x/sys v0.49.0

@@ -145,3 +145,14 @@ const (
 	structuredReplyHeaderSize = 20
 	optionHeaderSize          = 16
 )
+
+// Handshake values only a client needs: the oldstyle greeting's second magic
+// (a server without options or exports), and the option errors the server
+// here never sends but other servers do.
+const (
+	oldstyleMagic uint64 = 0x0000420281861253
+
+	repErrPlatform      uint32 = 1<<31 | 4
+	repErrBlockSizeReqd uint32 = 1<<31 | 8
+	repErrBit           uint32 = 1 << 31
+)

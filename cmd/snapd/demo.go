@@ -13,7 +13,9 @@ import (
 
 	"github.com/clustersnap/clustersnap/exstore"
 	"github.com/clustersnap/clustersnap/exstore/blockdev"
+	"github.com/clustersnap/clustersnap/exstore/cow"
 	"github.com/clustersnap/clustersnap/persistent"
+	"github.com/clustersnap/clustersnap/volumes"
 )
 
 // runDemo shows the store on real files with nothing installed: a sparse
@@ -57,7 +59,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		return usagef("give --listen or --socket, or --no-serve")
 	}
 	fmt.Fprintln(stdout)
-	v, err := openVolumes(ctx, originPath, []snapshotSpec{{name: "snap", cow: cowPath}}, false, nil)
+	v, err := openVolumes(ctx, volumes.Config{Origin: originPath, Snapshots: []volumes.SnapshotSpec{{Name: "snap", COW: cowPath}}})
 	if err != nil {
 		return err
 	}
@@ -112,58 +114,53 @@ func demoCheck(ctx context.Context, dir string, writes int, stdout io.Writer) (o
 	}
 	fmt.Fprintln(stdout, summary)
 
-	cow, err := blockdev.Open(cowPath, blockdev.Options{Exclusive: true})
+	cowDev, err := blockdev.Open(cowPath, blockdev.Options{Exclusive: true})
 	if err != nil {
 		return "", "", err
 	}
-	defer cow.Close()
-	s, err := persistent.Open(ctx, cow, persistent.Options{NoFormat: true})
+	defer cowDev.Close()
+
+	// Overwrite random origin chunks through the engine, which copies each
+	// chunk's old data to the COW and commits its exception first.
+	store, err := persistent.Open(ctx, cowDev, persistent.Options{NoFormat: true})
 	if err != nil {
 		return "", "", err
 	}
-	// Overwrite random origin chunks the way the COW engine does: copy
-	// the old chunk to the COW, commit the exception, then write.
-	written := 0
+	o := cow.NewOrigin(origin)
+	if _, err := o.AddSnapshot("snap", store, cowDev, cow.SnapshotOptions{}); err != nil {
+		store.Close()
+		return "", "", err
+	}
 	for i := 0; i < writes; i++ {
-		c := exstore.Chunk(rng.IntN(originSize / chunk))
-		_, ok, release, err := s.Lookup(ctx, c)
-		release()
-		if err != nil {
-			return "", "", err
-		}
-		if ok {
-			continue // already copied: the snapshot keeps the first old data
-		}
-		e, err := s.Prepare(ctx, c)
-		if err != nil {
-			s.Close()
-			return "", "", err
-		}
-		if _, err := origin.ReadAt(buf, int64(c)*chunk); err != nil {
-			return "", "", err
-		}
-		if _, err := cow.WriteAt(buf, int64(e.New)*chunk); err != nil {
-			return "", "", err
-		}
-		if err := s.Commit(ctx, e); err != nil {
-			return "", "", err
-		}
+		c := int64(rng.IntN(originSize / chunk))
 		fillRandom(rng, buf)
-		if _, err := origin.WriteAt(buf, int64(c)*chunk); err != nil {
+		if err := o.WriteAt(ctx, buf, c*chunk, false); err != nil {
+			store.Close()
 			return "", "", err
 		}
-		written++
 	}
-	s.Close()
+	if err := o.Flush(ctx); err != nil {
+		store.Close()
+		return "", "", err
+	}
+	written := store.Usage().Exceptions
+	if err := store.Close(); err != nil {
+		return "", "", err
+	}
 	fmt.Fprintf(stdout, "overwrote %d origin chunks; each old chunk was copied to the COW first\n", written)
 
-	// Reload the COW from disk and rebuild the snapshot view from it.
-	s, err = persistent.Open(ctx, cow, persistent.Options{NoFormat: true})
+	// Reload the COW from disk and read the snapshot view through a new
+	// engine on it.
+	store, err = persistent.Open(ctx, cowDev, persistent.Options{NoFormat: true})
 	if err != nil {
 		return "", "", err
 	}
-	defer s.Close()
-	view, err := snapshotDigest(ctx, s, origin, cow)
+	defer store.Close()
+	snap, err := cow.NewOrigin(origin).AddSnapshot("snap", store, cowDev, cow.SnapshotOptions{ReadOnly: true})
+	if err != nil {
+		return "", "", err
+	}
+	view, err := snapshotDigest(ctx, snap)
 	if err != nil {
 		return "", "", err
 	}
@@ -193,29 +190,16 @@ func digest(r io.ReaderAt, size int64) ([sha256.Size]byte, error) {
 	return [sha256.Size]byte(h.Sum(nil)), nil
 }
 
-// snapshotDigest hashes the snapshot view: COW data where an exception
-// exists, origin data elsewhere.
-func snapshotDigest(ctx context.Context, s exstore.Store, origin blockdev.Device, cow io.ReaderAt) ([sha256.Size]byte, error) {
+// snapshotDigest hashes the snapshot view, as the engine reads it.
+func snapshotDigest(ctx context.Context, s *cow.Snapshot) ([sha256.Size]byte, error) {
 	h := sha256.New()
-	cb := int64(s.ChunkSectors()) * exstore.SectorSize
-	buf := make([]byte, cb)
-	for c := int64(0); c*cb < origin.Size(); c++ {
-		n := min(cb, origin.Size()-c*cb)
-		nw, ok, release, err := s.Lookup(ctx, exstore.Chunk(c))
-		if err != nil {
+	buf := make([]byte, 1<<20)
+	for off := int64(0); off < s.Size(); off += int64(len(buf)) {
+		p := buf[:min(int64(len(buf)), s.Size()-off)]
+		if err := s.ReadAt(ctx, p, off); err != nil {
 			return [sha256.Size]byte{}, err
 		}
-		var src io.ReaderAt = origin
-		off := c * cb
-		if ok {
-			src, off = cow, int64(nw)*cb
-		}
-		_, err = src.ReadAt(buf[:n], off)
-		release()
-		if err != nil {
-			return [sha256.Size]byte{}, err
-		}
-		h.Write(buf[:n])
+		h.Write(p)
 	}
 	return [sha256.Size]byte(h.Sum(nil)), nil
 }

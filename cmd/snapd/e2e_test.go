@@ -303,3 +303,27 @@ func TestServeClustered(t *testing.T) {
 	assert.Equal(t, uint64(17), reports[0].Exceptions, "16 origin chunks and one snapshot chunk")
 	assert.Equal(t, "valid", reports[0].State)
 }
+
+// A transient snapshot (type=N) needs no formatted COW and shows the
+// origin as it was.
+func TestServeTransientSnapshot(t *testing.T) {
+	qemuIO := tool(t, "qemu-io", "qemu-utils")
+	nbdcopy := tool(t, "nbdcopy", "libnbd-bin")
+	bin := buildSnapd(t)
+	f := newFixture(t, bin, 4<<20, 12)
+	scratch := filepath.Join(f.dir, "scratch.img")
+	require.NoError(t, os.WriteFile(scratch, make([]byte, 1<<20), 0o600))
+	sock := filepath.Join(f.dir, "nbd.sock")
+	uri := func(name string) string { return "nbd+unix:///" + name + "?socket=" + sock }
+
+	srv := startServe(t, bin, "--origin", f.origin, "--snapshot", "scratch="+scratch+",type=N,chunk=4KiB", "--listen", "", "--socket", sock)
+	run1(t, qemuIO, "-f", "raw", uri("origin"), "-c", "write -P 0xab 0 64k", "-c", "flush")
+	out := filepath.Join(f.dir, "scratch.out")
+	run1(t, nbdcopy, uri("scratch"), out)
+	got, err := os.ReadFile(out)
+	require.NoError(t, err)
+	assert.True(t, bytes.Equal(f.orig, got), "the transient snapshot shows the origin as it was")
+	code, rest := srv.stop(t)
+	assert.Equal(t, 0, code)
+	assert.Contains(t, rest, "snapshot scratch: 16 exceptions")
+}

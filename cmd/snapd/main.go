@@ -1,8 +1,3 @@
-// Command snapd creates, inspects and serves dm-snapshot compatible
-// copy-on-write snapshots over NBD.
-//
-// Exit codes: 0 success, 1 the operation failed (I/O, corrupt metadata,
-// invalid snapshot), 2 bad usage (unknown command or flag, bad value).
 package main
 
 import (

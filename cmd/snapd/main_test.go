@@ -105,6 +105,10 @@ func TestBadInputIsRefusedAndWritesNothing(t *testing.T) {
 		{"unknown tls mode", []string{"serve", "--origin", origin, "--tls", "maybe"}, exitUsage, "--tls"},
 		{"missing tls directory", []string{"serve", "--origin", origin, "--tls", "allow", "--tls-dir", filepath.Join(dir, "nope")}, exitError, "nope"},
 		{"unknown default export", []string{"serve", "--origin", origin, "--default-export", "snap", "--listen", "", "--socket", filepath.Join(dir, "s")}, exitUsage, `--default-export "snap": no such export`},
+		{"transient store without chunk size", []string{"serve", "--origin", origin, "--snapshot", "s=" + cow + ",type=N", "--listen", "", "--socket", filepath.Join(dir, "s")}, exitUsage, "chunk size"},
+		{"unknown store type", []string{"serve", "--origin", origin, "--snapshot", "s=" + cow + ",type=X", "--listen", "", "--socket", filepath.Join(dir, "s")}, exitUsage, "known: persistent (P), transient (N)"},
+		{"clustered transient store", []string{"serve", "--origin", origin, "--snapshot", "s=" + cow + ",type=N,chunk=4KiB", "--cluster-id", "c1", "--listen", "", "--socket", filepath.Join(dir, "s")}, exitUsage, "cannot be clustered"},
+		{"serve of a zero cow", []string{"serve", "--origin", origin, "--snapshot", "s=" + cow, "--listen", "", "--socket", filepath.Join(dir, "s")}, exitError, "header is zero"},
 		{"detach without the nbd module", []string{"detach", filepath.Join(dir, "nbd0")}, exitError, "modprobe nbd"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

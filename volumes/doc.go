@@ -1,0 +1,18 @@
+// Package volumes wires an origin and its snapshots for serving: it opens
+// the devices, opens each snapshot's exception store through a registry of
+// store types (the kernel table's "P" and "N"), clusters the stores when
+// asked, and presents the volumes as NBD exports. It is where the COW
+// engine (exstore/cow) and the NBD server (nbd) meet; neither knows the
+// other.
+//
+// Open takes an exclusive lock on every device it opens, so that no second
+// process on the host serves them at once, and never formats a COW: a
+// device without a store is refused, so that a mistyped path is not wiped.
+// A transient store keeps its exceptions in this process's memory, so it
+// cannot be shared by a cluster: Open refuses the pair. Set.Close closes
+// the stores before the devices they live on.
+//
+// Every export of a Set shares one engine whose Flush syncs every device a
+// write may have reached, so a flush on one connection covers the writes
+// completed on all: the exports offer multi-conn.
+package volumes

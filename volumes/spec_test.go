@@ -1,0 +1,59 @@
+package volumes
+
+import (
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/clustersnap/clustersnap/exstore/cow"
+)
+
+func TestParseSnapshotSpec(t *testing.T) {
+	for _, tc := range []struct {
+		in   string
+		want SnapshotSpec
+	}{
+		{"snap=/dev/vg/cow", SnapshotSpec{Name: "snap", COW: "/dev/vg/cow"}},
+		{"s=c,ro,overflow", SnapshotSpec{Name: "s", COW: "c", Options: cow.SnapshotOptions{ReadOnly: true, Overflow: true}}},
+		{"s=c,type=P", SnapshotSpec{Name: "s", COW: "c", Type: "persistent"}},
+		{"s=c,type=persistent,chunk=8KiB", SnapshotSpec{Name: "s", COW: "c", Type: "persistent", ChunkSectors: 16}},
+		{"s=c,type=N,chunk=4KiB", SnapshotSpec{Name: "s", COW: "c", Type: "transient", ChunkSectors: 8}},
+		{"s=c,chunk=512,type=n,ro", SnapshotSpec{Name: "s", COW: "c", Type: "transient", ChunkSectors: 1, Options: cow.SnapshotOptions{ReadOnly: true}}},
+	} {
+		got, err := ParseSnapshotSpec(tc.in)
+		require.NoError(t, err, tc.in)
+		assert.Equal(t, tc.want, got, tc.in)
+	}
+	for in, want := range map[string]string{
+		"snap":                  "want NAME=COW",
+		"=c":                    "want NAME=COW",
+		"s=":                    "want NAME=COW",
+		"s=,ro":                 "want NAME=COW",
+		"origin=c":              "the origin's export",
+		"s=c,rw":                `unknown snapshot option "rw"`,
+		"s=c,type=Q":            `unknown store type "Q" (known: persistent (P), transient (N))`,
+		"s=c,type=N":            "needs its chunk size",
+		"s=c,type=N,chunk=3k":   "power of two",
+		"s=c,chunk=lots":        `chunk size "lots"`,
+		"s=c,type=N,chunk=2GiB": "power of two",
+	} {
+		_, err := ParseSnapshotSpec(in)
+		assert.ErrorContains(t, err, want, in)
+	}
+}
+
+func TestNewCluster(t *testing.T) {
+	c, err := NewCluster("c1", "")
+	require.NoError(t, err)
+	assert.Equal(t, "c1/snap", c.Resource("snap"))
+	assert.NotNil(t, c.Engine)
+	_, err = NewCluster("c1", "local")
+	assert.NoError(t, err)
+	_, err = NewCluster("c1", "etcd")
+	assert.ErrorContains(t, err, "known: local")
+	for _, id := range []string{"", "a/b", string(make([]byte, 33)), "a\x00"} {
+		_, err = NewCluster(id, "")
+		assert.Error(t, err, "%q", id)
+	}
+}

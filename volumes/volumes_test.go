@@ -1,0 +1,227 @@
+package volumes
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/clustersnap/clustersnap/exstore"
+	"github.com/clustersnap/clustersnap/exstore/blockdev"
+	"github.com/clustersnap/clustersnap/exstore/cow"
+	"github.com/clustersnap/clustersnap/lockc/inproc"
+	"github.com/clustersnap/clustersnap/nbd"
+	"github.com/clustersnap/clustersnap/persistent"
+)
+
+const (
+	originSize = 1 << 20
+	cowSize    = 1 << 20
+	chunk      = 4096
+)
+
+// fixture is an origin whose every byte is 0x11 and two COW files: cow
+// formatted with 4 KiB chunks, blank all zeroes.
+type fixture struct {
+	origin, cow, blank string
+}
+
+func newFixture(t *testing.T) fixture {
+	t.Helper()
+	dir := t.TempDir()
+	f := fixture{origin: filepath.Join(dir, "origin"), cow: filepath.Join(dir, "cow"), blank: filepath.Join(dir, "blank")}
+	require.NoError(t, os.WriteFile(f.origin, bytes.Repeat([]byte{0x11}, originSize), 0o600))
+	for _, p := range []string{f.cow, f.blank} {
+		require.NoError(t, blockdev.Create(p, cowSize))
+	}
+	dev, err := blockdev.Open(f.cow, blockdev.Options{})
+	require.NoError(t, err)
+	s, err := persistent.Format(context.Background(), dev, chunk/exstore.SectorSize, nil)
+	require.NoError(t, err)
+	require.NoError(t, s.Close())
+	require.NoError(t, dev.Close())
+	return f
+}
+
+func open(t *testing.T, c Config) *Set {
+	t.Helper()
+	v, err := Open(context.Background(), c)
+	require.NoError(t, err)
+	t.Cleanup(func() { v.Close() })
+	return v
+}
+
+func TestOpenServesTheSnapshotView(t *testing.T) {
+	ctx := context.Background()
+	f := newFixture(t)
+	v := open(t, Config{Origin: f.origin, Snapshots: []SnapshotSpec{{Name: "snap", COW: f.cow}}})
+	require.Len(t, v.Snapshots, 1)
+	assert.Equal(t, "snap", v.Snapshots[0].Name())
+	assert.Equal(t, uint32(chunk/exstore.SectorSize), v.Snapshots[0].ChunkSectors())
+
+	require.NoError(t, v.Origin.WriteAt(ctx, bytes.Repeat([]byte{0x22}, chunk), 2*chunk, false))
+	got := make([]byte, chunk)
+	require.NoError(t, v.Snapshots[0].ReadAt(ctx, got, 2*chunk))
+	assert.Equal(t, bytes.Repeat([]byte{0x11}, chunk), got, "the snapshot keeps the origin as it was")
+}
+
+func TestOpenRefusals(t *testing.T) {
+	f := newFixture(t)
+	blankBefore, err := os.ReadFile(f.blank)
+	require.NoError(t, err)
+	cluster := &Cluster{ID: "c1", Engine: inproc.New()}
+	for _, tc := range []struct {
+		name      string
+		config    Config
+		want      string
+		configErr bool // refused before any device is opened
+	}{
+		{"cow is the origin", Config{Origin: f.origin, Snapshots: []SnapshotSpec{{Name: "snap", COW: f.origin}}}, "is the origin itself", false},
+		{"blank cow", Config{Origin: f.origin, Snapshots: []SnapshotSpec{{Name: "snap", COW: f.blank}}}, "header is zero", false},
+		{"blank cow, clustered", Config{Origin: f.origin, Snapshots: []SnapshotSpec{{Name: "snap", COW: f.blank}}, Cluster: cluster}, "header is zero", false},
+		{"missing cow", Config{Origin: f.origin, Snapshots: []SnapshotSpec{{Name: "snap", COW: f.blank + ".nope"}}}, "snapshot snap", false},
+		{"missing origin", Config{Origin: f.origin + ".nope"}, "origin", false},
+		{"unknown store type", Config{Origin: f.origin, Snapshots: []SnapshotSpec{{Name: "snap", COW: f.cow, Type: "Q"}}}, "unknown store type \"Q\" (known: persistent (P), transient (N))", true},
+		{"transient clustered", Config{Origin: f.origin, Snapshots: []SnapshotSpec{{Name: "snap", COW: f.blank, Type: "N", ChunkSectors: 8}}, Cluster: cluster}, "transient store cannot be clustered", true},
+		{"name twice", Config{Origin: f.origin, Snapshots: []SnapshotSpec{{Name: "snap", COW: f.cow}, {Name: "snap", COW: f.blank}}}, "name is taken", true},
+		{"origin's name", Config{Origin: f.origin, Snapshots: []SnapshotSpec{{Name: OriginExport, COW: f.cow}}}, "name is taken", true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := Open(context.Background(), tc.config)
+			require.Error(t, err)
+			assert.Contains(t, err.Error(), tc.want)
+			assert.Equal(t, tc.configErr, errors.As(err, new(*ConfigError)), "a ConfigError: %v", err)
+			blank, rerr := os.ReadFile(f.blank)
+			require.NoError(t, rerr)
+			assert.True(t, bytes.Equal(blankBefore, blank), "the blank COW is never formatted")
+		})
+	}
+	assert.ErrorIs(t, func() error {
+		_, err := Open(context.Background(), Config{Origin: f.origin, Snapshots: []SnapshotSpec{{Name: "snap", COW: f.blank, Type: "P"}}})
+		return err
+	}(), persistent.ErrNotFormatted)
+}
+
+func TestOpenLocksTheDevices(t *testing.T) {
+	f := newFixture(t)
+	c := Config{Origin: f.origin, Snapshots: []SnapshotSpec{{Name: "snap", COW: f.cow}}}
+	v := open(t, c)
+	_, err := Open(context.Background(), c)
+	assert.Error(t, err, "the origin is locked")
+	_, err = Open(context.Background(), Config{Origin: f.blank, Snapshots: []SnapshotSpec{{Name: "snap", COW: f.cow}}})
+	assert.Error(t, err, "the COW is locked")
+	require.NoError(t, v.Close())
+	open(t, c).Close()
+}
+
+func TestOpenTransient(t *testing.T) {
+	ctx := context.Background()
+	f := newFixture(t)
+	v := open(t, Config{Origin: f.origin, Snapshots: []SnapshotSpec{{Name: "scratch", COW: f.blank, Type: "N", ChunkSectors: 16}}})
+	s := v.Snapshots[0]
+	assert.Equal(t, uint32(16), s.ChunkSectors())
+	require.NoError(t, s.WriteAt(ctx, bytes.Repeat([]byte{0x33}, 512), 0, false))
+	require.NoError(t, v.Origin.WriteAt(ctx, bytes.Repeat([]byte{0x44}, chunk), 8*chunk, false))
+	got := make([]byte, 2*chunk)
+	require.NoError(t, s.ReadAt(ctx, got, 8*chunk))
+	assert.Equal(t, bytes.Repeat([]byte{0x11}, 2*chunk), got)
+	require.NoError(t, s.ReadAt(ctx, got[:512], 0))
+	assert.Equal(t, bytes.Repeat([]byte{0x33}, 512), got[:512])
+}
+
+// Ported from the clusterized registry type's tests: a clustered open
+// never formats, and a second node of the cluster sees the first's
+// exceptions.
+func TestOpenClustered(t *testing.T) {
+	ctx := context.Background()
+	f := newFixture(t)
+	cluster := &Cluster{ID: "c1", Engine: inproc.New()}
+	c := Config{Origin: f.origin, Snapshots: []SnapshotSpec{{Name: "snap", COW: f.cow}}, Cluster: cluster}
+	v := open(t, c)
+	_, lazy := v.Snapshots[0].Store().(exstore.LazyCommitter)
+	assert.True(t, lazy, "the clustered store commits lazily, as the bare persistent one does")
+	require.NoError(t, v.Origin.WriteAt(ctx, bytes.Repeat([]byte{0x22}, chunk), 42*chunk, false))
+	require.NoError(t, v.Origin.Flush(ctx))
+	require.NoError(t, v.Close())
+
+	v2 := open(t, c)
+	store := v2.Snapshots[0].Store()
+	_, found, release, err := store.Lookup(ctx, 42)
+	release()
+	require.NoError(t, err)
+	assert.True(t, found, "the second node sees the first's exception")
+	got := make([]byte, chunk)
+	require.NoError(t, v2.Snapshots[0].ReadAt(ctx, got, 42*chunk))
+	assert.Equal(t, bytes.Repeat([]byte{0x11}, chunk), got)
+}
+
+func TestExports(t *testing.T) {
+	f := newFixture(t)
+	v := open(t, Config{Origin: f.origin, Snapshots: []SnapshotSpec{{Name: "snap", COW: f.cow, Options: cow.SnapshotOptions{ReadOnly: true}}}})
+	ex, err := v.Exports("")
+	require.NoError(t, err)
+	require.Len(t, ex, 2)
+	assert.Equal(t, OriginExport, ex[0].Name)
+	assert.Equal(t, "snap", ex[1].Name)
+	assert.False(t, ex[0].ReadOnly)
+	assert.True(t, ex[1].ReadOnly)
+	for _, e := range ex {
+		assert.True(t, e.MultiConn, e.Name)
+	}
+	_, ok := ex[1].Backend.(nbd.COWMapper)
+	assert.True(t, ok, "a snapshot offers its COW map")
+	_, ok = ex[0].Backend.(nbd.COWMapper)
+	assert.False(t, ok, "the origin has no COW")
+
+	ex, err = v.Exports("snap")
+	require.NoError(t, err)
+	require.Len(t, ex, 3)
+	assert.Equal(t, "", ex[2].Name)
+	assert.Contains(t, ex[2].Description, "(default export)")
+	_, err = v.Exports("nosuch")
+	assert.ErrorIs(t, err, ErrNoSuchExport)
+}
+
+func TestBackends(t *testing.T) {
+	ctx := context.Background()
+	f := newFixture(t)
+	v := open(t, Config{Origin: f.origin, Snapshots: []SnapshotSpec{{Name: "snap", COW: f.cow}}})
+	snap, origin := snapshotBackend{v.Snapshots[0]}, originBackend{v.Origin}
+
+	// A write to the origin copies chunk 3 into the COW; a snapshot write
+	// puts chunk 5 there.
+	require.NoError(t, origin.WriteAt(ctx, bytes.Repeat([]byte{0x22}, chunk), 3*chunk, false))
+	require.NoError(t, snap.WriteAt(ctx, bytes.Repeat([]byte{0x33}, chunk), 5*chunk, false))
+	ext, err := snap.COWExtents(ctx, 0, 8*chunk)
+	require.NoError(t, err)
+	assert.Equal(t, []nbd.COWExtent{
+		{Length: 3 * chunk}, {Length: chunk, InCOW: true},
+		{Length: chunk}, {Length: chunk, InCOW: true},
+		{Length: 2 * chunk},
+	}, ext)
+
+	// Fast zeroing is refused, and changes nothing.
+	for _, z := range []nbd.Zeroer{snap, origin} {
+		assert.ErrorIs(t, z.WriteZeroes(ctx, 0, chunk, nbd.ZeroOptions{Fast: true}), nbd.ErrZeroNotFast)
+	}
+	got := make([]byte, chunk)
+	require.NoError(t, snap.ReadAt(ctx, got, 0))
+	assert.Equal(t, bytes.Repeat([]byte{0x11}, chunk), got)
+	require.NoError(t, origin.ReadAt(ctx, got, 0))
+	assert.Equal(t, bytes.Repeat([]byte{0x11}, chunk), got)
+
+	// Slow zeroing zeroes.
+	require.NoError(t, snap.WriteZeroes(ctx, 0, chunk, nbd.ZeroOptions{}))
+	require.NoError(t, snap.ReadAt(ctx, got, 0))
+	assert.Equal(t, make([]byte, chunk), got)
+	require.NoError(t, origin.WriteZeroes(ctx, chunk, chunk, nbd.ZeroOptions{NoHole: true}))
+	require.NoError(t, origin.ReadAt(ctx, got, chunk))
+	assert.Equal(t, make([]byte, chunk), got)
+	require.NoError(t, snap.ReadAt(ctx, got, chunk))
+	assert.Equal(t, bytes.Repeat([]byte{0x11}, chunk), got, "the snapshot kept the origin's zeroed chunk")
+}
