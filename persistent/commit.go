@@ -136,8 +136,7 @@ func (s *Store) CommitLazy(ctx context.Context, e exstore.Exception) error {
 	s.lazyWaiting++
 	s.lazyLast = max(s.lazyLast, e.New)
 	if uint64(e.New) < s.lazyFirst {
-		s.lazyFirst = uint64(e.New)
-		s.lazyFirstNow.Store(s.lazyFirst)
+		s.setLazyFirstLocked(uint64(e.New))
 	}
 	kick := s.lazyWaiting >= lazyKick || s.durableWaiting > 0 || s.syncWaiting > 0
 	// In the table under allocMu, so that no batch can write it and look
@@ -148,6 +147,13 @@ func (s *Store) CommitLazy(ctx context.Context, e exstore.Exception) error {
 		s.kick()
 	}
 	return err
+}
+
+// setLazyFirstLocked sets the lowest COW chunk of the lazily committed
+// exceptions waiting, and its mirror for Durable. The caller holds allocMu.
+func (s *Store) setLazyFirstLocked(first uint64) {
+	s.lazyFirst = first
+	s.lazyFirstNow.Store(first)
 }
 
 // Durable implements exstore.LazyCommitter.

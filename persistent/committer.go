@@ -58,7 +58,7 @@ func (s *Store) takeReady() []*prepared {
 	return batch
 }
 
-// batchWritten records the end of a batch: the lazily committed exceptions
+// batchWrittenLocked records the end of a batch: the lazily committed exceptions
 // still waiting are those left in the queue. The caller holds allocMu.
 func (s *Store) batchWrittenLocked() {
 	first := uint64(noLazy)
@@ -68,8 +68,13 @@ func (s *Store) batchWrittenLocked() {
 			break
 		}
 	}
-	s.lazyFirst = first
-	s.lazyFirstNow.Store(first)
+	s.setLazyFirstLocked(first)
+	s.endBatchLocked()
+}
+
+// endBatchLocked counts a batch as done and wakes the Syncs waiting for
+// one. The caller holds allocMu.
+func (s *Store) endBatchLocked() {
 	s.batchesDone++
 	close(s.batchEnd)
 	s.batchEnd = make(chan struct{})
@@ -95,9 +100,7 @@ func (s *Store) commitBatch() bool {
 		written, werr := s.writeRecords(recs)
 		if werr != nil {
 			err, _ = s.invalidate(fmt.Errorf("commit of %d exceptions: %w", len(recs), werr))
-			s.allocMu.Lock()
-			s.reserved -= uint64(len(recs) - written)
-			s.allocMu.Unlock()
+			s.unreserve(len(recs) - written)
 		} else {
 			// Lazily committed ones are in the table already.
 			recs = recs[:0]
@@ -109,9 +112,7 @@ func (s *Store) commitBatch() bool {
 			err = s.insert(s.table.Load(), recs, true)
 		}
 	} else {
-		s.allocMu.Lock()
-		s.reserved -= uint64(len(batch))
-		s.allocMu.Unlock()
+		s.unreserve(len(batch))
 	}
 	s.allocMu.Lock()
 	for _, p := range batch {
@@ -124,9 +125,7 @@ func (s *Store) commitBatch() bool {
 		s.batchWrittenLocked()
 	} else {
 		// Nothing more will be written; Sync sees the store invalid.
-		s.batchesDone++
-		close(s.batchEnd)
-		s.batchEnd = make(chan struct{})
+		s.endBatchLocked()
 	}
 	s.allocMu.Unlock()
 	for _, p := range batch {
@@ -135,6 +134,13 @@ func (s *Store) commitBatch() bool {
 		}
 	}
 	return true
+}
+
+// unreserve gives back the reservations of n exceptions no batch will write.
+func (s *Store) unreserve(n int) {
+	s.allocMu.Lock()
+	s.reserved -= uint64(n)
+	s.allocMu.Unlock()
 }
 
 // areaWrite is one area's part of a batch.

@@ -175,3 +175,19 @@ func (s *Store) readSlots(area, lo, hi uint64) ([]exstore.Exception, error) {
 	}
 	return out, nil
 }
+
+// recordBefore reads the record just before slot of area, in the previous
+// area when slot is 0; ok is false at the very start of the metadata.
+func (s *Store) recordBefore(area, slot uint64) (r exstore.Exception, ok bool, err error) {
+	if slot == 0 {
+		if area == 0 {
+			return exstore.Exception{}, false, nil
+		}
+		area, slot = area-1, s.geo.PerArea
+	}
+	recs, err := s.readSlots(area, slot-1, slot)
+	if err != nil {
+		return exstore.Exception{}, false, err
+	}
+	return recs[0], true, nil
+}

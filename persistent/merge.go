@@ -125,18 +125,10 @@ func (s *Store) CommitMerge(ctx context.Context, n int) error {
 	s.nextFree = s.geo.skipMetadata(uint64(s.geo.AreaLocation(area)) + from + 1)
 	s.allocMu.Unlock()
 	s.hasLastRec = false
-	if from > 0 {
-		recs, err := s.readSlots(area, from-1, from)
-		if err != nil {
-			return err
-		}
-		s.lastRec, s.hasLastRec = recs[0], true
-	} else if area > 0 {
-		recs, err := s.readSlots(area-1, s.geo.PerArea-1, s.geo.PerArea)
-		if err != nil {
-			return err
-		}
-		s.lastRec, s.hasLastRec = recs[0], true
+	prev, ok, err := s.recordBefore(area, from)
+	if err != nil {
+		return err
 	}
+	s.lastRec, s.hasLastRec = prev, ok
 	return s.loadTailAt()
 }

@@ -120,11 +120,10 @@ func Open(ctx context.Context, cow blockdev.Device, opts Options) (*Store, error
 	if err != nil {
 		return nil, err
 	}
-	hb, err := s.readAt(0, s.align)
+	h, err := s.readHeader()
 	if err != nil {
-		return nil, s.errf("read header: %w", err)
+		return nil, err
 	}
-	h := DecodeHeader(hb)
 	if h.Magic == 0 {
 		if opts.NoFormat {
 			return nil, s.errf("%w", ErrNotFormatted)
@@ -243,6 +242,14 @@ func (s *Store) format(chunkSectors uint32) error {
 		return err
 	}
 	return nil
+}
+
+func (s *Store) readHeader() (Header, error) {
+	b, err := s.readAt(0, s.align)
+	if err != nil {
+		return Header{}, s.errf("read header: %w", err)
+	}
+	return DecodeHeader(b), nil
 }
 
 func (s *Store) writeHeader(valid uint32) error {

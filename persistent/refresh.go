@@ -26,11 +26,10 @@ func (s *Store) Refresh(ctx context.Context) error {
 	if busy {
 		return s.errf("refresh while exceptions are in flight")
 	}
-	hb, err := s.readAt(0, s.align)
+	h, err := s.readHeader()
 	if err != nil {
-		return s.errf("read header: %w", err)
+		return err
 	}
-	h := DecodeHeader(hb)
 	if err := h.Check(); err != nil {
 		return s.errf("%w", err)
 	}
@@ -43,15 +42,11 @@ func (s *Store) Refresh(ctx context.Context) error {
 	}
 	grew := true
 	if s.hasLastRec {
-		a, slot := area, committed
-		if slot == 0 {
-			a, slot = a-1, s.geo.PerArea
-		}
-		recs, err := s.readSlots(a, slot-1, slot)
+		last, _, err := s.recordBefore(area, committed)
 		if err != nil {
 			return err
 		}
-		grew = recs[0] == s.lastRec
+		grew = last == s.lastRec
 	}
 	if grew {
 		return s.scan(ctx, area, committed, false)
