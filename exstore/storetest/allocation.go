@@ -13,30 +13,24 @@ import (
 	"github.com/clustersnap/clustersnap/exstore"
 )
 
-// testAllocation fills COWs of several chunk and device sizes to capacity
-// from many goroutines.
+// testAllocation fills COWs of several chunk sizes to capacity from many
+// goroutines, in device sizes that end at the edges of the store's metadata
+// units (Harness.Span) or, without them, in sizes of the suite's own.
 func testAllocation(t *testing.T, h Harness) {
-	type size struct {
-		name   string
-		chunks int64 // whole chunks
-		extra  int64 // bytes after them, less than a chunk
-	}
 	for _, c := range []uint32{1, 8, 16} {
-		stride := areaStride(c)
-		sizes := []size{
-			{"3 chunks", 3, 0},
-			{"areas end at the device end", 1 + 3*stride, 0},
-			{"last chunk is an area", 1 + 3*stride + 1, 0},
-			{"last chunk is the first data chunk", 1 + 3*stride + 2, 0},
-			{"mid-area", 1 + 3*stride + stride/2, 0},
-		}
-		if c > 1 {
-			sizes = append(sizes, size{"mid-area with a partial chunk", 1 + 3*stride + stride/2, chunkBytes(c) / 2})
+		sizes := []cowSize{{"3 chunks", cowOfChunks(c, 3)}}
+		if edges := h.edgeSizes(c); edges != nil {
+			sizes = append(sizes, edges...)
+		} else {
+			spans := cowOfChunks(c, 3*int64(h.span(c)))
+			sizes = append(sizes, cowSize{"3 spans", spans})
+			if c > 1 {
+				sizes = append(sizes, cowSize{"3 spans and a partial chunk", spans + chunkBytes(c)/2})
+			}
 		}
 		for _, sz := range sizes {
-			cowBytes := cowOfChunks(c, sz.chunks) + sz.extra
 			t.Run(fmt.Sprintf("C=%d/%s", c, sz.name), func(t *testing.T) {
-				fillConcurrently(t, newSession(t, h, c, cowBytes))
+				fillConcurrently(t, newSession(t, h, c, sz.bytes))
 			})
 		}
 	}
@@ -118,9 +112,10 @@ func fillConcurrently(t *testing.T, ss *session) {
 // testOrder checks that Prepare hands out chunks in increasing order.
 func testOrder(t *testing.T, h Harness) {
 	const c = 1
-	ss := newSession(t, h, c, cowOfChunks(c, 1+4*areaStride(c)))
+	span := h.span(c)
+	ss := newSession(t, h, c, h.cowHolding(t, c, 4*span))
 	var prev exstore.Exception
-	for i := range uint64(3 * areaStride(c)) {
+	for i := range 3*span + 3 {
 		e := ss.prepare(exstore.Chunk(1000 - i))
 		if i > 0 && !assert.Greater(t, e.New, prev.New, "%s: Prepare #%d after %v", h.Name, i, prev) {
 			break

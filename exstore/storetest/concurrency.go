@@ -20,7 +20,7 @@ func testConcurrency(t *testing.T, h Harness) {
 		readers = 3
 		oldSpan = 1000 // origin chunks of writer w are w*oldSpan upwards
 	)
-	ss := newSession(t, h, c, cowOfChunks(c, 1+3*areaStride(c)))
+	ss := newSession(t, h, c, h.cowHolding(t, c, max(3*h.span(c), writers*perEach)))
 	require.GreaterOrEqual(t, ss.capacity(), uint64(writers*perEach), "COW too small for the test")
 
 	var prepared, committed sync.Map // origin chunk → COW chunk

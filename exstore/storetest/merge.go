@@ -13,8 +13,8 @@ import (
 
 // mergeRun is how many exceptions at the end of committed (in commit order)
 // the kernel's prepare_merge returns: the last one and those before it whose
-// old and new chunks both drop by one per step. New chunks jump over a
-// metadata area, so a run never crosses one.
+// old and new chunks both drop by one per step. New chunks jump over
+// metadata chunks, so a run never crosses one.
 func mergeRun(committed []exstore.Exception) int {
 	if len(committed) == 0 {
 		return 0
@@ -93,28 +93,28 @@ func testMerge(t *testing.T, h Harness) {
 		assert.Zero(t, n, "%s: PrepareMerge of an empty store", h.Name)
 	})
 
-	t.Run("areas", func(t *testing.T) {
+	t.Run("units", func(t *testing.T) {
 		const c = 1
 		seed := time.Now().UnixNano()
 		t.Logf("seed %d", seed)
 		rng := rand.New(rand.NewPCG(uint64(seed), 29))
-		stride := areaStride(c)
-		ss := newSession(t, h, c, cowOfChunks(c, 1+6*stride))
-		target := int(4*stride + stride/3) // metadata in five areas
+		span := int(h.span(c))
+		ss := newSession(t, h, c, h.cowHolding(t, c, uint64(6*span)))
+		target := 4*span + span/2 // records in five metadata units
 		require.LessOrEqual(t, uint64(target), ss.capacity(), "COW too small for the test")
 
-		// A run longer than an area's 32 exceptions, then runs of up to 40,
-		// singletons, and chunks going down, which are not runs.
+		// A run longer than a metadata unit, then runs of up to a unit and
+		// a bit, singletons, and chunks going down, which are not runs.
 		var committed []exstore.Exception
 		old := exstore.Chunk(1000)
-		for range stride + 1 {
+		for range span + 2 {
 			committed = append(committed, ss.add(old))
 			old++
 		}
 		for len(committed) < target {
 			switch rng.IntN(3) {
 			case 0:
-				for range min(rng.IntN(40)+1, target-len(committed)) {
+				for range min(rng.IntN(span+8)+1, target-len(committed)) {
 					committed = append(committed, ss.add(old))
 					old++
 				}
@@ -129,13 +129,13 @@ func testMerge(t *testing.T, h Harness) {
 			}
 			old += exstore.Chunk(rng.IntN(3) + 1)
 		}
-		// The first run spans more chunks than lie between two metadata
-		// areas: if the store has any among its data, the run is split.
+		// The first run spans more chunks than one metadata unit records:
+		// if the store has metadata among its data, the run is split.
 		metadataInside, split := false, false
-		for ch := committed[0].New; ch <= committed[stride].New; ch++ {
+		for ch := committed[0].New; ch <= committed[span+1].New; ch++ {
 			metadataInside = metadataInside || h.IsMetadata(c, ch)
 		}
-		for i := 1; i <= int(stride); i++ {
+		for i := 1; i <= span+1; i++ {
 			split = split || committed[i].New != committed[i-1].New+1
 		}
 		require.Equal(t, metadataInside, split, "%s: a run of origin chunks crosses metadata iff its COW chunks do", h.Name)

@@ -16,8 +16,8 @@ func testRefresh(t *testing.T, h Harness) {
 		t.Skipf("%s cannot be opened twice", h.Name)
 	}
 	const c = 8
-	stride := areaStride(c)
-	ss := newSession(t, h, c, cowOfChunks(c, 1+3*stride))
+	span := h.span(c)
+	ss := newSession(t, h, c, h.cowHolding(t, c, 3*span))
 	other := h.OpenShared(t, ss.dev)
 	require.NotNil(t, other, "%s: OpenShared returned no store", h.Name)
 	t.Cleanup(func() { assert.NoError(t, other.Close(), "%s: Close of the second instance", h.Name) })
@@ -41,10 +41,10 @@ func testRefresh(t *testing.T, h Harness) {
 	}
 	addSome(40)
 	check("after 40 commits")
-	addSome(int(stride) + 10)
-	check("after commits that filled an area")
+	addSome(int(span) + 11)
+	check("after commits that filled a metadata unit")
 	if h.Merge {
-		committed = mergeAll(ss, committed, len(committed)-int(stride)/2)
+		committed = mergeAll(ss, committed, len(committed)-int(span+1)/2)
 		check("after a merge")
 		ss.checkMissing(other, exstore.Chunk(3*(len(committed))+7), "in the second instance after it was merged")
 	}

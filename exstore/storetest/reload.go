@@ -21,8 +21,9 @@ func testReload(t *testing.T, h Harness) {
 	seed := time.Now().UnixNano()
 	t.Logf("seed %d", seed)
 	rng := rand.New(rand.NewPCG(uint64(seed), 17))
-	ss := newSession(t, h, c, cowOfChunks(c, 1+3*areaStride(c)+10))
-	count := int(areaStride(c)) + 80 // more than one area's worth
+	span := h.span(c)
+	ss := newSession(t, h, c, h.cowHolding(t, c, 3*span))
+	count := int(span) + 81 // more than one metadata unit's worth
 	require.LessOrEqual(t, uint64(count)+1, ss.capacity(), "COW too small for the test")
 
 	olds := []exstore.Chunk{0, exstore.MaxChunk, exstore.MaxChunk - 1, 1 << 32, 1<<32 - 1}

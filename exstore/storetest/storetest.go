@@ -34,6 +34,14 @@ type Harness struct {
 	// WantUsage is the usage the store must report after n committed
 	// exceptions (and nothing else) on a fresh store.
 	WantUsage func(chunkSectors uint32, cowBytes int64, n uint64) exstore.Usage
+	// Span is, for a chunk size, how many exceptions one unit of the
+	// store's metadata records (for dm-snapshot's "P" layout, one metadata
+	// area: chunk bytes/16 records). Tests that must cross from one unit to
+	// the next commit more than a Span, and the allocation test fills COWs
+	// whose end falls at the edges of a unit, found with IsMetadata. nil:
+	// the store's metadata has no such unit; the suite counts in
+	// defaultSpan and fills COWs of sizes of its own.
+	Span func(chunkSectors uint32) uint64
 	// Merge: the store supports PrepareMerge/CommitMerge.
 	Merge bool
 	// WaitLimit bounds how long the suite waits for a Commit it expects to
@@ -67,14 +75,3 @@ func Run(t *testing.T, h Harness) {
 	t.Run("conditional prepare", func(t *testing.T) { testConditionalPrepare(t, h) })
 	t.Run("lazy commit", func(t *testing.T) { testLazyCommit(t, h) })
 }
-
-// areaStride is the distance in chunks between dm-snapshot persistent
-// metadata areas: one area chunk plus the E = chunk bytes/16 data chunks it
-// describes.
-func areaStride(chunkSectors uint32) int64 { return int64(chunkSectors)*exstore.SectorSize/16 + 1 }
-
-// chunkBytes is the chunk size in bytes.
-func chunkBytes(chunkSectors uint32) int64 { return int64(chunkSectors) * exstore.SectorSize }
-
-// cowOfChunks is the size of a COW of the given number of chunks.
-func cowOfChunks(chunkSectors uint32, chunks int64) int64 { return chunks * chunkBytes(chunkSectors) }

@@ -14,8 +14,8 @@ import (
 func testUsage(t *testing.T, h Harness) {
 	for _, c := range []uint32{1, 8} {
 		t.Run(fmt.Sprintf("C=%d", c), func(t *testing.T) {
-			stride := areaStride(c)
-			ss := newSession(t, h, c, cowOfChunks(c, 1+2*stride+stride/2))
+			span := h.span(c)
+			ss := newSession(t, h, c, h.cowHolding(t, c, 2*span+span/2))
 			capacity := ss.capacity()
 			require.Positive(t, capacity, "COW too small for the test")
 			checkUsage := func(n uint64) bool {
