@@ -52,7 +52,7 @@ func (ss *session) waitLimit() time.Duration {
 	return defaultWaitLimit
 }
 
-// close closes the store now.
+// close closes the store at once.
 func (ss *session) close() {
 	ss.t.Helper()
 	s := ss.s
