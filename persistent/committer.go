@@ -58,8 +58,9 @@ func (s *Store) takeReady() []*prepared {
 	return batch
 }
 
-// batchWrittenLocked records the end of a batch: the lazily committed exceptions
-// still waiting are those left in the queue. The caller holds allocMu.
+// batchWrittenLocked records the end of a batch: the lazily committed
+// exceptions still waiting are those left in the queue. The caller holds
+// allocMu.
 func (s *Store) batchWrittenLocked() {
 	first := uint64(noLazy)
 	for _, p := range s.queue {

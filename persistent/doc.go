@@ -45,10 +45,10 @@
 //
 // # Refresh
 //
-// Refresh re-reads the header and the metadata another writer changed. When
-// the last record this store knows is still in place, the metadata only
-// grew and the new records are added to the live table; otherwise the whole
-// table is rebuilt and replaced at once, so a lookup sees either the old
-// table or the new one. Refresh refuses to run while exceptions are being
-// committed.
+// Refresh re-reads the header and the metadata another writer changed; a
+// header whose valid flag is 0 makes the store invalid. When the last
+// record this store knows is still in place, the metadata only grew and the
+// new records are added to the live table; otherwise the whole table is
+// rebuilt and replaced at once, so a lookup sees either the old table or
+// the new one. Refresh refuses to run while exceptions are being committed.
 package persistent

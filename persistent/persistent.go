@@ -244,6 +244,7 @@ func (s *Store) format(chunkSectors uint32) error {
 	return nil
 }
 
+// readHeader reads and decodes chunk 0; the caller checks what it holds.
 func (s *Store) readHeader() (Header, error) {
 	b, err := s.readAt(0, s.align)
 	if err != nil {
