@@ -511,6 +511,7 @@ func modelHarness(mutant string) Harness {
 				Exceptions:       n,
 			}
 		},
+		Span:  perArea,
 		Merge: true,
 	}
 }
@@ -558,7 +559,7 @@ func TestSuiteCatchesMutants(t *testing.T) {
 		{"lostOnReopen", "reload"},
 		{"metadataOffByOne", "usage"},
 		{"invalidNotDurable", "invalidate"},
-		{"mergeOldOnly", "merge/areas"},
+		{"mergeOldOnly", "merge/units"},
 		{"refreshNoop", "refresh"},
 		{"condUnlocked", "conditional prepare"},
 		{"settleAtCommit", "conditional prepare"},

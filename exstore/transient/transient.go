@@ -1,8 +1,3 @@
-// Package transient is the transient ("N") exception store: the kernel's
-// dm-snap-transient. It keeps its exceptions only in memory and writes nothing
-// but chunk data to the COW device, which holds data chunks from chunk 0
-// upwards with no header and no metadata, so the COW contents mean nothing
-// once the store is closed.
 package transient
 
 import (

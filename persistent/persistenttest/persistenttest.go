@@ -1,7 +1,3 @@
-// Package persistenttest gives the exception-store conformance suite
-// (exstore/storetest) what the kernel's "P" layout implies, for every store
-// that keeps its metadata in that format: the persistent store itself and
-// the stores that wrap it (clusterized).
 package persistenttest
 
 import (
@@ -10,11 +6,14 @@ import (
 	"github.com/clustersnap/clustersnap/persistent"
 )
 
-// WithLayout returns h with Capacity, IsMetadata and WantUsage set from the
-// "P" layout: record g goes to chunk 2+g+floor(g/E), next_free follows the
-// last record, skipping a metadata area, and the current area is the one
-// record n goes to.
+// WithLayout returns h with Capacity, IsMetadata, WantUsage and Span set
+// from the "P" layout: record g goes to chunk 2+g+floor(g/E), next_free
+// follows the last record, skipping a metadata area, the current area is
+// the one record n goes to, and a metadata area records E exceptions.
 func WithLayout(h storetest.Harness) storetest.Harness {
+	h.Span = func(chunkSectors uint32) uint64 {
+		return persistent.NewGeometry(chunkSectors, 1<<40).PerArea
+	}
 	h.Capacity = func(chunkSectors uint32, cowBytes int64) uint64 {
 		return persistent.NewGeometry(chunkSectors, cowBytes).Capacity()
 	}

@@ -1,0 +1,54 @@
+// Package persistent is clustersnap's dm-snapshot compatible exception store:
+// a COW device it writes activates in the kernel as "snapshot <origin> <cow>
+// P 0", and a COW the kernel wrote opens here. The layout, the allocation
+// rule, the commit ordering and the merge primitives are those of the
+// kernel's drivers/md/dm-snap-persistent.c, as described in
+// shared/specs/dm-snapshot-format.md.
+//
+// # Layout
+//
+// Chunk 0 holds the header (spec §1.1). Metadata area k sits at chunk
+// 1+k*(E+1), E = chunk bytes/16, and lists the E exceptions whose data
+// chunks follow it (§1.2); a record whose COW chunk is zero ends the list
+// (§1.3). Exceptions are allocated in increasing COW chunk order, skipping
+// metadata (§1.4). The store refuses metadata that points outside the COW or
+// at metadata, and an allocation that would fill the last area when its
+// successor lies past the end of the device (§1.5).
+//
+// # Ordering
+//
+//   - A record is written only after the data it points to is durable: every
+//     metadata write is preceded by a flush of the COW device (§2.1).
+//   - A metadata area is written with FUA, and Commit returns only once its
+//     record is durable; the header's valid flag is written the same way.
+//   - The area after a full area is zeroed before the full area is written,
+//     so a loader always finds a terminator.
+//   - Records are written in allocation order, in batches (group commit): a
+//     batch takes the prefix of prepared exceptions that are committed or
+//     aborted, so a crash never leaves a record after a chunk that a later
+//     allocation could reuse.
+//   - Only the aligned blocks of an area that change are written; the result
+//     on disk is byte-for-byte the kernel's.
+//
+// CommitLazy (exstore.LazyCommitter) makes an exception visible at once
+// and leaves its record to the next batch, which Sync, a Commit or enough
+// waiting exceptions start, with the same ordering.
+//
+// # Locking
+//
+// Locks, in the order they are taken: metaMu serialises metadata I/O (the
+// committer's batches, Refresh, merge, invalidation); allocMu guards
+// allocation, the queue of prepared exceptions and the area position; mu
+// guards the table's contents. Lookups never wait for metadata I/O, and a
+// lookup the table's filter rules out takes no lock at all. Validity and
+// the table pointer are atomics.
+//
+// # Refresh
+//
+// Refresh re-reads the header and the metadata another writer changed; a
+// header whose valid flag is 0 makes the store invalid. When the last
+// record this store knows is still in place, the metadata only grew and the
+// new records are added to the live table; otherwise the whole table is
+// rebuilt and replaced at once, so a lookup sees either the old table or
+// the new one. Refresh refuses to run while exceptions are being committed.
+package persistent
