@@ -1,0 +1,223 @@
+package cow
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+
+	"github.com/clustersnap/clustersnap/exstore"
+)
+
+// CopiesInFlight bounds the chunk copies (and allocations) one snapshot has
+// in flight: the kernel's snapshot_cow_threshold default.
+const CopiesInFlight = 2048
+
+// copyBeforeOverwrite gives every valid snapshot its copy of the chunks
+// that [off, off+n) overlaps and has no exception for, before the caller
+// overwrites (or discards) that range of the origin. The caller holds
+// o.snapMu shared until its own change to the origin is done.
+func (o *Origin) copyBeforeOverwrite(ctx context.Context, off, n int64) error {
+	var tasks []copyTask
+	for _, s := range o.snaps {
+		var err error
+		if tasks, err = s.chunksToCopy(ctx, off, n, tasks); err != nil {
+			return err
+		}
+	}
+	// The copies run in parallel, largest chunk size first, so that their
+	// commits share metadata writes; the caller waits for all of them.
+	return forEachParallel(len(tasks), func(i int) error {
+		if err := tasks[i].snap.copyChunkForOrigin(ctx, tasks[i].chunk); err != nil {
+			return fmt.Errorf("snapshot %s: %w", tasks[i].snap.name, err)
+		}
+		return nil
+	})
+}
+
+// copyTask is one chunk an origin write needs copied into one snapshot.
+type copyTask struct {
+	snap  *Snapshot
+	chunk exstore.Chunk
+}
+
+// parallelLimit bounds the goroutines one request fans out to; the copies
+// in flight are bounded per snapshot by CopiesInFlight anyway.
+const parallelLimit = 64
+
+// forEachParallel calls fn for 0..n-1, up to parallelLimit at a time (n of
+// 1 runs inline), and returns the error of the lowest index that failed.
+func forEachParallel(n int, fn func(i int) error) error {
+	if n <= 1 {
+		if n == 1 {
+			return fn(0)
+		}
+		return nil
+	}
+	errs := make([]error, n)
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	for range min(n, parallelLimit) {
+		wg.Go(func() {
+			for i := int(next.Add(1) - 1); i < n; i = int(next.Add(1) - 1) {
+				errs[i] = fn(i)
+			}
+		})
+	}
+	wg.Wait()
+	for _, err := range errs {
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// skipForOrigin reports whether origin writes may skip the snapshot: it is
+// invalid or merged, so nothing it shows must be kept. Any other failure
+// of its store (a clustered store whose node lost the cluster lock: the
+// snapshot is valid for the other nodes) fails the origin write instead, as
+// overwriting the origin without the copy would corrupt the snapshot.
+func (s *Snapshot) skipForOrigin() (bool, error) {
+	err := s.failure()
+	if err == nil {
+		return false, nil
+	}
+	if errors.Is(err, exstore.ErrInvalid) || errors.Is(err, ErrMerged) {
+		return true, nil
+	}
+	return false, fmt.Errorf("snapshot %s: %w", s.name, err)
+}
+
+// chunksToCopy appends to tasks the chunks that an origin write of n bytes
+// at off overwrites and the snapshot has no exception for. An invalid
+// snapshot needs none.
+func (s *Snapshot) chunksToCopy(ctx context.Context, off, n int64, tasks []copyTask) ([]copyTask, error) {
+	if skip, err := s.skipForOrigin(); skip || err != nil {
+		return tasks, err
+	}
+	for c := off / s.chunkBytes; c <= (off+n-1)/s.chunkBytes; c++ {
+		new, found, err := s.lookup(ctx, exstore.Chunk(c))
+		if err != nil {
+			return tasks, fmt.Errorf("snapshot %s: %w", s.name, err)
+		}
+		if !found {
+			tasks = append(tasks, copyTask{snap: s, chunk: exstore.Chunk(c)})
+		} else {
+			s.ensureDurable(ctx, exstore.Chunk(c), new)
+		}
+	}
+	return tasks, nil
+}
+
+// copyChunkForOrigin makes sure chunk c has an exception (or the snapshot
+// is invalid) before an origin write overwrites it. It fails only if ctx
+// ends or a lookup fails; a failed copy invalidates the snapshot instead,
+// and the origin write goes ahead.
+func (s *Snapshot) copyChunkForOrigin(ctx context.Context, c exstore.Chunk) error {
+	releaseSlot, err := s.acquireCopySlot(ctx)
+	if err != nil {
+		return err
+	}
+	defer releaseSlot()
+	s.locks.lock(c)
+	defer s.locks.unlock(c)
+	if skip, err := s.skipForOrigin(); skip || err != nil {
+		return err
+	}
+	if new, found, err := s.lookup(ctx, c); err != nil {
+		return err
+	} else if found {
+		// A snapshot write allocated it since chunksToCopy looked.
+		s.ensureDurable(ctx, c, new)
+		return nil
+	}
+	e, err := s.store.Prepare(ctx, c)
+	switch {
+	case err == nil:
+	case ctx.Err() != nil:
+		return ctx.Err()
+	case errors.Is(err, exstore.ErrExists):
+		// Another node sharing the store copied the chunk after our
+		// lookup: the snapshot has its data.
+		return nil
+	case errors.Is(err, exstore.ErrInvalid):
+		s.markFailed(err)
+		return nil
+	default:
+		// The kernel invalidates on any allocation failure here: the
+		// origin write must go ahead and the snapshot cannot keep its data.
+		s.invalidate(ctx, allocationFailure(c, err))
+		return nil
+	}
+	s.copyAndCommit(ctx, e, false)
+	return nil
+}
+
+// ensureDurable makes chunk c's exception, in COW chunk new, durable before
+// an origin write overwrites c: a lazily committed one could otherwise be
+// lost in a crash after the origin changed, and the snapshot would read the
+// new data. A failure invalidates the snapshot; the origin write goes
+// ahead.
+func (s *Snapshot) ensureDurable(ctx context.Context, c, new exstore.Chunk) {
+	if s.lazy == nil || s.lazy.Durable(new) {
+		return
+	}
+	if err := s.lazy.Sync(context.WithoutCancel(ctx)); err != nil {
+		s.invalidate(ctx, fmt.Errorf("chunk %d: writing its exception before an origin write: %w", c, err))
+	}
+}
+
+// acquireCopySlot takes one of the snapshot's copy slots.
+func (s *Snapshot) acquireCopySlot(ctx context.Context) (release func(), err error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	select {
+	case s.copies <- struct{}{}:
+		return func() { <-s.copies }, nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+// allocationFailure is the reason to invalidate the snapshot after Prepare
+// of chunk c failed with err.
+func allocationFailure(c exstore.Chunk, err error) error {
+	if errors.Is(err, exstore.ErrNoSpace) {
+		return fmt.Errorf("chunk %d: %w: %w", c, ErrCOWFull, err)
+	}
+	return fmt.Errorf("chunk %d: allocation failed: %w", c, err)
+}
+
+// copyAndCommit copies the origin chunk of prepared exception e to its COW
+// chunk and commits e (lazily if lazy: see commit). It reports whether that worked; any failure, of the
+// origin read as of the COW write or the commit, invalidates the snapshot
+// as in the kernel (a failed copy leaves a prepared exception that the
+// store cannot hand out again before a reload).
+func (s *Snapshot) copyAndCommit(ctx context.Context, e exstore.Exception, lazy bool) bool {
+	bufp := s.buffers.Get().(*[]byte)
+	defer s.buffers.Put(bufp)
+	buf := *bufp
+	chunkStart := int64(e.Old) * s.chunkBytes
+	// The origin's last chunk may be partial: copy only what exists.
+	n := min(s.chunkBytes, s.size-chunkStart)
+	if err := readDev(s.origin.dev, buf[:n], chunkStart); err != nil {
+		s.store.Abort(e)
+		s.invalidate(ctx, fmt.Errorf("copy of chunk %d from origin %s: %w", e.Old, s.origin.dev.Name(), err))
+		return false
+	}
+	clear(buf[n:])
+	wn := min(alignUp(n, int64(s.cow.Alignment())), s.chunkBytes)
+	if err := writeDev(s.cow, buf[:wn], int64(e.New)*s.chunkBytes, false); err != nil {
+		s.store.Abort(e)
+		s.invalidate(ctx, fmt.Errorf("copy of chunk %d to COW chunk %d: %w", e.Old, e.New, err))
+		return false
+	}
+	if err := s.commit(ctx, e, lazy); err != nil {
+		s.invalidate(ctx, fmt.Errorf("commit of exception %v: %w", e, err))
+		return false
+	}
+	return true
+}
