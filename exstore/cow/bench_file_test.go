@@ -145,16 +145,16 @@ func newFileSnapshot(b *testing.B, size int64, chunkSectors uint32, fillWrite in
 	return &fileSnapshot{originFile: originFile, origin: o, cow: cow, snap: s}
 }
 
-// rawVolume serves a device as a Volume, the baseline the engine is
+// rawVolume serves a device as a volume, the baseline the engine is
 // compared with. In the write benchmarks it is a countingDevice of its own
 // (whose counts nobody reads), so that both sides pay the counting the
 // engine's COW device does.
 type rawVolume struct{ f blockdev.Device }
 
-// Size implements Volume.
+// Size implements volume.
 func (r rawVolume) Size() int64 { return r.f.Size() }
 
-// ReadAt implements Volume.
+// ReadAt implements volume.
 func (r rawVolume) ReadAt(_ context.Context, p []byte, off int64) error {
 	n, err := r.f.ReadAt(p, off)
 	if n == len(p) && err == io.EOF {
@@ -163,7 +163,7 @@ func (r rawVolume) ReadAt(_ context.Context, p []byte, off int64) error {
 	return err
 }
 
-// WriteAt implements Volume.
+// WriteAt implements volume.
 func (r rawVolume) WriteAt(_ context.Context, p []byte, off int64, fua bool) error {
 	var err error
 	if fua {
@@ -174,7 +174,7 @@ func (r rawVolume) WriteAt(_ context.Context, p []byte, off int64, fua bool) err
 	return err
 }
 
-// Flush implements Volume.
+// Flush implements volume.
 func (r rawVolume) Flush(context.Context) error { return r.f.Sync() }
 
 // pairedTargets are what a paired benchmark compares: the raw file and
@@ -195,9 +195,9 @@ const pairedRounds = 100
 // throughput relative to the raw file's: engine/raw is the median over the
 // rounds of each round's ratio, which a burst of other load on the machine
 // during one phase does not move, engine/raw-total the ratio of the totals.
-func runPaired(b *testing.B, raw, engine Volume, parallel, flush bool, bufSize int, do func(v Volume, j int64, buf []byte) error) {
+func runPaired(b *testing.B, raw, engine volume, parallel, flush bool, bufSize int, do func(v volume, j int64, buf []byte) error) {
 	ctx := context.Background()
-	targets := [pairedTargets]Volume{raw, engine}
+	targets := [pairedTargets]volume{raw, engine}
 	workers := 1
 	if parallel {
 		workers = fileBenchParallelism * runtime.GOMAXPROCS(0)
@@ -291,7 +291,7 @@ func BenchmarkFileRead(b *testing.B) {
 					blocks := uint64(fileBenchReadSize / size)
 					seed := rand.Uint64()
 					ctx := context.Background()
-					runPaired(b, rawVolume{fs.originFile}, fs.snap, conc.parallel, false, size, func(v Volume, j int64, buf []byte) error {
+					runPaired(b, rawVolume{fs.originFile}, fs.snap, conc.parallel, false, size, func(v volume, j int64, buf []byte) error {
 						blk := int64(mix(seed+uint64(j)) % blocks)
 						return v.ReadAt(ctx, buf, blk*int64(size))
 					})
@@ -379,7 +379,7 @@ func BenchmarkFileFirstWrite(b *testing.B) {
 					fs := newFileSnapshot(b, size, chunkSectors, 0)
 					fs.cow.resetCounts()
 					ctx := context.Background()
-					runPaired(b, raw, fs.snap, conc.parallel, policy.flush, writeSize, func(v Volume, j int64, buf []byte) error {
+					runPaired(b, raw, fs.snap, conc.parallel, policy.flush, writeSize, func(v volume, j int64, buf []byte) error {
 						// The write lands in the middle of its chunk.
 						off := int64(perm[j])*chunkBytes + (chunkBytes-writeSize)/2
 						return v.WriteAt(ctx, buf, off, false)
@@ -423,9 +423,9 @@ func BenchmarkFileRewrite(b *testing.B) {
 				raw := rawVolume{newCountingDevice(fs.cow.Device, 8)}
 				fs.cow.resetCounts()
 				seed := rand.Uint64()
-				runPaired(b, raw, fs.snap, conc.parallel, policy.flush, writeSize, func(v Volume, j int64, buf []byte) error {
+				runPaired(b, raw, fs.snap, conc.parallel, policy.flush, writeSize, func(v volume, j int64, buf []byte) error {
 					c := int64(mix(seed+uint64(j)) % (size / writeSize))
-					if v == Volume(raw) {
+					if v == volume(raw) {
 						return v.WriteAt(ctx, buf, cowOffsets[c], false)
 					}
 					return v.WriteAt(ctx, buf, c*writeSize, false)

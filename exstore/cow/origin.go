@@ -11,23 +11,8 @@ import (
 	"github.com/clustersnap/clustersnap/exstore/blockdev"
 )
 
-// Volume is a block device as the NBD server serves it. Requests may be of
-// any byte range inside the volume and may span chunks; writes to devices
-// whose Alignment is larger than 1 must be aligned to it.
-type Volume interface {
-	// Size is the volume size in bytes.
-	Size() int64
-	// ReadAt fills p from off.
-	ReadAt(ctx context.Context, p []byte, off int64) error
-	// WriteAt writes p at off; with fua the data is durable when it returns.
-	WriteAt(ctx context.Context, p []byte, off int64, fua bool) error
-	// Flush makes every completed write durable.
-	Flush(ctx context.Context) error
-}
-
-// Origin is the origin device with its snapshots. It implements Volume: reads
-// pass straight through, writes first copy the chunks they overwrite into
-// the snapshots.
+// Origin is the origin device with its snapshots: reads pass straight
+// through, writes first copy the chunks they overwrite into the snapshots.
 type Origin struct {
 	dev  blockdev.Device
 	size int64
@@ -51,14 +36,12 @@ type Origin struct {
 	syncs syncTracker
 }
 
-var _ Volume = (*Origin)(nil)
-
 // NewOrigin returns the origin on dev, without snapshots.
 func NewOrigin(dev blockdev.Device) *Origin {
 	return &Origin{dev: dev, size: dev.Size(), zeroes: zeroBuffer(zeroBufferBytes, dev.Alignment())}
 }
 
-// Size implements Volume.
+// Size is the origin's size in bytes.
 func (o *Origin) Size() int64 { return o.size }
 
 // Device returns the origin device.
@@ -115,7 +98,7 @@ func (o *Origin) AddSnapshot(name string, store exstore.Store, cow blockdev.Devi
 	return s, nil
 }
 
-// ReadAt implements Volume.
+// ReadAt fills p from off of the origin.
 func (o *Origin) ReadAt(ctx context.Context, p []byte, off int64) error {
 	if err := checkRange(o.size, off, int64(len(p))); err != nil {
 		return fmt.Errorf("origin %s: read: %w", o.dev.Name(), err)
@@ -129,7 +112,8 @@ func (o *Origin) ReadAt(ctx context.Context, p []byte, off int64) error {
 	return nil
 }
 
-// WriteAt implements Volume: every valid snapshot gets its copy of the
+// WriteAt writes p at off of the origin, durably before it returns with
+// fua. Every valid snapshot gets its copy of the
 // chunks p overwrites before p reaches the origin. A snapshot whose copy
 // fails (COW full, COW or origin read I/O error) is invalidated and
 // skipped, as in the kernel; the write fails only if ctx ends, a store's
@@ -159,7 +143,8 @@ func (o *Origin) WriteAt(ctx context.Context, p []byte, off int64, fua bool) err
 	return nil
 }
 
-// Flush implements Volume: it syncs the origin and every valid snapshot's
+// Flush makes every origin write that completed before it durable: it
+// syncs the origin and every valid snapshot's
 // COW device, each unless no write reached it since its last sync. A COW
 // that fails to sync invalidates its snapshot rather than failing the
 // origin's flush.

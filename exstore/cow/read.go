@@ -7,7 +7,7 @@ import (
 	"github.com/clustersnap/clustersnap/exstore"
 )
 
-// ReadAt implements Volume.
+// ReadAt fills p from off of the snapshot.
 func (s *Snapshot) ReadAt(ctx context.Context, p []byte, off int64) error {
 	if s.readInChunk(ctx, p, off) {
 		return nil

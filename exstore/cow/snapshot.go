@@ -24,7 +24,7 @@ var ErrOverflow = errors.New("snapshot overflowed: the COW device is full")
 var ErrCOWFull = errors.New("the COW device filled up")
 
 // Snapshot is the view of an origin at the time the snapshot was taken,
-// plus the snapshot's own writes. It implements Volume.
+// plus the snapshot's own writes.
 type Snapshot struct {
 	origin *Origin
 	name   string
@@ -77,8 +77,6 @@ type Snapshot struct {
 	overflowed atomic.Bool
 }
 
-var _ Volume = (*Snapshot)(nil)
-
 // newSnapshot returns a snapshot of o over store on cow; AddSnapshot checks
 // the arguments and registers it.
 func newSnapshot(o *Origin, name string, store exstore.Store, cow blockdev.Device, opts SnapshotOptions) *Snapshot {
@@ -122,7 +120,7 @@ func (s *Snapshot) ChunkSectors() uint32 { return s.store.ChunkSectors() }
 // Options returns the options the snapshot was added with.
 func (s *Snapshot) Options() SnapshotOptions { return s.opts }
 
-// Size implements Volume: the origin's size.
+// Size is the snapshot's size in bytes: the origin's.
 func (s *Snapshot) Size() int64 { return s.size }
 
 // Err is nil while the snapshot is valid and not overflowed. Once it is
@@ -184,9 +182,10 @@ func (s *Snapshot) writable() error {
 	return nil
 }
 
-// Flush implements Volume: it syncs the COW device, and the origin, which
-// the snapshot's chunks without exception read from, each unless no write
-// reached it since its last sync.
+// Flush makes every snapshot write that completed before it durable: it
+// syncs the COW device, and the origin, which the snapshot's chunks without
+// exception read from, each unless no write reached it since its last
+// sync.
 func (s *Snapshot) Flush(ctx context.Context) error {
 	if err := ctx.Err(); err != nil {
 		return err

@@ -8,7 +8,8 @@ import (
 	"github.com/clustersnap/clustersnap/exstore"
 )
 
-// WriteAt implements Volume.
+// WriteAt writes p at off of the snapshot, durably (data and exception)
+// before it returns with fua.
 func (s *Snapshot) WriteAt(ctx context.Context, p []byte, off int64, fua bool) error {
 	var err error
 	switch s.rewriteInChunk(ctx, p, off, fua) {
