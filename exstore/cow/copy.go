@@ -116,39 +116,21 @@ func (s *Snapshot) chunksToCopy(ctx context.Context, off, n int64, tasks []copyT
 // ends or a lookup fails; a failed copy invalidates the snapshot instead,
 // and the origin write goes ahead.
 func (s *Snapshot) copyChunkForOrigin(ctx context.Context, c exstore.Chunk) error {
-	releaseSlot, err := s.acquireCopySlot(ctx)
-	if err != nil {
+	if err := s.holdChunk(ctx, c); err != nil {
 		return err
 	}
-	defer releaseSlot()
-	s.locks.lock(c)
-	defer s.locks.unlock(c)
-	if skip, err := s.skipForOrigin(); skip || err != nil {
+	defer s.releaseChunk(c)
+	e, prep, err := s.prepareHeld(ctx, c, true)
+	switch prep {
+	case chunkNotPrepared:
 		return err
-	}
-	if new, found, err := s.lookup(ctx, c); err != nil {
-		return err
-	} else if found {
+	case chunkHasException:
 		// A snapshot write allocated it since chunksToCopy looked.
-		s.ensureDurable(ctx, c, new)
+		s.ensureDurable(ctx, c, e.New)
 		return nil
-	}
-	e, err := s.store.Prepare(ctx, c)
-	switch {
-	case err == nil:
-	case ctx.Err() != nil:
-		return ctx.Err()
-	case errors.Is(err, exstore.ErrExists):
+	case chunkAddedElsewhere:
 		// Another node sharing the store copied the chunk after our
 		// lookup: the snapshot has its data.
-		return nil
-	case errors.Is(err, exstore.ErrInvalid):
-		s.markFailed(err)
-		return nil
-	default:
-		// The kernel invalidates on any allocation failure here: the
-		// origin write must go ahead and the snapshot cannot keep its data.
-		s.invalidate(ctx, allocationFailure(c, err))
 		return nil
 	}
 	s.copyAndCommit(ctx, e, false)
@@ -169,16 +151,97 @@ func (s *Snapshot) ensureDurable(ctx context.Context, c, new exstore.Chunk) {
 	}
 }
 
-// acquireCopySlot takes one of the snapshot's copy slots.
-func (s *Snapshot) acquireCopySlot(ctx context.Context) (release func(), err error) {
+// holdChunk takes one of the snapshot's copy slots and then chunk c's lock,
+// in that order (see Snapshot.copies): what a path that may allocate c's
+// exception holds from its lookup to its commit. releaseChunk lets both go.
+func (s *Snapshot) holdChunk(ctx context.Context, c exstore.Chunk) error {
 	if err := ctx.Err(); err != nil {
-		return nil, err
+		return err
 	}
 	select {
 	case s.copies <- struct{}{}:
-		return func() { <-s.copies }, nil
 	case <-ctx.Done():
-		return nil, ctx.Err()
+		return ctx.Err()
+	}
+	s.locks.lock(c)
+	return nil
+}
+
+// releaseChunk releases chunk c and the copy slot that holdChunk took.
+func (s *Snapshot) releaseChunk(c exstore.Chunk) {
+	s.locks.unlock(c)
+	<-s.copies
+}
+
+// preparation is what prepareHeld did with a chunk.
+type preparation uint8
+
+const (
+	// chunkPrepared: the exception returned is prepared; the caller fills
+	// its COW chunk and commits it, or aborts it.
+	chunkPrepared preparation = iota
+	// chunkHasException: the lookup found the chunk's exception; the
+	// exception returned tells its COW chunk.
+	chunkHasException
+	// chunkAddedElsewhere: Prepare found that another node sharing the
+	// store added the chunk's exception after the lookup.
+	chunkAddedElsewhere
+	// chunkNotPrepared: nothing was prepared; the caller returns the error
+	// returned, nil when there is nothing left to do.
+	chunkNotPrepared
+)
+
+// prepareHeld is the common part of the two paths that may allocate chunk
+// c's exception, a snapshot write's (forOrigin false) and an origin
+// write's copy (forOrigin true), for c held by holdChunk: it checks the
+// snapshot, looks c up and, if c has no exception, prepares one. It
+// handles Prepare's failures as the path must:
+//   - a canceled ctx fails either path;
+//   - an invalid store marks the snapshot invalid: the snapshot write
+//     fails, the origin write skips the snapshot;
+//   - COW full fails the snapshot write with ErrOverflow in overflow mode,
+//     and invalidates the snapshot otherwise;
+//   - any other failure invalidates the snapshot for an origin write, as
+//     in the kernel: the origin write must go ahead and the snapshot cannot
+//     keep its data. A snapshot write just fails.
+func (s *Snapshot) prepareHeld(ctx context.Context, c exstore.Chunk, forOrigin bool) (exstore.Exception, preparation, error) {
+	if forOrigin {
+		if skip, err := s.skipForOrigin(); skip || err != nil {
+			return exstore.Exception{}, chunkNotPrepared, err
+		}
+	} else if err := s.writable(); err != nil {
+		return exstore.Exception{}, chunkNotPrepared, err
+	}
+	if new, found, err := s.lookup(ctx, c); err != nil {
+		return exstore.Exception{}, chunkNotPrepared, err
+	} else if found {
+		return exstore.Exception{Old: c, New: new}, chunkHasException, nil
+	}
+	e, err := s.store.Prepare(ctx, c)
+	switch {
+	case err == nil:
+		return e, chunkPrepared, nil
+	case ctx.Err() != nil:
+		return e, chunkNotPrepared, ctx.Err()
+	case errors.Is(err, exstore.ErrExists):
+		return e, chunkAddedElsewhere, nil
+	case !forOrigin && errors.Is(err, exstore.ErrNoSpace) && s.opts.Overflow:
+		s.overflowed.Store(true)
+		return e, chunkNotPrepared, fmt.Errorf("chunk %d: %w", c, ErrOverflow)
+	case errors.Is(err, exstore.ErrInvalid):
+		s.markFailed(err)
+		if forOrigin {
+			return e, chunkNotPrepared, nil
+		}
+		return e, chunkNotPrepared, err
+	case forOrigin:
+		s.invalidate(ctx, allocationFailure(c, err))
+		return e, chunkNotPrepared, nil
+	case errors.Is(err, exstore.ErrNoSpace):
+		s.invalidate(ctx, allocationFailure(c, err))
+		return e, chunkNotPrepared, s.failure()
+	default:
+		return e, chunkNotPrepared, fmt.Errorf("chunk %d: allocate: %w", c, err)
 	}
 }
 
@@ -192,10 +255,11 @@ func allocationFailure(c exstore.Chunk, err error) error {
 }
 
 // copyAndCommit copies the origin chunk of prepared exception e to its COW
-// chunk and commits e (lazily if lazy: see commit). It reports whether that worked; any failure, of the
-// origin read as of the COW write or the commit, invalidates the snapshot
-// as in the kernel (a failed copy leaves a prepared exception that the
-// store cannot hand out again before a reload).
+// chunk and commits e (lazily if lazy: see commit). It reports whether that
+// worked; any failure, of the origin read as of the COW write or the
+// commit, invalidates the snapshot as in the kernel (a failed copy leaves a
+// prepared exception that the store cannot hand out again before a
+// reload).
 func (s *Snapshot) copyAndCommit(ctx context.Context, e exstore.Exception, lazy bool) bool {
 	bufp := s.buffers.Get().(*[]byte)
 	defer s.buffers.Put(bufp)

@@ -43,11 +43,7 @@ const optimisticReadAttempts = 3
 // Reading twice changes nothing, and on a cached 4 KiB read the general
 // path's extra calls cost a measurable share.
 func (s *Snapshot) readInChunk(ctx context.Context, p []byte, off int64) bool {
-	n := int64(len(p))
-	if n == 0 || off < 0 || off > s.size-n || off/s.chunkBytes != (off+n-1)/s.chunkBytes {
-		return false
-	}
-	if a := s.ioAlign; a > 1 && ((off|n)&(a-1) != 0 || !memAligned(p, int(a))) {
+	if !s.inOneChunk(p, off) {
 		return false
 	}
 	if ctx.Err() != nil {

@@ -244,6 +244,18 @@ func (s *Snapshot) eachChunk(off, n int64, fn func(c exstore.Chunk, at int64, lo
 	return nil
 }
 
+// inOneChunk reports whether p at off is the request the one-chunk fast
+// paths take: not empty, inside the volume and inside one chunk, and
+// aligned (offset, length and memory) as both devices need.
+func (s *Snapshot) inOneChunk(p []byte, off int64) bool {
+	n := int64(len(p))
+	if n == 0 || off < 0 || off > s.size-n || off/s.chunkBytes != (off+n-1)/s.chunkBytes {
+		return false
+	}
+	a := s.ioAlign
+	return a <= 1 || (off|n)&(a-1) == 0 && memAligned(p, int(a))
+}
+
 // cowOffset is where byte at (in chunk old) lives on the COW device when
 // old's data is in COW chunk new.
 func (s *Snapshot) cowOffset(old, new exstore.Chunk, at int64) int64 {

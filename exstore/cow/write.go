@@ -2,7 +2,6 @@ package cow
 
 import (
 	"context"
-	"errors"
 	"fmt"
 
 	"github.com/clustersnap/clustersnap/exstore"
@@ -52,11 +51,7 @@ const (
 // its error. Writing the same data twice at the same place changes
 // nothing.
 func (s *Snapshot) rewriteInChunk(ctx context.Context, p []byte, off int64, fua bool) chunkWrite {
-	n := int64(len(p))
-	if n == 0 || off < 0 || off > s.size-n || off/s.chunkBytes != (off+n-1)/s.chunkBytes {
-		return notInChunk
-	}
-	if a := s.ioAlign; a > 1 && ((off|n)&(a-1) != 0 || !memAligned(p, int(a))) {
+	if !s.inOneChunk(p, off) {
 		return notInChunk
 	}
 	if s.opts.ReadOnly || s.failed.Load() || s.overflowed.Load() || ctx.Err() != nil || s.store.Err() != nil {
@@ -143,29 +138,18 @@ func (s *Snapshot) writeChunk(ctx context.Context, c exstore.Chunk, at int64, da
 // looked up: it allocates one (unless another goroutine or node did
 // meanwhile) and writes.
 func (s *Snapshot) allocateChunk(ctx context.Context, c exstore.Chunk, at int64, data []byte, n int64, fua bool) error {
-	releaseSlot, err := s.acquireCopySlot(ctx)
-	if err != nil {
+	if err := s.holdChunk(ctx, c); err != nil {
 		return err
 	}
-	defer releaseSlot()
-	s.locks.lock(c)
-	defer s.locks.unlock(c)
-	if err := s.writable(); err != nil {
+	defer s.releaseChunk(c)
+	e, prep, err := s.prepareHeld(ctx, c, false)
+	switch prep {
+	case chunkNotPrepared:
 		return err
-	}
-	if new, found, err := s.lookup(ctx, c); err != nil {
-		return err
-	} else if found {
-		return s.putCOW(c, new, at, data, n, fua)
-	}
-	e, err := s.store.Prepare(ctx, c)
-	switch {
-	case err == nil:
-	case ctx.Err() != nil:
-		return ctx.Err()
-	case errors.Is(err, exstore.ErrExists):
-		// Another node sharing the store added the exception after our
-		// lookup: write to its chunk.
+	case chunkHasException:
+		return s.putCOW(c, e.New, at, data, n, fua)
+	case chunkAddedElsewhere:
+		// Write to the chunk of the exception that another node added.
 		new, found, err := s.lookup(ctx, c)
 		if err != nil {
 			return err
@@ -173,17 +157,6 @@ func (s *Snapshot) allocateChunk(ctx context.Context, c exstore.Chunk, at int64,
 			return fmt.Errorf("chunk %d: allocate: %w, but the lookup after it misses", c, exstore.ErrExists)
 		}
 		return s.putCOW(c, new, at, data, n, fua)
-	case errors.Is(err, exstore.ErrNoSpace) && s.opts.Overflow:
-		s.overflowed.Store(true)
-		return fmt.Errorf("chunk %d: %w", c, ErrOverflow)
-	case errors.Is(err, exstore.ErrInvalid):
-		s.markFailed(err)
-		return err
-	case errors.Is(err, exstore.ErrNoSpace):
-		s.invalidate(ctx, allocationFailure(c, err))
-		return s.failure()
-	default:
-		return fmt.Errorf("chunk %d: allocate: %w", c, err)
 	}
 
 	chunkStart := int64(c) * s.chunkBytes
