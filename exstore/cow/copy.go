@@ -14,40 +14,60 @@ import (
 // in flight: the kernel's snapshot_cow_threshold default.
 const CopiesInFlight = 2048
 
-// copyBeforeOverwrite gives every valid snapshot its copy of the chunks
-// that [off, off+n) overlaps and has no exception for, before the caller
-// overwrites (or discards) that range of the origin. The caller holds
-// o.snapMu shared until its own change to the origin is done.
-func (o *Origin) copyBeforeOverwrite(ctx context.Context, off, n int64) error {
+// copyTask is one chunk an origin change needs copied into one snapshot.
+type copyTask struct {
+	snap  *Snapshot
+	chunk exstore.Chunk
+}
+
+// run makes the copy.
+func (t copyTask) run(ctx context.Context) error {
+	if err := t.snap.copyChunkForOrigin(ctx, t.chunk); err != nil {
+		return fmt.Errorf("snapshot %s: %w", t.snap.name, err)
+	}
+	return nil
+}
+
+// copyBeforeOverwrite gives every valid snapshot but except (nil for none)
+// its copy of the chunks that [off, off+n) overlaps and has no exception
+// for, before the caller overwrites (or discards) that range of the
+// origin. The caller holds o.snapMu shared until its own change to the
+// origin is done.
+func (o *Origin) copyBeforeOverwrite(ctx context.Context, off, n int64, except *Snapshot) error {
 	var tasks []copyTask
 	for _, s := range o.snaps {
+		if s == except {
+			continue
+		}
 		var err error
 		if tasks, err = s.chunksToCopy(ctx, off, n, tasks); err != nil {
 			return err
 		}
 	}
+	switch len(tasks) {
+	case 0:
+		// The common rewrite of chunks every snapshot has copied.
+		return nil
+	case 1:
+		return tasks[0].run(ctx)
+	}
 	// The copies run in parallel, largest chunk size first, so that their
 	// commits share metadata writes; the caller waits for all of them.
-	return forEachParallel(len(tasks), func(i int) error {
-		if err := tasks[i].snap.copyChunkForOrigin(ctx, tasks[i].chunk); err != nil {
-			return fmt.Errorf("snapshot %s: %w", tasks[i].snap.name, err)
-		}
-		return nil
-	})
-}
-
-// copyTask is one chunk an origin write needs copied into one snapshot.
-type copyTask struct {
-	snap  *Snapshot
-	chunk exstore.Chunk
+	// all, never reassigned, is captured by value, so that the variable
+	// tasks stays off the heap on the paths above.
+	all := tasks
+	return forEachParallel(len(all), func(i int) error { return all[i].run(ctx) })
 }
 
 // parallelLimit bounds the goroutines one request fans out to; the copies
 // in flight are bounded per snapshot by CopiesInFlight anyway.
 const parallelLimit = 64
 
-// forEachParallel calls fn for 0..n-1, up to parallelLimit at a time (n of
-// 1 runs inline), and returns the error of the lowest index that failed.
+// forEachParallel calls fn for 0..n-1 and returns the error of the lowest
+// index that failed. n of 1 runs inline; more run on up to parallelLimit
+// goroutines that each take the next index until none is left, so that a
+// request of many chunks starts as many goroutines as it runs at once, not
+// one per chunk.
 func forEachParallel(n int, fn func(i int) error) error {
 	if n <= 1 {
 		if n == 1 {

@@ -130,7 +130,7 @@ func (o *Origin) WriteAt(ctx context.Context, p []byte, off int64, fua bool) err
 	}
 	o.snapMu.RLock()
 	defer o.snapMu.RUnlock()
-	if err := o.copyBeforeOverwrite(ctx, off, int64(len(p))); err != nil {
+	if err := o.copyBeforeOverwrite(ctx, off, int64(len(p)), nil); err != nil {
 		return fmt.Errorf("origin %s: write %d bytes at %d: %w", o.dev.Name(), len(p), off, err)
 	}
 	o.announceOverwrite(off, int64(len(p)))
