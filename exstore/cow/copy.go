@@ -133,8 +133,9 @@ func (s *Snapshot) chunksToCopy(ctx context.Context, off, n int64, tasks []copyT
 
 // copyChunkForOrigin makes sure chunk c has an exception (or the snapshot
 // is invalid) before an origin write overwrites it. It fails only if ctx
-// ends or a lookup fails; a failed copy invalidates the snapshot instead,
-// and the origin write goes ahead.
+// ends, a lookup fails or the store fails other than by being invalid
+// (see skipForOrigin); a failed copy invalidates the snapshot instead, and
+// the origin write goes ahead.
 func (s *Snapshot) copyChunkForOrigin(ctx context.Context, c exstore.Chunk) error {
 	if err := s.holdChunk(ctx, c); err != nil {
 		return err
@@ -153,6 +154,7 @@ func (s *Snapshot) copyChunkForOrigin(ctx context.Context, c exstore.Chunk) erro
 		// lookup: the snapshot has its data.
 		return nil
 	}
+	// chunkPrepared: the copy is this path's to make.
 	s.copyAndCommit(ctx, e, false)
 	return nil
 }

@@ -158,7 +158,7 @@ func (s *Snapshot) allocateChunk(ctx context.Context, c exstore.Chunk, at int64,
 		}
 		return s.putCOW(c, new, at, data, n, fua)
 	}
-
+	// chunkPrepared: the exception is this write's to fill and commit.
 	chunkStart := int64(c) * s.chunkBytes
 	if at == chunkStart && n == min(s.chunkBytes, s.size-chunkStart) {
 		// The write replaces the whole chunk: no copy, the data itself is
