@@ -544,3 +544,36 @@ func BenchmarkRewriteOverhead(b *testing.B) {
 		}
 	})
 }
+
+// BenchmarkRewriteFanOut measures what a snapshot write of several chunks
+// that all have an exception costs in the engine, over null devices as
+// BenchmarkRewriteOverhead: mostly the fan-out of its chunks to goroutines
+// (2, 16 and 256 chunks of 4 KiB).
+func BenchmarkRewriteFanOut(b *testing.B) {
+	const size = 16 << 20
+	ctx := context.Background()
+	o := NewOrigin(nullDevice{size: size})
+	meta := faultdev.New("cow", size*2)
+	store, err := persistent.Open(ctx, meta, persistent.Options{ChunkSectors: 8, Logger: testLogger(b)})
+	require.NoError(b, err)
+	b.Cleanup(func() { _ = store.Close() })
+	s, err := o.AddSnapshot("s", store, nullDevice{size: size * 2}, SnapshotOptions{})
+	require.NoError(b, err)
+	fill := make([]byte, 1<<20)
+	for off := int64(0); off < size; off += int64(len(fill)) {
+		require.NoError(b, s.WriteAt(ctx, fill, off, false))
+	}
+	for _, reqSize := range []int{8 << 10, 64 << 10, 1 << 20} {
+		buf := make([]byte, reqSize)
+		blocks := uint64(size / reqSize)
+		b.Run(fmt.Sprintf("%dKiB", reqSize>>10), func(b *testing.B) {
+			var i uint64
+			for b.Loop() {
+				i++
+				if err := s.WriteAt(ctx, buf, int64(mix(i)%blocks)*int64(reqSize), false); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
