@@ -79,7 +79,7 @@ func TestAlignedDevices(t *testing.T) {
 	assert.Error(t, err, "a 512-byte chunk on a 4 KiB device")
 
 	for i := range 300 {
-		var v Volume = o
+		var v volume = o
 		model := originModel
 		if rng.IntN(2) == 0 {
 			v, model = snap, snapModel

@@ -145,16 +145,16 @@ func newFileSnapshot(b *testing.B, size int64, chunkSectors uint32, fillWrite in
 	return &fileSnapshot{originFile: originFile, origin: o, cow: cow, snap: s}
 }
 
-// rawVolume serves a device as a Volume, the baseline the engine is
+// rawVolume serves a device as a volume, the baseline the engine is
 // compared with. In the write benchmarks it is a countingDevice of its own
 // (whose counts nobody reads), so that both sides pay the counting the
 // engine's COW device does.
 type rawVolume struct{ f blockdev.Device }
 
-// Size implements Volume.
+// Size implements volume.
 func (r rawVolume) Size() int64 { return r.f.Size() }
 
-// ReadAt implements Volume.
+// ReadAt implements volume.
 func (r rawVolume) ReadAt(_ context.Context, p []byte, off int64) error {
 	n, err := r.f.ReadAt(p, off)
 	if n == len(p) && err == io.EOF {
@@ -163,7 +163,7 @@ func (r rawVolume) ReadAt(_ context.Context, p []byte, off int64) error {
 	return err
 }
 
-// WriteAt implements Volume.
+// WriteAt implements volume.
 func (r rawVolume) WriteAt(_ context.Context, p []byte, off int64, fua bool) error {
 	var err error
 	if fua {
@@ -174,7 +174,7 @@ func (r rawVolume) WriteAt(_ context.Context, p []byte, off int64, fua bool) err
 	return err
 }
 
-// Flush implements Volume.
+// Flush implements volume.
 func (r rawVolume) Flush(context.Context) error { return r.f.Sync() }
 
 // pairedTargets are what a paired benchmark compares: the raw file and
@@ -195,9 +195,9 @@ const pairedRounds = 100
 // throughput relative to the raw file's: engine/raw is the median over the
 // rounds of each round's ratio, which a burst of other load on the machine
 // during one phase does not move, engine/raw-total the ratio of the totals.
-func runPaired(b *testing.B, raw, engine Volume, parallel, flush bool, bufSize int, do func(v Volume, j int64, buf []byte) error) {
+func runPaired(b *testing.B, raw, engine volume, parallel, flush bool, bufSize int, do func(v volume, j int64, buf []byte) error) {
 	ctx := context.Background()
-	targets := [pairedTargets]Volume{raw, engine}
+	targets := [pairedTargets]volume{raw, engine}
 	workers := 1
 	if parallel {
 		workers = fileBenchParallelism * runtime.GOMAXPROCS(0)
@@ -291,7 +291,7 @@ func BenchmarkFileRead(b *testing.B) {
 					blocks := uint64(fileBenchReadSize / size)
 					seed := rand.Uint64()
 					ctx := context.Background()
-					runPaired(b, rawVolume{fs.originFile}, fs.snap, conc.parallel, false, size, func(v Volume, j int64, buf []byte) error {
+					runPaired(b, rawVolume{fs.originFile}, fs.snap, conc.parallel, false, size, func(v volume, j int64, buf []byte) error {
 						blk := int64(mix(seed+uint64(j)) % blocks)
 						return v.ReadAt(ctx, buf, blk*int64(size))
 					})
@@ -379,7 +379,7 @@ func BenchmarkFileFirstWrite(b *testing.B) {
 					fs := newFileSnapshot(b, size, chunkSectors, 0)
 					fs.cow.resetCounts()
 					ctx := context.Background()
-					runPaired(b, raw, fs.snap, conc.parallel, policy.flush, writeSize, func(v Volume, j int64, buf []byte) error {
+					runPaired(b, raw, fs.snap, conc.parallel, policy.flush, writeSize, func(v volume, j int64, buf []byte) error {
 						// The write lands in the middle of its chunk.
 						off := int64(perm[j])*chunkBytes + (chunkBytes-writeSize)/2
 						return v.WriteAt(ctx, buf, off, false)
@@ -423,9 +423,9 @@ func BenchmarkFileRewrite(b *testing.B) {
 				raw := rawVolume{newCountingDevice(fs.cow.Device, 8)}
 				fs.cow.resetCounts()
 				seed := rand.Uint64()
-				runPaired(b, raw, fs.snap, conc.parallel, policy.flush, writeSize, func(v Volume, j int64, buf []byte) error {
+				runPaired(b, raw, fs.snap, conc.parallel, policy.flush, writeSize, func(v volume, j int64, buf []byte) error {
 					c := int64(mix(seed+uint64(j)) % (size / writeSize))
-					if v == Volume(raw) {
+					if v == volume(raw) {
 						return v.WriteAt(ctx, buf, cowOffsets[c], false)
 					}
 					return v.WriteAt(ctx, buf, c*writeSize, false)
@@ -543,4 +543,37 @@ func BenchmarkRewriteOverhead(b *testing.B) {
 			}
 		}
 	})
+}
+
+// BenchmarkRewriteFanOut measures what a snapshot write of several chunks
+// that all have an exception costs in the engine, over null devices as
+// BenchmarkRewriteOverhead: mostly the fan-out of its chunks to goroutines
+// (2, 16 and 256 chunks of 4 KiB).
+func BenchmarkRewriteFanOut(b *testing.B) {
+	const size = 16 << 20
+	ctx := context.Background()
+	o := NewOrigin(nullDevice{size: size})
+	meta := faultdev.New("cow", size*2)
+	store, err := persistent.Open(ctx, meta, persistent.Options{ChunkSectors: 8, Logger: testLogger(b)})
+	require.NoError(b, err)
+	b.Cleanup(func() { _ = store.Close() })
+	s, err := o.AddSnapshot("s", store, nullDevice{size: size * 2}, SnapshotOptions{})
+	require.NoError(b, err)
+	fill := make([]byte, 1<<20)
+	for off := int64(0); off < size; off += int64(len(fill)) {
+		require.NoError(b, s.WriteAt(ctx, fill, off, false))
+	}
+	for _, reqSize := range []int{8 << 10, 64 << 10, 1 << 20} {
+		buf := make([]byte, reqSize)
+		blocks := uint64(size / reqSize)
+		b.Run(fmt.Sprintf("%dKiB", reqSize>>10), func(b *testing.B) {
+			var i uint64
+			for b.Loop() {
+				i++
+				if err := s.WriteAt(ctx, buf, int64(mix(i)%blocks)*int64(reqSize), false); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
 }

@@ -29,7 +29,7 @@ func benchSetup(b *testing.B) (*Origin, *Snapshot) {
 }
 
 // benchReads reads 4 KiB blocks at random from v.
-func benchReads(b *testing.B, v Volume) {
+func benchReads(b *testing.B, v volume) {
 	ctx := context.Background()
 	b.SetBytes(4096)
 	b.RunParallel(func(pb *testing.PB) {

@@ -146,7 +146,7 @@ func TestExtentsFollowWrites(t *testing.T) {
 	ts := addSnapshot(t, o, "s", 8, 2*size+64<<10, SnapshotOptions{}, originDev.Bytes())
 	inCOW := make([]bool, size)
 	for i := range 30 {
-		var v Volume = o
+		var v volume = o
 		if i%2 == 1 {
 			v = ts.snap
 		}

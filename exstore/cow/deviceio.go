@@ -1,6 +1,7 @@
 package cow
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"unsafe"
@@ -63,6 +64,10 @@ func shortRead(n, need int, err error) error {
 	}
 	return fmt.Errorf("read %d of %d bytes: %w", n, need, err)
 }
+
+// ErrUnaligned is wrapped by writes that are not aligned to the I/O alignment
+// a device needs (O_DIRECT devices).
+var ErrUnaligned = errors.New("write is not aligned to the device's I/O alignment")
 
 // checkWriteAlignment refuses a write of n bytes at off that dev could not
 // take as it is, before any copy-on-write work is done for it.

@@ -102,7 +102,7 @@ func (o *Origin) Trim(ctx context.Context, off, length int64, fua bool) error {
 	}
 	o.snapMu.RLock()
 	defer o.snapMu.RUnlock()
-	if err := o.copyBeforeOverwrite(ctx, start, end-start); err != nil {
+	if err := o.copyBeforeOverwrite(ctx, start, end-start, nil); err != nil {
 		return fmt.Errorf("origin %s: trim %d bytes at %d: %w", o.dev.Name(), length, off, err)
 	}
 	o.announceOverwrite(start, end-start)
@@ -141,7 +141,7 @@ func (o *Origin) WriteZeroes(ctx context.Context, off, length int64, noHole, fua
 	}
 	o.snapMu.RLock()
 	defer o.snapMu.RUnlock()
-	if err := o.copyBeforeOverwrite(ctx, off, length); err != nil {
+	if err := o.copyBeforeOverwrite(ctx, off, length, nil); err != nil {
 		return fmt.Errorf("origin %s: write %d zeroes at %d: %w", o.dev.Name(), length, off, err)
 	}
 	o.announceOverwrite(off, length)

@@ -14,6 +14,20 @@ import (
 	"github.com/clustersnap/clustersnap/persistent"
 )
 
+// volume is what the tests do with an Origin, a Snapshot or a raw
+// baseline device: the I/O an NBD server passes on.
+type volume interface {
+	Size() int64
+	ReadAt(ctx context.Context, p []byte, off int64) error
+	WriteAt(ctx context.Context, p []byte, off int64, fua bool) error
+	Flush(ctx context.Context) error
+}
+
+var (
+	_ volume = (*Origin)(nil)
+	_ volume = (*Snapshot)(nil)
+)
+
 // randomBytes returns n bytes from rng.
 func randomBytes(rng *rand.Rand, n int) []byte {
 	b := make([]byte, n)
@@ -56,7 +70,7 @@ func testLogger(t testing.TB) *slog.Logger {
 }
 
 // readAll reads the whole volume.
-func readAll(t *testing.T, v Volume) []byte {
+func readAll(t *testing.T, v volume) []byte {
 	t.Helper()
 	b := make([]byte, v.Size())
 	require.NoError(t, v.ReadAt(context.Background(), b, 0))

@@ -128,23 +128,7 @@ func (o *Origin) mergeRun(ctx context.Context, s *Snapshot, last exstore.Excepti
 	// before the origin is overwritten, and no snapshot is added between.
 	o.snapMu.RLock()
 	defer o.snapMu.RUnlock()
-	var tasks []copyTask
-	for _, other := range o.snaps {
-		if other == s {
-			continue
-		}
-		var err error
-		if tasks, err = other.chunksToCopy(ctx, start, length, tasks); err != nil {
-			return buf, err
-		}
-	}
-	err := forEachParallel(len(tasks), func(i int) error {
-		if err := tasks[i].snap.copyChunkForOrigin(ctx, tasks[i].chunk); err != nil {
-			return fmt.Errorf("snapshot %s: %w", tasks[i].snap.name, err)
-		}
-		return nil
-	})
-	if err != nil {
+	if err := o.copyBeforeOverwrite(ctx, start, length, s); err != nil {
 		return buf, err
 	}
 	o.announceOverwrite(start, length)

@@ -32,7 +32,7 @@ type mergeScenario struct {
 }
 
 // applyWrite writes p at off to v and to the models the write changes.
-func applyWrite(t *testing.T, v Volume, p []byte, off int64, models ...[]byte) {
+func applyWrite(t *testing.T, v volume, p []byte, off int64, models ...[]byte) {
 	t.Helper()
 	require.NoError(t, v.WriteAt(context.Background(), p, off, false))
 	for _, m := range models {
@@ -42,7 +42,7 @@ func applyWrite(t *testing.T, v Volume, p []byte, off int64, models ...[]byte) {
 
 // randomWrite writes random data to v: a run of whole chunks (which makes
 // runs of consecutive exceptions) or an unaligned range.
-func randomWrite(t *testing.T, rng *rand.Rand, v Volume, chunkBytes int64, models ...[]byte) {
+func randomWrite(t *testing.T, rng *rand.Rand, v volume, chunkBytes int64, models ...[]byte) {
 	t.Helper()
 	size := v.Size()
 	var off, n int64

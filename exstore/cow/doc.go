@@ -1,0 +1,97 @@
+// Package cow is clustersnap's copy-on-write engine: the I/O logic of the
+// kernel's dm-snapshot (drivers/md/dm-snap.c) in userspace, over any
+// exstore.Store.
+//
+// An Origin serves the origin device: reads pass straight through; before a
+// write overwrites a chunk, every valid snapshot that has no exception for
+// it gets a copy of its old content. A Snapshot serves the origin as it was
+// when the snapshot was taken, plus the snapshot's own writes: chunks with
+// an exception come from its COW device, the others from the origin.
+// Origin.Merge rolls the origin back to a snapshot offline, and
+// Snapshot.Extents tells which ranges of a snapshot its COW device holds.
+// Both serve any byte range of the volume, across chunks; writes to a
+// device whose Alignment is larger than 1 must be aligned to it
+// (ErrUnaligned).
+//
+// # Copy before overwrite
+//
+// These orderings keep a snapshot right, also across a crash:
+//   - An origin write reaches the origin only after every valid snapshot's
+//     copy of the chunks it covers is committed: the store syncs the copy
+//     before the record, and the record is durable when Commit returns.
+//     The copies one write needs run in parallel, largest chunk size
+//     first, so that their commits share metadata writes.
+//   - An origin write never overwrites a chunk whose exception is not
+//     durable: a lazily committed one is synced first.
+//   - One snapshot's copy of one chunk is made once: the COW path holds the
+//     chunk (chunkLocks, the kernel's pending-exception table) from its
+//     lookup to its commit, and later writers find its exception.
+//   - A partial snapshot write reaches the COW only after the copy of the
+//     rest of its chunk is committed; a whole-chunk write goes straight to
+//     the new COW chunk, and its exception is committed after it.
+//
+// # Lock-free snapshot reads
+//
+// Every change to the origin (write, trim, zeroing, merge run) announces
+// the chunks it covers on the snapshots' stripes after their copies and
+// before it touches the origin. A snapshot read takes no lock: it samples
+// the announcements of its chunks before its lookups and again after its
+// I/O, and reads again if one came, so a read that went to the origin
+// never returns data written after the snapshot. After a few disturbed
+// attempts it holds its chunks, under which no exception for them can
+// appear. A read of several chunks reads each run of them that is
+// contiguous on the origin or on the COW with one I/O. chunkLocks states
+// the rules in full.
+//
+// # Durability
+//
+// A write with FUA is durable, data and exception, when it returns. Without
+// FUA a snapshot write's exception is committed lazily where the store
+// allows it (exstore.LazyCommitter), and becomes durable at the next Flush;
+// an origin write's copies are always committed durably. Flush makes every
+// write that completed before it durable: Snapshot.Flush syncs its COW (and
+// its store's lazy commits) and the origin, Origin.Flush the origin and
+// every valid snapshot's COW; each skips a device that no write reached
+// since its last sync.
+//
+// # Invalidation
+//
+// An origin write never fails because of a snapshot. A snapshot whose copy
+// cannot be made (COW full, an I/O error on the copy or the commit, a
+// failed sync of a lazy exception or of its COW at Origin.Flush) is
+// invalidated at once, durably in its store where it can be, and origin
+// writes skip it from then on; its errors wrap exstore.ErrInvalid (and
+// ErrCOWFull when the COW filled up). A snapshot write that cannot
+// allocate invalidates its snapshot too, unless the snapshot is in
+// overflow mode: then the write fails with ErrOverflow and the snapshot
+// stays readable. An origin write fails only if its context ends, a
+// store's lookup fails, a store fails in a way that is not invalidity (a
+// clustered store that lost its lock: overwriting without the copy would
+// corrupt the snapshot for the other nodes), or the origin I/O fails.
+//
+// # Trims and zeroing
+//
+// They follow from the same rule, that the origin changes only after
+// every snapshot has its copy. Origin.Trim is a hint: on a
+// blockdev.Discarder it copies as a write does and discards the whole
+// discard units of the range; elsewhere it changes nothing and copies
+// nothing. Origin.WriteZeroes copies as a write does, then discards or
+// writes zeroes. Snapshot.Trim never touches the origin nor allocates: it
+// is checked as a write and does nothing. Snapshot.WriteZeroes is a write
+// of zeroes.
+//
+// # Merge
+//
+// Origin.Merge runs one merge per origin at a time. Each run of exceptions
+// it writes back to the origin is, to the other snapshots, an origin
+// write: they copy what it overwrites first, and it announces the chunks.
+// The origin is flushed before the run's records are cleared, so a merge
+// may be interrupted, and resumed, at any point.
+//
+// # Snapshots and origin writes
+//
+// Origin writes hold the origin's snapshot list shared for their whole
+// span, and AddSnapshot exclusively, as the kernel suspends the origin to
+// load a snapshot table: a write either copies into a new snapshot or
+// completed before it existed.
+package cow
