@@ -7,7 +7,6 @@ import (
 	"net"
 	"os"
 	"strconv"
-	"syscall"
 	"time"
 )
 
@@ -49,7 +48,7 @@ func ListenersFromEnv() ([]net.Listener, error) {
 	}
 	listeners := make([]net.Listener, 0, n)
 	for fd := listenFDsStart; fd < listenFDsStart+n; fd++ {
-		syscall.CloseOnExec(fd)
+		closeOnExec(fd)
 		f := os.NewFile(uintptr(fd), "LISTEN_FD_"+strconv.Itoa(fd))
 		l, err := net.FileListener(f)
 		// FileListener works on a duplicate; the original is ours to close.
@@ -114,23 +113,11 @@ type pipeConn struct {
 // newPipeConn takes over in and out (closing them), using non-blocking
 // duplicates whose deadlines and Close interrupt blocked calls.
 func newPipeConn(in, out *os.File) (*pipeConn, error) {
-	pollable := func(f *os.File) (*os.File, error) {
-		fd, err := syscall.Dup(int(f.Fd()))
-		if err != nil {
-			return nil, fmt.Errorf("nbd: stdio %s: dup: %w", f.Name(), err)
-		}
-		syscall.CloseOnExec(fd)
-		if err := syscall.SetNonblock(fd, true); err != nil {
-			syscall.Close(fd)
-			return nil, fmt.Errorf("nbd: stdio %s: set non-blocking: %w", f.Name(), err)
-		}
-		return os.NewFile(uintptr(fd), f.Name()), nil
-	}
-	pin, err := pollable(in)
+	pin, err := nonblockingDup(in)
 	if err != nil {
 		return nil, err
 	}
-	pout, err := pollable(out)
+	pout, err := nonblockingDup(out)
 	if err != nil {
 		pin.Close()
 		return nil, err
