@@ -1,32 +1,3 @@
-// Package nbd is the Network Block Device server that exports origins and
-// snapshots: fixed-newstyle negotiation (INFO/GO, EXPORT_NAME, LIST,
-// STARTTLS, structured replies, the base:allocation and
-// clustersnap:exceptions metadata contexts) and a pipelined transmission
-// phase that runs requests concurrently and answers them out of order.
-//
-// Wiring a daemon:
-//
-//	mode, err := nbd.ParseTLSMode(tlsFlag)          // "off", "allow", "require"
-//	cfg, err := nbd.TLSConfigFromDir(certDir, verify) // only when mode != TLSOff
-//	srv := nbd.NewServer(exports, nbd.Options{TLSMode: mode, TLS: cfg})
-//
-//	// Socket activation (systemd, or nbdinfo/nbdcopy "-- [ snapd ... ]"):
-//	listeners, err := nbd.ListenersFromEnv() // nil when not activated
-//	if listeners == nil {
-//		l, err := net.Listen("tcp", addr)
-//		listeners = append(listeners, l)
-//	}
-//	for _, l := range listeners {
-//		go srv.Serve(ctx, l)
-//	}
-//	// Or one client on stdin/stdout (inetd, libnbd connect_command);
-//	// the log must then go to stderr:
-//	err = srv.ServeStdio(ctx, os.Stdin, os.Stdout)
-//
-//	err = srv.Shutdown(ctx)
-//
-// Clients that start a private server (nbdinfo and nbdcopy "-- [ CMD ]", and
-// libnbd's connect_command) ask for the default export, named "".
 package nbd
 
 import (
