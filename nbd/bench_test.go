@@ -103,7 +103,7 @@ func BenchmarkRoundTrip(b *testing.B) {
 
 // BenchmarkRoundTripTCP is BenchmarkRoundTrip's qd32 cases over loopback
 // TCP, where replies too large to gather take writeLarge's MSG_MORE path and
-// large payloads readPayloadRest's low-water mark.
+// large payloads tcpSocket.readPayload's low-water mark.
 func BenchmarkRoundTripTCP(b *testing.B) {
 	benchQD32(b, func(b *testing.B, size int, write bool) {
 		benchRoundTripOver(b, size, write, 32, nil, false)

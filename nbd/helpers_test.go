@@ -12,21 +12,7 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
-
-	"github.com/clustersnap/clustersnap/exstore/blockdev"
 )
-
-// fileDevice creates a sparse temporary file of size bytes and opens it as a
-// blockdev.File, closed when the test ends.
-func fileDevice(t testing.TB, size int64) (*blockdev.File, string) {
-	t.Helper()
-	path := filepath.Join(t.TempDir(), "disk.img")
-	require.NoError(t, blockdev.Create(path, size))
-	dev, err := blockdev.Open(path, blockdev.Options{})
-	require.NoError(t, err)
-	t.Cleanup(func() { dev.Close() })
-	return dev, path
-}
 
 // testServer is a running server and where to reach it.
 type testServer struct {
@@ -130,6 +116,21 @@ func exitCode(t testing.TB, err error) int {
 	var ee *exec.ExitError
 	require.True(t, errors.As(err, &ee), "not an exit status: %v", err)
 	return ee.ExitCode()
+}
+
+// libnbdPython returns a Python interpreter that can import libnbd's
+// bindings (a pyenv or venv python3 earlier in PATH may not).
+func libnbdPython(t *testing.T) string {
+	t.Helper()
+	for _, py := range []string{"/usr/bin/python3", "python3"} {
+		cmd := exec.Command(py, "-c", "import nbd")
+		cmd.Dir = t.TempDir()
+		if cmd.Run() == nil {
+			return py
+		}
+	}
+	missingClient(t, "no python3 can import libnbd's nbd module", "python3-libnbd")
+	return ""
 }
 
 // pageSize is the allocation unit of memBackend.

@@ -1,3 +1,5 @@
+//go:build linux
+
 package nbd
 
 // Interop tests against clients nobody on the project wrote: libnbd's
@@ -278,21 +280,6 @@ func TestFioVerify(t *testing.T) {
 	assert.Contains(t, out, "nbdverify")
 	assert.NotContains(t, out, "verify: bad")
 	assert.Contains(t, out, "err= 0")
-}
-
-// libnbdPython returns a Python interpreter that can import libnbd's
-// bindings (a pyenv or venv python3 earlier in PATH may not).
-func libnbdPython(t *testing.T) string {
-	t.Helper()
-	for _, py := range []string{"/usr/bin/python3", "python3"} {
-		cmd := exec.Command(py, "-c", "import nbd")
-		cmd.Dir = t.TempDir()
-		if cmd.Run() == nil {
-			return py
-		}
-	}
-	missingClient(t, "no python3 can import libnbd's nbd module", "python3-libnbd")
-	return ""
 }
 
 // nbdshPrelude is shared by the Python conformance probes: argv[1] is the

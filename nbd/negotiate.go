@@ -410,3 +410,9 @@ func cutString(data []byte) (s string, rest []byte, ok bool) {
 	}
 	return string(data[4 : 4+n]), data[4+n:], true
 }
+
+// discard reads and drops n bytes from r.
+func discard(r io.Reader, n int64) error {
+	_, err := io.CopyN(io.Discard, r, n)
+	return err
+}

@@ -1,32 +1,3 @@
-// Package nbd is the Network Block Device server that exports origins and
-// snapshots: fixed-newstyle negotiation (INFO/GO, EXPORT_NAME, LIST,
-// STARTTLS, structured replies, the base:allocation and
-// clustersnap:exceptions metadata contexts) and a pipelined transmission
-// phase that runs requests concurrently and answers them out of order.
-//
-// Wiring a daemon:
-//
-//	mode, err := nbd.ParseTLSMode(tlsFlag)          // "off", "allow", "require"
-//	cfg, err := nbd.TLSConfigFromDir(certDir, verify) // only when mode != TLSOff
-//	srv := nbd.NewServer(exports, nbd.Options{TLSMode: mode, TLS: cfg})
-//
-//	// Socket activation (systemd, or nbdinfo/nbdcopy "-- [ snapd ... ]"):
-//	listeners, err := nbd.ListenersFromEnv() // nil when not activated
-//	if listeners == nil {
-//		l, err := net.Listen("tcp", addr)
-//		listeners = append(listeners, l)
-//	}
-//	for _, l := range listeners {
-//		go srv.Serve(ctx, l)
-//	}
-//	// Or one client on stdin/stdout (inetd, libnbd connect_command);
-//	// the log must then go to stderr:
-//	err = srv.ServeStdio(ctx, os.Stdin, os.Stdout)
-//
-//	err = srv.Shutdown(ctx)
-//
-// Clients that start a private server (nbdinfo and nbdcopy "-- [ CMD ]", and
-// libnbd's connect_command) ask for the default export, named "".
 package nbd
 
 import (
@@ -34,7 +5,6 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"net"
 	"sync"
@@ -82,47 +52,6 @@ type Options struct {
 	// and ClientCAs to authenticate clients); required unless TLSMode is
 	// TLSOff.
 	TLS *tls.Config
-}
-
-// TLSMode is a Server's TLS policy, the spec's NOTLS / FORCEDTLS modes plus
-// an optional one.
-type TLSMode int
-
-const (
-	// TLSOff refuses NBD_OPT_STARTTLS with NBD_REP_ERR_UNSUP; everything
-	// is in the clear.
-	TLSOff TLSMode = iota
-	// TLSAllow lets clients upgrade with NBD_OPT_STARTTLS, and serves
-	// clients that do not in the clear.
-	TLSAllow
-	// TLSRequire is the spec's forced TLS: before STARTTLS every option
-	// other than STARTTLS and ABORT is refused with NBD_REP_ERR_TLS_REQD,
-	// and NBD_OPT_EXPORT_NAME closes the connection.
-	TLSRequire
-)
-
-// String returns the mode's name as accepted by ParseTLSMode.
-func (m TLSMode) String() string {
-	switch m {
-	case TLSOff:
-		return "off"
-	case TLSAllow:
-		return "allow"
-	case TLSRequire:
-		return "require"
-	}
-	return fmt.Sprintf("TLSMode(%d)", int(m))
-}
-
-// ParseTLSMode parses "off", "allow" or "require" (a command-line flag's
-// value) into a TLSMode.
-func ParseTLSMode(s string) (TLSMode, error) {
-	for _, m := range []TLSMode{TLSOff, TLSAllow, TLSRequire} {
-		if s == m.String() {
-			return m, nil
-		}
-	}
-	return TLSOff, fmt.Errorf("nbd: TLS mode %q: want off, allow or require", s)
 }
 
 // Defaults for Options.
@@ -369,10 +298,4 @@ func (s *Server) isClosing() bool {
 	default:
 		return false
 	}
-}
-
-// discard reads and drops n bytes from r.
-func discard(r io.Reader, n int64) error {
-	_, err := io.CopyN(io.Discard, r, n)
-	return err
 }

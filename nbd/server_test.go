@@ -1,19 +1,15 @@
 package nbd
 
 import (
-	"bytes"
 	"context"
 	"encoding/binary"
 	"errors"
-	"path/filepath"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
-
-	"github.com/clustersnap/clustersnap/exstore/blockdev"
 )
 
 // gatedBackend is a memBackend whose reads at gatedOffset wait until the
@@ -493,77 +489,4 @@ func TestServeStopsOnContext(t *testing.T) {
 	go func() { served <- srv.Serve(ctx, l) }()
 	cancel()
 	assert.ErrorIs(t, <-served, context.Canceled)
-}
-
-func TestDeviceBackendZeroAndTrim(t *testing.T) {
-	dev, _ := fileDevice(t, 1<<20)
-	b := NewDeviceBackend(dev)
-	ctx := context.Background()
-	fill := bytes.Repeat([]byte{0xff}, 1<<20)
-	require.NoError(t, b.WriteAt(ctx, fill, 0, true))
-
-	require.NoError(t, b.WriteZeroes(ctx, 100, 5000, ZeroOptions{}))
-	require.NoError(t, b.WriteZeroes(ctx, 8192, 100, ZeroOptions{NoHole: true, FUA: true}))
-	assert.ErrorIs(t, b.WriteZeroes(ctx, 0, 4096, ZeroOptions{NoHole: true, Fast: true}), ErrZeroNotFast)
-	require.NoError(t, b.Trim(ctx, 65536, 65536, false))
-	require.NoError(t, b.Flush(ctx))
-
-	got := make([]byte, 1<<20)
-	require.NoError(t, b.ReadAt(ctx, got, 0))
-	want := bytes.Clone(fill)
-	clear(want[100:5100])
-	clear(want[8192:8292])
-	clear(want[65536:131072])
-	assert.True(t, bytes.Equal(want, got), "device content after zeroing and trimming")
-}
-
-func TestDirectDeviceAlignment(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "direct.img")
-	require.NoError(t, blockdev.Create(path, 1<<20))
-	dev, err := blockdev.Open(path, blockdev.Options{Direct: true})
-	if err != nil {
-		t.Skipf("O_DIRECT unavailable here: %v", err)
-	}
-	t.Cleanup(func() { dev.Close() })
-	align := dev.Alignment()
-	require.Greater(t, align, 1)
-	srv := NewServer([]Export{{Name: "direct", Backend: NewDeviceBackend(dev)}}, Options{})
-	rc := dialRaw(t, srv)
-	rc.sendFlags(clientFlagFixedNewstyle | clientFlagNoZeroes)
-	rc.sendOption(optInfo, infoRequest("direct", infoBlockSize))
-	var minBlock, preferred uint32
-	for {
-		typ, data := rc.readOptionReply(optInfo)
-		if typ == repAck {
-			break
-		}
-		if binary.BigEndian.Uint16(data) == infoBlockSize {
-			minBlock = binary.BigEndian.Uint32(data[2:])
-			preferred = binary.BigEndian.Uint32(data[6:])
-		}
-	}
-	assert.Equal(t, uint32(align), minBlock)
-	assert.Equal(t, uint32(max(4096, align)), preferred)
-	rc.goExport("direct")
-
-	payload := bytes.Repeat([]byte{0x42}, 2*align)
-	rc.sendRequest(0, cmdWrite, 1, uint64(align), uint32(2*align), payload)
-	errno, _ := rc.readSimpleReply()
-	require.Equal(t, uint32(0), errno, "aligned write")
-	rc.sendRequest(0, cmdRead, 2, 1, uint32(align), nil)
-	errno, _ = rc.readSimpleReply()
-	assert.Equal(t, errInval, errno, "misaligned offset")
-	rc.sendRequest(0, cmdWrite, 3, 0, uint32(align)+1, make([]byte, align+1))
-	errno, _ = rc.readSimpleReply()
-	assert.Equal(t, errInval, errno, "misaligned length")
-	rc.sendRequest(cmdFlagFUA, cmdWriteZeroes, 4, uint64(2*align), uint32(align), nil)
-	errno, _ = rc.readSimpleReply()
-	require.Equal(t, uint32(0), errno, "aligned zeroing")
-	rc.sendRequest(0, cmdRead, 5, uint64(align), uint32(2*align), nil)
-	errno, _ = rc.readSimpleReply()
-	require.Equal(t, uint32(0), errno, "aligned read")
-	got := make([]byte, 2*align)
-	rc.read(got)
-	want := append(bytes.Repeat([]byte{0x42}, align), make([]byte, align)...)
-	assert.Equal(t, want, got)
 }

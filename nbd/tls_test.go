@@ -225,60 +225,6 @@ func tlsURI(ts *testServer, pki *testPKI, name string) string {
 	return "nbds://" + ts.addr + "/" + name + "?tls-certificates=" + pki.dir
 }
 
-func TestTLSInteropRequired(t *testing.T) {
-	nbdinfo := requireTool(t, "nbdinfo", "libnbd-bin")
-	py := libnbdPython(t)
-	pki := newTestPKI(t)
-	dev, path := fileDevice(t, 4<<20)
-	ts := startServer(t, []Export{
-		{Name: "disk", Backend: NewDeviceBackend(dev), MultiConn: true},
-	}, Options{TLSMode: TLSRequire, TLS: pki.server}, false)
-
-	// A client in the clear is told TLS is required.
-	out, err := runToolStatus(t, nbdinfo, ts.uri("disk"))
-	assert.Error(t, err)
-	assert.Contains(t, out, "TLS")
-	// libnbd reports ERR_TLS_REQD to LIST as "not supported".
-	out, err = runToolStatus(t, nbdinfo, "--list", "nbd://"+ts.addr)
-	assert.Error(t, err)
-	assert.NotContains(t, out, "disk")
-
-	out = runTool(t, nbdinfo, "--json", tlsURI(ts, pki, "disk"))
-	assert.Contains(t, out, `"TLS": true`)
-	assert.Contains(t, out, `"export-size": 4194304`)
-	out = runTool(t, nbdinfo, "--list", tlsURI(ts, pki, ""))
-	assert.Contains(t, out, "export=\"disk\"")
-
-	// A read/write round trip through libnbd over TLS, checked on the file.
-	script := `
-import sys, nbd
-h = nbd.NBD()
-h.set_tls(nbd.TLS_REQUIRE)
-h.set_tls_certificates(sys.argv[2])
-h.set_export_name("disk")
-host, port = sys.argv[1].rsplit(":", 1)
-h.connect_tcp(host, port)
-assert h.get_tls_negotiated()
-data = bytes(range(256)) * 64
-h.pwrite(data, 65536)
-h.flush()
-assert h.pread(len(data), 65536) == data
-h.shutdown()
-print("ok")
-`
-	out = runTool(t, py, "-c", script, ts.addr, pki.dir)
-	assert.Contains(t, out, "ok")
-	onDisk, err := os.ReadFile(path)
-	require.NoError(t, err)
-	assert.Equal(t, bytes.Repeat(func() []byte {
-		b := make([]byte, 256)
-		for i := range b {
-			b[i] = byte(i)
-		}
-		return b
-	}(), 64), onDisk[65536:65536+16384])
-}
-
 func TestTLSInteropQemu(t *testing.T) {
 	qemuIO := requireTool(t, "qemu-io", "qemu-utils")
 	pki := newTestPKI(t)

@@ -1,0 +1,88 @@
+// Package nbd is the Network Block Device server that exports origins and
+// snapshots.
+//
+// # Negotiation
+//
+// The server speaks fixed newstyle only: NBD_OPT_EXPORT_NAME, INFO and GO,
+// LIST, STARTTLS (refused, allowed or required by Options.TLSMode; after it
+// everything agreed before is forgotten), structured replies, and the
+// metadata contexts base:allocation and MetaContextExceptions (the latter on
+// exports whose Backend is a COWMapper). A client that does not pick an
+// export within Options.HandshakeTimeout, or sends more options or longer
+// ones than the negotiation bounds allow, is closed on.
+//
+// # Transmission
+//
+// Each connection has one reader goroutine and Options.MaxInFlight workers.
+// The reader reads and checks requests in order and hands them to the
+// workers; replies go out in the order requests finish, not the order they
+// came in, each carrying its request's cookie. A READ, or a WRITE without
+// FUA, may be run by the reader itself while requests of its kind have
+// recently been quick; such a request still completes before the reader
+// reads on. The reader stops reading while MaxInFlight requests are running
+// or their payloads hold Options.MaxInFlightBytes. Requests are checked
+// before they run: unknown commands or flags, commands the negotiation did
+// not enable, ranges outside the export, payloads over Options.MaxPayload
+// and ranges misaligned for a BlockSizer are answered with EINVAL (ENOSPC
+// for writes past the end), writes to a read-only export with EPERM, and
+// none of them reach the Backend. A request
+// header with a bad magic closes the connection.
+//
+// # Backend capabilities
+//
+// Backend is the whole of what an export needs; the rest is optional, each
+// with a safe fallback: without a Trimmer, TRIM is not advertised and
+// succeeds doing nothing;
+// without a Zeroer, WRITE_ZEROES writes zero-filled buffers through WriteAt
+// (and a fast-zero request gets ENOTSUP); without an Extenter, every range is
+// reported allocated data; without a COWMapper, MetaContextExceptions is not
+// offered; without a BlockSizer, any alignment is accepted. Backend methods
+// are called concurrently, from the requests of one connection and from
+// different connections.
+//
+// # Flush and shutdown
+//
+// A FLUSH is answered once every write answered before it was sent is
+// durable (Backend.Flush). A connection that ends without being closed hard,
+// having written since its last FLUSH, flushes its export before it closes.
+//
+// Server.Shutdown closes the listeners and stops every connection reading
+// new requests: a request whose header had arrived is run, one whose header
+// was still arriving is read whole and answered with ESHUTDOWN. The requests
+// in flight finish and are answered, written exports are flushed, and the
+// connections close; a connection still negotiating is closed at once.
+// Cancelling a Serve or ServeConn context, or Shutdown's context ending
+// first, closes connections hard and cancels their requests' contexts.
+//
+// # Systems
+//
+// The server runs wherever Go's net package does. On Linux a plain TCP
+// connection is also tuned: large replies are sent with MSG_MORE and large
+// WRITE payloads read with a receive low-water mark; other systems, TLS
+// connections and sockets that refuse the options go without. Socket
+// activation and ServeStdio over pipes need a Unix system.
+//
+// # Wiring a daemon
+//
+//	mode, err := nbd.ParseTLSMode(tlsFlag)          // "off", "allow", "require"
+//	cfg, err := nbd.TLSConfigFromDir(certDir, verify) // only when mode != TLSOff
+//	srv := nbd.NewServer(exports, nbd.Options{TLSMode: mode, TLS: cfg})
+//
+//	// Socket activation (systemd, or nbdinfo/nbdcopy "-- [ snapd ... ]"):
+//	listeners, err := nbd.ListenersFromEnv() // nil when not activated
+//	if listeners == nil {
+//		l, err := net.Listen("tcp", addr)
+//		listeners = append(listeners, l)
+//	}
+//	for _, l := range listeners {
+//		go srv.Serve(ctx, l)
+//	}
+//	// Or one client on stdin/stdout (inetd, libnbd connect_command);
+//	// the log must then go to stderr:
+//	err = srv.ServeStdio(ctx, os.Stdin, os.Stdout)
+//
+//	err = srv.Shutdown(ctx)
+//
+// Clients that start a private server (nbdinfo and nbdcopy "-- [ CMD ]", and
+// libnbd's connect_command) ask for the default export, named "".
+package nbd
