@@ -1,5 +1,9 @@
 // Package nbd is the Network Block Device server that exports origins and
-// snapshots.
+// snapshots, and the client side that snapd attach needs: Negotiate picks an
+// export over a connection (fixed newstyle, NBD_OPT_GO), and on Linux
+// KernelDevice hands the negotiated socket to the kernel's nbd driver with
+// its ioctls, as nbd-client does. Server and client share one set of wire
+// constants (protocol.go).
 //
 // # Negotiation
 //

@@ -1,8 +1,7 @@
 package nbd
 
-// Wire constants of the NBD protocol (NetworkBlockDevice/nbd doc/proto.md).
-// They are spelled out here rather than taken from go-nbd's protocol package,
-// which defines only a handful of them.
+// Wire constants of the NBD protocol (NetworkBlockDevice/nbd doc/proto.md),
+// the one set that the server and the client (client.go) both use.
 
 const (
 	// nbdMagic opens the server greeting ("NBDMAGIC").
