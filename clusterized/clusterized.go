@@ -77,8 +77,8 @@
 // When the node loses the lockspace (lockc.Lockspace.Lost), every later
 // lookup miss, Prepare, Commit, merge step, Invalidate and Refresh fails with
 // an error that wraps lockc.ErrLost and names the cluster; prepared
-// exceptions are aborted rather than committed. Stores opened through the
-// registry also fence the metadata writes of their core store.
+// exceptions are aborted rather than committed. Stores opened through Open
+// also fence the metadata writes of their core store.
 package clusterized
 
 import (

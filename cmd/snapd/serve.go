@@ -142,7 +142,10 @@ func openVolumes(ctx context.Context, originPath string, specs []snapshotSpec, d
 		var st exstore.Store
 		if cluster != nil {
 			var cs *clusterized.Store
-			if cs, err = clusterized.OpenPersistent(ctx, cd, cluster.engine, cluster.resource(spec.name), clusterized.PersistentOptions{}); err == nil {
+			open := func(ctx context.Context, dev blockdev.Device) (exstore.Store, error) {
+				return persistent.Open(ctx, dev, persistent.Options{NoFormat: true})
+			}
+			if cs, err = clusterized.Open(ctx, cd, open, cluster.engine, cluster.resource(spec.name), clusterized.Options{}); err == nil {
 				st = cs.Exstore() // with lazy commits, as the bare store has them
 			}
 		} else {
