@@ -90,7 +90,6 @@ import (
 
 	"github.com/clustersnap/clustersnap/exstore"
 	"github.com/clustersnap/clustersnap/lockc"
-	"github.com/clustersnap/clustersnap/persistent"
 )
 
 // DefaultLockspace is the lockspace stores join unless Options say otherwise.
@@ -116,22 +115,22 @@ type Options struct {
 }
 
 // coreRef boxes the core store so that a full reload can swap it
-// atomically. p is the core as a *persistent.Store when it is one, so that
-// the lookups of the hot path call it directly; lazy and cond are the core
-// as an exstore.LazyCommitter and an exstore.ConditionalPreparer (nil if
-// it is not one), asserted once rather than on every call.
+// atomically. lazy, cond and ranges are the core as an
+// exstore.LazyCommitter, an exstore.ConditionalPreparer and an
+// exstore.RangeLookuper (nil if it is not one), asserted once rather than
+// on every call.
 type coreRef struct {
-	s    exstore.Store
-	p    *persistent.Store
-	lazy exstore.LazyCommitter
-	cond exstore.ConditionalPreparer
+	s      exstore.Store
+	lazy   exstore.LazyCommitter
+	cond   exstore.ConditionalPreparer
+	ranges exstore.RangeLookuper
 }
 
 func newCoreRef(s exstore.Store) *coreRef {
-	p, _ := s.(*persistent.Store)
 	lazy, _ := s.(exstore.LazyCommitter)
 	cond, _ := s.(exstore.ConditionalPreparer)
-	return &coreRef{s: s, p: p, lazy: lazy, cond: cond}
+	ranges, _ := s.(exstore.RangeLookuper)
+	return &coreRef{s: s, lazy: lazy, cond: cond, ranges: ranges}
 }
 
 // setCore makes c the core and returns the one it replaces (nil at first).
@@ -140,7 +139,6 @@ func newCoreRef(s exstore.Store) *coreRef {
 func (s *Store) setCore(c exstore.Store) exstore.Store {
 	ref := newCoreRef(c)
 	old := s.core.Swap(ref)
-	s.pcore.Store(ref.p)
 	if old == nil {
 		return nil
 	}
@@ -150,17 +148,7 @@ func (s *Store) setCore(c exstore.Store) exstore.Store {
 // lookup is the core's Lookup, released at once: the wrapper holds misses
 // itself.
 func (r *coreRef) lookup(ctx context.Context, old exstore.Chunk) (exstore.Chunk, bool, error) {
-	var (
-		new   exstore.Chunk
-		found bool
-		rel   exstore.Release
-		err   error
-	)
-	if r.p != nil {
-		new, found, rel, err = r.p.Lookup(ctx, old)
-	} else {
-		new, found, rel, err = r.s.Lookup(ctx, old)
-	}
+	new, found, rel, err := r.s.Lookup(ctx, old)
 	rel()
 	return new, found, err
 }
@@ -197,10 +185,9 @@ type Store struct {
 	_       [64]byte
 	state   atomic.Uint64 // see gate.go
 	core    atomic.Pointer[coreRef]
-	pcore   atomic.Pointer[persistent.Store] // core.Load().p, one load less
 	stopped atomic.Pointer[error]
 	halt    atomic.Uint32 // why stopError must look closer: halt* bits
-	_       [28]byte
+	_       [36]byte
 
 	users    [userShards]userShard
 	releases [userShards]exstore.Release // leave through each shard
@@ -379,12 +366,8 @@ func (s *Store) wrapErr(err error) error { return fmt.Errorf("cluster %s: %w", s
 // ChunkSectors implements exstore.Store.
 func (s *Store) ChunkSectors() uint32 { return s.core.Load().s.ChunkSectors() }
 
-// coreLookup is the core's Lookup of old, without an interface call when
-// the core is the persistent store.
+// coreLookup is the core's Lookup of old.
 func (s *Store) coreLookup(ctx context.Context, old exstore.Chunk) (exstore.Chunk, bool, exstore.Release, error) {
-	if p := s.pcore.Load(); p != nil {
-		return p.Lookup(ctx, old)
-	}
 	return s.core.Load().s.Lookup(ctx, old)
 }
 
@@ -500,16 +483,16 @@ func (s *Store) Unchanged(token uint64) bool {
 // lookupInto answers into from the core's table and reports whether every
 // chunk has an exception.
 func (s *Store) lookupInto(ctx context.Context, first exstore.Chunk, into []exstore.LookupResult) (bool, error) {
-	core := s.core.Load().s
-	if rl, ok := core.(exstore.RangeLookuper); ok {
-		release, err := rl.LookupRange(ctx, first, into)
+	ref := s.core.Load()
+	if ref.ranges != nil {
+		release, err := ref.ranges.LookupRange(ctx, first, into)
 		release()
 		if err != nil {
 			return false, fmt.Errorf("cluster %s: chunks %d to %d: %w", s.id, first, first+exstore.Chunk(len(into))-1, err)
 		}
 	} else {
 		for i := range into {
-			new, found, release, err := core.Lookup(ctx, first+exstore.Chunk(i))
+			new, found, release, err := ref.s.Lookup(ctx, first+exstore.Chunk(i))
 			release()
 			if err != nil {
 				return false, fmt.Errorf("cluster %s: chunk %d: %w", s.id, first+exstore.Chunk(i), err)
@@ -687,9 +670,6 @@ func (s *Store) Usage() exstore.Usage { return s.core.Load().s.Usage() }
 func (s *Store) Err() error {
 	if err := s.stopError(); err != nil {
 		return err
-	}
-	if p := s.pcore.Load(); p != nil {
-		return p.Err()
 	}
 	return s.core.Load().s.Err()
 }
