@@ -117,6 +117,7 @@ var (
 	_ exstore.Store              = (*Store)(nil)
 	_ exstore.RangeLookuper      = (*Store)(nil)
 	_ exstore.OptimisticLookuper = (*Store)(nil)
+	_ metadataView               = (*Store)(nil)
 )
 
 // New wraps core, a store this node opened on the shared COW device, for the
