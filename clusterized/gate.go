@@ -63,10 +63,10 @@ type userShard struct {
 // exception, or the Prepare sees the bit and allocates nothing.
 //
 // Layout: state, stopped and halt are read by every lookup or write, and
-// written only when the mode changes or the node stops; the padding keeps
-// the user counters, written by every entry, off their line. A Store embeds
-// its gate by value right after its core pointer, so that the core shares
-// that line too.
+// written only as the gate closes or opens, or the node stops; the padding
+// keeps the user counters, written by every entry, off their line. A Store
+// embeds its gate by value right after its core pointer, so that the core
+// shares that line too.
 //
 // A gate is ready once init has run; it starts open in NL.
 type gate struct {
