@@ -2,8 +2,6 @@ package clusterized
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"sync"
@@ -392,17 +390,6 @@ func (m *lockManager) publish() {
 	m.seen, m.seenOK, m.trusted = next, true, true
 	m.maxCounter = next.Value
 	m.publishes.Add(1)
-}
-
-// newEpoch returns a random, non-zero epoch.
-func newEpoch() uint64 {
-	var b [8]byte
-	for {
-		_, _ = rand.Read(b[:]) // crypto/rand.Read never fails (Go 1.24+)
-		if e := binary.LittleEndian.Uint64(b[:]); e != 0 {
-			return e
-		}
-	}
 }
 
 // serveDemand converts the lock up for the local users waiting, or retries
