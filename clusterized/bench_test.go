@@ -86,7 +86,7 @@ func benchStoreOn(b *testing.B, clustered bool, dev blockdev.Device) exstore.Sto
 	formatCOW(b, dev, benchChunkSectors)
 	var s exstore.Store
 	if clustered {
-		cs, err := clusterized.OpenPersistent(context.Background(), dev, inproc.New(), "bench", clusterized.PersistentOptions{Logger: quietLogger()})
+		cs, err := openPersistent(context.Background(), dev, inproc.New(), "bench")
 		require.NoError(b, err)
 		s = cs.Exstore()
 	} else {
@@ -214,7 +214,7 @@ func BenchmarkTwoWritersAlternating(b *testing.B) {
 	cluster := inproc.NewCluster()
 	var nodes [2]*clusterized.Store
 	for i := range nodes {
-		s, err := clusterized.OpenPersistent(context.Background(), dev, cluster.Node(uint32(i+1)), "alternate", clusterized.PersistentOptions{Logger: quietLogger()})
+		s, err := openPersistent(context.Background(), dev, cluster.Node(uint32(i+1)), "alternate")
 		require.NoError(b, err)
 		b.Cleanup(func() { _ = s.Close() })
 		nodes[i] = s

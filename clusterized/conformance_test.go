@@ -48,7 +48,7 @@ func twoNodes(t *testing.T, id string) (a, b *clusterized.Store, cluster *inproc
 
 func openClustered(t testing.TB, dev blockdev.Device, engine lockc.Engine, id string) *clusterized.Store {
 	t.Helper()
-	s, err := clusterized.OpenPersistent(context.Background(), dev, engine, id, clusterized.PersistentOptions{Logger: quietLogger()})
+	s, err := openPersistent(context.Background(), dev, engine, id)
 	require.NoError(t, err)
 	return s
 }

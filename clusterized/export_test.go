@@ -7,13 +7,13 @@ import (
 
 // LazyWaitingOutsideEX reports whether lazily committed exceptions wait
 // to be written while the node does not hold EX, which must never be. It
-// asks the core, not the wrapper's own guess (lazyWaiting). Under mu the
+// asks the core, not the lock manager's guess (dirty). Under mu the
 // mode cannot change, and outside EX no lazy commit can happen, so the
 // answer is not a race.
 func (s *Store) LazyWaitingOutsideEX() bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return modeOf(s.state.Load()) != lockc.EX && s.LazyWaiting()
+	s.mgr.mu.Lock()
+	defer s.mgr.mu.Unlock()
+	return s.mode() != lockc.EX && s.LazyWaiting()
 }
 
 // LazyWaiting reports whether the core has lazily committed exceptions

@@ -63,7 +63,7 @@ func (s *LazyStore) Durable(new exstore.Chunk) bool {
 
 // Sync implements exstore.LazyCommitter: the core's Sync. It takes no lock:
 // lazily committed exceptions wait to be written only while the node holds
-// EX (the manager writes them before it gives EX up), and with none
+// EX (the lock manager writes them before it gives EX up), and with none
 // waiting the core only flushes the device. It fails, wrapping
 // lockc.ErrLost, once the node lost the lockspace: what waited then is
 // never written.
@@ -79,17 +79,6 @@ func (s *LazyStore) Sync(ctx context.Context) error {
 		return fmt.Errorf("sync: %w", err)
 	}
 	return nil
-}
-
-// lazyWaiting reports whether exceptions committed lazily may wait to be
-// written: whether anything was prepared under the node's current EX (see
-// dirty). It over-approximates (the exceptions may have been committed
-// durably, or written by the core on its own), which costs the give-up of
-// EX one core Sync too many, so that lazy commits cost no shared counter.
-// Called with no user inside and no exception unsettled, so none can be
-// prepared meanwhile.
-func (s *Store) lazyWaiting() bool {
-	return s.dirty.Load()
 }
 
 // syncLazy is the core's Sync if it is an exstore.LazyCommitter (nil

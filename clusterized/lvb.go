@@ -1,6 +1,7 @@
 package clusterized
 
 import (
+	"crypto/rand"
 	"encoding/binary"
 	"hash/crc32"
 
@@ -83,4 +84,15 @@ func DecodeLVB(b lockc.LVB) (c Counter, ok bool) {
 		return Counter{}, false
 	}
 	return c, true
+}
+
+// newEpoch returns a random, non-zero epoch.
+func newEpoch() uint64 {
+	var b [8]byte
+	for {
+		_, _ = rand.Read(b[:]) // crypto/rand.Read never fails (Go 1.24+)
+		if e := binary.LittleEndian.Uint64(b[:]); e != 0 {
+			return e
+		}
+	}
 }

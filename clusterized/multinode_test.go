@@ -390,7 +390,7 @@ func runMultiNode(t *testing.T, seed uint64, crash, sameNode bool) {
 	for i := range nodes {
 		n := &node{id: uint32(i + 1), origin: &nodeDevice{Device: originDev}, cowDev: &nodeDevice{Device: cowDev}}
 		var err error
-		n.store, err = clusterized.OpenPersistent(ctx, n.cowDev, cluster.Node(n.id), mnClusterID, clusterized.PersistentOptions{Logger: quietLogger()})
+		n.store, err = openPersistent(ctx, n.cowDev, cluster.Node(n.id), mnClusterID)
 		require.NoError(t, err)
 		t.Cleanup(func() { _ = n.store.Close() })
 		n.volume = cow.NewOrigin(n.origin)

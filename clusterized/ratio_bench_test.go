@@ -312,7 +312,7 @@ func (w *firstWriter) setup() {
 	var err error
 	if w.clustered {
 		var cs *clusterized.Store
-		cs, err = clusterized.OpenPersistent(context.Background(), dev, inproc.New(), "bench", clusterized.PersistentOptions{Logger: quietLogger()})
+		cs, err = openPersistent(context.Background(), dev, inproc.New(), "bench")
 		require.NoError(w.b, err)
 		w.store = cs.Exstore()
 		if w.durable {
