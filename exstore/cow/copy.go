@@ -104,6 +104,9 @@ func (s *Snapshot) skipForOrigin() (bool, error) {
 	if err == nil {
 		return false, nil
 	}
+	if err := s.storeStopped(); err != nil {
+		return false, err
+	}
 	if errors.Is(err, exstore.ErrInvalid) || errors.Is(err, ErrMerged) {
 		return true, nil
 	}
@@ -125,7 +128,9 @@ func (s *Snapshot) chunksToCopy(ctx context.Context, off, n int64, tasks []copyT
 		if !found {
 			tasks = append(tasks, copyTask{snap: s, chunk: exstore.Chunk(c)})
 		} else {
-			s.ensureDurable(ctx, exstore.Chunk(c), new)
+			if err := s.ensureDurable(ctx, exstore.Chunk(c), new); err != nil {
+				return tasks, err
+			}
 		}
 	}
 	return tasks, nil
@@ -147,30 +152,29 @@ func (s *Snapshot) copyChunkForOrigin(ctx context.Context, c exstore.Chunk) erro
 		return err
 	case chunkHasException:
 		// A snapshot write allocated it since chunksToCopy looked.
-		s.ensureDurable(ctx, c, e.New)
-		return nil
+		return s.ensureDurable(ctx, c, e.New)
 	case chunkAddedElsewhere:
 		// Another node sharing the store copied the chunk after our
 		// lookup: the snapshot has its data.
 		return nil
 	}
 	// chunkPrepared: the copy is this path's to make.
-	s.copyAndCommit(ctx, e, false)
-	return nil
+	_, err = s.copyAndCommit(ctx, e, false)
+	return err
 }
 
 // ensureDurable makes chunk c's exception, in COW chunk new, durable before
 // an origin write overwrites c: a lazily committed one could otherwise be
 // lost in a crash after the origin changed, and the snapshot would read the
-// new data. A failure invalidates the snapshot; the origin write goes
-// ahead.
-func (s *Snapshot) ensureDurable(ctx context.Context, c, new exstore.Chunk) {
+// new data. A failure invalidates the snapshot (see invalidate).
+func (s *Snapshot) ensureDurable(ctx context.Context, c, new exstore.Chunk) error {
 	if s.lazy == nil || s.lazy.Durable(new) {
-		return
+		return nil
 	}
 	if err := s.lazy.Sync(context.WithoutCancel(ctx)); err != nil {
-		s.invalidate(ctx, fmt.Errorf("chunk %d: writing its exception before an origin write: %w", c, err))
+		return s.invalidate(ctx, fmt.Errorf("chunk %d: writing its exception before an origin write: %w", c, err))
 	}
+	return nil
 }
 
 // holdChunk takes one of the snapshot's copy slots and then chunk c's lock,
@@ -219,6 +223,9 @@ const (
 // snapshot, looks c up and, if c has no exception, prepares one. It
 // handles Prepare's failures as the path must:
 //   - a canceled ctx fails either path;
+//   - a store that stopped for another reason than invalidity (a clustered
+//     store whose node lost the cluster lock) fails either path, and
+//     invalidates nothing: the snapshot is valid for the other nodes;
 //   - an invalid store marks the snapshot invalid: the snapshot write
 //     fails, the origin write skips the snapshot;
 //   - COW full fails the snapshot write with ErrOverflow in overflow mode,
@@ -247,6 +254,13 @@ func (s *Snapshot) prepareHeld(ctx context.Context, c exstore.Chunk, forOrigin b
 		return e, chunkNotPrepared, ctx.Err()
 	case errors.Is(err, exstore.ErrExists):
 		return e, chunkAddedElsewhere, nil
+	}
+	if serr := s.storeStopped(); serr != nil {
+		// Whatever the store answered, the snapshot is valid for the
+		// other nodes: neither skip it nor invalidate it.
+		return e, chunkNotPrepared, serr
+	}
+	switch {
 	case !forOrigin && errors.Is(err, exstore.ErrNoSpace) && s.opts.Overflow:
 		s.overflowed.Store(true)
 		return e, chunkNotPrepared, fmt.Errorf("chunk %d: %w", c, ErrOverflow)
@@ -257,8 +271,7 @@ func (s *Snapshot) prepareHeld(ctx context.Context, c exstore.Chunk, forOrigin b
 		}
 		return e, chunkNotPrepared, err
 	case forOrigin:
-		s.invalidate(ctx, allocationFailure(c, err))
-		return e, chunkNotPrepared, nil
+		return e, chunkNotPrepared, s.invalidate(ctx, allocationFailure(c, err))
 	case errors.Is(err, exstore.ErrNoSpace):
 		s.invalidate(ctx, allocationFailure(c, err))
 		return e, chunkNotPrepared, s.failure()
@@ -277,12 +290,12 @@ func allocationFailure(c exstore.Chunk, err error) error {
 }
 
 // copyAndCommit copies the origin chunk of prepared exception e to its COW
-// chunk and commits e (lazily if lazy: see commit). It reports whether that
-// worked; any failure, of the origin read as of the COW write or the
-// commit, invalidates the snapshot as in the kernel (a failed copy leaves a
-// prepared exception that the store cannot hand out again before a
-// reload).
-func (s *Snapshot) copyAndCommit(ctx context.Context, e exstore.Exception, lazy bool) bool {
+// chunk and commits e (lazily if lazy: see commit). Any failure, of the
+// origin read as of the COW write or the commit, invalidates the snapshot
+// (see invalidate; a failed copy leaves a prepared exception that the store
+// cannot hand out again before a reload), and copied is false; err is
+// non-nil only if the store stopped for another reason than invalidity.
+func (s *Snapshot) copyAndCommit(ctx context.Context, e exstore.Exception, lazy bool) (copied bool, err error) {
 	bufp := s.buffers.Get().(*[]byte)
 	defer s.buffers.Put(bufp)
 	buf := *bufp
@@ -291,19 +304,16 @@ func (s *Snapshot) copyAndCommit(ctx context.Context, e exstore.Exception, lazy 
 	n := min(s.chunkBytes, s.size-chunkStart)
 	if err := readDev(s.origin.dev, buf[:n], chunkStart); err != nil {
 		s.store.Abort(e)
-		s.invalidate(ctx, fmt.Errorf("copy of chunk %d from origin %s: %w", e.Old, s.origin.dev.Name(), err))
-		return false
+		return false, s.invalidate(ctx, fmt.Errorf("copy of chunk %d from origin %s: %w", e.Old, s.origin.dev.Name(), err))
 	}
 	clear(buf[n:])
 	wn := min(alignUp(n, int64(s.cow.Alignment())), s.chunkBytes)
 	if err := writeDev(s.cow, buf[:wn], int64(e.New)*s.chunkBytes, false); err != nil {
 		s.store.Abort(e)
-		s.invalidate(ctx, fmt.Errorf("copy of chunk %d to COW chunk %d: %w", e.Old, e.New, err))
-		return false
+		return false, s.invalidate(ctx, fmt.Errorf("copy of chunk %d to COW chunk %d: %w", e.Old, e.New, err))
 	}
 	if err := s.commit(ctx, e, lazy); err != nil {
-		s.invalidate(ctx, fmt.Errorf("commit of exception %v: %w", e, err))
-		return false
+		return false, s.invalidate(ctx, fmt.Errorf("commit of exception %v: %w", e, err))
 	}
-	return true
+	return true, nil
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"math/rand/v2"
 	"slices"
 	"sync/atomic"
@@ -569,4 +570,69 @@ func TestReadOfChunksWithoutExceptions(t *testing.T) {
 	model = want // the snapshot keeps the old data
 	read()
 	assert.Equal(t, int32(1), store.ranges.Load(), "range lookups once chunk 5 has an exception")
+}
+
+// losingStore loses its lock in the middle of a copy: the first Prepare or
+// Commit after lose is set fails, and Err reports the loss from then on,
+// as a clustered store does when its node is cut off mid-write.
+type losingStore struct {
+	exstore.Store
+	at   string // "prepare" or "commit": where the loss strikes
+	lost atomic.Bool
+}
+
+func (s *losingStore) Err() error {
+	if s.lost.Load() {
+		return errLostLock
+	}
+	return s.Store.Err()
+}
+
+func (s *losingStore) Prepare(ctx context.Context, old exstore.Chunk) (exstore.Exception, error) {
+	if s.at == "prepare" {
+		s.lost.Store(true)
+		// The core under a clustered store invalidates itself when the
+		// fence refuses its write; its error says invalid.
+		return exstore.Exception{}, fmt.Errorf("chunk %d: %w", old, exstore.ErrInvalid)
+	}
+	return s.Store.Prepare(ctx, old)
+}
+
+func (s *losingStore) Commit(ctx context.Context, e exstore.Exception) error {
+	if s.at == "commit" {
+		s.lost.Store(true)
+		s.Store.Abort(e)
+		return fmt.Errorf("commit %v: %w", e, errLostLock)
+	}
+	return s.Store.Commit(ctx, e)
+}
+
+// TestOriginWriteFailsWhenStoreLosesItsLockMidCopy: a store that loses its
+// lock while an origin write's copy is under way fails that write and
+// leaves the origin alone, and the snapshot is not marked invalid on this
+// node (it is valid for the others): later origin writes fail too, rather
+// than skip it.
+func TestOriginWriteFailsWhenStoreLosesItsLockMidCopy(t *testing.T) {
+	for _, at := range []string{"prepare", "commit"} {
+		t.Run(at, func(t *testing.T) {
+			ctx := context.Background()
+			rng := rand.New(rand.NewPCG(9, 10))
+			dev := newOriginDev(rng, 8*smallChunk)
+			before := dev.Bytes()
+			o := NewOrigin(dev)
+			cow := faultdev.New("cow", smallCOWChunks*smallChunk)
+			store, err := persistent.Open(ctx, cow, persistent.Options{ChunkSectors: smallChunkSectors, Logger: testLogger(t)})
+			require.NoError(t, err)
+			t.Cleanup(func() { _ = store.Close() })
+			ls := &losingStore{Store: store, at: at}
+			s, err := o.AddSnapshot("s", ls, cow, SnapshotOptions{})
+			require.NoError(t, err)
+			err = o.WriteAt(ctx, bytes.Repeat([]byte{1}, 512), 2*smallChunk, false)
+			assert.ErrorIs(t, err, errLostLock)
+			assert.Equal(t, before, dev.Bytes(), "origin after the write whose copy failed")
+			assert.NotErrorIs(t, s.Err(), exstore.ErrInvalid, "the snapshot is not invalid: the other nodes serve it")
+			assert.ErrorIs(t, o.WriteAt(ctx, bytes.Repeat([]byte{2}, 512), 5*smallChunk, false), errLostLock, "a later origin write")
+			assert.Equal(t, before, dev.Bytes(), "origin after the later write")
+		})
+	}
 }

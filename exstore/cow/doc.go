@@ -67,7 +67,10 @@
 // stays readable. An origin write fails only if its context ends, a
 // store's lookup fails, a store fails in a way that is not invalidity (a
 // clustered store that lost its lock: overwriting without the copy would
-// corrupt the snapshot for the other nodes), or the origin I/O fails.
+// corrupt the snapshot for the other nodes), or the origin I/O fails. A
+// store that stops so in the middle of a write's copy fails that write and
+// every later one, whatever its Prepare or Commit answered, and the
+// snapshot is not marked invalid on this node.
 //
 // # Trims and zeroing
 //

@@ -3,6 +3,7 @@ package cow
 import (
 	"cmp"
 	"context"
+	"errors"
 	"fmt"
 	"slices"
 	"sync"
@@ -144,10 +145,10 @@ func (o *Origin) WriteAt(ctx context.Context, p []byte, off int64, fua bool) err
 }
 
 // Flush makes every origin write that completed before it durable: it
-// syncs the origin and every valid snapshot's
-// COW device, each unless no write reached it since its last sync. A COW
-// that fails to sync invalidates its snapshot rather than failing the
-// origin's flush.
+// syncs the origin and every valid snapshot's COW device, each unless no
+// write reached it since its last sync. A COW that fails to sync
+// invalidates its snapshot rather than failing the origin's flush, unless
+// its store stopped for another reason than invalidity (see invalidate).
 func (o *Origin) Flush(ctx context.Context) error {
 	if err := ctx.Err(); err != nil {
 		return err
@@ -155,15 +156,16 @@ func (o *Origin) Flush(ctx context.Context) error {
 	if err := o.syncs.sync(o.dev); err != nil {
 		return fmt.Errorf("origin %s: flush: %w", o.dev.Name(), err)
 	}
+	var errs []error
 	for _, s := range o.Snapshots() {
 		if s.failure() != nil {
 			continue
 		}
 		if err := s.flushCOW(ctx); err != nil {
-			s.invalidate(ctx, fmt.Errorf("flush of COW %s: %w", s.cow.Name(), err))
+			errs = append(errs, s.invalidate(ctx, fmt.Errorf("flush of COW %s: %w", s.cow.Name(), err)))
 		}
 	}
-	return nil
+	return errors.Join(errs...)
 }
 
 // announceOverwrite tells the snapshots' reads that [off, off+n) of the

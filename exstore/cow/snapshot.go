@@ -159,13 +159,31 @@ func (s *Snapshot) markFailed(err error) {
 	}
 }
 
-// invalidate marks the snapshot invalid at once, so origin writes skip it
-// from now on, and then durably in its store. The store logs a failure to
-// write its header; the snapshot is invalid either way, and the callers
-// (origin writes among them) must not fail because of it.
-func (s *Snapshot) invalidate(ctx context.Context, reason error) {
+// invalidate marks the snapshot invalid with reason, and its store
+// durably where it can, and returns nil: as in the kernel, an origin write
+// then goes ahead without the snapshot. But if the store has stopped for
+// another reason than invalidity (a clustered store whose node lost the
+// cluster lock), the snapshot is valid for the other nodes: invalidate
+// marks nothing and returns that reason, which fails an origin write.
+func (s *Snapshot) invalidate(ctx context.Context, reason error) error {
+	if err := s.storeStopped(); err != nil {
+		return err
+	}
 	s.markFailed(&exstore.InvalidError{Device: s.cow.Name(), Reason: reason})
 	_ = s.store.Invalidate(context.WithoutCancel(ctx), reason)
+	return nil
+}
+
+// storeStopped is the store's error if it has stopped for another reason
+// than invalidity, else nil. It takes precedence over the snapshot's own
+// mark (a node may lose the lock after it marked the snapshot invalid), so
+// that a node that lost the lock never writes the origin past the
+// snapshot.
+func (s *Snapshot) storeStopped() error {
+	if err := s.store.Err(); err != nil && !errors.Is(err, exstore.ErrInvalid) {
+		return fmt.Errorf("snapshot %s: %w", s.name, err)
+	}
+	return nil
 }
 
 // writable fails if the snapshot is invalid, read-only or overflowed.

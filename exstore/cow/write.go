@@ -175,7 +175,7 @@ func (s *Snapshot) allocateChunk(ctx context.Context, c exstore.Chunk, at int64,
 		}
 		return nil
 	}
-	if !s.copyAndCommit(ctx, e, !fua) {
+	if copied, _ := s.copyAndCommit(ctx, e, !fua); !copied {
 		return s.failure()
 	}
 	return s.putCOW(c, e.New, at, data, n, fua)
