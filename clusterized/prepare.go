@@ -52,6 +52,13 @@ func (s *Store) Prepare(ctx context.Context, old exstore.Chunk) (exstore.Excepti
 // exception is told apart, as the COW engine acts on it.
 func (s *Store) prepared(ctx context.Context, ref *coreRef, old exstore.Chunk, e exstore.Exception, err error) (exstore.Exception, error) {
 	if err != nil {
+		// A node that lost the lockspace says so, whatever its core
+		// answered (a core invalidates itself when the fence refuses its
+		// write): the COW engine goes on past an invalid snapshot, never
+		// past a lost lock.
+		if serr := s.stopError(); serr != nil {
+			return exstore.Exception{}, fmt.Errorf("cluster %s: chunk %d: prepare: %w", s.id, old, serr)
+		}
 		_, found, rel, lerr := ref.s.Lookup(ctx, old)
 		rel()
 		if lerr == nil && found {
