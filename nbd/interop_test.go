@@ -440,11 +440,7 @@ func TestQemuIODirectDevice(t *testing.T) {
 	qemuIO := requireTool(t, "qemu-io", "qemu-utils")
 	path := filepath.Join(t.TempDir(), "direct.img")
 	require.NoError(t, blockdev.Create(path, 4<<20))
-	dev, err := blockdev.Open(path, blockdev.Options{Direct: true})
-	if err != nil {
-		t.Skipf("O_DIRECT unavailable here: %v", err)
-	}
-	t.Cleanup(func() { dev.Close() })
+	dev := openDirect(t, path)
 	ts := startServer(t, []Export{{Name: "direct", Backend: NewDeviceBackend(dev)}}, Options{}, true)
 	// qemu honours the advertised minimum block size with
 	// read-modify-write for these unaligned requests.
