@@ -131,10 +131,14 @@ run_server() {
 	esac
 }
 
-# Servers take turns within each round, so drift in the machine's speed falls on all.
+# Servers take turns within each round, and the turn order rotates from round
+# to round (snapd first in round 1, second in round 2, ...), so that drift in
+# the machine's speed, and whatever the first server of a round pays for the
+# one before it, falls on all alike.
+servers=(snapd "${peers[@]}")
 for ((round = 1; round <= ROUNDS; round++)); do
-	for server in snapd "${peers[@]}"; do
-		run_server "$server" "$round"
+	for ((i = 0; i < ${#servers[@]}; i++)); do
+		run_server "${servers[(i + round - 1) % ${#servers[@]}]}" "$round"
 	done
 done
 
