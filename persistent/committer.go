@@ -144,6 +144,17 @@ func (s *Store) unreserve(n int) {
 	s.allocMu.Unlock()
 }
 
+// flushMutant selects where writeRecords flushes. Only flushFirst keeps the
+// ordering the on-disk format needs; the others exist for the crash tests'
+// self-tests (see export_test.go).
+type flushMutant uint8
+
+const (
+	flushFirst         flushMutant = iota // before the metadata write
+	flushAfterMetadata                    // after it: records may point at lost data
+	flushNever                            // not at all
+)
+
 // areaWrite is one area's part of a batch.
 type areaWrite struct {
 	area     uint64
@@ -184,13 +195,20 @@ func (s *Store) writeRecords(recs []exstore.Exception) (int, error) {
 			}
 		}
 	}
-	if err := s.dev.Sync(); err != nil {
-		return 0, fmt.Errorf("flush before metadata write: %w", err)
+	if s.flushMutant == flushFirst {
+		if err := s.dev.Sync(); err != nil {
+			return 0, fmt.Errorf("flush before metadata write: %w", err)
+		}
 	}
 	written := 0
 	for i, w := range writes {
 		if err := s.writeArea(w, i == 0 && continuesTail); err != nil {
 			return written, err
+		}
+		if s.flushMutant == flushAfterMetadata {
+			if err := s.dev.Sync(); err != nil {
+				return written, fmt.Errorf("flush after metadata write: %w", err)
+			}
 		}
 		written += len(w.recs)
 		// The area position and the reservation move together, so Prepare

@@ -1,12 +1,12 @@
 package persistent_test
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"math/rand/v2"
-	"runtime"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -23,20 +23,6 @@ import (
 // cut has happened.
 var errCut = errors.New("power cut")
 
-// splitFUA turns each durable write into a plain write followed by a flush,
-// so that a power cut can fall between the two: the metadata area is then
-// in the volatile cache and may be lost or torn at sector granularity.
-type splitFUA struct{ *faultdev.Device }
-
-func (d splitFUA) WriteAtSync(p []byte, off int64) (int, error) {
-	n, err := d.Device.WriteAt(p, off)
-	if err != nil {
-		return n, err
-	}
-	runtime.Gosched()
-	return n, d.Device.Sync()
-}
-
 // pattern is the data an exception for old holds in a crash test.
 func pattern(seed uint64, old exstore.Chunk, n int) []byte {
 	b := make([]byte, n)
@@ -47,20 +33,47 @@ func pattern(seed uint64, old exstore.Chunk, n int) []byte {
 	return b
 }
 
+// TestCrashConsistency cuts power at a random operation on the COW device
+// (any read, write, flush, or the FUA step of a durable write, so a cut may
+// tear a metadata write at sector granularity) while several writers
+// commit, then reloads and checks what must survive.
 func TestCrashConsistency(t *testing.T) {
 	iterations := 1000
 	if testing.Short() {
 		iterations = 200
 	}
 	for it := 0; it < iterations; it++ {
-		crashIteration(t, uint64(it))
+		crashIteration(t, t, uint64(it), crashSetup{})
 		if t.Failed() {
 			t.Fatalf("iteration %d failed (seed %d)", it, it)
 		}
 	}
 }
 
-func crashIteration(t *testing.T, seed uint64) {
+// crashSetup varies a crash iteration.
+type crashSetup struct {
+	// mutant, if set, breaks the stores under test before the cut.
+	mutant persistent.FlushMutant
+}
+
+// checkData reports, without dumping them, data that differs from want.
+func checkData(check assert.TestingT, want, got []byte, format string, args ...any) {
+	if !bytes.Equal(want, got) {
+		check.Errorf(format+": data differs", args...)
+	}
+}
+
+// failures collects the findings of a crash checker run against a store
+// that is meant to fail it.
+type failures struct{ msgs []string }
+
+func (f *failures) Errorf(format string, args ...any) {
+	f.msgs = append(f.msgs, fmt.Sprintf(format, args...))
+}
+
+// crashIteration runs one crash and its checks. Failures of the harness
+// itself go to t; failures of the checked properties go to check.
+func crashIteration(t *testing.T, check assert.TestingT, seed uint64, setup crashSetup) {
 	ctx := context.Background()
 	rng := rand.New(rand.NewPCG(seed, 0xc0ffee))
 	chunkSectors := []uint32{1, 2, 8}[rng.IntN(3)]
@@ -76,8 +89,15 @@ func crashIteration(t *testing.T, seed uint64) {
 		}
 	}
 	dev := faultdev.FromBytes("cow", img)
-	s, err := persistent.Open(ctx, splitFUA{dev}, persistent.Options{ChunkSectors: chunkSectors, Logger: quietLogger()})
+	s, err := persistent.Open(ctx, dev, persistent.Options{ChunkSectors: chunkSectors, Logger: quietLogger()})
 	require.NoError(t, err)
+	persistent.SetFlushMutant(s, setup.mutant)
+
+	var (
+		mu        sync.Mutex
+		completed = map[exstore.Chunk]exstore.Chunk{} // commits that returned success
+		prepared  = map[exstore.Chunk]exstore.Chunk{} // everything ever handed out
+	)
 
 	// Sometimes start from a loaded store holding earlier exceptions.
 	if rng.IntN(3) == 0 {
@@ -91,14 +111,18 @@ func crashIteration(t *testing.T, seed uint64) {
 			_, err = dev.WriteAt(pattern(seed, old, cb), int64(e.New)*int64(cb))
 			require.NoError(t, err)
 			require.NoError(t, s.Commit(ctx, e))
+			completed[e.Old] = e.New
 		}
 		require.NoError(t, s.Close())
-		s, err = persistent.Open(ctx, splitFUA{dev}, persistent.Options{Logger: quietLogger()})
+		s, err = persistent.Open(ctx, dev, persistent.Options{Logger: quietLogger()})
 		require.NoError(t, err)
+		persistent.SetFlushMutant(s, setup.mutant)
 	}
 
 	// The cut: every operation from the cutAt-th on fails, then the
-	// device's volatile state is resolved at random.
+	// device's volatile state is resolved at random. An operation that
+	// fails is one the cut landed in: a durable write whose FUA step
+	// fails stays pending, so the cut may keep any of its sectors.
 	cutAt := int64(1 + rng.IntN(250))
 	var ops atomic.Int64
 	dev.SetFault(func(op faultdev.Op, off, length int64) error {
@@ -108,11 +132,6 @@ func crashIteration(t *testing.T, seed uint64) {
 		return nil
 	})
 
-	var (
-		mu        sync.Mutex
-		completed = map[exstore.Chunk]exstore.Chunk{} // commits that returned success
-		prepared  = map[exstore.Chunk]exstore.Chunk{} // everything ever handed out
-	)
 	const workers = 4
 	var wg sync.WaitGroup
 	for w := 0; w < workers; w++ {
@@ -154,24 +173,30 @@ func crashIteration(t *testing.T, seed uint64) {
 		after = dev.PowerCut(rng)
 	}
 
-	// Reload: everything acknowledged is there with its data, and every
-	// record found (acknowledged or not) points at durable data.
+	// Reload: every exception whose Commit returned, before or during the
+	// cut phase, is there with its data, and every record found
+	// (acknowledged or not) points at durable data.
 	s2, err := persistent.Open(ctx, after, persistent.Options{Logger: quietLogger()})
-	require.NoError(t, err, "seed %d: reload after the cut", seed)
+	if !assert.NoError(check, err, "seed %d: reload after the cut", seed) {
+		return
+	}
 	defer s2.Close()
 	found := walk(s2)
 	img = after.Bytes()
 	for old, nw := range completed {
-		assert.Equal(t, nw, found[old], "seed %d: acknowledged exception %d lost", seed, old)
+		if !assert.Equal(check, nw, found[old], "seed %d: acknowledged exception %d lost", seed, old) {
+			continue
+		}
+		checkData(check, pattern(seed, old, cb), img[int(nw)*cb:int(nw+1)*cb], "seed %d: data of acknowledged exception %d→%d", seed, old, nw)
 	}
 	used := map[exstore.Chunk]bool{}
 	g := s2.Geometry()
 	for old, nw := range found {
 		if old < 10000 {
-			assert.Equal(t, prepared[old], nw, "seed %d: record %d→%d was never handed out", seed, old, nw)
+			assert.Equal(check, prepared[old], nw, "seed %d: record %d→%d was never handed out", seed, old, nw)
 		}
-		assert.Equal(t, pattern(seed, old, cb), img[int(nw)*cb:int(nw+1)*cb], "seed %d: record %d→%d points at data that was not durable", seed, old, nw)
-		assert.False(t, used[nw], "seed %d: chunk %d used twice", seed, nw)
+		checkData(check, pattern(seed, old, cb), img[int(nw)*cb:int(nw+1)*cb], "seed %d: record %d→%d points at data that was not durable", seed, old, nw)
+		assert.False(check, used[nw], "seed %d: chunk %d used twice", seed, nw)
 		used[nw] = true
 	}
 
@@ -184,8 +209,8 @@ func crashIteration(t *testing.T, seed uint64) {
 			break
 		}
 		require.NoError(t, err)
-		assert.False(t, used[e.New], "seed %d: chunk %d handed out again", seed, e.New)
-		assert.False(t, g.IsMetadata(e.New), "seed %d: metadata chunk %d handed out", seed, e.New)
+		assert.False(check, used[e.New], "seed %d: chunk %d handed out again", seed, e.New)
+		assert.False(check, g.IsMetadata(e.New), "seed %d: metadata chunk %d handed out", seed, e.New)
 		used[e.New] = true
 		_, err = after.WriteAt(pattern(seed, old, cb), int64(e.New)*int64(cb))
 		require.NoError(t, err)
@@ -196,10 +221,39 @@ func crashIteration(t *testing.T, seed uint64) {
 	require.NoError(t, err)
 	defer s3.Close()
 	final := walk(s3)
-	assert.Equal(t, len(found), len(final), "seed %d: exceptions after refill and reload", seed)
+	assert.Equal(check, len(found), len(final), "seed %d: exceptions after refill and reload", seed)
 	img = after.DurableBytes()
 	for old, nw := range final {
 		require.Equal(t, found[old], nw, "seed %d", seed)
-		assert.Equal(t, pattern(seed, old, cb), img[int(nw)*cb:int(nw+1)*cb], fmt.Sprintf("seed %d: data of %d→%d", seed, old, nw))
+		checkData(check, pattern(seed, old, cb), img[int(nw)*cb:int(nw+1)*cb], "seed %d: data of %d→%d", seed, old, nw)
+	}
+}
+
+// TestCrashCheckerCatchesMutants proves the crash checker's power: run
+// against a store that flushes the data after the metadata write, or never,
+// it must fail. The seeds are fixed, from 0 up, and the iterations stop at
+// the first one that catches the mutant; each mutant must be caught within
+// the budget. The writers' interleaving varies between runs, so which seed
+// catches it may vary; the budget is far above what any run has needed.
+func TestCrashCheckerCatchesMutants(t *testing.T) {
+	const budget = 200 // seeds
+	for _, tc := range []struct {
+		name   string
+		mutant persistent.FlushMutant
+	}{
+		{"data after metadata", persistent.MutantFlushAfterMetadata},
+		{"nothing", persistent.MutantFlushNever},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			for seed := uint64(0); seed < budget; seed++ {
+				var f failures
+				crashIteration(t, &f, seed, crashSetup{mutant: tc.mutant})
+				if len(f.msgs) > 0 {
+					t.Logf("caught by seed %d: %s", seed, f.msgs[0])
+					return
+				}
+			}
+			t.Errorf("the crash checker passed a store that flushes %s in %d seeds", tc.name, budget)
+		})
 	}
 }

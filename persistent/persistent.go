@@ -64,6 +64,9 @@ type Store struct {
 		last exstore.Exception
 		n    int
 	}
+	// flushMutant, zero in production, breaks the flush before the
+	// metadata write so the crash tests can prove they catch it.
+	flushMutant flushMutant
 
 	allocMu     sync.Mutex
 	nextFree    uint64

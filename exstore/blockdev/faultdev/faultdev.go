@@ -26,12 +26,15 @@ var ErrPowerCut = errors.New("device lost power")
 // Op names an operation for fault injection.
 type Op int
 
-// The operations a fault function is asked about. WriteAtSync is a Write.
+// The operations a fault function is asked about. WriteAtSync is two: a
+// Write, asked before its data enters the cache, then a FUA, asked before
+// its sectors are made durable, with the same range.
 const (
 	Read Op = iota
 	Write
 	Sync
 	Discard
+	FUA
 )
 
 // String returns the operation's name.
@@ -45,6 +48,8 @@ func (op Op) String() string {
 		return "sync"
 	case Discard:
 		return "discard"
+	case FUA:
+		return "fua"
 	}
 	return fmt.Sprintf("Op(%d)", int(op))
 }
@@ -208,17 +213,27 @@ func (d *Device) WriteAt(p []byte, off int64) (int, error) {
 
 // WriteAtSync writes p at off and makes the sectors it touches durable with
 // their newest content (for a partial sector, that includes earlier unsynced
-// writes to the rest of it). Other pending sectors stay pending.
+// writes to the rest of it). Other pending sectors stay pending. It works in
+// two steps, each asked of the fault function: the Write puts p in the
+// volatile cache as a pending version of each sector, the FUA makes those
+// sectors durable. A FUA that fails, or a power cut while the fault function
+// holds it, leaves p pending, so a cut may keep any subset of its sectors:
+// only each sector is atomic.
 func (d *Device) WriteAtSync(p []byte, off int64) (int, error) {
 	if err := d.begin(Write, off, int64(len(p))); err != nil {
 		return 0, err
 	}
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	if err := d.usableLocked(Write, off); err != nil {
+	if err := d.cacheWrite(p, off); err != nil {
 		return 0, err
 	}
-	copy(d.current[off:], p)
+	if err := d.begin(FUA, off, int64(len(p))); err != nil {
+		return 0, err
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if err := d.usableLocked(FUA, off); err != nil {
+		return 0, err
+	}
 	if len(p) > 0 {
 		first, last := sectorSpan(off, int64(len(p)))
 		for s := first; s <= last; s++ {
@@ -230,6 +245,19 @@ func (d *Device) WriteAtSync(p []byte, off int64) (int, error) {
 	d.stats.WriteSyncs++
 	d.stats.BytesWritten += uint64(len(p))
 	return len(p), nil
+}
+
+// cacheWrite puts p at off in the volatile cache, as a pending version of
+// each sector it touches.
+func (d *Device) cacheWrite(p []byte, off int64) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if err := d.usableLocked(Write, off); err != nil {
+		return err
+	}
+	copy(d.current[off:], p)
+	d.recordVersionsLocked(off, int64(len(p)))
+	return nil
 }
 
 // Sync makes every pending sector durable with its newest content.
@@ -343,7 +371,7 @@ func (d *Device) begin(op Op, off, length int64) error {
 	switch {
 	case op == Read && off < 0:
 		return fmt.Errorf("faultdev %s: read at offset %d: negative offset", d.name, off)
-	case (op == Write || op == Discard) && (off < 0 || length < 0 || off > d.size-length):
+	case (op == Write || op == FUA || op == Discard) && (off < 0 || length < 0 || off > d.size-length):
 		return fmt.Errorf("faultdev %s: %s at offset %d length %d (device size %d): %w",
 			d.name, op, off, length, d.size, blockdev.ErrOutOfRange)
 	}

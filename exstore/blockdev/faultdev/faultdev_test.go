@@ -299,6 +299,80 @@ func TestFaultInFlightDuringCut(t *testing.T) {
 	assert.Equal(t, make([]byte, 8*sector), after.Bytes())
 }
 
+// A power cut while a FUA write's durability step is held in flight may keep
+// any subset of its sectors: each sector is atomic, the write is not.
+func TestCutInsideFUAWriteTearsAtSectors(t *testing.T) {
+	const sectors = 3
+	seen := map[string]bool{}
+	for seed := uint64(0); seed < 64; seed++ {
+		d := faultdev.New("dev", 4*sector)
+		writeSync(t, d, bytes.Repeat([]byte{'o'}, sectors*sector), 0)
+		entered := make(chan struct{})
+		release := make(chan struct{})
+		d.SetFault(func(op faultdev.Op, off, length int64) error {
+			if op == faultdev.FUA {
+				assert.Equal(t, int64(0), off)
+				assert.Equal(t, int64(sectors*sector), length)
+				close(entered)
+				<-release
+			}
+			return nil
+		})
+		done := make(chan error)
+		go func() {
+			_, err := d.WriteAtSync(bytes.Repeat([]byte{'n'}, sectors*sector), 0)
+			done <- err
+		}()
+		<-entered
+		after := d.PowerCut(rand.New(rand.NewPCG(seed, 1)))
+		close(release)
+		require.ErrorIs(t, <-done, faultdev.ErrPowerCut, "a FUA write cut in flight is not acknowledged")
+		img := after.Bytes()
+		outcome := make([]byte, sectors)
+		for s := range sectors {
+			sec := img[s*sector : (s+1)*sector]
+			require.True(t, bytes.Equal(sec, sectorOf('o')) || bytes.Equal(sec, sectorOf('n')), "sector %d is old or new, never mixed", s)
+			outcome[s] = sec[0]
+		}
+		seen[string(outcome)] = true
+	}
+	assert.Len(t, seen, 1<<sectors, "every subset of the write's sectors survives some cut: %v", seen)
+}
+
+// A FUA step that fails leaves the write in the cache, pending: readable, but
+// lost to a cut that drops pending writes, kept by one that keeps them.
+func TestFailedFUALeavesWritePending(t *testing.T) {
+	injected := errors.New("injected EIO")
+	d := faultdev.New("dev", 4*sector)
+	writeSync(t, d, sectorOf('o'), sector)
+	d.ResetStats()
+	d.SetFault(func(op faultdev.Op, off, length int64) error {
+		if op == faultdev.FUA {
+			return injected
+		}
+		return nil
+	})
+	_, err := d.WriteAtSync(sectorOf('n'), sector)
+	require.ErrorIs(t, err, injected)
+	assert.Contains(t, err.Error(), "fua at offset 512")
+	assert.Equal(t, faultdev.Stats{}, d.Stats(), "a failed WriteAtSync counts nowhere")
+	assert.Equal(t, sectorOf('n'), read(t, d, sector, sector), "the data reached the cache")
+	assert.Equal(t, sectorOf('o'), d.DurableBytes()[sector:2*sector], "but is not durable")
+	assert.Equal(t, sectorOf('o'), read(t, d.PowerCutDropAll(), sector, sector))
+	assert.Equal(t, sectorOf('n'), read(t, d.PowerCutKeepAll(), sector, sector))
+}
+
+// WriteAtSync makes durable only its own sectors: an earlier plain write
+// elsewhere stays pending and may be lost.
+func TestWriteAtSyncLeavesOtherWritesPending(t *testing.T) {
+	d := faultdev.New("dev", 4*sector)
+	write(t, d, sectorOf('d'), 0)
+	writeSync(t, d, sectorOf('m'), 3*sector)
+	after := d.PowerCutDropAll()
+	assert.Equal(t, make([]byte, sector), read(t, after, sector, 0), "the plain write was lost")
+	assert.Equal(t, sectorOf('m'), read(t, after, sector, 3*sector))
+}
+
 func TestSetFaultFailsWithoutEffect(t *testing.T) {
 	injected := errors.New("injected EIO")
 	d := faultdev.New("dev", 16*sector)
@@ -349,6 +423,7 @@ func TestOpString(t *testing.T) {
 	assert.Equal(t, "write", faultdev.Write.String())
 	assert.Equal(t, "sync", faultdev.Sync.String())
 	assert.Equal(t, "discard", faultdev.Discard.String())
+	assert.Equal(t, "fua", faultdev.FUA.String())
 	assert.Equal(t, "Op(9)", faultdev.Op(9).String())
 }
 
