@@ -50,7 +50,7 @@ func (h *sectorHistory) sector(s int) []byte {
 	return h.cur[s*exstore.SectorSize : min((s+1)*exstore.SectorSize, len(h.cur))]
 }
 
-// sectorSpan returns the sectors [first, last] that a write of n bytes at
+// sectorSpanOf returns the sectors [first, last] that a write of n bytes at
 // off touches.
 func sectorSpanOf(off int64, n int) (first, last int) {
 	return int(off / exstore.SectorSize), int((off + int64(n) - 1) / exstore.SectorSize)
@@ -103,6 +103,20 @@ func (h *sectorHistory) flushed(covered []int) {
 	}
 }
 
+// durableWrites counts the sectors whose durable version is one the
+// workload wrote.
+func (h *sectorHistory) durableWrites() int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	n := 0
+	for _, d := range h.durable {
+		if d > 0 {
+			n++
+		}
+	}
+	return n
+}
+
 // check reports the first sector of got that is none of its versions from
 // the durable one on, and whether one is.
 func (h *sectorHistory) check(got []byte) (string, bool) {
@@ -153,6 +167,8 @@ type crashRound struct {
 	// wrap turns a snapshot's persistent store into the store the engine
 	// uses.
 	wrap func(*persistent.Store) exstore.Store
+	// serve, if not nil, wraps each volume the workload writes to.
+	serve func(volume) volume
 }
 
 // crashVolume is an origin or a snapshot under the crash workload.
@@ -163,6 +179,7 @@ type crashVolume struct {
 }
 
 const (
+	crashRounds     = 40
 	crashWorkers    = 3
 	crashOriginSize = 643 * exstore.SectorSize // not a multiple of any chunk size but 1 sector
 	crashMaxOps     = 700                      // the cut comes at an operation in [1, crashMaxOps]
@@ -220,6 +237,12 @@ func runCrashRound(t *testing.T, r crashRound) string {
 		cv.history = newSectorHistory(taken[i])
 	}
 
+	if r.serve != nil {
+		for _, cv := range vols {
+			cv.v = r.serve(cv.v)
+		}
+	}
+
 	var ops atomic.Int64
 	var powerOff atomic.Bool
 	threshold := 1 + rng.Int64N(crashMaxOps)
@@ -241,6 +264,11 @@ func runCrashRound(t *testing.T, r crashRound) string {
 	// sector's versions are in write order; the regions do not follow
 	// chunk boundaries, so workers share chunks.
 	region := int64(crashOriginSize / crashWorkers / exstore.SectorSize * exstore.SectorSize)
+	// The rounds mix origin and snapshot operations in different
+	// proportions: copies into a snapshot sync its COW, which makes its
+	// own writes durable too, so the snapshots' durability is only checked
+	// where origin writes are rare.
+	originEighths := []int{1, 4, 7}[r.seed%3]
 	errs := make([]error, crashWorkers)
 	var wg sync.WaitGroup
 	for w := range crashWorkers {
@@ -252,7 +280,7 @@ func runCrashRound(t *testing.T, r crashRound) string {
 		wg.Go(func() {
 			for {
 				cv := vols[0]
-				if wrng.IntN(2) == 0 {
+				if wrng.IntN(8) >= originEighths {
 					cv = vols[1+wrng.IntN(len(vols)-1)]
 				}
 				var err error
@@ -267,7 +295,7 @@ func runCrashRound(t *testing.T, r crashRound) string {
 					fua := wrng.IntN(4) == 0
 					idx := cv.history.issue(p, off)
 					if err = cv.v.WriteAt(ctx, p, off, fua); err == nil {
-						cv.history.complete(off, idx, fua)
+						cv.history.complete(off, idx, fua && (cv == vols[0] || snapshotFUAIntoLazyExceptionIsDurable))
 					}
 				}
 				if err != nil {
@@ -297,11 +325,14 @@ func runCrashRound(t *testing.T, r crashRound) string {
 		require.NoError(t, err)
 		got = append(got, &crashVolume{name: vols[1+i].name, v: snap})
 	}
+	var durable int
 	for i, cv := range vols {
 		if msg, ok := cv.history.check(readAll(t, got[i].v)); !ok {
 			return fmt.Sprintf("%s after a cut at operation %d: %s", cv.name, threshold, msg)
 		}
+		durable += cv.history.durableWrites()
 	}
+	t.Logf("cut at operation %d; %d sectors checked for an acknowledged-durable write", threshold, durable)
 	return ""
 }
 
@@ -329,8 +360,10 @@ func persistentStore(ps *persistent.Store) exstore.Store { return ps }
 // completed before a Flush of its volume began that then returned) or
 // content written after it: the snapshot sectors no snapshot write
 // touched read exactly as the origin did when the snapshot was taken.
+// Snapshot FUA writes count as durable only as
+// snapshotFUAIntoLazyExceptionIsDurable says.
 func TestCrashAtAnyOperation(t *testing.T) {
-	rounds := uint64(40)
+	rounds := uint64(crashRounds)
 	if testing.Short() {
 		rounds = 10
 	}
@@ -345,20 +378,72 @@ func TestCrashAtAnyOperation(t *testing.T) {
 
 func lazyCommit(ps *persistent.Store) exstore.Store { return lazyCommitStore{ps} }
 
-// TestCrashCheckerCatchesLazyCommit proves the crash checker's power: with
-// a store whose Commit returns before the exception is durable, the
-// engine overwrites origin chunks whose copies a cut may lose, and the
-// checker must see it within the rounds TestCrashAtAnyOperation runs.
-func TestCrashCheckerCatchesLazyCommit(t *testing.T) {
-	for seed := range uint64(40) {
-		var msg string
-		t.Run(fmt.Sprintf("seed%d", seed), func(t *testing.T) {
-			msg = runCrashRound(t, crashRound{seed: seed, wrap: lazyCommit})
-		})
-		if msg != "" {
-			t.Logf("caught at seed %d: %s", seed, msg)
-			return
+// fuaDroppingVolume is a broken volume for the checker's mutation test: it
+// passes every write on without FUA.
+type fuaDroppingVolume struct{ volume }
+
+func (v fuaDroppingVolume) WriteAt(ctx context.Context, p []byte, off int64, _ bool) error {
+	return v.volume.WriteAt(ctx, p, off, false)
+}
+
+// flushIgnoringVolume is a broken volume for the checker's mutation test:
+// its Flush does nothing.
+type flushIgnoringVolume struct{ volume }
+
+func (flushIgnoringVolume) Flush(context.Context) error { return nil }
+
+// onSnapshots applies wrap to snapshots and leaves the origin alone.
+func onSnapshots(wrap func(volume) volume) func(volume) volume {
+	return func(v volume) volume {
+		if _, ok := v.(*Snapshot); ok {
+			return wrap(v)
 		}
+		return v
 	}
-	t.Fatal("the checker missed a store whose Commit is not durable")
+}
+
+// TestCrashCheckerCatchesMutants proves the crash checker's power: each
+// broken store or volume breaks the durability contract, and the checker
+// must see it within the rounds TestCrashAtAnyOperation runs.
+func TestCrashCheckerCatchesMutants(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		round func(seed uint64) crashRound
+	}{
+		// Commit returns before the exception is durable: the engine
+		// overwrites origin chunks whose copies a cut may lose.
+		{"lazy-commit", func(seed uint64) crashRound { return crashRound{seed: seed, wrap: lazyCommit} }},
+		// Acknowledged FUA writes are not durable.
+		{"fua-dropped", func(seed uint64) crashRound {
+			return crashRound{seed: seed, wrap: persistentStore, serve: func(v volume) volume { return fuaDroppingVolume{v} }}
+		}},
+		// Acknowledged flushes make nothing durable.
+		{"flush-ignored", func(seed uint64) crashRound {
+			return crashRound{seed: seed, wrap: persistentStore, serve: func(v volume) volume { return flushIgnoringVolume{v} }}
+		}},
+		// The same, on the snapshots only.
+		{"snapshot-fua-dropped", func(seed uint64) crashRound {
+			return crashRound{seed: seed, wrap: persistentStore, serve: onSnapshots(func(v volume) volume { return fuaDroppingVolume{v} })}
+		}},
+		{"snapshot-flush-ignored", func(seed uint64) crashRound {
+			return crashRound{seed: seed, wrap: persistentStore, serve: onSnapshots(func(v volume) volume { return flushIgnoringVolume{v} })}
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if tc.name == "snapshot-fua-dropped" && !snapshotFUAIntoLazyExceptionIsDurable {
+				t.Skip("snapshot FUA writes are not counted durable")
+			}
+			for seed := range uint64(crashRounds) {
+				var msg string
+				t.Run(fmt.Sprintf("seed%d", seed), func(t *testing.T) {
+					msg = runCrashRound(t, tc.round(seed))
+				})
+				if msg != "" {
+					t.Logf("caught at seed %d: %s", seed, msg)
+					return
+				}
+			}
+			t.Fatal("the checker missed the mutant")
+		})
+	}
 }
