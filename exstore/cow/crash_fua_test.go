@@ -9,6 +9,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/clustersnap/clustersnap/exstore"
+	"github.com/clustersnap/clustersnap/exstore/blockdev/faultdev"
 	"github.com/clustersnap/clustersnap/persistent"
 )
 
@@ -33,14 +34,15 @@ func TestCrashSnapshotFUAIntoLazyException(t *testing.T) {
 	fua := randomBytes(rng, exstore.SectorSize)
 	require.NoError(t, ts.snap.WriteAt(ctx, fua, 5*exstore.SectorSize, true))
 
-	// The cut comes before the store's Close, which would write the lazy
-	// exceptions.
-	cow := ts.cow.PowerCutDropAll()
+	// A cut that loses every unsynced write, taken before the store's
+	// Close, which would write the lazy exceptions.
+	cow := faultdev.FromBytes(ts.cow.Name(), ts.cow.DurableBytes())
+	origin := faultdev.FromBytes(originDev.Name(), originDev.DurableBytes())
 	_ = ts.store.Close()
 	store, err := persistent.Open(ctx, cow, persistent.Options{Logger: testLogger(t)})
 	require.NoError(t, err)
 	t.Cleanup(func() { _ = store.Close() })
-	snap, err := NewOrigin(originDev.PowerCutDropAll()).AddSnapshot("s", store, cow, SnapshotOptions{})
+	snap, err := NewOrigin(origin).AddSnapshot("s", store, cow, SnapshotOptions{})
 	require.NoError(t, err)
 	got := make([]byte, exstore.SectorSize)
 	require.NoError(t, snap.ReadAt(ctx, got, 5*exstore.SectorSize))
