@@ -160,8 +160,8 @@ func (s lazyCommitStore) Commit(ctx context.Context, e exstore.Exception) error 
 
 func (s lazyCommitStore) Durable(exstore.Chunk) bool { return true }
 
-// crashRound is one round of the crash test: the seeds and a constructor
-// for the stores.
+// crashRound is one round of the crash test: its seed, the stores its
+// snapshots use and the volumes its workload writes to.
 type crashRound struct {
 	seed uint64
 	// wrap turns a snapshot's persistent store into the store the engine
@@ -208,7 +208,7 @@ func runCrashRound(t *testing.T, r crashRound) string {
 	}
 	var devs []snapDevs
 	var taken [][]byte // each snapshot's content: the origin's when it was taken
-	vols := []*crashVolume{{name: "origin", v: o, history: newSectorHistory(originContent)}}
+	vols := []*crashVolume{{name: "origin", v: o}}
 	for i, cs := range sizes[:nSnaps] {
 		name := fmt.Sprintf("s%d-chunk%d", i, cs)
 		cow := faultdev.New(name, crashOriginSize*2+256<<10)
