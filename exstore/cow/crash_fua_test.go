@@ -19,9 +19,6 @@ import (
 // the FUA write returned, so it must survive, and with it the exception
 // that makes the snapshot read it from the COW.
 func TestCrashSnapshotFUAIntoLazyException(t *testing.T) {
-	if !snapshotFUAIntoLazyExceptionIsDurable {
-		t.Skip("a FUA snapshot write into a chunk whose exception is lazily committed does not make the exception durable")
-	}
 	const chunkSectors = 8
 	ctx := context.Background()
 	rng := rand.New(rand.NewPCG(16, 3))
@@ -50,13 +47,3 @@ func TestCrashSnapshotFUAIntoLazyException(t *testing.T) {
 		t.Fatalf("the FUA write is lost: %s", firstDiff(got, fua))
 	}
 }
-
-// snapshotFUAIntoLazyExceptionIsDurable says whether a FUA snapshot write
-// into a chunk whose exception another write committed lazily is durable
-// when it returns, as the package's durability contract promises. It is
-// not: the write syncs its data (rewriteInChunk, putCOW) but not the
-// exception, so a cut can lose the exception and the snapshot then reads
-// the chunk from the origin. While it is false,
-// TestCrashSnapshotFUAIntoLazyException is skipped and
-// TestCrashAtAnyOperation counts no snapshot FUA write as durable.
-const snapshotFUAIntoLazyExceptionIsDurable = false

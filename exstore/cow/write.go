@@ -67,7 +67,9 @@ func (s *Snapshot) rewriteInChunk(ctx context.Context, p []byte, off int64, fua 
 	}
 	at := s.cowOffset(c, new, off)
 	if fua {
-		_, err = s.cow.WriteAtSync(p, at)
+		if _, err = s.cow.WriteAtSync(p, at); err == nil {
+			err = s.lazyDurable(ctx, new)
+		}
 	} else if _, err = s.cow.WriteAt(p, at); err == nil {
 		s.syncs.wrote()
 	}
@@ -129,9 +131,36 @@ func (s *Snapshot) writeChunk(ctx context.Context, c exstore.Chunk, at int64, da
 		return err
 	}
 	if found {
-		return s.putCOW(c, new, at, data, n, fua)
+		return s.putExisting(ctx, c, new, at, data, n, fua)
 	}
 	return s.allocateChunk(ctx, c, at, data, n, fua)
+}
+
+// putExisting is putCOW into chunk c's existing exception, in COW chunk new:
+// with fua, the exception is made durable too, as a snapshot write without
+// FUA may have committed it lazily.
+func (s *Snapshot) putExisting(ctx context.Context, c, new exstore.Chunk, at int64, data []byte, n int64, fua bool) error {
+	if err := s.putCOW(c, new, at, data, n, fua); err != nil {
+		return err
+	}
+	if fua {
+		return s.lazyDurable(ctx, new)
+	}
+	return nil
+}
+
+// lazyDurable makes the exception in COW chunk new durable if it was
+// committed lazily and is not yet: a write with FUA is durable, data and
+// exception, when it returns. The store's Sync flushes the COW device
+// before it writes the metadata.
+func (s *Snapshot) lazyDurable(ctx context.Context, new exstore.Chunk) error {
+	if s.lazy == nil || s.lazy.Durable(new) {
+		return nil
+	}
+	if err := s.lazy.Sync(context.WithoutCancel(ctx)); err != nil {
+		return fmt.Errorf("COW chunk %d: making its exception durable: %w", new, err)
+	}
+	return nil
 }
 
 // allocateChunk is writeChunk for chunk c that had no exception when
@@ -147,7 +176,7 @@ func (s *Snapshot) allocateChunk(ctx context.Context, c exstore.Chunk, at int64,
 	case chunkNotPrepared:
 		return err
 	case chunkHasException:
-		return s.putCOW(c, e.New, at, data, n, fua)
+		return s.putExisting(ctx, c, e.New, at, data, n, fua)
 	case chunkAddedElsewhere:
 		// Write to the chunk of the exception that another node added.
 		new, found, err := s.lookup(ctx, c)
@@ -156,7 +185,7 @@ func (s *Snapshot) allocateChunk(ctx context.Context, c exstore.Chunk, at int64,
 		} else if !found {
 			return fmt.Errorf("chunk %d: allocate: %w, but the lookup after it misses", c, exstore.ErrExists)
 		}
-		return s.putCOW(c, new, at, data, n, fua)
+		return s.putExisting(ctx, c, new, at, data, n, fua)
 	}
 	// chunkPrepared: the exception is this write's to fill and commit.
 	chunkStart := int64(c) * s.chunkBytes
