@@ -491,23 +491,30 @@ var errLostLock = errors.New("node lost its cluster lock")
 
 func (lostStore) Err() error { return errLostLock }
 
+// originWithWrappedStore is a small origin with one snapshot, whose
+// persistent store is handed to the engine through wrap.
+func originWithWrappedStore(t *testing.T, wrap func(exstore.Store) exstore.Store) (*Origin, *faultdev.Device, *Snapshot) {
+	t.Helper()
+	dev := newOriginDev(rand.New(rand.NewPCG(9, 9)), 8*smallChunk)
+	o := NewOrigin(dev)
+	cow := faultdev.New("cow", smallCOWChunks*smallChunk)
+	store, err := persistent.Open(context.Background(), cow, persistent.Options{ChunkSectors: smallChunkSectors, Logger: testLogger(t)})
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = store.Close() })
+	s, err := o.AddSnapshot("s", wrap(store), cow, SnapshotOptions{})
+	require.NoError(t, err)
+	return o, dev, s
+}
+
 // TestOriginWriteFailsWhenStoreLostItsLock: an origin write must fail, and
 // leave the origin alone, when a snapshot's store fails for a reason other
 // than invalidity: skipping the copy would corrupt a snapshot that other
 // nodes still serve.
 func TestOriginWriteFailsWhenStoreLostItsLock(t *testing.T) {
 	ctx := context.Background()
-	rng := rand.New(rand.NewPCG(9, 9))
-	dev := newOriginDev(rng, 8*smallChunk)
+	o, dev, _ := originWithWrappedStore(t, func(s exstore.Store) exstore.Store { return lostStore{s} })
 	before := dev.Bytes()
-	o := NewOrigin(dev)
-	cow := faultdev.New("cow", smallCOWChunks*smallChunk)
-	store, err := persistent.Open(ctx, cow, persistent.Options{ChunkSectors: smallChunkSectors, Logger: testLogger(t)})
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = store.Close() })
-	_, err = o.AddSnapshot("s", lostStore{store}, cow, SnapshotOptions{})
-	require.NoError(t, err)
-	err = o.WriteAt(ctx, bytes.Repeat([]byte{1}, 512), 2*smallChunk, false)
+	err := o.WriteAt(ctx, bytes.Repeat([]byte{1}, 512), 2*smallChunk, false)
 	assert.ErrorIs(t, err, errLostLock)
 	assert.Equal(t, before, dev.Bytes(), "origin after the refused write")
 	assert.ErrorIs(t, o.WriteZeroes(ctx, 0, smallChunk, false, false), errLostLock)
@@ -616,18 +623,9 @@ func TestOriginWriteFailsWhenStoreLosesItsLockMidCopy(t *testing.T) {
 	for _, at := range []string{"prepare", "commit"} {
 		t.Run(at, func(t *testing.T) {
 			ctx := context.Background()
-			rng := rand.New(rand.NewPCG(9, 10))
-			dev := newOriginDev(rng, 8*smallChunk)
+			o, dev, s := originWithWrappedStore(t, func(st exstore.Store) exstore.Store { return &losingStore{Store: st, at: at} })
 			before := dev.Bytes()
-			o := NewOrigin(dev)
-			cow := faultdev.New("cow", smallCOWChunks*smallChunk)
-			store, err := persistent.Open(ctx, cow, persistent.Options{ChunkSectors: smallChunkSectors, Logger: testLogger(t)})
-			require.NoError(t, err)
-			t.Cleanup(func() { _ = store.Close() })
-			ls := &losingStore{Store: store, at: at}
-			s, err := o.AddSnapshot("s", ls, cow, SnapshotOptions{})
-			require.NoError(t, err)
-			err = o.WriteAt(ctx, bytes.Repeat([]byte{1}, 512), 2*smallChunk, false)
+			err := o.WriteAt(ctx, bytes.Repeat([]byte{1}, 512), 2*smallChunk, false)
 			assert.ErrorIs(t, err, errLostLock)
 			assert.Equal(t, before, dev.Bytes(), "origin after the write whose copy failed")
 			assert.NotErrorIs(t, s.Err(), exstore.ErrInvalid, "the snapshot is not invalid: the other nodes serve it")
