@@ -281,13 +281,20 @@ func unixPair(t *testing.T) (client, server net.Conn) {
 	t.Cleanup(func() { os.RemoveAll(dir) })
 	l, err := net.Listen("unix", filepath.Join(dir, "pair.sock"))
 	require.NoError(t, err)
+	return acceptPair(t, l)
+}
+
+// acceptPair dials l, accepts that one connection and closes l: both ends
+// of a connection on l's network.
+func acceptPair(t *testing.T, l net.Listener) (client, server net.Conn) {
+	t.Helper()
 	defer l.Close()
 	accepted := make(chan net.Conn, 1)
 	go func() {
 		c, _ := l.Accept()
 		accepted <- c
 	}()
-	client, err = net.Dial("unix", l.Addr().String())
+	client, err := net.Dial(l.Addr().Network(), l.Addr().String())
 	require.NoError(t, err)
 	server = <-accepted
 	require.NotNil(t, server)

@@ -23,16 +23,7 @@ func tcpPair(t *testing.T) (client, server net.Conn) {
 	t.Helper()
 	l, err := netListen(t)
 	require.NoError(t, err)
-	defer l.Close()
-	accepted := make(chan net.Conn, 1)
-	go func() {
-		c, _ := l.Accept()
-		accepted <- c
-	}()
-	client, err = net.Dial("tcp", l.Addr().String())
-	require.NoError(t, err)
-	server = <-accepted
-	require.NotNil(t, server)
+	client, server = acceptPair(t, l)
 	t.Cleanup(func() {
 		client.Close()
 		server.Close()
