@@ -45,6 +45,12 @@
 // lock that stages nothing republishes the copy it read. A fresh resource's
 // LVB is zeros in state LVBUnknown; it becomes LVBInvalid when a PW or EX
 // holder's node dies or a holder invalidates it, until the next publish.
+// An engine may be stricter: report LVBInvalid in more cases (the kernel
+// DLM does when a new master rebuilds a resource after a node failure) and
+// keep a resource's value after its last lock is released instead of
+// forgetting it. It never reports LVBValid for anything but the last value
+// published. Users treat Invalid and Unknown as "re-read the truth", which
+// is always safe.
 //
 // Blocking notifications. A lock whose granted mode keeps a queued request
 // waiting receives that request's mode on Blocking. Notifications are
@@ -53,9 +59,11 @@
 // closed.
 // NoQueue requests send none.
 //
-// Tokens. Token is a fencing token: it increases with every grant and
+// Tokens. An engine that numbers grants cluster-wide offers the optional
+// Tokener capability: a fencing token that increases with every grant and
 // up-conversion on a resource, across all nodes, so storage that remembers
-// the highest token it has seen can refuse a write from a stale holder.
+// the highest token it has seen can refuse a write from a stale holder. An
+// engine without it (the kernel DLM) fences through Loss alone.
 //
 // Loss. A node loses a lockspace when it is evicted, its lease expires, it
 // crashes or it closes it: all its locks are gone at once and the I/O they

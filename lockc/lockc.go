@@ -105,6 +105,14 @@ type Lock interface {
 	// the highest requested mode and never block the engine; the channel
 	// is never closed.
 	Blocking() <-chan Mode
+}
+
+// Tokener is implemented by locks whose engine numbers grants across the
+// whole cluster. It is optional because a lock manager may keep that number
+// to itself: the kernel DLM counts grants per resource but never hands the
+// count to userspace. Nothing in clustersnap's safety rests on tokens; they
+// let storage that can check them refuse a stale holder's writes.
+type Tokener interface {
 	// Token is a fencing token: it increases with every grant and
 	// up-conversion on the resource, across all nodes.
 	Token() uint64

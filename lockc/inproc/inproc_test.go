@@ -109,7 +109,7 @@ func TestUndoConversion(t *testing.T) {
 	require.NoError(t, holder.Convert(ctx, lockc.PR))
 	require.NoError(t, pw.Convert(ctx, lockc.CR))
 	pw.SetLVB(lockc.LVB{9}) // staged in CR: no effect on the resource
-	oldToken := pw.Token()
+	oldToken := pw.(lockc.Tokener).Token()
 
 	waitCtx, cancel := context.WithCancel(ctx)
 	l := pw.(*lock)
@@ -124,7 +124,7 @@ func TestUndoConversion(t *testing.T) {
 	v, st := pw.LVB()
 	assert.Equal(t, lockc.LVB{9}, v, "the copy staged before the conversion")
 	assert.Equal(t, lockc.LVBValid, st)
-	assert.Equal(t, oldToken, pw.Token())
+	assert.Equal(t, oldToken, pw.(lockc.Tokener).Token())
 	require.NoError(t, pw.Convert(ctx, lockc.PR), "the lock is idle again")
 	v, _ = pw.LVB()
 	assert.Equal(t, lockc.LVB{7}, v)
@@ -195,11 +195,11 @@ func TestTokenSurvivesForget(t *testing.T) {
 	c := NewCluster()
 	a := open(t, c, 1)
 	l := take(t, a, "r", lockc.EX)
-	first := l.Token()
+	first := l.(lockc.Tokener).Token()
 	require.NoError(t, l.Unlock(ctx))
 	require.Zero(t, c.ResourceCount())
 	l = take(t, a, "r", lockc.EX)
-	assert.Greater(t, l.Token(), first)
+	assert.Greater(t, l.(lockc.Tokener).Token(), first)
 	require.NoError(t, l.Unlock(ctx))
 }
 

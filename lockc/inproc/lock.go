@@ -335,6 +335,10 @@ func (l *lock) Mode() lockc.Mode {
 	return l.gr
 }
 
+// The in-process engine numbers every grant of its Cluster, so its locks
+// carry fencing tokens.
+var _ lockc.Tokener = (*lock)(nil)
+
 // Token returns the fencing token of the lock's last grant or
 // up-conversion.
 func (l *lock) Token() uint64 {

@@ -7,7 +7,7 @@
 // new requests, conversions in place, QueueConvert, NoOrder, Expedite,
 // NoQueue leaving no residue); blocking notifications (who gets them, with
 // which mode, how often); the LVB's direction, its Unknown and Invalid
-// states, InvalidateLVB; fencing tokens; crashes and Close; cancelled
+// states, InvalidateLVB; fencing tokens where the engine offers them (lockc.Tokener); crashes and Close; cancelled
 // requests and conversions, including a cancel that races the grant;
 // conversion deadlock and ErrBusy; the OnLost and IsLost ordering where an
 // engine offers them; lockspace isolation and arbitrary resource names; a

@@ -13,13 +13,39 @@ import (
 	"github.com/stretchr/testify/require"
 )
 
-// errFenced: storage refused an operation carrying an older token than one
-// it has already seen; the caller's lock must have been lost.
-var errFenced = errors.New("fenced by a newer token")
+// errFenced: storage refused an operation from a holder whose lock it
+// knows to be stale.
+var errFenced = errors.New("fenced: the lock is stale")
+
+// fence is what a holder shows the disk so that the disk can refuse a
+// stale holder: the lock's token where the engine offers tokens, otherwise
+// the holder's lockspace, which must not be lost.
+type fence struct {
+	tok   uint64
+	byTok bool
+	alive func() bool // reports false once the holder's lockspace is lost
+}
+
+// newFence makes l's fence. Without tokens it relies on the loss being
+// known before another node can be granted what the holder held: OnLost's
+// promise, where the engine offers it.
+func newFence(ls lockc.Lockspace, lost *atomic.Bool, l lockc.Lock) fence {
+	if t, ok := l.(lockc.Tokener); ok {
+		return fence{tok: t.Token(), byTok: true}
+	}
+	if lost != nil {
+		return fence{alive: func() bool { return !lost.Load() }}
+	}
+	if c, ok := ls.(lockc.LostChecker); ok {
+		return fence{alive: func() bool { return !c.IsLost() }}
+	}
+	return fence{alive: func() bool { return ls.Err() == nil }}
+}
 
 // counterDisk is the storage whose state an LVB counter caches: the truth
 // that linearizability is checked against. It fences by token, as the
-// project's metadata commits do.
+// project's metadata commits do, or, for engines without tokens, by the
+// holder's loss of its lockspace, as the clusterizer's fenced devices do.
 type counterDisk struct {
 	mu       sync.Mutex
 	value    uint64 // last committed counter
@@ -27,29 +53,42 @@ type counterDisk struct {
 	commits  uint64
 }
 
-// read returns the committed counter for a writer holding token tok.
-func (d *counterDisk) read(tok uint64) (uint64, error) {
+// admit checks f under d.mu.
+func (d *counterDisk) admit(f fence, what string) error {
+	if !f.byTok {
+		if !f.alive() {
+			return fmt.Errorf("%s from a lost lockspace: %w", what, errFenced)
+		}
+		return nil
+	}
+	if f.tok < d.maxToken {
+		return fmt.Errorf("%s with token %d after %d: %w", what, f.tok, d.maxToken, errFenced)
+	}
+	d.maxToken = f.tok
+	return nil
+}
+
+// read returns the committed counter for a writer holding f.
+func (d *counterDisk) read(f fence) (uint64, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if tok < d.maxToken {
-		return 0, fmt.Errorf("read with token %d after %d: %w", tok, d.maxToken, errFenced)
+	if err := d.admit(f, "read"); err != nil {
+		return 0, err
 	}
-	d.maxToken = tok
 	return d.value, nil
 }
 
-// commit stores v for a writer holding token tok. v must follow the
-// committed value: anything else is a lost or duplicated update.
-func (d *counterDisk) commit(tok, v uint64) error {
+// commit stores v for a writer holding f. v must follow the committed
+// value: anything else is a lost or duplicated update.
+func (d *counterDisk) commit(f fence, v uint64) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if tok < d.maxToken {
-		return fmt.Errorf("commit with token %d after %d: %w", tok, d.maxToken, errFenced)
+	if err := d.admit(f, "commit"); err != nil {
+		return err
 	}
 	if v != d.value+1 {
-		return fmt.Errorf("commit %d over %d with token %d: lost update", v, d.value, tok)
+		return fmt.Errorf("commit %d over %d: lost update", v, d.value)
 	}
-	d.maxToken = tok
 	d.value = v
 	d.commits++
 	return nil
@@ -77,7 +116,7 @@ func testLinearizable(e *env) {
 	crasher, canCrash := e.c.(Crasher)
 	res := []byte("counter")
 	disk := &counterDisk{}
-	var ticks, commits, crashes, fenced, lost atomic.Int64
+	var ticks, commits, crashes, fenced, lostOps atomic.Int64
 
 	// release ends a write or read: converts a cached lock back to NL, or
 	// unlocks a lock of its own.
@@ -93,15 +132,15 @@ func testLinearizable(e *env) {
 		}
 		return ls.Lock(e.ctx, res, m)
 	}
-	write := func(node uint32, ls lockc.Lockspace, nl lockc.Lock, cached bool) error {
+	write := func(node uint32, ls lockc.Lockspace, lost *atomic.Bool, nl lockc.Lock, cached bool) error {
 		l, err := acquire(ls, nl, lockc.EX, cached)
 		if err != nil {
 			return err
 		}
-		tok := l.Token()
+		f := newFence(ls, lost, l)
 		v, st := l.LVB()
 		n, hasCounter := decode(v)
-		d, err := disk.read(tok)
+		d, err := disk.read(f)
 		if err != nil {
 			_ = release(l, cached)
 			return err
@@ -109,7 +148,7 @@ func testLinearizable(e *env) {
 		var next uint64
 		if st == lockc.LVBValid {
 			if !assert.True(e.t, hasCounter, "valid LVB %x without a counter", v) ||
-				!assert.Equal(e.t, d, n, "a valid LVB under EX (token %d) differs from the disk", tok) {
+				!assert.Equal(e.t, d, n, "a valid LVB under EX differs from the disk") {
 				return errors.New("stop")
 			}
 			next = n + 1
@@ -117,7 +156,7 @@ func testLinearizable(e *env) {
 			assert.LessOrEqual(e.t, n, d, "an LVB ahead of the disk was published before being durable")
 			next = max(d, n) + 1
 		}
-		if err := disk.commit(tok, next); err != nil {
+		if err := disk.commit(f, next); err != nil {
 			_ = release(l, cached)
 			if !errors.Is(err, errFenced) {
 				e.t.Error(err)
@@ -138,7 +177,7 @@ func testLinearizable(e *env) {
 		if err != nil {
 			return err
 		}
-		tok := l.Token()
+		f := newFence(ls, nil, l)
 		v, st := l.LVB()
 		d, maxTok := disk.peek()
 		live := ls.Err() == nil // checked after peek: the lock was held during it
@@ -146,7 +185,9 @@ func testLinearizable(e *env) {
 			n, ok := decode(v)
 			assert.True(e.t, ok, "valid LVB %x without a counter", v)
 			if live {
-				assert.Less(e.t, maxTok, tok, "a writer used the disk while PR (token %d) was held", tok)
+				if f.byTok {
+					assert.Less(e.t, maxTok, f.tok, "a writer used the disk while PR (token %d) was held", f.tok)
+				}
 				assert.Equal(e.t, d, n, "a valid LVB under PR differs from the disk")
 			}
 			assert.GreaterOrEqual(e.t, n, *lastSeen, "the counter went backwards while valid")
@@ -164,6 +205,7 @@ func testLinearizable(e *env) {
 			go func() {
 				defer wg.Done()
 				var ls lockc.Lockspace
+				var lost *atomic.Bool // set by OnLost, where the engine offers it
 				var nl lockc.Lock
 				join := func() bool {
 					var err error
@@ -173,6 +215,12 @@ func testLinearizable(e *env) {
 					ls, err = e.c.Node(node).Open(e.ctx, e.ls)
 					if !assert.NoError(e.t, err) {
 						return false
+					}
+					lost = nil
+					if n, ok := ls.(lockc.LostNotifier); ok {
+						flag := new(atomic.Bool)
+						n.OnLost(func() { flag.Store(true) })
+						lost = flag
 					}
 					nl, err = ls.Lock(e.ctx, res, lockc.NL)
 					if isLost(err) {
@@ -195,7 +243,7 @@ func testLinearizable(e *env) {
 					if nl == nil {
 						err = lockc.ErrLost
 					} else if (i+w)%3 == 0 {
-						err = write(node, ls, nl, cached)
+						err = write(node, ls, lost, nl, cached)
 					} else {
 						err = read(ls, nl, cached, &lastSeen)
 					}
@@ -207,7 +255,7 @@ func testLinearizable(e *env) {
 							return
 						}
 					case isLost(err):
-						lost.Add(1)
+						lostOps.Add(1)
 						if !join() {
 							return
 						}
@@ -222,7 +270,7 @@ func testLinearizable(e *env) {
 	wg.Wait()
 
 	value, _ := disk.peek()
-	e.t.Logf("%d commits, %d crashes, %d lost operations, %d fenced", disk.commits, crashes.Load(), lost.Load(), fenced.Load())
+	e.t.Logf("%d commits, %d crashes, %d lost operations, %d fenced", disk.commits, crashes.Load(), lostOps.Load(), fenced.Load())
 	assert.Equal(e.t, disk.commits, value, "every commit added exactly one")
 	assert.Positive(e.t, disk.commits)
 	if canCrash {
