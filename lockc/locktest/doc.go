@@ -7,12 +7,15 @@
 // new requests, conversions in place, QueueConvert, NoOrder, Expedite,
 // NoQueue leaving no residue); blocking notifications (who gets them, with
 // which mode, how often); the LVB's direction, its Unknown and Invalid
-// states, InvalidateLVB; fencing tokens where the engine offers them (lockc.Tokener); crashes and Close; cancelled
-// requests and conversions, including a cancel that races the grant;
-// conversion deadlock and ErrBusy; the OnLost and IsLost ordering where an
-// engine offers them; lockspace isolation and arbitrary resource names; a
-// linearizability check of a counter on a token-fenced disk cached in the
-// LVB while nodes crash; and a soak that ends with nothing left behind.
+// states, InvalidateLVB; fencing tokens where the engine offers them
+// (lockc.Tokener); crashes and Close; cancelled requests and conversions,
+// including a cancel that races the grant; conversion deadlock and ErrBusy;
+// the OnLost and IsLost ordering where an engine offers them; lockspace
+// isolation and arbitrary resource names; a linearizability check of a
+// counter cached in the LVB while nodes crash, on a disk that refuses stale
+// holders by token or, for an engine without tokens, by the holder's loss
+// of its lockspace (OnLost);
+// and a soak that ends with nothing left behind.
 //
 // What a harness supplies: a Harness with a Name and a NewCluster function
 // that returns a fresh Cluster (node engines sharing state with no other
