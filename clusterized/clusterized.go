@@ -176,6 +176,22 @@ func (s *Store) Core() exstore.Store { return s.core.Load().s }
 // closed): from then on the node must not write the shared metadata.
 func (s *Store) Lost() <-chan struct{} { return s.ls.Lost() }
 
+// OnLost has f called once when the node loses the store's lockspace (or
+// the store is closed). Where the lock engine is a lockc.LostNotifier, f
+// runs before another node can be granted a lock this node held, so a
+// caller can stop its other I/O to shared storage in time; otherwise it
+// runs once Lost is closed. f must return quickly.
+func (s *Store) OnLost(f func()) {
+	if ln, ok := s.ls.(lockc.LostNotifier); ok {
+		ln.OnLost(f)
+		return
+	}
+	go func() {
+		<-s.ls.Lost()
+		f()
+	}()
+}
+
 // Stats returns the store's counters of cluster work.
 func (s *Store) Stats() Stats { return s.mgr.stats() }
 

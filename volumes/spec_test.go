@@ -44,16 +44,22 @@ func TestParseSnapshotSpec(t *testing.T) {
 }
 
 func TestNewCluster(t *testing.T) {
-	c, err := NewCluster("c1", "")
+	c, err := NewCluster("c1", "", ClusterOptions{})
 	require.NoError(t, err)
 	assert.Equal(t, "c1/snap", c.Resource("snap"))
 	assert.NotNil(t, c.Engine)
-	_, err = NewCluster("c1", "local")
-	assert.NoError(t, err)
-	_, err = NewCluster("c1", "etcd")
-	assert.ErrorContains(t, err, "known: local")
+	assert.False(t, c.Shared, "the in-process engine coordinates this host only")
+	c, err = NewCluster("c1", "local", ClusterOptions{Lockspace: "ls1"})
+	require.NoError(t, err)
+	assert.Equal(t, "ls1", c.Lockspace)
+	_, err = NewCluster("c1", "etcd", ClusterOptions{})
+	assert.ErrorContains(t, err, "known: "+LockEngines())
 	for _, id := range []string{"", "a/b", string(make([]byte, 33)), "a\x00"} {
-		_, err = NewCluster(id, "")
+		_, err = NewCluster(id, "", ClusterOptions{})
 		assert.Error(t, err, "%q", id)
+	}
+	for _, ls := range []string{"a/b", string(make([]byte, 65))} {
+		_, err = NewCluster("c1", "", ClusterOptions{Lockspace: ls})
+		assert.ErrorContains(t, err, "lockspace", "%q", ls)
 	}
 }

@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"sync"
+	"sync/atomic"
 
 	"github.com/clustersnap/clustersnap/clusterized"
 	"github.com/clustersnap/clustersnap/exstore"
@@ -40,8 +42,15 @@ type Set struct {
 	// Snapshots are the snapshots in the order of Config.Snapshots.
 	Snapshots []*cow.Snapshot
 
-	closers []io.Closer // stores, then devices, in closing order
+	closers []io.Closer   // stores, then devices, in closing order
+	lost    chan struct{} // closed once a store's node loses the lockspace
+	once    sync.Once
 }
+
+// Lost is closed once the node loses the lockspace of any clustered store
+// (or the Set is closed): from then on the devices refuse all I/O with
+// ErrClusterLost. It is never closed without a Cluster.
+func (v *Set) Lost() <-chan struct{} { return v.lost }
 
 // check refuses what no device needs to be opened to see.
 func (c Config) check(reg *exstore.Registry) error {
@@ -62,17 +71,19 @@ func (c Config) check(reg *exstore.Registry) error {
 	return nil
 }
 
-// Open opens the origin and every snapshot's COW device with exclusive
-// locks and each snapshot's store through the registry, without
-// formatting; with a Cluster each store is clustered. The in-process lock
-// engine coordinates one process only, so the exclusive locks stay with a
-// cluster too.
+// Open opens the origin and every snapshot's COW device and each snapshot's
+// store through the registry, without formatting; with a Cluster each store
+// is clustered. Devices are opened with exclusive host-local locks, except
+// with a Shared cluster: its other members are other hosts, so the devices
+// are opened with O_DIRECT instead (a buffered open is refused) and no
+// host-local lock is taken. With a Cluster, the devices stop all I/O once
+// any store's node loses the lockspace (ErrClusterLost).
 func Open(ctx context.Context, c Config) (*Set, error) {
 	reg := newRegistry()
 	if err := c.check(reg); err != nil {
 		return nil, &ConfigError{err}
 	}
-	v := &Set{}
+	v := &Set{lost: make(chan struct{})}
 	fail := func(err error) (*Set, error) {
 		v.Close()
 		return nil, err
@@ -81,27 +92,38 @@ func Open(ctx context.Context, c Config) (*Set, error) {
 	if err != nil {
 		return nil, fmt.Errorf("origin: %w", err)
 	}
-	od, err := blockdev.Open(c.Origin, blockdev.Options{Direct: c.Direct, Exclusive: true})
+	shared := c.Cluster != nil && c.Cluster.Shared
+	devOpts := blockdev.Options{Direct: c.Direct || shared, Exclusive: !shared}
+	od, err := openDevice(c.Origin, devOpts, shared)
 	if err != nil {
 		return nil, fmt.Errorf("origin: %w", err)
 	}
 	v.closers = append(v.closers, od)
-	v.Origin = cow.NewOrigin(od)
+	var lost *atomic.Bool // set when a store's node loses the lockspace
+	fence := func(d blockdev.Device) blockdev.Device { return d }
+	if c.Cluster != nil {
+		lost = new(atomic.Bool)
+		fence = func(d blockdev.Device) blockdev.Device { return fenceShared(d, c.Cluster.ID, lost) }
+	}
+	v.Origin = cow.NewOrigin(fence(od))
 	for _, spec := range c.Snapshots {
 		if ci, err := os.Stat(spec.COW); err == nil && os.SameFile(oi, ci) {
 			return fail(fmt.Errorf("snapshot %s: cow %s is the origin itself", spec.Name, spec.COW))
 		}
-		cd, err := blockdev.Open(spec.COW, blockdev.Options{Direct: c.Direct, Exclusive: true})
+		cd, err := openDevice(spec.COW, devOpts, shared)
 		if err != nil {
 			return fail(fmt.Errorf("snapshot %s: %w", spec.Name, err))
 		}
 		v.closers = append([]io.Closer{cd}, v.closers...)
-		st, err := openStore(ctx, reg, cd, spec, c.Cluster)
+		st, err := openStore(ctx, reg, cd, spec, c.Cluster, func() {
+			lost.Store(true)
+			v.once.Do(func() { close(v.lost) })
+		})
 		if err != nil {
 			return fail(fmt.Errorf("snapshot %s: %w", spec.Name, err))
 		}
 		v.closers = append([]io.Closer{st}, v.closers...)
-		s, err := v.Origin.AddSnapshot(spec.Name, st, cd, spec.Options)
+		s, err := v.Origin.AddSnapshot(spec.Name, st, fence(cd), spec.Options)
 		if err != nil {
 			return fail(fmt.Errorf("snapshot %s: %w", spec.Name, err))
 		}
@@ -110,10 +132,20 @@ func Open(ctx context.Context, c Config) (*Set, error) {
 	return v, nil
 }
 
+// openDevice opens a device; a shared one must be opened with O_DIRECT.
+func openDevice(path string, o blockdev.Options, shared bool) (blockdev.Device, error) {
+	d, err := blockdev.Open(path, o)
+	if err != nil && shared {
+		return nil, fmt.Errorf("%w; shared storage must be opened with O_DIRECT (another host's writes would be hidden by this host's page cache), so a buffered open is refused", err)
+	}
+	return d, err
+}
+
 // openStore opens spec's store on the COW device cd through reg, never
 // formatting. With a cluster, clusterized wraps it and opens it through reg
-// again for its full reloads, so the clusterizer never knows the type.
-func openStore(ctx context.Context, reg *exstore.Registry, cd blockdev.Device, spec SnapshotSpec, cluster *Cluster) (exstore.Store, error) {
+// again for its full reloads, so the clusterizer never knows the type, and
+// onLost runs when the store's node loses the lockspace.
+func openStore(ctx context.Context, reg *exstore.Registry, cd blockdev.Device, spec SnapshotSpec, cluster *Cluster, onLost func()) (exstore.Store, error) {
 	args := exstore.Args{ChunkSectors: spec.ChunkSectors, NoFormat: true}
 	if cluster == nil {
 		return reg.Open(ctx, spec.storeType(), cd, args)
@@ -121,10 +153,11 @@ func openStore(ctx context.Context, reg *exstore.Registry, cd blockdev.Device, s
 	open := func(ctx context.Context, dev blockdev.Device) (exstore.Store, error) {
 		return reg.Open(ctx, spec.storeType(), dev, args)
 	}
-	cs, err := clusterized.Open(ctx, cd, open, cluster.Engine, cluster.Resource(spec.Name), clusterized.Options{})
+	cs, err := clusterized.Open(ctx, cd, open, cluster.Engine, cluster.Resource(spec.Name), clusterized.Options{Lockspace: cluster.Lockspace})
 	if err != nil {
 		return nil, err
 	}
+	cs.OnLost(onLost)
 	return cs.Exstore(), nil // with lazy commits, as the bare store has them
 }
 

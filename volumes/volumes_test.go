@@ -14,6 +14,7 @@ import (
 	"github.com/clustersnap/clustersnap/exstore"
 	"github.com/clustersnap/clustersnap/exstore/blockdev"
 	"github.com/clustersnap/clustersnap/exstore/cow"
+	"github.com/clustersnap/clustersnap/lockc"
 	"github.com/clustersnap/clustersnap/lockc/inproc"
 	"github.com/clustersnap/clustersnap/nbd"
 	"github.com/clustersnap/clustersnap/persistent"
@@ -224,4 +225,52 @@ func TestBackends(t *testing.T) {
 	assert.Equal(t, make([]byte, chunk), got)
 	require.NoError(t, snap.ReadAt(ctx, got, chunk))
 	assert.Equal(t, bytes.Repeat([]byte{0x11}, chunk), got, "the snapshot kept the origin's zeroed chunk")
+}
+
+// With a cluster of other hosts, the devices are shared: no host-local
+// lock keeps a second opener out, and they are opened with O_DIRECT.
+func TestOpenSharedTakesNoHostLocks(t *testing.T) {
+	f := newFixture(t)
+	engines := inproc.NewCluster()
+	c := Config{Origin: f.origin, Snapshots: []SnapshotSpec{{Name: "snap", COW: f.cow}}}
+	c.Cluster = &Cluster{ID: "c1", Engine: engines.Node(1), Shared: true}
+	v := open(t, c)
+	c.Cluster = &Cluster{ID: "c1", Engine: engines.Node(2), Shared: true}
+	v2 := open(t, c)
+	ctx := context.Background()
+	require.NoError(t, v.Origin.WriteAt(ctx, bytes.Repeat([]byte{0x22}, chunk), 7*chunk, true))
+	got := make([]byte, chunk)
+	require.NoError(t, v2.Snapshots[0].ReadAt(ctx, got, 7*chunk))
+	assert.Equal(t, bytes.Repeat([]byte{0x11}, chunk), got, "node 2 reads the chunk node 1 copied")
+	require.NoError(t, v2.Origin.ReadAt(ctx, got, 7*chunk))
+	assert.Equal(t, bytes.Repeat([]byte{0x22}, chunk), got, "node 2 reads node 1's write past its page cache")
+	assert.Greater(t, v.Origin.Device().Alignment(), 1, "the shared origin is open with O_DIRECT")
+}
+
+// Once a node loses its lockspace, it stops all I/O to the shared devices:
+// origin reads and writes, snapshot reads, and the flush that would make a
+// write acknowledged before the loss durable.
+func TestLostNodeStopsSharedIO(t *testing.T) {
+	ctx := context.Background()
+	f := newFixture(t)
+	engines := inproc.NewCluster()
+	v := open(t, Config{Origin: f.origin, Snapshots: []SnapshotSpec{{Name: "snap", COW: f.cow}}, Cluster: &Cluster{ID: "c1", Engine: engines.Node(1)}})
+	buf := bytes.Repeat([]byte{0x22}, chunk)
+	require.NoError(t, v.Origin.WriteAt(ctx, buf, 8*chunk, false))
+	select {
+	case <-v.Lost():
+		t.Fatal("Lost closed before the loss")
+	default:
+	}
+	engines.Crash(1)
+	<-v.Lost()
+	refused := func(err error, what string) {
+		t.Helper()
+		assert.True(t, errors.Is(err, ErrClusterLost) || errors.Is(err, lockc.ErrLost), "%s: %v", what, err)
+	}
+	assert.ErrorIs(t, v.Origin.ReadAt(ctx, buf, 0), ErrClusterLost)
+	refused(v.Origin.WriteAt(ctx, buf, 8*chunk, false), "a write to a chunk already copied")
+	refused(v.Origin.WriteAt(ctx, buf, 9*chunk, false), "a write that needs a copy")
+	refused(v.Snapshots[0].ReadAt(ctx, buf, 0), "a snapshot read")
+	assert.ErrorIs(t, v.Origin.Flush(ctx), ErrClusterLost, "the flush of a write made before the loss")
 }

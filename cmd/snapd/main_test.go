@@ -108,6 +108,7 @@ func TestBadInputIsRefusedAndWritesNothing(t *testing.T) {
 		{"transient store without chunk size", []string{"serve", "--origin", origin, "--snapshot", "s=" + cow + ",type=N", "--listen", "", "--socket", filepath.Join(dir, "s")}, exitUsage, "chunk size"},
 		{"unknown store type", []string{"serve", "--origin", origin, "--snapshot", "s=" + cow + ",type=X", "--listen", "", "--socket", filepath.Join(dir, "s")}, exitUsage, "known: persistent (P), transient (N)"},
 		{"clustered transient store", []string{"serve", "--origin", origin, "--snapshot", "s=" + cow + ",type=N,chunk=4KiB", "--cluster-id", "c1", "--listen", "", "--socket", filepath.Join(dir, "s")}, exitUsage, "cannot be clustered"},
+		{"lockspace without a cluster", []string{"serve", "--origin", origin, "--lockspace", "ls", "--listen", "", "--socket", filepath.Join(dir, "s")}, exitUsage, "need --cluster-id"},
 		{"serve of a zero cow", []string{"serve", "--origin", origin, "--snapshot", "s=" + cow, "--listen", "", "--socket", filepath.Join(dir, "s")}, exitError, "header is zero"},
 		{"detach without the nbd module", []string{"detach", filepath.Join(dir, "nbd0")}, exitError, "modprobe nbd"},
 	} {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"log/slog"
@@ -13,6 +14,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/clustersnap/clustersnap/clusterized"
 	"github.com/clustersnap/clustersnap/exstore/cow"
 	"github.com/clustersnap/clustersnap/nbd"
 	"github.com/clustersnap/clustersnap/volumes"
@@ -40,18 +42,23 @@ func (f *snapshotFlags) Set(v string) error {
 	return nil
 }
 
-// clusterFlags turns --cluster-id and --lock into the volumes' cluster:
-// none without a cluster id.
-func clusterFlags(id, lock string) (*volumes.Cluster, error) {
+// clusterFlags turns --cluster-id, --lock and --lockspace into the
+// volumes' cluster: none without a cluster id. A lock engine that
+// coordinates other hosts needs O_DIRECT, so an explicit --direct=false is
+// refused with it.
+func clusterFlags(id, lock, lockspace string, buffered bool) (*volumes.Cluster, error) {
 	if id == "" {
-		if lock != "" {
-			return nil, usagef("--lock needs --cluster-id")
+		if lock != "" || lockspace != "" {
+			return nil, usagef("--lock and --lockspace need --cluster-id")
 		}
 		return nil, nil
 	}
-	c, err := volumes.NewCluster(id, lock)
+	c, err := volumes.NewCluster(id, lock, volumes.ClusterOptions{Lockspace: lockspace})
 	if err != nil {
 		return nil, usagef("%v", err)
+	}
+	if c.Shared && buffered {
+		return nil, usagef("--direct=false: lock engine %s shares the devices with other hosts, so they must be opened with O_DIRECT (this host's page cache would hide the other hosts' writes)", lock)
 	}
 	return c, nil
 }
@@ -92,11 +99,15 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	stdio := flags.Bool("stdio", false, "serve one client on stdin/stdout (inetd, libnbd's connect_command) instead of listening")
 	defaultExport := flags.String("default-export", "", "export also served under the empty name (what nbd-client without -N and 'nbdinfo -- [ snapd serve ... ]' ask for)")
 	clusterID := flags.String("cluster-id", "", "serve the snapshots as members of this cluster: their stores take cluster locks (resource ID/NAME per snapshot)")
-	lock := flags.String("lock", "", "lock engine with --cluster-id: local (in-process, this snapd only; the default)")
+	lock := flags.String("lock", "", "lock engine with --cluster-id: local (in-process, this snapd only; the default) or dlm "+
+		"(the Linux kernel DLM: several hosts serve the same devices on shared storage, opened with O_DIRECT; needs corosync and dlm_controld)")
+	lockspace := flags.String("lockspace", "", "lockspace to join with --cluster-id (default "+clusterized.DefaultLockspace+"); every node serving the same devices uses the same")
 	if err := parse(flags, args); err != nil {
 		return err
 	}
-	cluster, err := clusterFlags(*clusterID, *lock)
+	buffered := false
+	flags.Visit(func(f *flag.Flag) { buffered = buffered || (f.Name == "direct" && !*direct) })
+	cluster, err := clusterFlags(*clusterID, *lock, *lockspace, buffered)
 	if err != nil {
 		return err
 	}
@@ -207,15 +218,23 @@ func serveVolumes(ctx context.Context, v *volumes.Set, cfg serveConfig, stdout, 
 	for _, l := range listeners {
 		go func() { errc <- srv.Serve(context.WithoutCancel(ctx), l) }()
 	}
+	var lost error
 	select {
 	case <-ctx.Done():
 	case err := <-errc:
 		return fmt.Errorf("serve: %w", err)
+	case <-v.Lost():
+		// The devices refuse all I/O already; stop serving so that a
+		// supervisor restarts snapd, which then rejoins the cluster.
+		lost = fmt.Errorf("this node lost its cluster lockspace: I/O to the shared devices stopped, clients get I/O errors; restart snapd to rejoin: %w", volumes.ErrClusterLost)
 	}
 	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), shutdownGrace)
 	defer cancel()
 	if err := srv.Shutdown(sctx); err != nil {
 		return fmt.Errorf("shutdown: %w", err)
+	}
+	if lost != nil {
+		return lost
 	}
 	if err := v.Origin.Flush(sctx); err != nil {
 		return fmt.Errorf("final flush: %w", err)
