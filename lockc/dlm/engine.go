@@ -231,7 +231,7 @@ func (e *Engine) Crash() {
 // blocking notifications have arrived.
 func (e *Engine) Sync(ctx context.Context, name string) error {
 	for _, ls := range e.open(name) {
-		if err := ls.barrier(ctx); err != nil && !errors.Is(err, lockc.ErrLost) {
+		if err := ls.barrier(ctx); err != nil && !ls.IsLost() {
 			return err
 		}
 	}

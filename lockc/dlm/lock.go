@@ -382,7 +382,7 @@ func (l *lock) Convert(ctx context.Context, m lockc.Mode, flags ...lockc.Flag) e
 	if ls.ver.nlToExBroken() && gr == lockc.NL && m == lockc.EX {
 		// ABI 6.0.1 may not return the latest LVB on NL→EX: go
 		// through PR, as lvmlockd does, and back to NL if EX fails.
-		if err := l.convert(ctx, lockc.PR, kf&^lkfQueCvt); err != nil {
+		if err := l.convert(ctx, lockc.PR, kf); err != nil {
 			return err
 		}
 		if err := l.convert(ctx, m, kf); err != nil {
