@@ -28,7 +28,7 @@ func twoNodes(tb testing.TB, h Harness, prefix string) (a, b openedNode) {
 	formatCOW(tb, dev, 8)
 	cluster := h.NewCluster(tb)
 	id := newClusterID(prefix)
-	return openNode(tb, h, cluster.Node(1), 1, dev, id), openNode(tb, h, cluster.Node(2), 2, dev, id)
+	return openNode(tb, h, cluster, 1, dev, id), openNode(tb, h, cluster, 2, dev, id)
 }
 
 // CheckOptimisticRead: node A's snapshot read of chunks chunks (1 or
@@ -52,7 +52,7 @@ func CheckOptimisticRead(tb testing.TB, h Harness, chunks int64) {
 	cluster := h.NewCluster(tb)
 	clusterID := newClusterID("optimistic-read")
 	node := func(id uint32) (*cow.Origin, *cow.Snapshot) {
-		s := openNode(tb, h, cluster.Node(id), id, cowDev, clusterID).store
+		s := openNode(tb, h, cluster, id, cowDev, clusterID).store
 		o := cow.NewOrigin(originDev)
 		snap, err := o.AddSnapshot("s", engineStore(h, id, s), cowDev, cow.SnapshotOptions{})
 		require.NoError(tb, err)

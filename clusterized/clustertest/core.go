@@ -14,7 +14,7 @@ import (
 	"github.com/clustersnap/clustersnap/clusterized"
 	"github.com/clustersnap/clustersnap/exstore"
 	"github.com/clustersnap/clustersnap/exstore/blockdev"
-	"github.com/clustersnap/clustersnap/lockc"
+	"github.com/clustersnap/clustersnap/lockc/locktest"
 	"github.com/clustersnap/clustersnap/persistent"
 )
 
@@ -53,9 +53,10 @@ type openedNode struct {
 }
 
 // openNode opens node id's clustered store of cluster clusterID on dev,
-// through engine, with h's WrapCore over every core it opens; the store is
-// closed when the test ends.
-func openNode(tb testing.TB, h Harness, engine lockc.Engine, id uint32, dev blockdev.Device, clusterID string) openedNode {
+// through cluster's engine for id with its tokens hidden (withoutTokens),
+// with h's WrapCore over every core it opens; the store is closed when the
+// test ends.
+func openNode(tb testing.TB, h Harness, cluster locktest.Cluster, id uint32, dev blockdev.Device, clusterID string) openedNode {
 	tb.Helper()
 	hooks := &coreHooks{}
 	open := func(ctx context.Context, dev blockdev.Device) (exstore.Store, error) {
@@ -69,7 +70,7 @@ func openNode(tb testing.TB, h Harness, engine lockc.Engine, id uint32, dev bloc
 		}
 		return core, nil
 	}
-	s, err := clusterized.Open(context.Background(), dev, open, engine, clusterID, clusterized.Options{})
+	s, err := clusterized.Open(context.Background(), dev, open, withoutTokens(cluster, id), clusterID, clusterized.Options{})
 	require.NoError(tb, err, "node %d joins cluster %s", id, clusterID)
 	tb.Cleanup(func() { _ = s.Close() })
 	return openedNode{store: s, hooks: hooks}

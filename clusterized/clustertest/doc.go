@@ -23,6 +23,9 @@
 //   - The suite's correctness rests on the lockc contract every engine
 //     gives (modes, grant order, the LVB and its Invalid state, Lost): never
 //     on fencing tokens (lockc.Tokener), which the kernel DLM does not have.
+//     The stores under test get their engine with tokens hidden, whatever
+//     the engine offers, so a pass on any engine shows the store correct
+//     without them.
 //   - Every check asks Harness.NewCluster for a fresh cluster and uses a
 //     cluster id no other run uses, so an engine that keeps a released
 //     resource's LVB for a while (the kernel DLM) cannot carry one run's

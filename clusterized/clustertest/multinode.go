@@ -92,7 +92,7 @@ func CheckMultiNode(t testing.TB, h Harness, w Workload) {
 	nodes := make([]*node, 3)
 	for i := range nodes {
 		n := &node{id: uint32(i + 1), origin: &nodeDevice{Device: originDev}, cowDev: &nodeDevice{Device: cowDev}}
-		n.store = openNode(t, h, cluster.Node(n.id), n.id, n.cowDev, clusterID).store
+		n.store = openNode(t, h, cluster, n.id, n.cowDev, clusterID).store
 		n.volume = cow.NewOrigin(n.origin)
 		n.rec = newRecordingStore(engineStore(h, n.id, n.store), int(n.id), rec, &hist.clock)
 		engineView := forRecording(t, n.rec)
