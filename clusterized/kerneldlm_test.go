@@ -17,9 +17,14 @@ func newDLMCluster(tb testing.TB) locktest.Cluster { return dlmtest.NewCluster(t
 // files closed: the kernel force-unlocks and invalidates the LVB under
 // its EX). It runs in a guest (test/dlm) and skips elsewhere.
 func TestMultiNodeKernelDLM(t *testing.T) {
-	clustertest.Run(t, clustertest.Harness{
+	clustertest.Run(t, kernelDLMHarness())
+}
+
+// kernelDLMHarness runs the suite on the kernel DLM.
+func kernelDLMHarness() clustertest.Harness {
+	return clustertest.Harness{
 		Name:       "kernel-dlm",
 		NewCluster: newDLMCluster,
 		Inspector:  inspector(),
-	})
+	}
 }

@@ -19,12 +19,14 @@ import (
 // failureRecorder is a testing.TB that records failures instead of
 // failing the test: a checker run through it against a mutant must fail.
 // FailNow ends the goroutine, as testing.T's does, so checkers run in one
-// of their own (runChecker).
+// of their own (runChecker). A skip is recorded too, for the test's own
+// goroutine to pass on (a test may skip only from its own goroutine).
 type failureRecorder struct {
 	testing.TB
-	mu     sync.Mutex
-	failed bool
-	msgs   []string
+	mu      sync.Mutex
+	failed  bool
+	msgs    []string
+	skipped string // why the checker skipped, "" if it did not
 }
 
 func (r *failureRecorder) record(msg string) {
@@ -44,6 +46,27 @@ func (r *failureRecorder) Fatal(args ...any)                 { r.Error(args...);
 func (r *failureRecorder) Fatalf(format string, args ...any) {
 	r.Errorf(format, args...)
 	runtime.Goexit()
+}
+
+func (r *failureRecorder) Skip(args ...any) { r.skip(fmt.Sprint(args...)) }
+func (r *failureRecorder) SkipNow()         { r.skip("skipped") }
+func (r *failureRecorder) Skipf(format string, args ...any) {
+	r.skip(fmt.Sprintf(format, args...))
+}
+
+// skip records why the checker skipped and ends its goroutine.
+func (r *failureRecorder) skip(why string) {
+	r.mu.Lock()
+	r.skipped = why
+	r.mu.Unlock()
+	runtime.Goexit()
+}
+
+// Skipped reports whether the checker skipped.
+func (r *failureRecorder) Skipped() bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.skipped != ""
 }
 
 func (r *failureRecorder) Failed() bool {
@@ -128,11 +151,10 @@ func (c mutatedCore) Refresh(ctx context.Context) error {
 
 var _ exstore.ConditionalPreparer = mutatedCore{}
 
-// withCoreMutant returns the in-process harness whose nodes' cores (the
-// first and every reload's) carry mutant's bug: node A's (1) only, or
-// every node's with onEveryNode.
-func withCoreMutant(mutant coreMutant, onEveryNode bool) clustertest.Harness {
-	h := inprocHarness()
+// withCoreMutant returns h with its nodes' cores (the first and every
+// reload's) carrying mutant's bug: node A's (1) only, or every node's with
+// onEveryNode.
+func withCoreMutant(h clustertest.Harness, mutant coreMutant, onEveryNode bool) clustertest.Harness {
 	h.WrapCore = func(id uint32, core clustertest.Core) exstore.Store {
 		if id != 1 && !onEveryNode {
 			return core
@@ -151,10 +173,9 @@ func (staleTokenStore) Unchanged(uint64) bool { return true }
 
 var _ exstore.OptimisticLookuper = staleTokenStore{}
 
-// acceptsStaleTokens returns the in-process harness whose node A (1)
-// has a COW engine over a staleTokenStore.
-func acceptsStaleTokens() clustertest.Harness {
-	h := inprocHarness()
+// acceptsStaleTokens returns h with node A's (1) COW engine over a
+// staleTokenStore.
+func acceptsStaleTokens(h clustertest.Harness) clustertest.Harness {
 	h.WrapEngineStore = func(id uint32, s exstore.Store) exstore.Store {
 		if id != 1 {
 			return s
@@ -170,35 +191,53 @@ func acceptsStaleTokens() clustertest.Harness {
 // (The suite runs the same checks against the store as it is in
 // TestMultiNode.)
 func TestMultiNodeCheckerCatchesMutants(t *testing.T) {
+	checkCatchesMutants(t, inprocHarness())
+}
+
+// TestMultiNodeKernelDLMCatchesMutants is
+// TestMultiNodeCheckerCatchesMutants on the kernel DLM (in a guest:
+// test/dlm), where the checks' hooks race real lock traffic.
+func TestMultiNodeKernelDLMCatchesMutants(t *testing.T) {
+	checkCatchesMutants(t, kernelDLMHarness())
+}
+
+// checkCatchesMutants runs each mutant against the check that applies, on
+// h's engine, and fails unless the check fails.
+func checkCatchesMutants(t *testing.T, h clustertest.Harness) {
 	for _, tc := range []struct {
 		name  string
 		check func(testing.TB) // the check, against the mutant
 	}{
 		{
 			"accepts stale tokens (one chunk)",
-			func(t testing.TB) { clustertest.CheckOptimisticRead(t, acceptsStaleTokens(), 1) },
+			func(t testing.TB) { clustertest.CheckOptimisticRead(t, acceptsStaleTokens(h), 1) },
 		},
 		{
 			"accepts stale tokens (window)",
-			func(t testing.TB) { clustertest.CheckOptimisticRead(t, acceptsStaleTokens(), 3) },
+			func(t testing.TB) { clustertest.CheckOptimisticRead(t, acceptsStaleTokens(h), 3) },
 		},
 		{
 			string(ignoresWord),
-			func(t testing.TB) { clustertest.CheckPrepareAdmission(t, withCoreMutant(ignoresWord, false)) },
+			func(t testing.TB) { clustertest.CheckPrepareAdmission(t, withCoreMutant(h, ignoresWord, false)) },
 		},
 		{
 			string(ignoresUnsettled),
 			func(t testing.TB) {
-				clustertest.CheckDrainWaitsForUnsettled(t, withCoreMutant(ignoresUnsettled, false))
+				clustertest.CheckDrainWaitsForUnsettled(t, withCoreMutant(h, ignoresUnsettled, false))
 			},
 		},
 		{
 			string(skipsRefresh),
-			func(t testing.TB) { clustertest.CheckOtherNodesExceptionsSeen(t, withCoreMutant(skipsRefresh, true)) },
+			func(t testing.TB) {
+				clustertest.CheckOtherNodesExceptionsSeen(t, withCoreMutant(h, skipsRefresh, true))
+			},
 		},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			r := runChecker(t, tc.check)
+			if r.Skipped() {
+				t.Skip(r.skipped)
+			}
 			require.True(t, r.Failed(), "the checker passed the mutant")
 			t.Logf("the checker failed the mutant: %s", r.summary())
 		})
