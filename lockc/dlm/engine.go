@@ -139,7 +139,9 @@ func (e *Engine) create(ctx context.Context, ctl *os.File, ver version, req []by
 		return 0, fmt.Errorf("open lockspace %s: %w", name, ctx.Err())
 	}
 	switch {
-	case errors.Is(c.err, unix.EUNATCH):
+	case errors.Is(c.err, unix.EUNATCH), errors.Is(c.err, unix.ENOTCONN):
+		// EUNATCH: no local node; ENOTCONN: no local address to
+		// listen on. Both are the controller's to configure.
 		return 0, fmt.Errorf("open lockspace %s: %w", name, ErrNoController)
 	case c.err != nil:
 		return 0, fmt.Errorf("open lockspace %s: create: %w", name, c.err)

@@ -11,7 +11,7 @@
 // ("offline") gets event_done=0 and its configfs directory removed. Events
 // are handled one at a time, in the order the kernel sends them.
 //
-// Stop and Resume write the lockspace's control file (0 and 1), as a real
+// StopLockspace and ResumeLockspace write the lockspace's control file (0 and 1), as a real
 // controller does around recovery: while stopped, the kernel blocks every
 // request in the lockspace. Tests use them to make a liveness probe stall.
 //

@@ -27,9 +27,8 @@ type Controller struct {
 	nodeID uint32
 	sock   *os.File
 
-	mu     sync.Mutex
-	err    error // the first error handling an event
-	joined map[string]bool
+	mu  sync.Mutex
+	err error // the first error handling an event
 
 	done chan struct{}
 }
@@ -55,7 +54,6 @@ func Start(nodeID uint32) (*Controller, error) {
 	c := &Controller{
 		nodeID: nodeID,
 		sock:   os.NewFile(uintptr(fd), "uevent"),
-		joined: map[string]bool{},
 		done:   make(chan struct{}),
 	}
 	go c.serve()
@@ -79,14 +77,15 @@ func (c *Controller) Close() error {
 	return err
 }
 
-// Stop stops lockspace ls (control=0): the kernel blocks its requests
-// until Resume.
-func (c *Controller) Stop(ls string) error {
+// StopLockspace stops lockspace ls (control=0), as a controller does for
+// recovery: the kernel blocks its requests until ResumeLockspace.
+func StopLockspace(ls string) error {
 	return writeFile(filepath.Join(sysfsDLM, ls, "control"), "0")
 }
 
-// Resume starts lockspace ls again (control=1) after Stop.
-func (c *Controller) Resume(ls string) error {
+// ResumeLockspace starts lockspace ls again (control=1) after
+// StopLockspace; the kernel recovers it with the members configfs lists.
+func ResumeLockspace(ls string) error {
 	return writeFile(filepath.Join(sysfsDLM, ls, "control"), "1")
 }
 
@@ -162,9 +161,6 @@ func (c *Controller) join(ls string) error {
 			return fmt.Errorf("solo: join %s: %w", ls, err)
 		}
 	}
-	c.mu.Lock()
-	c.joined[ls] = true
-	c.mu.Unlock()
 	return nil
 }
 
@@ -181,9 +177,6 @@ func (c *Controller) leave(ls string) error {
 			return fmt.Errorf("solo: leave %s: rmdir %s: %w", ls, d, err)
 		}
 	}
-	c.mu.Lock()
-	delete(c.joined, ls)
-	c.mu.Unlock()
 	return nil
 }
 
