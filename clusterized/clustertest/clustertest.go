@@ -13,10 +13,14 @@ import (
 type Harness struct {
 	// Name names the engine in test output.
 	Name string
-	// NewCluster returns a fresh cluster whose nodes share no state with
-	// any other cluster's; the harness registers its own cleanup on tb.
-	// The crash runs of CheckMultiNode need it to be a locktest.Crasher,
-	// and skip otherwise.
+	// NewCluster returns the cluster for one check (nodes 1 to 3); the
+	// harness registers its own cleanup on tb. It may return the same
+	// cluster every time (a cluster of guests costs too much to boot per
+	// check): every check uses cluster ids, and so lock resources, of its
+	// own. A node crashed by one check must be able to open lockspaces
+	// again in the next, as locktest.Crasher promises. The crash runs of
+	// CheckMultiNode need the cluster to be a locktest.Crasher, and skip
+	// otherwise.
 	NewCluster func(tb testing.TB) locktest.Cluster
 	// Inspector looks inside a node's store where the clusterized
 	// package shows it only to its own tests.

@@ -26,10 +26,14 @@
 //     The stores under test get their engine with tokens hidden, whatever
 //     the engine offers, so a pass on any engine shows the store correct
 //     without them.
-//   - Every check asks Harness.NewCluster for a fresh cluster and uses a
+//   - Every check asks Harness.NewCluster for its cluster and uses a
 //     cluster id no other run uses, so an engine that keeps a released
 //     resource's LVB for a while (the kernel DLM) cannot carry one run's
-//     counter into another.
+//     counter into another, and one cluster (of guests, say) can serve
+//     every check.
+//   - The stores, devices and reference model live in the test process;
+//     only the locks go through the engine, which may be remote (a
+//     lockagent client in front of guests' DLMs).
 //   - Crash runs need a locktest.Crasher whose Crash returns once the node's
 //     lockspaces are lost; they skip without one.
 //   - Checks take a testing.TB and may call FailNow from the goroutine that
