@@ -33,7 +33,8 @@ type Harness struct {
 	WrapCore func(id uint32, core Core) exstore.Store
 	// WrapEngineStore, if set, returns what node id's COW engine uses in
 	// place of s, its clustered store's Exstore (a
-	// *clusterized.LazyStore).
+	// *clusterized.LazyStore). CheckMultiNode needs the result to be an
+	// exstore.LazyCommitter still.
 	WrapEngineStore func(id uint32, s exstore.Store) exstore.Store
 }
 
