@@ -25,6 +25,9 @@ func kernelDLMHarness() clustertest.Harness {
 	return clustertest.Harness{
 		Name:       "kernel-dlm",
 		NewCluster: newDLMCluster,
-		Inspector:  inspector(),
+		// The kernel reports an invalidated LVB only once the resource
+		// has held a value.
+		UnwrittenInvalidIsUnknown: true,
+		Inspector:                 inspector(),
 	}
 }

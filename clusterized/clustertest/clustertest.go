@@ -22,6 +22,14 @@ type Harness struct {
 	// CheckMultiNode need the cluster to be a locktest.Crasher, and skip
 	// otherwise.
 	NewCluster func(tb testing.TB) locktest.Cluster
+	// UnwrittenInvalidIsUnknown says that the engine reports the LVB of a
+	// resource that never held a published value as Unknown where it was
+	// invalidated (a PW or EX holder died), as the kernel DLM does (see
+	// locktest.Harness's field of the same name). A crash run whose victim
+	// dies before any node published a counter then requires the
+	// survivors to re-read the metadata, instead of requiring them to see
+	// the LVB invalid. Strict engines (inproc) leave it false.
+	UnwrittenInvalidIsUnknown bool
 	// Inspector looks inside a node's store where the clusterized
 	// package shows it only to its own tests.
 	Inspector Inspector

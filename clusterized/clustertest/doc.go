@@ -14,7 +14,10 @@
 //     exception in commit: its devices refuse every later I/O (a dead node
 //     writes nothing: the fencing the DLM relies on, not a token), then the
 //     cluster crashes it; the dead node must fail with lockc.ErrLost, and a
-//     survivor must see the LVB invalid and reload.
+//     survivor must see the LVB invalid and reload (or, on an engine that
+//     reports an invalidated LVB that never held a value as Unknown, and
+//     when no counter was published before the crash, re-read the
+//     metadata: Harness.UnwrittenInvalidIsUnknown).
 //   - OptimisticRead, PrepareAdmission, DrainWaitsForUnsettled,
 //     OtherNodesExceptionsSeen: each forces, with a hook, one race between
 //     two nodes that the random workload meets only by chance.
