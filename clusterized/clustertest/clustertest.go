@@ -57,13 +57,17 @@ type Inspector struct {
 	UsersInside func(s *clusterized.Store) uint64
 }
 
+// workloadLead is the Workloads' Workload.Lead: a node's three workers
+// may run a few operations each ahead of the other nodes.
+const workloadLead = 24
+
 // Workloads returns the runs of CheckMultiNode that Run makes.
 func Workloads() []Workload {
 	return []Workload{
-		{Name: "no crash", Seed: 1},
-		{Name: "crash", Seed: 2, Crash: true},
-		{Name: "crash 2", Seed: 3, Crash: true},
-		{Name: "same node", Seed: 4, SameNode: true},
+		{Name: "no crash", Seed: 1, Lead: workloadLead},
+		{Name: "crash", Seed: 2, Crash: true, Lead: workloadLead},
+		{Name: "crash 2", Seed: 3, Crash: true, Lead: workloadLead},
+		{Name: "same node", Seed: 4, SameNode: true, Lead: workloadLead},
 	}
 }
 

@@ -51,6 +51,11 @@ type Workload struct {
 	// SameNode lets a node write the origin chunks it writes in the
 	// snapshot.
 	SameNode bool
+	// Lead is how many operations a node may complete ahead of another
+	// node still running before its workers wait for that node to catch
+	// up (pacer); 0 leaves the nodes unpaced. It keeps the nodes'
+	// operations interleaved on an engine that moves the lock slowly.
+	Lead int
 }
 
 // CheckMultiNode runs three nodes, each with its own store and COW engine
@@ -110,13 +115,24 @@ func CheckMultiNode(t testing.TB, h Harness, w Workload) {
 	crashAt := int64(workersPerNode * len(nodes) * opsPerWorker / 3)
 	crashNow := make(chan struct{})
 	var crashOnce sync.Once
+	pace := newPacer(w.Lead)
+	for _, n := range nodes {
+		for range workersPerNode {
+			pace.add(n.id)
+		}
+	}
 	var wg sync.WaitGroup
 	for _, n := range nodes {
 		for w := range workersPerNode {
 			wrng := rand.New(rand.NewPCG(seed, uint64(n.id)*100+uint64(w)))
 			wg.Go(func() {
+				defer pace.exit(n.id)
 				buf := make([]byte, 3*mnChunkBytes)
 				for range opsPerWorker {
+					if err := pace.wait(n.id); err != nil {
+						t.Errorf("node %d: %v", n.id, err)
+						return
+					}
 					progress := opsDone.Add(1)
 					if progress == crashAt {
 						crashOnce.Do(func() { close(crashNow) })
@@ -131,6 +147,7 @@ func CheckMultiNode(t testing.TB, h Harness, w Workload) {
 					if h.Inspector.LazyWaitingOutsideEX != nil && h.Inspector.LazyWaitingOutsideEX(n.store) {
 						t.Errorf("node %d: lazy commits wait to be written while it does not hold EX", n.id)
 					}
+					pace.did(n.id)
 				}
 			})
 		}
@@ -177,6 +194,7 @@ func CheckMultiNode(t testing.TB, h Harness, w Workload) {
 			}
 		}
 		victim.crashed.Store(true)
+		pace.stop(victim.id)
 		victim.origin.fence()
 		victim.cowDev.fence()
 		hist.crash(victim.id, victim.rec.synced.Load())
