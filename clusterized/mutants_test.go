@@ -8,29 +8,25 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
-	"time"
 
-	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
 	"github.com/clustersnap/clustersnap/clusterized"
+	"github.com/clustersnap/clustersnap/clusterized/clustertest"
 	"github.com/clustersnap/clustersnap/exstore"
-	"github.com/clustersnap/clustersnap/exstore/blockdev"
-	"github.com/clustersnap/clustersnap/exstore/blockdev/faultdev"
-	"github.com/clustersnap/clustersnap/lockc"
-	"github.com/clustersnap/clustersnap/lockc/inproc"
-	"github.com/clustersnap/clustersnap/persistent"
 )
 
 // failureRecorder is a testing.TB that records failures instead of
 // failing the test: a checker run through it against a mutant must fail.
 // FailNow ends the goroutine, as testing.T's does, so checkers run in one
-// of their own (runChecker).
+// of their own (runChecker). A skip is recorded too, for the test's own
+// goroutine to pass on (a test may skip only from its own goroutine).
 type failureRecorder struct {
 	testing.TB
-	mu     sync.Mutex
-	failed bool
-	msgs   []string
+	mu      sync.Mutex
+	failed  bool
+	msgs    []string
+	skipped string // why the checker skipped, "" if it did not
 }
 
 func (r *failureRecorder) record(msg string) {
@@ -50,6 +46,27 @@ func (r *failureRecorder) Fatal(args ...any)                 { r.Error(args...);
 func (r *failureRecorder) Fatalf(format string, args ...any) {
 	r.Errorf(format, args...)
 	runtime.Goexit()
+}
+
+func (r *failureRecorder) Skip(args ...any) { r.skip(fmt.Sprint(args...)) }
+func (r *failureRecorder) SkipNow()         { r.skip("skipped") }
+func (r *failureRecorder) Skipf(format string, args ...any) {
+	r.skip(fmt.Sprintf(format, args...))
+}
+
+// skip records why the checker skipped and ends its goroutine.
+func (r *failureRecorder) skip(why string) {
+	r.mu.Lock()
+	r.skipped = why
+	r.mu.Unlock()
+	runtime.Goexit()
+}
+
+// Skipped reports whether the checker skipped.
+func (r *failureRecorder) Skipped() bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.skipped != ""
 }
 
 func (r *failureRecorder) Failed() bool {
@@ -102,161 +119,49 @@ const (
 	skipsRefresh coreMutant = "skips the refresh"
 )
 
-// mutation is what the cores of one node share across reloads: the mutant
-// and a hook run once at the start of the next PrepareIfUnchanged.
-type mutation struct {
-	mutant        coreMutant
-	beforePrepare atomic.Pointer[func()]
-}
-
-// mutatedCore is a persistent core with the mutation's bug, and every
+// mutatedCore is the suite's core with the mutant's bug, and every
 // capability of the persistent store.
 type mutatedCore struct {
-	*persistent.Store
-	m *mutation
+	clustertest.Core
+	mutant coreMutant
 }
 
 func (c mutatedCore) PrepareIfUnchanged(ctx context.Context, old exstore.Chunk, word *atomic.Uint64, want uint64) (exstore.Exception, error) {
-	if hook := c.m.beforePrepare.Swap(nil); hook != nil {
-		(*hook)()
-	}
-	if c.m.mutant == ignoresWord {
+	if c.mutant == ignoresWord {
 		var own atomic.Uint64
 		own.Store(want)
 		word = &own
 	}
-	return c.Store.PrepareIfUnchanged(ctx, old, word, want)
+	return c.Core.PrepareIfUnchanged(ctx, old, word, want)
 }
 
 func (c mutatedCore) Unsettled() int {
-	if c.m.mutant == ignoresUnsettled {
+	if c.mutant == ignoresUnsettled {
 		return 0
 	}
-	return c.Store.Unsettled()
+	return c.Core.Unsettled()
 }
 
 func (c mutatedCore) Refresh(ctx context.Context) error {
-	if c.m.mutant == skipsRefresh {
+	if c.mutant == skipsRefresh {
 		return nil
 	}
-	return c.Store.Refresh(ctx)
+	return c.Core.Refresh(ctx)
 }
 
-// openMutated opens a node of cluster id on dev whose cores (the first and
-// every reload's) carry m's bug.
-func openMutated(t testing.TB, dev blockdev.Device, engine lockc.Engine, id string, m *mutation) *clusterized.Store {
-	t.Helper()
-	open := func(ctx context.Context, dev blockdev.Device) (exstore.Store, error) {
-		core, err := persistent.Open(ctx, dev, persistent.Options{NoFormat: true, Logger: quietLogger()})
-		if err != nil {
-			return nil, err
+var _ exstore.ConditionalPreparer = mutatedCore{}
+
+// withCoreMutant returns h with its nodes' cores (the first and every
+// reload's) carrying mutant's bug: node A's (1) only, or every node's with
+// onEveryNode.
+func withCoreMutant(h clustertest.Harness, mutant coreMutant, onEveryNode bool) clustertest.Harness {
+	h.WrapCore = func(id uint32, core clustertest.Core) exstore.Store {
+		if id != 1 && !onEveryNode {
+			return core
 		}
-		return mutatedCore{core, m}, nil
+		return mutatedCore{core, mutant}
 	}
-	s, err := clusterized.Open(context.Background(), dev, open, engine, id, clusterized.Options{})
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = s.Close() })
-	return s
-}
-
-// twoMutatedNodes opens nodes A and B of a fresh cluster, with a's and b's
-// bugs, on one fresh COW device of 4 KiB chunks.
-func twoMutatedNodes(t testing.TB, id string, a, b *mutation) (*clusterized.Store, *clusterized.Store) {
-	dev := faultdev.New("cow", 4<<20)
-	formatCOW(t, dev, 8)
-	cluster := inproc.NewCluster()
-	return openMutated(t, dev, cluster.Node(1), id, a), openMutated(t, dev, cluster.Node(2), id, b)
-}
-
-// checkOtherNodesExceptionsSeen: an exception node A commits is B's too
-// once B takes its lock (the first time, and after a counter that moved
-// on in the same epoch), and B's next allocation is another COW chunk.
-func checkOtherNodesExceptionsSeen(t testing.TB, mutant coreMutant) {
-	a, b := twoMutatedNodes(t, "seen", &mutation{mutant: mutant}, &mutation{mutant: mutant})
-	var byA []exstore.Exception
-	for _, old := range []exstore.Chunk{1, 2} {
-		e := add(t, a, old)
-		byA = append(byA, e)
-		seen(t, b, e)
-	}
-	eB := add(t, b, 3)
-	for _, e := range byA {
-		assert.NotEqual(t, e.New, eB.New, "A's %v and B's %v", e, eB)
-	}
-}
-
-// seen checks that s's Lookup finds e.
-func seen(t testing.TB, s exstore.Store, e exstore.Exception) {
-	t.Helper()
-	got, found, release, err := s.Lookup(context.Background(), e.Old)
-	release()
-	require.NoError(t, err)
-	assert.True(t, found && got == e.New, "another node's exception %v seen: found %v, COW chunk %d", e, found, got)
-}
-
-// checkPrepareAdmission: node A's Prepare read its gate open in EX, and,
-// before its core allocates, node B takes EX (A's drain does not wait for
-// a Prepare that entered nothing) and commits an exception. A's core must
-// refuse to allocate under the word it was given, which changed, so that
-// A allocates only once it holds EX again, with B's exception read.
-func checkPrepareAdmission(t testing.TB, mutant coreMutant) {
-	ma := &mutation{mutant: mutant}
-	a, b := twoMutatedNodes(t, "admission", ma, &mutation{})
-	ctx := context.Background()
-	add(t, a, 1) // A holds EX, its gate open
-	var eB exstore.Exception
-	hook := func() { eB = add(t, b, 100) }
-	ma.beforePrepare.Store(&hook)
-	eA, err := a.Prepare(ctx, 2)
-	require.NoError(t, err)
-	require.Nil(t, ma.beforePrepare.Load(), "A's Prepare reached its core's PrepareIfUnchanged")
-	if !assert.NotEqual(t, eB.New, eA.New, "COW chunk allocated twice: %v by B, then %v by A", eB, eA) {
-		a.Abort(eA)
-		return
-	}
-	require.NoError(t, a.Commit(ctx, eA))
-	seen(t, b, eA)
-	seen(t, a, eB)
-}
-
-// drainWait is how long checkDrainWaitsForUnsettled waits for node B's
-// Prepare, which must not return while node A holds a prepared
-// exception. A drain that goes on regardless gives B EX within
-// milliseconds; a correct one makes every run wait this long.
-const drainWait = 500 * time.Millisecond
-
-// checkDrainWaitsForUnsettled: node A holds EX with an exception prepared
-// (counted by its core as unsettled, no user inside); node B's Prepare
-// must wait until A committed it, and then allocate another COW chunk.
-func checkDrainWaitsForUnsettled(t testing.TB, mutant coreMutant) {
-	a, b := twoMutatedNodes(t, "unsettled", &mutation{mutant: mutant}, &mutation{})
-	ctx := context.Background()
-	add(t, a, 1) // A holds EX, its gate open
-	eA, err := a.Prepare(ctx, 2)
-	require.NoError(t, err)
-	require.Zero(t, a.UsersInside(), "A's Prepare took the core's count, not the gate's")
-	type result struct {
-		e   exstore.Exception
-		err error
-	}
-	bDone := make(chan result, 1)
-	go func() {
-		e, err := b.Prepare(ctx, 3)
-		bDone <- result{e, err}
-	}()
-	var rB result
-	select {
-	case rB = <-bDone:
-		t.Errorf("B's Prepare returned %v while A held prepared %v", rB.e, eA)
-	case <-time.After(drainWait):
-	}
-	require.NoError(t, a.Commit(ctx, eA))
-	if rB == (result{}) {
-		rB = <-bDone
-	}
-	require.NoError(t, rB.err)
-	assert.NotEqual(t, eA.New, rB.e.New, "COW chunk allocated twice: %v by A, %v by B", eA, rB.e)
-	require.NoError(t, b.Commit(ctx, rB.e))
+	return h
 }
 
 // staleTokenStore is a clustered store that accepts every optimistic
@@ -268,50 +173,73 @@ func (staleTokenStore) Unchanged(uint64) bool { return true }
 
 var _ exstore.OptimisticLookuper = staleTokenStore{}
 
-// TestMultiNodeCheckerCatchesMutants runs the checkers of the clusterized
-// store, each with the race it is after forced by a hook, against the
-// store as it is (which must pass) and against deliberately broken
-// variants (each of which must fail the checker that applies).
+// acceptsStaleTokens returns h with node A's (1) COW engine over a
+// staleTokenStore.
+func acceptsStaleTokens(h clustertest.Harness) clustertest.Harness {
+	h.WrapEngineStore = func(id uint32, s exstore.Store) exstore.Store {
+		if id != 1 {
+			return s
+		}
+		return staleTokenStore{s.(*clusterized.LazyStore)}
+	}
+	return h
+}
+
+// TestMultiNodeCheckerCatchesMutants runs the checks of the multi-node
+// suite that force a race with a hook against deliberately broken
+// variants of the store, each of which must fail the check that applies.
+// (The suite runs the same checks against the store as it is in
+// TestMultiNode.)
 func TestMultiNodeCheckerCatchesMutants(t *testing.T) {
-	acceptsStaleTokens := func(s exstore.Store) exstore.Store { return staleTokenStore{s.(*clusterized.LazyStore)} }
+	checkCatchesMutants(t, inprocHarness())
+}
+
+// TestMultiNodeKernelDLMCatchesMutants is
+// TestMultiNodeCheckerCatchesMutants on the kernel DLM (in a guest:
+// test/dlm), where the checks' hooks race real lock traffic.
+func TestMultiNodeKernelDLMCatchesMutants(t *testing.T) {
+	checkCatchesMutants(t, kernelDLMHarness())
+}
+
+// checkCatchesMutants runs each mutant against the check that applies, on
+// h's engine, and fails unless the check fails.
+func checkCatchesMutants(t *testing.T, h clustertest.Harness) {
 	for _, tc := range []struct {
-		name   string
-		check  func(testing.TB) // the checker with the store as it is
-		mutant func(testing.TB) // the checker with the mutant
+		name  string
+		check func(testing.TB) // the check, against the mutant
 	}{
 		{
 			"accepts stale tokens (one chunk)",
-			func(t testing.TB) { checkOptimisticRead(t, 1, nil) },
-			func(t testing.TB) { checkOptimisticRead(t, 1, acceptsStaleTokens) },
+			func(t testing.TB) { clustertest.CheckOptimisticRead(t, acceptsStaleTokens(h), 1) },
 		},
 		{
 			"accepts stale tokens (window)",
-			func(t testing.TB) { checkOptimisticRead(t, 3, nil) },
-			func(t testing.TB) { checkOptimisticRead(t, 3, acceptsStaleTokens) },
+			func(t testing.TB) { clustertest.CheckOptimisticRead(t, acceptsStaleTokens(h), 3) },
 		},
 		{
 			string(ignoresWord),
-			func(t testing.TB) { checkPrepareAdmission(t, "") },
-			func(t testing.TB) { checkPrepareAdmission(t, ignoresWord) },
+			func(t testing.TB) { clustertest.CheckPrepareAdmission(t, withCoreMutant(h, ignoresWord, false)) },
 		},
 		{
 			string(ignoresUnsettled),
-			func(t testing.TB) { checkDrainWaitsForUnsettled(t, "") },
-			func(t testing.TB) { checkDrainWaitsForUnsettled(t, ignoresUnsettled) },
+			func(t testing.TB) {
+				clustertest.CheckDrainWaitsForUnsettled(t, withCoreMutant(h, ignoresUnsettled, false))
+			},
 		},
 		{
 			string(skipsRefresh),
-			func(t testing.TB) { checkOtherNodesExceptionsSeen(t, "") },
-			func(t testing.TB) { checkOtherNodesExceptionsSeen(t, skipsRefresh) },
+			func(t testing.TB) {
+				clustertest.CheckOtherNodesExceptionsSeen(t, withCoreMutant(h, skipsRefresh, true))
+			},
 		},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			t.Run("store as it is", func(t *testing.T) { tc.check(t) })
-			t.Run("mutant", func(t *testing.T) {
-				r := runChecker(t, tc.mutant)
-				require.True(t, r.Failed(), "the checker passed the mutant")
-				t.Logf("the checker failed the mutant: %s", r.summary())
-			})
+			r := runChecker(t, tc.check)
+			if r.Skipped() {
+				t.Skip(r.skipped)
+			}
+			require.True(t, r.Failed(), "the checker passed the mutant")
+			t.Logf("the checker failed the mutant: %s", r.summary())
 		})
 	}
 }

@@ -43,7 +43,13 @@ type ratioOp struct {
 // runRatio times bare.run(i) and clustered.run(i) for i in [0, b.N), in
 // alternating slices, and reports both costs and the throughput ratios.
 func runRatio(b *testing.B, bare, clustered ratioOp) {
-	sides := [2]ratioOp{bare, clustered}
+	runRatioOf(b, [2]string{"bare", "clustered"}, [2]ratioOp{bare, clustered})
+}
+
+// runRatioOf times sides[0].run(i) and sides[1].run(i) for i in [0, b.N),
+// in alternating slices, and reports the cost of each side (metrics named
+// after names) and the throughput of sides[1] relative to sides[0]'s.
+func runRatioOf(b *testing.B, names [2]string, sides [2]ratioOp) {
 	var total [2]time.Duration
 	var ratios []float64
 	b.ResetTimer()
@@ -68,15 +74,16 @@ func runRatio(b *testing.B, bare, clustered ratioOp) {
 		ratios = append(ratios, float64(took[0])/float64(took[1]))
 	}
 	b.StopTimer()
-	reportRatio(b, total[0], total[1], ratios)
+	reportRatio(b, names, total, ratios)
 }
 
-// reportRatio reports the bare and clustered costs per operation, the
+// reportRatio reports the costs per operation of the two sides, the
 // median of the per-slice ratios and the ratio of the totals.
-func reportRatio(b *testing.B, bare, clustered time.Duration, ratios []float64) {
-	b.ReportMetric(float64(bare.Nanoseconds())/float64(b.N), "bare-ns/op")
-	b.ReportMetric(float64(clustered.Nanoseconds())/float64(b.N), "clustered-ns/op")
-	b.ReportMetric(float64(bare)/float64(clustered), "throughput-ratio-total")
+func reportRatio(b *testing.B, names [2]string, total [2]time.Duration, ratios []float64) {
+	for i, name := range names {
+		b.ReportMetric(float64(total[i].Nanoseconds())/float64(b.N), name+"-ns/op")
+	}
+	b.ReportMetric(float64(total[0])/float64(total[1]), "throughput-ratio-total")
 	slices.Sort(ratios)
 	b.ReportMetric(ratios[len(ratios)/2], "throughput-ratio")
 }
@@ -401,5 +408,5 @@ func benchFirstWrites(b *testing.B, durable bool) {
 		ratios = append(ratios, float64(took[0])/float64(took[1]))
 	}
 	b.StopTimer()
-	reportRatio(b, tBare, tClustered, ratios)
+	reportRatio(b, [2]string{"bare", "clustered"}, [2]time.Duration{tBare, tClustered}, ratios)
 }
