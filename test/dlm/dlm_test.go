@@ -39,7 +39,7 @@ type guestSuite struct {
 // kernel nothing has configured yet). Another package's DLM tests join the
 // same guest run by adding an entry here, e.g.
 //
-//	{Pkg: "clusterized", Run: "DLM", PassPrefix: "TestDLM", MinPass: 1}
+//	{Pkg: "clusterized", Run: "KernelDLM", PassPrefix: "TestMultiNodeKernelDLM", MinPass: 19}
 //
 // with tests that call dlmtest.NewCluster (they skip outside the guest).
 var guestSuites = []guestSuite{{
@@ -51,6 +51,15 @@ var guestSuites = []guestSuite{{
 	},
 	PassPrefix: "TestConformance/dlm/",
 	MinPass:    23, // every sub-test but Tokens, which the engine cannot offer
+}, {
+	Pkg: "clusterized",
+	Run: "KernelDLM",
+	MustPass: []string{
+		"TestMultiNodeKernelDLM/kernel-dlm/MultiNode/crash", "TestMultiNodeKernelDLM/kernel-dlm/MultiNode/crash_2",
+		"TestMultiNodeKernelDLMCatchesMutants",
+	},
+	PassPrefix: "TestMultiNodeKernelDLM",
+	MinPass:    19, // the suite's 13 PASS lines and the mutant self-test's 6
 }}
 
 // benchSuites run their lockc benchmarks in the same guest, so that the
@@ -123,6 +132,9 @@ run() {
 		fmt.Fprintf(&b, "run bench-%s env CLUSTERSNAP_DLM_KERNEL=1 %s -test.run '^$' -test.bench 'CachedConvert|PingPong' -test.benchtime 1s\n",
 			s.Name, binName(s.Pkg))
 	}
+	// A clustered store's operations on both engines, alternated in one
+	// benchmark so that both see the same (emulated, shared) machine.
+	fmt.Fprintf(&b, "run bench-clusterized env CLUSTERSNAP_DLM_KERNEL=1 %s -test.run '^$' -test.bench 'BenchmarkEngineRatio' -test.benchtime 1s\n", binName("clusterized"))
 	b.WriteString("exit $status\n")
 	return b.String()
 }
