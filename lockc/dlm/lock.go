@@ -422,7 +422,7 @@ func (l *lock) convert(ctx context.Context, m lockc.Mode, kf uint32) error {
 	if err != nil {
 		return done(err)
 	}
-	if _, err := ls.write(req); err != nil {
+	if _, err := ls.writeAfterCancel(req); err != nil {
 		return done(l.errno("convert", err))
 	}
 	r, err := l.await(ctx)
@@ -476,7 +476,7 @@ func (l *lock) Unlock(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	if _, err := ls.write(req); err != nil {
+	if _, err := ls.writeAfterCancel(req); err != nil {
 		if errors.Is(err, lockc.ErrLost) {
 			return fmt.Errorf("unlock %s: %w", l, lockc.ErrUnlocked)
 		}

@@ -2,6 +2,7 @@ package dlm
 
 import (
 	"context"
+	"crypto/rand"
 	"errors"
 	"fmt"
 	"os"
@@ -10,13 +11,23 @@ import (
 	"time"
 
 	"github.com/clustersnap/clustersnap/lockc"
+	"golang.org/x/sys/unix"
 )
 
-// probeName is the resource of the liveness probe's lock: one NL lock per
-// lockspace file, converted NL→NL. NL is compatible with every mode and
-// moves no LVB, so the probe never delays or disturbs anyone's locks; it
-// does keep a resource of that name alive.
-var probeName = []byte("\xfflockc/dlm liveness probe")
+// probeName returns the resource of a lockspace file's liveness probe lock:
+// one NL lock per file, converted NL→NL. NL is compatible with every mode
+// and moves no LVB, so the probe never delays or disturbs anyone's locks.
+// Each file has a resource of its own, which its node masters (the DLM
+// makes the first requester the master): the probe then waits on no other
+// node, so the death of another node stalls it only while the controller
+// has the lockspace stopped for recovery, not from the death on.
+func probeName(nodeID uint32) ([]byte, error) {
+	var id [8]byte
+	if _, err := rand.Read(id[:]); err != nil {
+		return nil, fmt.Errorf("probe name: %w", err)
+	}
+	return fmt.Appendf(nil, "\xfflockc/dlm probe %d/%x", nodeID, id), nil
+}
 
 // Errors that say why a lockspace was lost.
 var (
@@ -69,7 +80,12 @@ func newLockspace(e *Engine, name string, nodeID, minor uint32, ver version, f *
 	go ls.read()
 	ctx, cancel := context.WithTimeout(context.Background(), e.o.StallBound)
 	defer cancel()
-	probe, err := ls.request(ctx, probeName, lockc.NL, lkfExpedite, false)
+	probeRes, err := probeName(nodeID)
+	if err != nil {
+		ls.lose(err)
+		return nil, fmt.Errorf("open lockspace %s: %w", name, err)
+	}
+	probe, err := ls.request(ctx, probeRes, lockc.NL, lkfExpedite, false)
 	if err != nil {
 		ls.lose(fmt.Errorf("probe lock: %w", err))
 		return nil, fmt.Errorf("open lockspace %s: probe lock: %w", name, err)
@@ -273,6 +289,33 @@ func (ls *lockspace) write(req []byte) (int, error) {
 		return w.n, w.err
 	case <-ls.lost:
 		return 0, ls.Err()
+	}
+}
+
+// writeAfterCancel sends req, an unlock or conversion of a lock whose
+// cancellation may still be on its way to a remote master. Until the
+// master's answer to the cancel arrives the kernel refuses any other
+// operation on the lock (EBUSY), and it tells nobody when the answer comes
+// (a cancel that finds the lock granted completes silently), so the write
+// is retried, backing off from 1 ms to 50 ms, for at most StallBound.
+// The engine's own busy tracking keeps callers from overlapping operations,
+// so EBUSY from the kernel means nothing else.
+func (ls *lockspace) writeAfterCancel(req []byte) (int, error) {
+	deadline := time.Now().Add(ls.e.o.StallBound)
+	wait := time.Millisecond
+	for {
+		n, err := ls.write(req)
+		if !errors.Is(err, unix.EBUSY) || time.Now().After(deadline) {
+			return n, err
+		}
+		t := time.NewTimer(wait)
+		select {
+		case <-t.C:
+		case <-ls.lost:
+			t.Stop()
+			return 0, ls.Err()
+		}
+		wait = min(2*wait, 50*time.Millisecond)
 	}
 }
 

@@ -29,7 +29,7 @@ func TestParseQueues(t *testing.T) {
 	}{
 		{"r", 1, 1},
 		{"a b", 0, 1},
-		{"\xfflockc/dlm liveness probe", 0, 0},
+		{"\xfflockc/dlm probe 1/00", 0, 0},
 		{"absent", 0, 0},
 		{"a", 0, 0},
 	} {
