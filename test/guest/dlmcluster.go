@@ -150,11 +150,13 @@ func StartDLMCluster(ctx context.Context, r *Initramfs, opts DLMClusterOptions) 
 
 // start starts guest i's QEMU.
 func (c *DLMCluster) start(i int) (*Machine, error) {
+	// The caller's cards come first, so that a NetworkArgs card is eth0
+	// as NetworkUpScript expects; the guest finds the hub's card by MAC.
 	var args []string
-	args = append(args, c.hub.NICArgs(i)...)
 	if c.opts.QEMUArgs != nil {
 		args = append(args, c.opts.QEMUArgs(i)...)
 	}
+	args = append(args, c.hub.NICArgs(i)...)
 	script := dlmNodeScript(i, c.opts.Nodes)
 	if c.opts.Script != nil {
 		script += c.opts.Script(i)
@@ -172,6 +174,9 @@ func (c *DLMCluster) start(i int) (*Machine, error) {
 	c.mu.Unlock()
 	return m, nil
 }
+
+// Nodes is the number of guests.
+func (c *DLMCluster) Nodes() int { return c.opts.Nodes }
 
 // Hub is the guests' network.
 func (c *DLMCluster) Hub() *Hub { return c.hub }

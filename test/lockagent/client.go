@@ -88,13 +88,22 @@ func (c *Client) Crash(ctx context.Context, node uint32) error {
 	return err
 }
 
-// LoseNode loses node's lockspaces on the client side only, with err: for
-// a test that is about to kill the machine the server runs on.
+// LoseNode loses node's lockspaces on the client side only, with err.
 func (c *Client) LoseNode(node uint32, err error) {
+	c.lose(func(sp *space) bool { return sp.node == node }, err)
+}
+
+// LoseAll loses every lockspace on the client side only, with err: for a
+// test that is about to kill the machine the server runs on.
+func (c *Client) LoseAll(err error) { c.lose(func(*space) bool { return true }, err) }
+
+// lose loses the lockspaces that match as crashed ones: the server is
+// never asked to close them.
+func (c *Client) lose(match func(*space) bool, err error) {
 	c.mu.Lock()
 	var lost []*space
 	for _, sp := range c.spaces {
-		if sp.node == node {
+		if match(sp) {
 			lost = append(lost, sp)
 		}
 	}
@@ -116,6 +125,17 @@ func (c *Client) CanWaitQueueLen() bool { return c.caps.QueueLen }
 func (c *Client) WaitQueueLen(ctx context.Context, lockspace string, resource []byte, converting, waiting int) error {
 	_, err := c.call(ctx, request{Op: opWaitQueueLen, Name: lockspace, Resource: resource, Converting: converting, Waiting: waiting})
 	return err
+}
+
+// Extension calls a test operation of the server's own (ServerConfig's
+// Extension). The blocking notifications the server's engines delivered
+// before it answered have reached the client's locks when it returns.
+func (c *Client) Extension(ctx context.Context, method, lockspace string, resource []byte) (ExtensionResult, error) {
+	if !c.caps.Extension {
+		return ExtensionResult{}, fmt.Errorf("lockagent %s: %s: %w", c.name, method, errors.ErrUnsupported)
+	}
+	m, err := c.call(ctx, request{Op: opExtension, Method: method, Name: lockspace, Resource: resource})
+	return m.Ext, err
 }
 
 // CanCountResources reports whether the server answers ResourceCount.

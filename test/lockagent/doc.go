@@ -31,5 +31,6 @@
 // Test operations beyond lockc: Crash (the server's engine dies like a
 // crashed process, without releasing its locks), WaitQueueLen and
 // ResourceCount, each offered when the server's configuration has it
-// (Client.CanWaitQueueLen, CanCountResources).
+// (Client.CanWaitQueueLen, CanCountResources), and Extension: methods of the
+// server's own, for what only its engine can tell (a kernel's debugfs).
 package lockagent

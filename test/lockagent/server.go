@@ -30,6 +30,17 @@ type ServerConfig struct {
 	}
 	// ResourceCount, if set, answers ResourceCount.
 	ResourceCount func() int
+	// Extension, if set, answers Client.Extension: test operations of the
+	// server's own (method names its). Before the reply, the server sends
+	// every blocking notification its engines delivered by then.
+	Extension func(ctx context.Context, method, lockspace string, resource []byte) (ExtensionResult, error)
+}
+
+// ExtensionResult is what an extension method returns.
+type ExtensionResult struct {
+	Counts []int
+	Flag   bool
+	Text   string
 }
 
 // Serve serves one client on conn until the client goes away or ctx ends,
@@ -52,6 +63,7 @@ func Serve(ctx context.Context, conn io.ReadWriteCloser, cfg ServerConfig) error
 	}()
 	err := s.send(message{Kind: kindHello, Name: cfg.Name, Caps: caps{
 		Crash: cfg.Crash != nil, QueueLen: cfg.QueueWaiter != nil, ResourceCount: cfg.ResourceCount != nil,
+		Extension: cfg.Extension != nil,
 	}})
 	if err == nil {
 		err = s.readLoop(gob.NewDecoder(conn))
@@ -234,6 +246,13 @@ func (s *server) call(ctx context.Context, rq request) message {
 		}
 		s.flushBlocking()
 		return message{}
+	case opExtension:
+		if s.cfg.Extension == nil {
+			return fail(fmt.Errorf("lockagent %s: %s: %w", s.cfg.Name, rq.Method, errors.ErrUnsupported))
+		}
+		res, err := s.cfg.Extension(ctx, rq.Method, rq.Name, rq.Resource)
+		s.flushBlocking()
+		return message{Ext: res, Err: toWire(err)}
 	case opResourceCount:
 		if s.cfg.ResourceCount == nil {
 			return fail(fmt.Errorf("lockagent %s: resource count: %w", s.cfg.Name, errors.ErrUnsupported))

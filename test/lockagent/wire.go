@@ -22,6 +22,7 @@ const (
 	opCrash
 	opWaitQueueLen
 	opResourceCount
+	opExtension
 )
 
 // request is one client-to-server frame. ID numbers the call; its reply
@@ -44,6 +45,7 @@ type request struct {
 	Ended bool
 	// Converting and Waiting are opWaitQueueLen's queue lengths.
 	Converting, Waiting int
+	Method              string // opExtension: the server's method
 }
 
 // kind is what a server-to-client frame is.
@@ -71,8 +73,9 @@ type message struct {
 	LVBState lockc.LVBState
 	HasToken bool
 	Token    uint64
-	Count    int    // opResourceCount
-	Node     uint32 // opOpen's reply: the node that opened the lockspace
+	Count    int             // opResourceCount
+	Ext      ExtensionResult // opExtension
+	Node     uint32          // opOpen's reply: the node that opened the lockspace
 	// NewSpace and NewLock mark the replies of opOpen and opLock: the
 	// client's read loop makes the lockspace or lock before it reads the
 	// next frame, which may be its loss or a blocking notification.
@@ -85,7 +88,7 @@ type message struct {
 
 // caps are the optional test operations a server offers.
 type caps struct {
-	Crash, QueueLen, ResourceCount bool
+	Crash, QueueLen, ResourceCount, Extension bool
 }
 
 // code names the lockc sentinel (or context error) a remote error wraps.
