@@ -56,6 +56,8 @@ func Serve(ctx context.Context, conn io.ReadWriteCloser, cfg ServerConfig) error
 		spaces:  map[uint64]*serverSpace{},
 		locks:   map[uint64]*serverLock{},
 		calls:   map[uint64]context.CancelFunc{},
+
+		nodeLocks: map[uint32]*sync.RWMutex{},
 	}
 	go func() {
 		<-ctx.Done()
@@ -102,6 +104,24 @@ type server struct {
 	spaces  map[uint64]*serverSpace
 	locks   map[uint64]*serverLock
 	calls   map[uint64]context.CancelFunc // pending calls, for opCancel
+	// nodeLocks order a node's Opens (read-locked) and Crashes
+	// (write-locked): a crash takes every lockspace whose Open completed,
+	// and a later Open gets a fresh engine. Without it a lockspace opened
+	// while the crash runs could escape it and outlive the server's
+	// record of it, holding its locks forever.
+	nodeLocks map[uint32]*sync.RWMutex
+}
+
+// nodeLock returns node's Open/Crash lock.
+func (s *server) nodeLock(node uint32) *sync.RWMutex {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	l, ok := s.nodeLocks[node]
+	if !ok {
+		l = &sync.RWMutex{}
+		s.nodeLocks[node] = l
+	}
+	return l
 }
 
 // serverSpace is a lockspace opened for the client.
@@ -223,6 +243,9 @@ func (s *server) call(ctx context.Context, rq request) message {
 		if s.cfg.Crash == nil {
 			return fail(fmt.Errorf("lockagent %s: crash: %w", s.cfg.Name, errors.ErrUnsupported))
 		}
+		nl := s.nodeLock(rq.Node)
+		nl.Lock()
+		defer nl.Unlock()
 		err := s.cfg.Crash(ctx, rq.Node)
 		s.mu.Lock()
 		var gone []*serverSpace
@@ -264,6 +287,9 @@ func (s *server) call(ctx context.Context, rq request) message {
 
 // open opens a lockspace on the node's engine.
 func (s *server) open(ctx context.Context, rq request) message {
+	nl := s.nodeLock(rq.Node)
+	nl.RLock()
+	defer nl.RUnlock()
 	s.mu.Lock()
 	eng, ok := s.engines[rq.Node]
 	s.mu.Unlock()
