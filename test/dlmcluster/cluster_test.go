@@ -34,4 +34,25 @@ func TestCluster(t *testing.T) {
 		})
 	})
 	t.Logf("suite done after %v", time.Since(start).Round(time.Second))
+
+	x := newXnode(ctx, t, rm)
+	for _, tc := range []struct {
+		name string
+		run  func(*xnode)
+	}{
+		{"RemoteMastering", testRemoteMastering},
+		{"LVBAcrossGuests", testLVBAcrossGuests},
+		{"BlockingAcrossGuests", testBlockingAcrossGuests},
+		{"KillGuest", testKillGuest},
+		{"Partition", testPartition},
+	} {
+		ok := t.Run(tc.name, func(t *testing.T) {
+			x.t = t
+			tc.run(x)
+		})
+		t.Logf("%s done after %v", tc.name, time.Since(start).Round(time.Second))
+		if !ok && (tc.name == "KillGuest") {
+			return // the partition needs three working guests
+		}
+	}
 }
