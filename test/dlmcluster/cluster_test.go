@@ -43,6 +43,7 @@ func TestCluster(t *testing.T) {
 		{"RemoteMastering", testRemoteMastering},
 		{"LVBAcrossGuests", testLVBAcrossGuests},
 		{"BlockingAcrossGuests", testBlockingAcrossGuests},
+		{"RoundTrips", testRoundTrips},
 		{"KillGuest", testKillGuest},
 		{"Partition", testPartition},
 	} {

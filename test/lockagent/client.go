@@ -130,11 +130,11 @@ func (c *Client) WaitQueueLen(ctx context.Context, lockspace string, resource []
 // Extension calls a test operation of the server's own (ServerConfig's
 // Extension). The blocking notifications the server's engines delivered
 // before it answered have reached the client's locks when it returns.
-func (c *Client) Extension(ctx context.Context, method, lockspace string, resource []byte) (ExtensionResult, error) {
+func (c *Client) Extension(ctx context.Context, method, lockspace string, resource []byte, args ...int) (ExtensionResult, error) {
 	if !c.caps.Extension {
 		return ExtensionResult{}, fmt.Errorf("lockagent %s: %s: %w", c.name, method, errors.ErrUnsupported)
 	}
-	m, err := c.call(ctx, request{Op: opExtension, Method: method, Name: lockspace, Resource: resource})
+	m, err := c.call(ctx, request{Op: opExtension, Method: method, Name: lockspace, Resource: resource, Args: args})
 	return m.Ext, err
 }
 

@@ -33,7 +33,7 @@ type ServerConfig struct {
 	// Extension, if set, answers Client.Extension: test operations of the
 	// server's own (method names its). Before the reply, the server sends
 	// every blocking notification its engines delivered by then.
-	Extension func(ctx context.Context, method, lockspace string, resource []byte) (ExtensionResult, error)
+	Extension func(ctx context.Context, method, lockspace string, resource []byte, args []int) (ExtensionResult, error)
 }
 
 // ExtensionResult is what an extension method returns.
@@ -273,7 +273,7 @@ func (s *server) call(ctx context.Context, rq request) message {
 		if s.cfg.Extension == nil {
 			return fail(fmt.Errorf("lockagent %s: %s: %w", s.cfg.Name, rq.Method, errors.ErrUnsupported))
 		}
-		res, err := s.cfg.Extension(ctx, rq.Method, rq.Name, rq.Resource)
+		res, err := s.cfg.Extension(ctx, rq.Method, rq.Name, rq.Resource, rq.Args)
 		s.flushBlocking()
 		return message{Ext: res, Err: toWire(err)}
 	case opResourceCount:

@@ -46,6 +46,7 @@ type request struct {
 	// Converting and Waiting are opWaitQueueLen's queue lengths.
 	Converting, Waiting int
 	Method              string // opExtension: the server's method
+	Args                []int  // opExtension: the method's arguments
 }
 
 // kind is what a server-to-client frame is.

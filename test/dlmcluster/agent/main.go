@@ -98,10 +98,16 @@ const (
 	methodProbe  = "probe"  // a request on the resource and back, through its master
 	methodSync   = "sync"   // every engine's notifications of the lockspace delivered
 	methodInfo   = "info"   // Text: what the DLM tools say, for a failing test's log
+	// methodCached converts an NL lock to CR and back for Args[0] ms;
+	// Counts: iterations.
+	methodCached = "cached"
+	// methodPingPong runs Args[0] owners converting NL->EX (publishing)
+	// ->NL on one resource for Args[1] ms; Counts: EX acquisitions.
+	methodPingPong = "pingpong"
 )
 
 // extension answers the agent's own test operations.
-func (a *agent) extension(ctx context.Context, method, lockspace string, resource []byte) (lockagent.ExtensionResult, error) {
+func (a *agent) extension(ctx context.Context, method, lockspace string, resource []byte, args []int) (lockagent.ExtensionResult, error) {
 	switch method {
 	case methodQueues:
 		q, err := readQueues(lockspace, resource)
@@ -138,6 +144,12 @@ func (a *agent) extension(ctx context.Context, method, lockspace string, resourc
 			}
 		}
 		return lockagent.ExtensionResult{}, nil
+	case methodCached, methodPingPong:
+		if err := a.anchorFor(ctx, lockspace); err != nil {
+			return lockagent.ExtensionResult{}, err
+		}
+		n, err := a.bench(ctx, method, lockspace, resource, args)
+		return lockagent.ExtensionResult{Counts: []int{n}}, err
 	case methodInfo:
 		var out []byte
 		for _, args := range [][]string{{"dlm_tool", "ls"}, {"dlm_tool", "lockdebug", "-v", "-w", lockspace}, {"corosync-quorumtool", "-s"}, {"dmesg"}} {
