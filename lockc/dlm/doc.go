@@ -30,11 +30,12 @@
 // Invalid when the kernel sets VALNOTVALID, Unknown when it is all zeros,
 // Valid otherwise. The kernel reports VALNOTVALID only on a resource that
 // holds an LVB: an invalidated resource that never held a value reads as
-// Unknown. A PR→CW conversion writes the LVB in the kernel; the engine
-// sends back what PR read (nothing can have changed it), invalidated if it
-// was invalid. Blocking notifications come from the kernel's basts,
+// Unknown. Blocking notifications come from the kernel's basts,
 // coalesced on a channel of one: only a higher mode than any since the
 // last grant replaces an unread one; unlocking withdraws an unread one.
+// Unlock returns once the kernel confirms it (so that, on a remote master
+// too, the resource is free when it returns), or ctx ends, or the
+// lockspace is lost.
 // Device ABI 6.0.1 converts NL→EX through PR, as lvmlockd does, because
 // its NL→EX may not return the latest LVB.
 //

@@ -7,6 +7,7 @@ import (
 	"os"
 	"sync"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -230,7 +231,7 @@ func (e *Engine) Crash() {
 // blocking notifications have arrived.
 func (e *Engine) Sync(ctx context.Context, name string) error {
 	for _, ls := range e.open(name) {
-		if err := ls.barrier(ctx); err != nil && !errors.Is(err, lockc.ErrLost) {
+		if err := ls.barrier(ctx); err != nil && !ls.IsLost() {
 			return err
 		}
 	}
@@ -271,10 +272,18 @@ func writeFile(f *os.File, req []byte) (int, error) {
 	var werr error
 	if err := raw.Write(func(fd uintptr) bool {
 		for {
-			n, werr = unix.Write(int(fd), req)
-			if werr != unix.EINTR {
-				return true
+			// The raw system call, not unix.Write: under the race
+			// detector unix.Write marks n bytes of req as read, and n
+			// here is a lock id or a minor, not a length.
+			r, _, errno := unix.Syscall(unix.SYS_WRITE, fd, uintptr(unsafe.Pointer(unsafe.SliceData(req))), uintptr(len(req)))
+			if errno == unix.EINTR {
+				continue
 			}
+			n = int(r)
+			if errno != 0 {
+				werr = errno
+			}
+			return true
 		}
 	}); err != nil {
 		return 0, err

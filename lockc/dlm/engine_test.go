@@ -307,3 +307,30 @@ func TestClosePublishes(t *testing.T) {
 	assert.Equal(t, lockc.LVBInvalid, st, "a crashed EX holder")
 	assert.True(t, errors.Is(ex.Unlock(ctx), lockc.ErrUnlocked))
 }
+
+// The kernel moves no LVB on PR→CW (its table has -1 there): neither the
+// value PR read nor one staged on it reaches the resource, and CW keeps
+// the copy PR read.
+func TestPRToCWMovesNothing(t *testing.T) {
+	c := dlmtest.NewCluster(t)
+	const name = "prcw"
+	a, b := open(t, c, 1, name), open(t, c, 2, name)
+	ctx := t.Context()
+	keep, err := b.Lock(ctx, []byte("r"), lockc.NL)
+	require.NoError(t, err)
+	w, err := a.Lock(ctx, []byte("r"), lockc.EX)
+	require.NoError(t, err)
+	w.SetLVB(value(5))
+	require.NoError(t, w.Convert(ctx, lockc.PR))
+	w.SetLVB(value(6))
+	require.NoError(t, w.Convert(ctx, lockc.CW))
+	v, st := w.LVB()
+	assert.Equal(t, lockc.LVBValid, st)
+	assert.Equal(t, value(6), v, "the staged value shows until a write or read")
+	require.NoError(t, w.Unlock(ctx))
+	require.NoError(t, keep.Convert(ctx, lockc.CR))
+	v, st = keep.LVB()
+	assert.Equal(t, lockc.LVBValid, st)
+	assert.Equal(t, value(5), v, "PR→CW and CW unlock published nothing")
+	require.NoError(t, keep.Unlock(ctx))
+}

@@ -74,11 +74,11 @@ const (
 )
 
 // lvbOp says what converting from gr to rq moves: from PW or EX a write
-// (but PW→EX reads), PR→CW a write too, any other conversion to the same
-// or a higher mode a read.
+// (but PW→EX reads), any other conversion to the same or a higher mode in
+// the order NL..EX a read (so PR→CW moves nothing).
 func lvbOp(gr, rq lockc.Mode) int {
 	switch {
-	case gr == lockc.EX, gr == lockc.PW && rq != lockc.EX, gr == lockc.PR && rq == lockc.CW:
+	case gr == lockc.EX, gr == lockc.PW && rq != lockc.EX:
 		return lvbWrite
 	case rq >= gr:
 		return lvbRead
@@ -329,9 +329,7 @@ func (l *lock) begin(what string) error {
 // unlock, rq < 0) and the flags that go with it. The kernel copies it into
 // the lock's private copy whatever the direction: a write publishes the
 // staged value, or republishes the copy; a read gets zeros, so that a
-// resource without a value reads as zeros. A PR→CW conversion writes too
-// in the kernel: it republishes what PR read, which no writer can have
-// changed since, and keeps an invalid value invalid. ls.mu must be held.
+// resource without a value reads as zeros. ls.mu must be held.
 func (l *lock) outgoing(gr lockc.Mode, rq int) (lockc.LVB, uint32) {
 	op := lvbWrite
 	if rq >= 0 {
@@ -351,8 +349,6 @@ func (l *lock) outgoing(gr lockc.Mode, rq int) (lockc.LVB, uint32) {
 			return v, lkfIVValBlk
 		}
 		return v, 0
-	case op == lvbWrite && l.state == lockc.LVBInvalid:
-		return l.lvb, lkfIVValBlk
 	}
 	return l.lvb, 0
 }
@@ -382,7 +378,7 @@ func (l *lock) Convert(ctx context.Context, m lockc.Mode, flags ...lockc.Flag) e
 	if ls.ver.nlToExBroken() && gr == lockc.NL && m == lockc.EX {
 		// ABI 6.0.1 may not return the latest LVB on NL→EX: go
 		// through PR, as lvmlockd does, and back to NL if EX fails.
-		if err := l.convert(ctx, lockc.PR, kf&^lkfQueCvt); err != nil {
+		if err := l.convert(ctx, lockc.PR, kf); err != nil {
 			return err
 		}
 		if err := l.convert(ctx, m, kf); err != nil {

@@ -16,7 +16,7 @@ import (
 // returns (or fails) once the device file is released.
 func (ls *lockspace) watch() {
 	bound := ls.e.o.StallBound
-	tick := time.NewTicker(bound / 3)
+	tick := time.NewTicker(max(bound/3, time.Millisecond))
 	defer tick.Stop()
 	for {
 		select {

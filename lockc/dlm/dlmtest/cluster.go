@@ -33,41 +33,30 @@ const debugfsDLM = "/sys/kernel/debug/dlm"
 // kernel gives no notification of a request joining a queue.
 const queuePoll = time.Millisecond
 
+// EnvController is the environment variable that says a real controller
+// (dlm_controld) runs on the kernel: "external". Otherwise the process
+// starts the solo controller.
+const EnvController = "CLUSTERSNAP_DLM_CONTROLLER"
+
 // controller is the process's solo controller, started by the first
-// cluster that finds no local node configured. It is process-wide because
-// the kernel is: one controller answers every lockspace join.
+// cluster. It is process-wide because the kernel is: one controller
+// answers every lockspace join, and a controller of an earlier process
+// (whose configfs node remains) died with it.
 var controller struct {
 	once sync.Once
 	err  error
 }
 
-// startController starts the solo controller unless configfs has a local
-// node already.
+// startController starts the solo controller unless EnvController says a
+// real one runs.
 func startController() error {
 	controller.once.Do(func() {
-		if hasLocalNode() {
+		if os.Getenv(EnvController) == "external" {
 			return
 		}
 		_, controller.err = solo.Start(1)
 	})
 	return controller.err
-}
-
-// hasLocalNode reports whether configfs has a local node (a controller
-// configured the kernel).
-func hasLocalNode() bool {
-	comms := "/sys/kernel/config/dlm/cluster/comms"
-	entries, err := os.ReadDir(comms)
-	if err != nil {
-		return false
-	}
-	for _, e := range entries {
-		b, err := os.ReadFile(filepath.Join(comms, e.Name(), "local"))
-		if err == nil && strings.TrimSpace(string(b)) == "1" {
-			return true
-		}
-	}
-	return false
 }
 
 // Cluster is a simulated cluster on one kernel's DLM.

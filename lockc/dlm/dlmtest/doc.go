@@ -7,9 +7,11 @@
 // NewCluster skips its test unless the environment variable
 // CLUSTERSNAP_DLM_KERNEL is 1 (the guest harness of test/dlm sets it in the
 // guest). The first cluster of a process starts the solo controller
-// (package lockc/dlm/solo) for node 1, unless configfs already has a local
-// node (a real controller, or a solo controller started by the test
-// binary); the controller then runs until the process exits.
+// (package lockc/dlm/solo) for node 1 (keeping the local node an earlier
+// process configured), unless CLUSTERSNAP_DLM_CONTROLLER is "external"
+// (dlm_controld runs); the controller runs until the process exits. Run
+// one such process at a time per kernel: two controllers would both answer
+// every join.
 //
 // A Cluster is a locktest.Cluster, a locktest.Crasher (Crash marks the
 // node's lockspaces lost and closes their files without unlocking: the
