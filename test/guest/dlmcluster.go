@@ -11,14 +11,15 @@ import (
 )
 
 // DLMPackages are the Debian packages a DLM cluster guest runs: corosync
-// 3 and dlm_controld 4, with the libraries of theirs that a host without
-// them lacks. The others (libc, libsystemd, libnl, ...) come from the host.
+// 3 and dlm_controld 4, with the libraries of theirs that a minimal Debian
+// host lacks (libnl included). The others (libc, libsystemd and what it
+// loads) come from the host.
 func DLMPackages() []string {
 	return []string{
 		"corosync", "dlm-controld",
 		"libcorosync-common4", "libknet1", "libnozzle1", "libqb100", "libstatgrab10",
 		"libcfg7", "libcmap4", "libcpg4", "libquorum5", "libvotequorum8",
-		"libdlm3", "libdlmcontrol3",
+		"libdlm3", "libdlmcontrol3", "libnl-3-200", "libnl-route-3-200",
 	}
 }
 
