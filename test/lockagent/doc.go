@@ -11,7 +11,12 @@
 // promises) whether the cancel or the grant won. Errors come back with the
 // lockc sentinel (or context error) they wrapped, so errors.Is works.
 // Blocking notifications and lockspace losses are pushed by the server.
-// Locks offer lockc.Tokener exactly when the server's do.
+// Locks offer lockc.Tokener exactly when the server's do. A lockspace's
+// NodeID is the node id the client asked for, not the engine's own (a
+// kernel DLM engine reports its cluster node id, shared by every owner on
+// that machine). A call returns when the server answers or the connection
+// ends: an engine that cannot end a call for its context (a kernel write
+// blocked in a stopped lockspace) holds its caller until it can.
 //
 // Ordering. Frames travel in order on the stream. SetLVB and InvalidateLVB
 // are synchronous round trips handled in the server's read loop, so they
