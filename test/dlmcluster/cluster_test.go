@@ -5,6 +5,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/clustersnap/clustersnap/clusterized/clustertest"
 	"github.com/clustersnap/clustersnap/lockc/locktest"
 )
 
@@ -12,8 +13,9 @@ import (
 const clusterTimeout = 8 * time.Minute
 
 // TestCluster boots three guests once and runs, in order, the conformance
-// suite across them and the cross-node tests; the tests that kill or cut
-// off a guest come last.
+// suite across them, the clusterizer's multi-node checker on their locks,
+// and the cross-node tests; the tests that kill or cut off a guest come
+// last.
 func TestCluster(t *testing.T) {
 	ctx, cancel := context.WithTimeout(t.Context(), clusterTimeout)
 	defer cancel()
@@ -34,6 +36,18 @@ func TestCluster(t *testing.T) {
 		})
 	})
 	t.Logf("suite done after %v", time.Since(start).Round(time.Second))
+
+	// The clusterizer's multi-node checker with its nodes' locks on three
+	// kernels (one node per guest; a crash is a process crash there, through
+	// lockagent), the shared devices in this process.
+	t.Run("Clusterizer", func(t *testing.T) {
+		clustertest.Run(t, clustertest.Harness{
+			Name:                      "dlm-3guests",
+			NewCluster:                func(tb testing.TB) locktest.Cluster { return rm.LockCluster(tb, 3) },
+			UnwrittenInvalidIsUnknown: true,
+		})
+	})
+	t.Logf("clusterizer checks done after %v", time.Since(start).Round(time.Second))
 
 	x := newXnode(ctx, t, rm)
 	for _, tc := range []struct {
