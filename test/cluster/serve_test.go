@@ -240,4 +240,3 @@ echo "snapd exited with $?"
 cat /tmp/snapd.log
 `, servingMarker(i), fwdMAC(i), nbdPort)
 }
-
