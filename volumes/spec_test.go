@@ -52,6 +52,9 @@ func TestNewCluster(t *testing.T) {
 	c, err = NewCluster("c1", "local", ClusterOptions{Lockspace: "ls1"})
 	require.NoError(t, err)
 	assert.Equal(t, "ls1", c.Lockspace)
+	c, err = NewCluster("c1", "dlm", ClusterOptions{})
+	require.NoError(t, err)
+	assert.True(t, c.Shared, "the kernel DLM's nodes are other hosts")
 	_, err = NewCluster("c1", "etcd", ClusterOptions{})
 	assert.ErrorContains(t, err, "known: "+LockEngines())
 	for _, id := range []string{"", "a/b", string(make([]byte, 33)), "a\x00"} {

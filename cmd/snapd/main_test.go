@@ -108,6 +108,7 @@ func TestBadInputIsRefusedAndWritesNothing(t *testing.T) {
 		{"transient store without chunk size", []string{"serve", "--origin", origin, "--snapshot", "s=" + cow + ",type=N", "--listen", "", "--socket", filepath.Join(dir, "s")}, exitUsage, "chunk size"},
 		{"unknown store type", []string{"serve", "--origin", origin, "--snapshot", "s=" + cow + ",type=X", "--listen", "", "--socket", filepath.Join(dir, "s")}, exitUsage, "known: persistent (P), transient (N)"},
 		{"clustered transient store", []string{"serve", "--origin", origin, "--snapshot", "s=" + cow + ",type=N,chunk=4KiB", "--cluster-id", "c1", "--listen", "", "--socket", filepath.Join(dir, "s")}, exitUsage, "cannot be clustered"},
+		{"dlm with buffered devices", []string{"serve", "--origin", origin, "--snapshot", "s=" + cow, "--cluster-id", "c1", "--lock", "dlm", "--direct=false", "--listen", "", "--socket", filepath.Join(dir, "s")}, exitUsage, "must be opened with O_DIRECT"},
 		{"lockspace without a cluster", []string{"serve", "--origin", origin, "--lockspace", "ls", "--listen", "", "--socket", filepath.Join(dir, "s")}, exitUsage, "need --cluster-id"},
 		{"serve of a zero cow", []string{"serve", "--origin", origin, "--snapshot", "s=" + cow, "--listen", "", "--socket", filepath.Join(dir, "s")}, exitError, "header is zero"},
 		{"detach without the nbd module", []string{"detach", filepath.Join(dir, "nbd0")}, exitError, "modprobe nbd"},
@@ -173,4 +174,27 @@ func TestMergeRefusesAnInvalidSnapshotAndCheckSaysWhere(t *testing.T) {
 	after, err := os.ReadFile(origin)
 	require.NoError(t, err)
 	assert.True(t, bytes.Equal(before, after), "origin unchanged")
+}
+
+// serve --lock dlm on a host without a running kernel DLM says so, and
+// writes nothing.
+func TestServeDLMWithoutDLM(t *testing.T) {
+	if _, err := os.Stat("/sys/kernel/config/dlm/cluster"); err == nil {
+		t.Skip("this host runs a DLM cluster")
+	}
+	dir := t.TempDir()
+	origin := sparse(t, dir, "origin", 8<<20)
+	cow := sparse(t, dir, "cow", 1<<20)
+	code, _, errOut := runCLI(t, "create", "--origin", origin, "--cow", cow)
+	require.Equal(t, exitOK, code, errOut)
+	before, err := os.ReadFile(cow)
+	require.NoError(t, err)
+	code, _, errOut = runCLI(t, "serve", "--origin", origin, "--snapshot", "s="+cow, "--cluster-id", "c1", "--lock", "dlm", "--listen", "", "--socket", filepath.Join(dir, "s"))
+	assert.Equal(t, exitError, code)
+	if !strings.Contains(errOut, "O_DIRECT") {
+		assert.Contains(t, errOut, "DLM", "the error names what is missing")
+	}
+	after, err := os.ReadFile(cow)
+	require.NoError(t, err)
+	assert.Equal(t, before, after, "the COW is untouched")
 }

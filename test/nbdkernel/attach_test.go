@@ -7,10 +7,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os"
-	"os/exec"
-	"path/filepath"
 	"strconv"
-	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -34,36 +31,6 @@ const (
 
 // snapdPackage is the command the guest runs.
 const snapdPackage = "github.com/clustersnap/clustersnap/cmd/snapd"
-
-// buildStaticSnapd builds cmd/snapd without cgo, so that it runs in the
-// guest's initramfs, which has no C library.
-//
-// go test keeps a passing result until a file the test process opened or
-// looked at changes; the go tool reads snapd's sources in a process of its
-// own, so the test looks at each of them itself, and a change to snapd's
-// code (or the packages it uses) runs the test again.
-func buildStaticSnapd(t *testing.T) []byte {
-	t.Helper()
-	goTool, err := exec.LookPath("go")
-	require.NoError(t, err, "the go tool, to build snapd for the guest")
-	list := exec.Command(goTool, "list", "-deps", "-f",
-		`{{if not .Standard}}{{range .GoFiles}}{{$.Dir}}/{{.}}{{"\n"}}{{end}}{{end}}`, snapdPackage)
-	list.Stderr = os.Stderr
-	sources, err := list.Output()
-	require.NoError(t, err, "go list -deps %s", snapdPackage)
-	for _, src := range strings.Fields(string(sources)) {
-		_, err := os.Stat(src)
-		require.NoError(t, err, "a source file of snapd")
-	}
-	bin := filepath.Join(t.TempDir(), "snapd")
-	cmd := exec.Command(goTool, "build", "-o", bin, snapdPackage)
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-	out, err := cmd.CombinedOutput()
-	require.NoError(t, err, "go build %s: %s", snapdPackage, out)
-	data, err := os.ReadFile(bin)
-	require.NoError(t, err)
-	return data
-}
 
 // randomBytes returns n bytes from a PCG seeded with seed.
 func randomBytes(seed uint64, n int) []byte {
@@ -90,7 +57,7 @@ func sha256Hex(b []byte) string {
 // the guest's writes to it, and exit 0 once snapd detach has run; a
 // read-only export must come up read-only, and SIGTERM must detach it.
 func TestSnapdAttach(t *testing.T) {
-	snapd := buildStaticSnapd(t)
+	snapd := guest.BuildStatic(t, snapdPackage)
 	written := randomBytes(21, attachWriteSize)
 	r := guest.Setup(t, guest.Config{
 		Modules:      []string{"virtio_pci", "virtio_net", "nbd"},
