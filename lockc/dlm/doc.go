@@ -41,9 +41,13 @@
 //
 // Cancellation. When ctx ends while a request or conversion waits, the
 // engine sends CANCEL. If the grant won the race it undoes it (unlocks the
-// new lock, converts back to the old mode), writing back the LVB as the
-// grant found it (with IVVALBLK if it was invalid), and returns ctx.Err()
-// with nothing more held and nothing new published. A write the kernel
+// new lock, converts back to the old mode) and returns ctx.Err() with
+// nothing more held and nothing new published: an undo from PW or EX marks
+// the LVB invalid (IVVALBLK) instead of writing back what the grant read,
+// because across guests a write-back was seen to make an invalidated LVB
+// valid again. On a remote master the release may still be settling when
+// the call returns: another node's NoQueue request can be refused for a
+// moment. A write the kernel
 // itself blocks (a stopped lockspace) is not abandoned for ctx; it ends
 // with the loss the liveness probe declares.
 //

@@ -137,8 +137,9 @@ func TestStallLoses(t *testing.T) {
 
 // A cancellation racing the grant, at random moments, of new requests and
 // conversions: either the caller holds the lock, or it gets the context's
-// error, holds nothing more, and the resource's LVB is exactly as before
-// (an undone grant writes back what it read, valid or invalid).
+// error, holds nothing more and published nothing: the next holder reads
+// the holder's value or its invalidation, or Invalid (an undone grant
+// invalidates).
 func TestCancelRaceLVB(t *testing.T) {
 	c := dlmtest.NewCluster(t)
 	const name = "cancelrace"
@@ -222,6 +223,10 @@ func TestCancelRaceLVB(t *testing.T) {
 			}
 			free, err := w.Lock(ctx, res, lockc.EX, lockc.NoQueue)
 			require.NoError(t, err, "round %d: the cancelled request left a lock", i)
+			if v, st := free.LVB(); st != lockc.LVBInvalid {
+				assert.True(t, i%4 != 3 && st == lockc.LVBValid && v == value(uint64(i)),
+					"round %d: a cancelled request published %v (%v)", i, v, st)
+			}
 			free.InvalidateLVB()
 			if i%4 != 3 {
 				free.SetLVB(value(uint64(i)))

@@ -187,7 +187,7 @@ func (ls *lockspace) request(ctx context.Context, name []byte, m lockc.Mode, kf 
 			return l, nil
 		}
 		// Granted as ctx ended: undo it and report ctx's end.
-		l.keepLVB()
+		l.undoing()
 		if err := l.Unlock(context.Background()); err != nil && !errors.Is(err, lockc.ErrUnlocked) {
 			return nil, fmt.Errorf("lock %s: undo a grant that raced cancellation: %w", l, err)
 		}
@@ -257,13 +257,18 @@ func (l *lock) granted(m lockc.Mode, op int, r result, sent lockc.LVB) {
 	}
 }
 
-// keepLVB stages what undoing a grant must write back from PW or EX so
-// that the resource's LVB stays as the grant found it: the value read, and
-// an invalidation if it was invalid.
-func (l *lock) keepLVB() {
+// undoing prepares the undo of a grant that raced a cancellation: leaving
+// PW or EX, the undo marks the LVB invalid (IVVALBLK) rather than writing
+// back what the grant read. Writing back was seen to make an invalidated
+// LVB valid again across guests (the conformance suite's CancelRace, a
+// few rounds in hundreds), which only a grant reported without VALNOTVALID
+// on an invalid resource explains. An invalid LVB costs the next holder a
+// re-read; a wrongly valid one would hide a dead writer. Undoing from a
+// lower mode writes nothing.
+func (l *lock) undoing() {
 	l.ls.mu.Lock()
 	defer l.ls.mu.Unlock()
-	l.staged, l.invalid = nil, l.state == lockc.LVBInvalid
+	l.staged, l.invalid = nil, true
 }
 
 func (l *lock) Mode() lockc.Mode {
@@ -441,9 +446,8 @@ func (l *lock) convert(ctx context.Context, m lockc.Mode, kf uint32) error {
 	if ctx.Err() == nil {
 		return nil
 	}
-	// Granted as ctx ended: convert back, which moves the LVB back as it
-	// was (a republish of what was read), and report ctx's end.
-	l.keepLVB()
+	// Granted as ctx ended: convert back and report ctx's end.
+	l.undoing()
 	ls.mu.Lock()
 	err = l.begin("convert")
 	ls.mu.Unlock()

@@ -68,6 +68,10 @@ type ResourceCounter interface {
 // the test binary.
 const timeout = 60 * time.Second
 
+// settleBound bounds how long a lock another node released, or a cancelled
+// request left, may take to become grantable on a networked engine.
+const settleBound = 5 * time.Second
+
 // Run runs the conformance suite against h.
 func Run(t *testing.T, h Harness) {
 	tests := []struct {

@@ -16,8 +16,9 @@ import (
 var ErrMissingDebs = errors.New("debian packages not available")
 
 // DebsEnv names the environment variable with a directory of downloaded
-// .deb files (apt-get download) for the guests. CI fills it beforehand;
-// without it, FetchDebs downloads into the user's cache directory.
+// .deb files (apt-get download) for the guests, for a machine that fetches
+// them beforehand (an offline run); without it, FetchDebs downloads into the
+// user's cache directory, as CI does.
 const DebsEnv = "CLUSTERSNAP_GUEST_DEBS"
 
 // DebsDir returns the directory FetchDebs uses: DebsEnv's, else
