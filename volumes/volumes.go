@@ -160,9 +160,9 @@ func openDevice(path string, o blockdev.Options, shared bool) (blockdev.Device, 
 // formatting, and checks its label against origin (labelCOW). With a
 // cluster, clusterized wraps it and opens it through reg again for its full
 // reloads, so the clusterizer never knows the type; the label is checked
-// and stamped on the core store it opens first, which clusterized does
-// not pass a Labeler through. onLost runs when the store's node loses the
-// lockspace.
+// and stamped on its core (clusterized passes no Labeler through) once the
+// node has joined the lockspace, so a node that cannot join writes
+// nothing. onLost runs when the store's node loses the lockspace.
 func openStore(ctx context.Context, reg *exstore.Registry, cd blockdev.Device, spec SnapshotSpec, cluster *Cluster, origin exstore.OriginIdentity, onLost func()) (exstore.Store, error) {
 	args := exstore.Args{ChunkSectors: spec.ChunkSectors, NoFormat: true}
 	if cluster == nil {
@@ -176,21 +176,15 @@ func openStore(ctx context.Context, reg *exstore.Registry, cd blockdev.Device, s
 		}
 		return st, nil
 	}
-	var first sync.Once
 	open := func(ctx context.Context, dev blockdev.Device) (exstore.Store, error) {
-		st, err := reg.Open(ctx, spec.storeType(), dev, args)
-		if err != nil {
-			return nil, err
-		}
-		first.Do(func() { err = labelCOW(ctx, st, spec.COW, cluster.ID, origin) })
-		if err != nil {
-			_ = st.Close()
-			return nil, err
-		}
-		return st, nil
+		return reg.Open(ctx, spec.storeType(), dev, args)
 	}
 	cs, err := clusterized.Open(ctx, cd, open, cluster.Engine, cluster.Resource(spec.Name), clusterized.Options{Lockspace: cluster.Lockspace})
 	if err != nil {
+		return nil, err
+	}
+	if err := labelCOW(ctx, cs.Core(), spec.COW, cluster.ID, origin); err != nil {
+		_ = cs.Close()
 		return nil, err
 	}
 	cs.OnLost(onLost)
