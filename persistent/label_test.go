@@ -243,3 +243,21 @@ func encodeLabelF(f *testing.F, l exstore.Label) []byte {
 	}
 	return b
 }
+
+func TestSetLabelWithOneSectorChunks(t *testing.T) {
+	ctx := context.Background()
+	dev := faultdev.New("cow", mib)
+	s := open(t, dev, 1) // the header chunk is one sector: the label ends inside it
+	take(t, s, dev, 7, 0xaa)
+	before := dev.Bytes()
+	require.NoError(t, s.SetLabel(ctx, testLabel()))
+	after := dev.DurableBytes()
+	assert.Equal(t, before[:16], after[:16])
+	assert.Equal(t, before[16+persistent.LabelSize:], after[16+persistent.LabelSize:], "area 0 (chunk 1) and the data are untouched")
+	re := open(t, faultdev.FromBytes("cow", after), 0)
+	assert.Equal(t, walk(s), walk(re))
+	l, ok, err := re.Label(ctx)
+	require.NoError(t, err)
+	require.True(t, ok)
+	assert.Equal(t, testLabel(), l)
+}
