@@ -106,3 +106,20 @@ type LazyCommitter interface {
 	// device (once, when it has exceptions to write).
 	Sync(ctx context.Context) error
 }
+
+// Labeler is implemented by stores whose COW device can carry a Label: who
+// the COW is (a UUID) and what it belongs to (a cluster and an origin), so
+// that a node never serves it against the wrong origin or for the wrong
+// cluster. A store without one (the transient store, whose exceptions live
+// in one process) has nothing to label.
+type Labeler interface {
+	// Label reads the COW's label from the device: ok is false when the
+	// COW carries none. A label that is there but cannot be trusted (a
+	// bad checksum, an unknown version, foreign bytes) is an error saying
+	// why, never "no label".
+	Label(ctx context.Context) (l Label, ok bool, err error)
+	// SetLabel writes l durably, replacing any label, and nothing else
+	// of the store's metadata. The caller excludes other writers of the
+	// label (in a cluster, other nodes).
+	SetLabel(ctx context.Context, l Label) error
+}

@@ -32,8 +32,10 @@
 // chunks without exceptions told without a lock), OptimisticLookuper
 // (answers checked after the I/O instead of held, for stores shared with
 // other nodes), LazyCommitter (exceptions visible at once, durable at the
-// next Sync) and ConditionalPreparer (allocation conditional on a caller's
-// word, with a count of the prepared exceptions not yet settled).
+// next Sync), ConditionalPreparer (allocation conditional on a caller's
+// word, with a count of the prepared exceptions not yet settled) and
+// Labeler (a Label on the COW device: its UUID, the cluster serving it and
+// the origin it belongs to).
 //
 // # Table and Registry
 //

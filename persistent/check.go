@@ -31,10 +31,15 @@ type CheckReport struct {
 	Problems   []Problem `json:"problems"` // the first maxProblems errors
 	Errors     uint64    `json:"errors"`   // all errors, listed or not
 	Warnings   []Problem `json:"warnings"` // stale records after the terminator (first maxProblems)
+	// Label is the COW's label, nil when it has none or LabelError says
+	// why it cannot be used.
+	Label      *exstore.Label `json:"label,omitempty"`
+	LabelError string         `json:"label_error,omitempty"`
 }
 
-// OK reports whether the metadata has no errors (warnings allowed).
-func (r *CheckReport) OK() bool { return r.Errors == 0 }
+// OK reports whether the metadata has no errors (warnings allowed) and
+// the label, if any, is sound.
+func (r *CheckReport) OK() bool { return r.Errors == 0 && r.LabelError == "" }
 
 func (r *CheckReport) problem(p Problem) {
 	r.Errors++
@@ -46,7 +51,8 @@ func (r *CheckReport) problem(p Problem) {
 // Check verifies the metadata of the COW on dev without changing it: every
 // record points inside the device and not at the header or an area, no
 // origin chunk and no COW chunk is used twice, a terminator ends the list
-// (a full last area has a successor), and nothing but zeroes follows it.
+// (a full last area has a successor), and nothing but zeroes follows it;
+// and it reads the label, reporting one that cannot be used.
 // Unlike Open it does not stop at the first error. progress, if not nil, is
 // called with the number of areas read so far and the number the device
 // can hold. The error is for what stops the check itself: I/O, or a header
@@ -63,6 +69,11 @@ func Check(ctx context.Context, dev blockdev.Device, progress func(done, max uin
 	}
 	if err := r.Header.Check(); err != nil {
 		return nil, fmt.Errorf("cow %s: %w", dev.Name(), err)
+	}
+	if l, ok, err := DecodeLabel(hb[LabelOffset:]); err != nil {
+		r.LabelError = err.Error()
+	} else if ok {
+		r.Label = &l
 	}
 	g := NewGeometry(r.Header.ChunkSectors, dev.Size())
 	if g.Chunks < 2 {

@@ -15,6 +15,37 @@
 // at metadata, and an allocation that would fill the last area when its
 // successor lies past the end of the device (§1.5).
 //
+// # Label
+//
+// The header chunk may also hold clustersnap's label (exstore.Labeler):
+// the COW's UUID, the cluster serving it and the origin it belongs to. It
+// starts right after the kernel's 16 header bytes and ends inside the
+// first sector; all integers are little-endian:
+//
+//	offset  size  field
+//	    16     4  magic 0x424C5343 (bytes "CSLB")
+//	    20     2  version, 1
+//	    22     2  reserved, 0
+//	    24    16  UUID of the COW (random, version 4)
+//	    40     8  origin size in bytes (0: no origin recorded)
+//	    48     2  cluster id length, at most 64
+//	    50     2  origin id length, at most 256
+//	    52    64  cluster id (UTF-8), zero after its length
+//	   116   256  origin id (UTF-8, such as "serial=..."), zero after its length
+//	   372     4  CRC-32C (Castagnoli) of bytes 16..371
+//
+// Bytes 16..375 all zero mean "no label"; any other content that is not a
+// version 1 record with a good checksum and canonical fields is refused
+// with the reason, never taken for "no label". The kernel never reads
+// these bytes: it loads a labelled COW as any other, and rewrites the
+// header of an invalidated store from the buffer it loaded, label
+// included; only a new store (magic 0) gets a header chunk written from a
+// zeroed buffer, which leaves the COW unlabelled. SetLabel writes the
+// label's sector with FUA, with the kernel's fields as just read, and no
+// other chunk; this store's own header writes (invalidation) keep the
+// label. Loading and Check accept a labelled COW; a label that cannot be
+// used is logged by Open and is an error of Check.
+//
 // # Ordering
 //
 //   - A record is written only after the data it points to is durable: every

@@ -31,6 +31,11 @@ func FuzzOpen(f *testing.F) {
 	garbage := append([]byte(nil), full...)
 	binary.LittleEndian.PutUint64(garbage[512+5*16+8:], 0) // terminator mid-area, records after it
 	f.Add(garbage)
+	labelled := append([]byte(nil), full...)
+	if err := persistent.EncodeLabel(labelled[persistent.LabelOffset:], exstore.Label{UUID: exstore.UUID{1}, ClusterID: "c1"}); err != nil {
+		f.Fatal(err)
+	}
+	f.Add(labelled) // the loader ignores a label, sound or not
 	f.Add([]byte("SnAp\x01\x00\x00\x00\x02\x00\x00\x00\x08\x00\x00\x00"))
 	f.Add([]byte{})
 

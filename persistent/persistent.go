@@ -114,6 +114,7 @@ var (
 	_ exstore.LazyCommitter       = (*Store)(nil)
 	_ exstore.AbsenceChecker      = (*Store)(nil)
 	_ exstore.ConditionalPreparer = (*Store)(nil)
+	_ exstore.Labeler             = (*Store)(nil)
 )
 
 // Open opens the persistent store on cow, formatting it when its first four
@@ -141,6 +142,11 @@ func Open(ctx context.Context, cow blockdev.Device, opts Options) (*Store, error
 	} else {
 		if err := h.Check(); err != nil {
 			return nil, s.errf("%w", err)
+		}
+		// The kernel ignores the label; so does loading, but a damaged
+		// one is said (Label refuses it to whoever asks).
+		if _, _, err := s.Label(ctx); err != nil {
+			s.log.Warn("the COW's label cannot be used", "cow", s.name, "err", err)
 		}
 		if opts.ChunkSectors != 0 && opts.ChunkSectors != h.ChunkSectors {
 			s.log.Warn("chunk size from the COW header overrides the requested one",
@@ -256,8 +262,17 @@ func (s *Store) readHeader() (Header, error) {
 	return DecodeHeader(b), nil
 }
 
+// writeHeader writes the header fields with valid, keeping the rest of
+// their sector as it is on the device (a label, spec §1.6: the kernel too
+// rewrites the header from the buffer it loaded). If that sector cannot be
+// read, the header is written alone: the valid flag matters more than the
+// label. The caller holds metaMu, or is formatting.
 func (s *Store) writeHeader(valid uint32) error {
-	b := blockdev.AlignedBuffer(s.align, s.align)
+	b, err := s.readAt(0, s.align)
+	if err != nil {
+		s.log.Warn("could not read the header sector; writing the header alone, without the label", "cow", s.name, "err", err)
+		b = blockdev.AlignedBuffer(s.align, s.align)
+	}
 	Header{Magic: Magic, Valid: valid, Version: Version, ChunkSectors: s.geo.ChunkSectors}.Encode(b)
 	if _, err := s.dev.WriteAtSync(b, 0); err != nil {
 		return s.errf("write header (valid=%d): %w", valid, err)

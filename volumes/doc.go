@@ -12,6 +12,20 @@
 // cannot be shared by a cluster: Open refuses the pair. Set.Close closes
 // the stores before the devices they live on.
 //
+// A COW whose store has a label (exstore.Labeler) is served only with the
+// origin it belongs to. Open computes the origin's identity (its size and
+// the stable id sysfs reports, or Config.OriginID; OriginIdentity). With a
+// Cluster it refuses a COW labelled for another cluster or origin
+// (CheckLabel, ErrLabelMismatch) and stamps one that names no cluster yet
+// with the cluster id, the origin and, if it has none, a new UUID, once
+// the node has joined the lockspace (a node that cannot join writes
+// nothing); the stamp is not yet under a cluster lock, so two nodes
+// stamping one unlabelled COW at once may each write their own UUID, the
+// last one staying. Without a
+// Cluster it ignores the cluster's fields but refuses a COW labelled for an
+// origin of another size, and writes no label. A label that cannot be read
+// (bad checksum, unknown version) is refused in both cases.
+//
 // Every export of a Set shares one engine whose Flush syncs every device a
 // write may have reached, so a flush on one connection covers the writes
 // completed on all: the exports offer multi-conn.

@@ -8,13 +8,18 @@ import (
 	"os"
 	"sync"
 	"sync/atomic"
+	"unicode/utf8"
 
 	"github.com/clustersnap/clustersnap/clusterized"
 	"github.com/clustersnap/clustersnap/exstore"
 	"github.com/clustersnap/clustersnap/exstore/blockdev"
 	"github.com/clustersnap/clustersnap/exstore/cow"
 	"github.com/clustersnap/clustersnap/exstore/transient"
+	"github.com/clustersnap/clustersnap/persistent"
 )
+
+// sysRoot is where sysfs is mounted, for OriginIdentity.
+const sysRoot = "/sys"
 
 // Config is what Open opens.
 type Config struct {
@@ -26,6 +31,9 @@ type Config struct {
 	Direct bool
 	// Cluster, if set, clusters the snapshots' stores.
 	Cluster *Cluster
+	// OriginID, if set, is the origin's id in the COWs' labels instead of
+	// the one sysfs reports for it (see OriginIdentity).
+	OriginID string
 }
 
 // ConfigError is an Open refusal of the Config itself, before any device
@@ -54,6 +62,9 @@ func (v *Set) Lost() <-chan struct{} { return v.lost }
 
 // check refuses what no device needs to be opened to see.
 func (c Config) check(reg *exstore.Registry) error {
+	if len(c.OriginID) > persistent.MaxLabelOriginID || !utf8.ValidString(c.OriginID) {
+		return fmt.Errorf("origin id %q: want at most %d bytes of UTF-8", c.OriginID, persistent.MaxLabelOriginID)
+	}
 	seen := map[string]bool{OriginExport: true}
 	for _, s := range c.Snapshots {
 		if seen[s.Name] {
@@ -99,6 +110,10 @@ func Open(ctx context.Context, c Config) (*Set, error) {
 		return nil, fmt.Errorf("origin: %w", err)
 	}
 	v.closers = append(v.closers, od)
+	origin := OriginIdentity(od, c.Origin, sysRoot)
+	if c.OriginID != "" {
+		origin.ID = c.OriginID
+	}
 	var lost *atomic.Bool // set when a store's node loses the lockspace
 	fence := func(d blockdev.Device) blockdev.Device { return d }
 	if c.Cluster != nil {
@@ -115,7 +130,7 @@ func Open(ctx context.Context, c Config) (*Set, error) {
 			return fail(fmt.Errorf("snapshot %s: %w", spec.Name, err))
 		}
 		v.closers = append([]io.Closer{cd}, v.closers...)
-		st, err := openStore(ctx, reg, cd, spec, c.Cluster, func() {
+		st, err := openStore(ctx, reg, cd, spec, c.Cluster, origin, func() {
 			lost.Store(true)
 			v.once.Do(func() { close(v.lost) })
 		})
@@ -142,19 +157,34 @@ func openDevice(path string, o blockdev.Options, shared bool) (blockdev.Device, 
 }
 
 // openStore opens spec's store on the COW device cd through reg, never
-// formatting. With a cluster, clusterized wraps it and opens it through reg
-// again for its full reloads, so the clusterizer never knows the type, and
-// onLost runs when the store's node loses the lockspace.
-func openStore(ctx context.Context, reg *exstore.Registry, cd blockdev.Device, spec SnapshotSpec, cluster *Cluster, onLost func()) (exstore.Store, error) {
+// formatting, and checks its label against origin (labelCOW). With a
+// cluster, clusterized wraps it and opens it through reg again for its full
+// reloads, so the clusterizer never knows the type; the label is checked
+// and stamped on its core (clusterized passes no Labeler through) once the
+// node has joined the lockspace, so a node that cannot join writes
+// nothing. onLost runs when the store's node loses the lockspace.
+func openStore(ctx context.Context, reg *exstore.Registry, cd blockdev.Device, spec SnapshotSpec, cluster *Cluster, origin exstore.OriginIdentity, onLost func()) (exstore.Store, error) {
 	args := exstore.Args{ChunkSectors: spec.ChunkSectors, NoFormat: true}
 	if cluster == nil {
-		return reg.Open(ctx, spec.storeType(), cd, args)
+		st, err := reg.Open(ctx, spec.storeType(), cd, args)
+		if err != nil {
+			return nil, err
+		}
+		if err := labelCOW(ctx, st, spec.COW, "", origin); err != nil {
+			_ = st.Close()
+			return nil, err
+		}
+		return st, nil
 	}
 	open := func(ctx context.Context, dev blockdev.Device) (exstore.Store, error) {
 		return reg.Open(ctx, spec.storeType(), dev, args)
 	}
 	cs, err := clusterized.Open(ctx, cd, open, cluster.Engine, cluster.Resource(spec.Name), clusterized.Options{Lockspace: cluster.Lockspace})
 	if err != nil {
+		return nil, err
+	}
+	if err := labelCOW(ctx, cs.Core(), spec.COW, cluster.ID, origin); err != nil {
+		_ = cs.Close()
 		return nil, err
 	}
 	cs.OnLost(onLost)

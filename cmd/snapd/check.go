@@ -63,10 +63,14 @@ func runCheck(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		for _, w := range r.Warnings {
 			fmt.Fprintf(stdout, "warning: %s\n", w)
 		}
+		printLabel(stdout, r.Label, r.LabelError)
 	}
-	if !r.OK() {
+	if r.Errors > 0 {
 		return fmt.Errorf("cow %s: %d metadata errors, the first at area %d slot %d: %s",
 			path, r.Errors, r.Problems[0].Area, r.Problems[0].Slot, r.Problems[0].What)
+	}
+	if !r.OK() {
+		return fmt.Errorf("cow %s: the label cannot be used: %s", path, r.LabelError)
 	}
 	return nil
 }

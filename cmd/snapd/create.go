@@ -52,8 +52,9 @@ func runCreate(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	return nil
 }
 
-// createSnapshot checks the pair and formats cow. It writes nothing unless
-// every check passes.
+// createSnapshot checks the pair and formats cow, labelled with a new UUID
+// (and no cluster: the first clustered serve stamps one). It writes
+// nothing unless every check passes.
 func createSnapshot(ctx context.Context, originPath, cowPath string, chunkSectors uint32, force bool) (string, error) {
 	oi, err := os.Stat(originPath)
 	if err != nil {
@@ -90,14 +91,21 @@ func createSnapshot(ctx context.Context, originPath, cowPath string, chunkSector
 			return "", fmt.Errorf("cow %s: already holds data (a snapshot or something else); use --force to format it anyway", cowPath)
 		}
 	}
+	id, err := exstore.NewUUID()
+	if err != nil {
+		return "", err
+	}
 	s, err := persistent.Format(ctx, dev, chunkSectors, nil)
 	if err != nil {
 		return "", err
 	}
 	defer s.Close()
+	if err := s.SetLabel(ctx, exstore.Label{UUID: id}); err != nil {
+		return "", err
+	}
 	u := s.Usage()
-	return fmt.Sprintf("formatted %s: %s COW for origin %s (%s), %s chunks, room for %s exceptions",
-		cowPath, humanize.IBytes(uint64(dev.Size())), originPath, humanize.IBytes(uint64(o.Size())),
+	return fmt.Sprintf("formatted %s: %s COW %s for origin %s (%s), %s chunks, room for %s exceptions",
+		cowPath, humanize.IBytes(uint64(dev.Size())), id, originPath, humanize.IBytes(uint64(o.Size())),
 		humanize.IBytes(uint64(cb)), humanize.Comma(int64(s.Geometry().Capacity()))) + "\n" + "status: " + u.String(), nil
 }
 

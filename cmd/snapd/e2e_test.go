@@ -14,6 +14,8 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/clustersnap/clustersnap/exstore"
 )
 
 // These tests run the built snapd binary against clients nobody here wrote:
@@ -284,7 +286,7 @@ func TestServeClustered(t *testing.T) {
 		assert.Equal(t, 1, strings.Count(strings.TrimSpace(string(out)), "\n")+1, "%v: one line: %s", bad, out)
 	}
 
-	srv := startServe(t, bin, "--origin", f.origin, "--snapshot", "snap="+f.cow, "--listen", "", "--socket", sock, "--cluster-id", "c1", "--lock", "local")
+	srv := startServe(t, bin, "--origin", f.origin, "--snapshot", "snap="+f.cow, "--listen", "", "--socket", sock, "--cluster-id", "c1", "--lock", "local", "--origin-id", "serial=ORIG1")
 	run1(t, qemuIO, "-f", "raw", uri("origin"), "-c", "write -P 0xab 0 64k", "-c", "flush")
 	run1(t, qemuIO, "-f", "raw", uri("snap"), "-c", "write -P 0xee 1M 4k", "-c", "flush")
 	snapOut := filepath.Join(f.dir, "snap.out")
@@ -302,6 +304,18 @@ func TestServeClustered(t *testing.T) {
 	require.Len(t, reports, 1)
 	assert.Equal(t, uint64(17), reports[0].Exceptions, "16 origin chunks and one snapshot chunk")
 	assert.Equal(t, "valid", reports[0].State)
+	require.NotNil(t, reports[0].Label, "the clustered serve stamped the COW's label")
+	assert.Equal(t, "c1", reports[0].Label.ClusterID)
+	assert.Equal(t, exstore.OriginIdentity{Size: 4 << 20, ID: "serial=ORIG1"}, reports[0].Label.Origin)
+
+	// Another cluster, or another origin, is refused the COW.
+	for _, other := range [][]string{{"--cluster-id", "c2", "--origin-id", "serial=ORIG1"}, {"--cluster-id", "c1", "--origin-id", "serial=ORIG2"}} {
+		args := append([]string{"serve", "--origin", f.origin, "--snapshot", "snap=" + f.cow, "--listen", "", "--socket", sock}, other...)
+		out, err := exec.Command(bin, args...).CombinedOutput()
+		require.Error(t, err, "%v", other)
+		assert.Equal(t, 1, err.(*exec.ExitError).ExitCode(), "%v: %s", other, out)
+		assert.Contains(t, string(out), `is labelled for cluster "c1" origin serial=ORIG1`, "%v", other)
+	}
 }
 
 // A transient snapshot (type=N) needs no formatted COW and shows the

@@ -56,13 +56,53 @@ func TestCreateAndStatus(t *testing.T) {
 	assert.Equal(t, uint64(4096), reports[0].ChunkSize)
 	assert.Equal(t, "16/2048 16", reports[0].Status)
 	assert.Equal(t, uint64(254), reports[0].Capacity, "256 chunks: header, area 0, 254 data")
+	require.NotNil(t, reports[0].Label, "create labels the COW")
+	id := reports[0].Label.UUID
+	assert.False(t, id.IsZero())
+	assert.Equal(t, exstore.Label{UUID: id}, *reports[0].Label, "a UUID, no cluster, no origin yet")
+	assert.Empty(t, reports[0].LabelError)
+	assert.Contains(t, out, `"uuid": "`+id.String()+`"`)
+
+	code, out, errOut = runCLI(t, "status", cow)
+	require.Equal(t, exitOK, code, errOut)
+	assert.Contains(t, out, "uuid:       "+id.String())
+	assert.Contains(t, out, "cluster:    (none yet)")
+	code, out, errOut = runCLI(t, "check", cow)
+	require.Equal(t, exitOK, code, errOut)
+	assert.Contains(t, out, "uuid:       "+id.String())
 
 	// A second create refuses the COW that now holds a snapshot.
 	code, _, errOut = runCLI(t, "create", "--origin", origin, "--cow", cow)
 	assert.Equal(t, exitError, code)
 	assert.Contains(t, errOut, "already holds data")
-	code, _, errOut = runCLI(t, "create", "--origin", origin, "--cow", cow, "--force", "--chunk-size", "8KiB")
+	code, out, errOut = runCLI(t, "create", "--origin", origin, "--cow", cow, "--force", "--chunk-size", "8KiB")
 	assert.Equal(t, exitOK, code, errOut)
+	assert.NotContains(t, out, id.String(), "a new COW gets a new UUID")
+}
+
+func TestCheckAndStatusRefuseADamagedLabel(t *testing.T) {
+	dir := t.TempDir()
+	origin := sparse(t, dir, "origin", 8<<20)
+	cow := filepath.Join(dir, "cow")
+	code, _, errOut := runCLI(t, "create", "--origin", origin, "--cow", cow, "--cow-size", "1MiB")
+	require.Equal(t, exitOK, code, errOut)
+	f, err := os.OpenFile(cow, os.O_RDWR, 0)
+	require.NoError(t, err)
+	_, err = f.WriteAt([]byte{0xff}, 16+30) // inside the origin size field
+	require.NoError(t, err)
+	require.NoError(t, f.Close())
+
+	code, out, _ := runCLI(t, "check", cow)
+	assert.Equal(t, exitError, code, "a damaged label fails the check")
+	assert.Contains(t, out, "label:      unusable:")
+	assert.Contains(t, out, "checksum")
+	code, out, errOut = runCLI(t, "status", "--json", cow)
+	require.Equal(t, exitOK, code, errOut)
+	var reports []statusReport
+	require.NoError(t, json.Unmarshal([]byte(out), &reports))
+	require.Len(t, reports, 1)
+	assert.Nil(t, reports[0].Label)
+	assert.Contains(t, reports[0].LabelError, "checksum")
 }
 
 func TestBadInputIsRefusedAndWritesNothing(t *testing.T) {

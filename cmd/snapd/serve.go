@@ -102,6 +102,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	lock := flags.String("lock", "", "lock engine with --cluster-id: local (in-process, this snapd only; the default) or dlm "+
 		"(the Linux kernel DLM: several hosts serve the same devices on shared storage, opened with O_DIRECT; needs corosync and dlm_controld)")
 	lockspace := flags.String("lockspace", "", "lockspace to join with --cluster-id (default "+clusterized.DefaultLockspace+"); every node serving the same devices uses the same")
+	originID := flags.String("origin-id", "", "the origin's id in the COW labels, instead of the serial or WWID the kernel reports for it (for an origin whose id differs between the hosts serving it)")
 	if err := parse(flags, args); err != nil {
 		return err
 	}
@@ -128,7 +129,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		}
 		cfg.tlsMode = mode
 	}
-	v, err := openVolumes(ctx, volumes.Config{Origin: *origin, Snapshots: specs, Direct: *direct, Cluster: cluster})
+	v, err := openVolumes(ctx, volumes.Config{Origin: *origin, Snapshots: specs, Direct: *direct, Cluster: cluster, OriginID: *originID})
 	if err != nil {
 		return err
 	}

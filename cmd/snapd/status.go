@@ -30,6 +30,10 @@ type statusReport struct {
 	FillPercent      float64 `json:"fill_percent"`
 	Status           string  `json:"dmsetup_status"`
 	Warning          string  `json:"warning,omitempty"`
+	// Label is the COW's label, nil if it has none or LabelError says
+	// why it cannot be used.
+	Label      *exstore.Label `json:"label,omitempty"`
+	LabelError string         `json:"label_error,omitempty"`
 }
 
 func runStatus(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -99,6 +103,11 @@ func snapshotStatus(ctx context.Context, path string, warn float64) (statusRepor
 		MetadataSectors:  u.MetadataSectors,
 		Status:           u.String(),
 	}
+	if l, ok, err := s.Label(ctx); err != nil {
+		r.LabelError = err.Error()
+	} else if ok {
+		r.Label = &l
+	}
 	if u.TotalSectors > 0 {
 		r.FillPercent = 100 * float64(u.AllocatedSectors) / float64(u.TotalSectors)
 	}
@@ -120,7 +129,30 @@ func printStatus(w io.Writer, r statusReport) {
 	fmt.Fprintf(w, "  exceptions: %s of %s\n", humanize.Comma(int64(r.Exceptions)), humanize.Comma(int64(r.Capacity)))
 	fmt.Fprintf(w, "  allocated:  %s of %s (%.1f%%), metadata %s\n", sec(r.AllocatedSectors), sec(r.TotalSectors), r.FillPercent, sec(r.MetadataSectors))
 	fmt.Fprintf(w, "  dmsetup:    %s\n", r.Status)
+	printLabel(w, r.Label, r.LabelError)
 	if r.Warning != "" {
 		fmt.Fprintf(w, "  warning:    %s\n", r.Warning)
+	}
+}
+
+// printLabel prints a COW's label, its absence, or why it cannot be used.
+func printLabel(w io.Writer, l *exstore.Label, labelErr string) {
+	switch {
+	case labelErr != "":
+		fmt.Fprintf(w, "  label:      unusable: %s\n", labelErr)
+	case l == nil:
+		fmt.Fprintf(w, "  label:      none\n")
+	default:
+		cluster := l.ClusterID
+		if cluster == "" {
+			cluster = "(none yet)"
+		}
+		fmt.Fprintf(w, "  uuid:       %s\n", l.UUID)
+		fmt.Fprintf(w, "  cluster:    %s\n", cluster)
+		if l.Origin.IsZero() {
+			fmt.Fprintf(w, "  origin:     (none yet)\n")
+		} else {
+			fmt.Fprintf(w, "  origin:     %s\n", l.Origin)
+		}
 	}
 }

@@ -115,6 +115,9 @@ dmsetup remove base-real
 	require.Greater(t, usage.Exceptions, uint64(chunkSectors*exstore.SectorSize/16),
 		"the kernel's exceptions must span more than one metadata area")
 	assert.Equal(t, kernelUsage(t, results["status"]), usage.String(), "usage: kernel status vs ours")
+	_, labelled, err := store.Label(ctx)
+	require.NoError(t, err, "a COW the kernel formatted has a zeroed label area")
+	assert.False(t, labelled)
 
 	// Our view of the snapshot is the original with the snapshot writes, and
 	// it is what the kernel showed.
@@ -126,13 +129,13 @@ dmsetup remove base-real
 	assertSameImage(t, view, readImage(t, dumpPath), chunkSectors, "snapshot view read by the kernel")
 }
 
-// weWriteKernelReads builds a COW with package persistent (origin COWs and
-// snapshot writes, a full metadata area and most of a second) and has the
-// kernel activate it with "P 0": the kernel must use our chunk size, show our
-// snapshot view and report our usage. The kernel then goes on writing through
+// weWriteKernelReads builds a labelled COW with package persistent (origin
+// COWs and snapshot writes, a full metadata area and most of a second) and
+// has the kernel activate it with "P 0": the kernel must use our chunk size,
+// show our snapshot view and report our usage. The kernel then goes on writing through
 // a snapshot-origin and to the snapshot, filling our last area and starting
 // the next, and the COW it leaves must open here again with the kernel's view
-// and usage.
+// and usage, and still carry our label.
 func weWriteKernelReads(t *testing.T, r *guest.Initramfs, chunkSectors uint32) {
 	ctx, cancel := context.WithTimeout(t.Context(), bootTimeout)
 	defer cancel()
@@ -152,6 +155,13 @@ func weWriteKernelReads(t *testing.T, r *guest.Initramfs, chunkSectors uint32) {
 	require.NoError(t, err)
 	store, err := persistent.Open(ctx, cow, persistent.Options{ChunkSectors: chunkSectors})
 	require.NoError(t, err)
+	// The label the kernel must ignore and keep.
+	label := exstore.Label{
+		UUID:      exstore.UUID{0x6b, 0x65, 0x72, 0x6e, 0x65, 0x6c, 0x40, 0x01, 0x80, 2, 3, 4, 5, 6, 7, 8},
+		ClusterID: "kernel-interop",
+		Origin:    exstore.OriginIdentity{Size: originSize, ID: "serial=KERNEL-INTEROP"},
+	}
+	require.NoError(t, store.SetLabel(ctx, label))
 	chunkOf := func(img []byte, c exstore.Chunk) []byte {
 		return img[int64(c)*chunkBytes : int64(c+1)*chunkBytes]
 	}
@@ -271,6 +281,10 @@ dmsetup remove base-real
 	require.NoError(t, err)
 	defer reopened.Close()
 	require.NoError(t, reopened.Err())
+	gotLabel, labelled, err := reopened.Label(ctx)
+	require.NoError(t, err)
+	require.True(t, labelled, "the kernel left our label in the header chunk")
+	assert.Equal(t, label, gotLabel)
 	usage := reopened.Usage()
 	assert.Greater(t, usage.MetadataSectors, ourUsage.MetadataSectors,
 		"the kernel must have filled our last metadata area and moved to the next")
