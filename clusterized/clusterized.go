@@ -169,6 +169,9 @@ func New(ctx context.Context, core exstore.Store, engine lockc.Engine, clusterID
 // ClusterID is the cluster id the store was opened with.
 func (s *Store) ClusterID() string { return s.id }
 
+// NodeID is this node's id in the lockspace's cluster.
+func (s *Store) NodeID() uint32 { return s.ls.NodeID() }
+
 // Core returns the core store currently wrapped (a full reload replaces it).
 func (s *Store) Core() exstore.Store { return s.core.Load().s }
 

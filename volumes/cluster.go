@@ -13,8 +13,9 @@ import (
 type Cluster struct {
 	// ID is the cluster id the nodes serving the same COWs agree on.
 	ID string
-	// Engine is the lock engine.
-	Engine lockc.Engine
+	// Engine is the lock engine, EngineName its name in NewCluster.
+	Engine     lockc.Engine
+	EngineName string
 	// Lockspace is the lockspace the stores join; "" means clusterized's
 	// default.
 	Lockspace string
@@ -75,7 +76,7 @@ func NewCluster(id, lock string, o ClusterOptions) (*Cluster, error) {
 		if err != nil {
 			return nil, fmt.Errorf("lock engine %s: %w", lock, err)
 		}
-		return &Cluster{ID: id, Engine: engine, Lockspace: o.Lockspace, Shared: e.shared}, nil
+		return &Cluster{ID: id, Engine: engine, EngineName: lock, Lockspace: o.Lockspace, Shared: e.shared}, nil
 	}
 	return nil, fmt.Errorf("lock engine %q: unknown (known: %s)", lock, LockEngines())
 }

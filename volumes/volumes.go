@@ -50,9 +50,11 @@ type Set struct {
 	// Snapshots are the snapshots in the order of Config.Snapshots.
 	Snapshots []*cow.Snapshot
 
-	closers []io.Closer   // stores, then devices, in closing order
-	lost    chan struct{} // closed once a store's node loses the lockspace
-	once    sync.Once
+	config    Config
+	clustered []*clusterized.Store // per snapshot, nil when not clustered
+	closers   []io.Closer          // stores, then devices, in closing order
+	lost      chan struct{}        // closed once a store's node loses the lockspace
+	once      sync.Once
 }
 
 // Lost is closed once the node loses the lockspace of any clustered store
@@ -94,7 +96,7 @@ func Open(ctx context.Context, c Config) (*Set, error) {
 	if err := c.check(reg); err != nil {
 		return nil, &ConfigError{err}
 	}
-	v := &Set{lost: make(chan struct{})}
+	v := &Set{config: c, lost: make(chan struct{})}
 	fail := func(err error) (*Set, error) {
 		v.Close()
 		return nil, err
@@ -130,7 +132,7 @@ func Open(ctx context.Context, c Config) (*Set, error) {
 			return fail(fmt.Errorf("snapshot %s: %w", spec.Name, err))
 		}
 		v.closers = append([]io.Closer{cd}, v.closers...)
-		st, err := openStore(ctx, reg, cd, spec, c.Cluster, origin, func() {
+		st, cs, err := openStore(ctx, reg, cd, spec, c.Cluster, origin, func() {
 			lost.Store(true)
 			v.once.Do(func() { close(v.lost) })
 		})
@@ -143,6 +145,7 @@ func Open(ctx context.Context, c Config) (*Set, error) {
 			return fail(fmt.Errorf("snapshot %s: %w", spec.Name, err))
 		}
 		v.Snapshots = append(v.Snapshots, s)
+		v.clustered = append(v.clustered, cs)
 	}
 	return v, nil
 }
@@ -162,33 +165,34 @@ func openDevice(path string, o blockdev.Options, shared bool) (blockdev.Device, 
 // reloads, so the clusterizer never knows the type; the label is checked
 // and stamped on its core (clusterized passes no Labeler through) once the
 // node has joined the lockspace, so a node that cannot join writes
-// nothing. onLost runs when the store's node loses the lockspace.
-func openStore(ctx context.Context, reg *exstore.Registry, cd blockdev.Device, spec SnapshotSpec, cluster *Cluster, origin exstore.OriginIdentity, onLost func()) (exstore.Store, error) {
+// nothing. onLost runs when the store's node loses the lockspace. It also
+// returns the clusterized store, nil without a cluster.
+func openStore(ctx context.Context, reg *exstore.Registry, cd blockdev.Device, spec SnapshotSpec, cluster *Cluster, origin exstore.OriginIdentity, onLost func()) (exstore.Store, *clusterized.Store, error) {
 	args := exstore.Args{ChunkSectors: spec.ChunkSectors, NoFormat: true}
 	if cluster == nil {
 		st, err := reg.Open(ctx, spec.storeType(), cd, args)
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		if err := labelCOW(ctx, st, spec.COW, "", origin); err != nil {
 			_ = st.Close()
-			return nil, err
+			return nil, nil, err
 		}
-		return st, nil
+		return st, nil, nil
 	}
 	open := func(ctx context.Context, dev blockdev.Device) (exstore.Store, error) {
 		return reg.Open(ctx, spec.storeType(), dev, args)
 	}
 	cs, err := clusterized.Open(ctx, cd, open, cluster.Engine, cluster.Resource(spec.Name), clusterized.Options{Lockspace: cluster.Lockspace})
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	if err := labelCOW(ctx, cs.Core(), spec.COW, cluster.ID, origin); err != nil {
 		_ = cs.Close()
-		return nil, err
+		return nil, nil, err
 	}
 	cs.OnLost(onLost)
-	return cs.Exstore(), nil // with lazy commits, as the bare store has them
+	return cs.Exstore(), cs, nil // with lazy commits, as the bare store has them
 }
 
 // Close closes the stores, then the devices.

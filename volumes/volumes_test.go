@@ -274,3 +274,39 @@ func TestLostNodeStopsSharedIO(t *testing.T) {
 	refused(v.Snapshots[0].ReadAt(ctx, buf, 0), "a snapshot read")
 	assert.ErrorIs(t, v.Origin.Flush(ctx), ErrClusterLost, "the flush of a write made before the loss")
 }
+
+// Status reports the origin, the membership and each store's counters,
+// and counts what a second node's work made this node do.
+func TestStatus(t *testing.T) {
+	ctx := context.Background()
+	f := newFixture(t)
+	plain := open(t, Config{Origin: f.origin, Snapshots: []SnapshotSpec{{Name: "snap", COW: f.cow}}}).Status()
+	assert.Nil(t, plain.Cluster)
+	require.Len(t, plain.Snapshots, 1)
+	assert.Nil(t, plain.Snapshots[0].Cluster)
+	assert.Equal(t, int64(originSize), plain.Origin.SizeBytes)
+	assert.Equal(t, "valid", plain.Snapshots[0].State)
+
+	engines := inproc.NewCluster()
+	f2 := newFixture(t)
+	c := Config{Origin: f2.origin, Snapshots: []SnapshotSpec{{Name: "snap", COW: f2.cow}}}
+	c.Cluster = &Cluster{ID: "c1", Engine: engines.Node(1), EngineName: "local", Shared: true}
+	a := open(t, c)
+	c.Cluster = &Cluster{ID: "c1", Engine: engines.Node(2), EngineName: "local", Shared: true}
+	b := open(t, c)
+	require.NoError(t, a.Origin.WriteAt(ctx, bytes.Repeat([]byte{0x22}, chunk), 3*chunk, true))
+	require.NoError(t, b.Origin.WriteAt(ctx, bytes.Repeat([]byte{0x33}, chunk), 5*chunk, true))
+	sa, sb := a.Status(), b.Status()
+	require.NotNil(t, sa.Cluster)
+	assert.Equal(t, "c1", sa.Cluster.ID)
+	assert.Equal(t, "local", sa.Cluster.Engine)
+	assert.NotEqual(t, sa.Cluster.NodeID, sb.Cluster.NodeID, "two nodes")
+	assert.False(t, sa.Cluster.Lost)
+	ca, cb := sa.Snapshots[0].Cluster, sb.Snapshots[0].Cluster
+	require.NotNil(t, ca)
+	require.NotNil(t, cb)
+	assert.Positive(t, ca.UpConverts)
+	assert.Positive(t, cb.UpConverts)
+	assert.Positive(t, cb.Refreshes+cb.Reloads, "b took EX after a changed the metadata, so it read what a added")
+	assert.Equal(t, uint64(2), sb.Snapshots[0].Exceptions)
+}

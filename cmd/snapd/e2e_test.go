@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"encoding/json"
+	"github.com/clustersnap/clustersnap/volumes"
 	"math/rand/v2"
 	"os"
 	"os/exec"
@@ -49,6 +50,7 @@ type server struct {
 	cmd    *exec.Cmd
 	stdout *bufio.Scanner
 	lines  []string
+	stderr *bytes.Buffer // read only after stop
 }
 
 // startServe runs snapd serve and waits until it prints its exports.
@@ -60,7 +62,7 @@ func startServe(t *testing.T, bin string, args ...string) *server {
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
 	require.NoError(t, cmd.Start())
-	s := &server{cmd: cmd, stdout: bufio.NewScanner(out)}
+	s := &server{cmd: cmd, stdout: bufio.NewScanner(out), stderr: &stderr}
 	t.Cleanup(func() {
 		if cmd.ProcessState == nil {
 			cmd.Process.Kill()
@@ -286,7 +288,8 @@ func TestServeClustered(t *testing.T) {
 		assert.Equal(t, 1, strings.Count(strings.TrimSpace(string(out)), "\n")+1, "%v: one line: %s", bad, out)
 	}
 
-	srv := startServe(t, bin, "--origin", f.origin, "--snapshot", "snap="+f.cow, "--listen", "", "--socket", sock, "--cluster-id", "c1", "--lock", "local", "--origin-id", "serial=ORIG1")
+	ctl := filepath.Join(f.dir, "control.sock")
+	srv := startServe(t, bin, "--origin", f.origin, "--snapshot", "snap="+f.cow, "--listen", "", "--socket", sock, "--cluster-id", "c1", "--lock", "local", "--origin-id", "serial=ORIG1", "--control", ctl)
 	run1(t, qemuIO, "-f", "raw", uri("origin"), "-c", "write -P 0xab 0 64k", "-c", "flush")
 	run1(t, qemuIO, "-f", "raw", uri("snap"), "-c", "write -P 0xee 1M 4k", "-c", "flush")
 	snapOut := filepath.Join(f.dir, "snap.out")
@@ -296,8 +299,27 @@ func TestServeClustered(t *testing.T) {
 	want := append([]byte(nil), f.orig...)
 	copy(want[1<<20:], bytes.Repeat([]byte{0xee}, 4096))
 	assert.True(t, bytes.Equal(want, got), "the clustered snapshot shows the origin as it was, plus its own write")
+
+	// The running server reports its membership and its cluster counters.
+	var live volumes.Status
+	require.NoError(t, json.Unmarshal([]byte(run1(t, bin, "status", "--control", ctl, "--json")), &live))
+	require.NotNil(t, live.Cluster)
+	assert.Equal(t, "c1", live.Cluster.ID)
+	assert.Equal(t, "local", live.Cluster.Engine)
+	assert.False(t, live.Cluster.Lost)
+	require.Len(t, live.Snapshots, 1)
+	assert.Equal(t, uint64(17), live.Snapshots[0].Exceptions)
+	require.NotNil(t, live.Snapshots[0].Cluster)
+	assert.Positive(t, live.Snapshots[0].Cluster.UpConverts, "copying needed EX")
+	text := run1(t, bin, "status", "--control", ctl)
+	assert.Contains(t, text, "cluster c1: node")
+	assert.Contains(t, text, "metadata refreshes")
 	code, _ := srv.stop(t)
 	assert.Equal(t, 0, code)
+	assert.Contains(t, srv.stderr.String(), "cluster c1: node", "the membership is logged at start")
+	assert.Contains(t, srv.stderr.String(), "cluster c1 node", "the counters are logged at exit")
+	_, err = os.Stat(ctl)
+	assert.ErrorIs(t, err, os.ErrNotExist, "the control socket goes with the server")
 
 	var reports []statusReport
 	require.NoError(t, json.Unmarshal([]byte(run1(t, bin, "status", "--json", f.cow)), &reports))

@@ -79,7 +79,9 @@ type serveConfig struct {
 	tlsMode        nbd.TLSMode
 	tls            *tls.Config
 	defaultExport  string
-	stdio          bool // one client on os.Stdin/os.Stdout
+	stdio          bool          // one client on os.Stdin/os.Stdout
+	control        string        // control socket path, "" for none
+	statsInterval  time.Duration // how often a clustered server logs its counters
 }
 
 func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -103,6 +105,8 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		"(the Linux kernel DLM: several hosts serve the same devices on shared storage, opened with O_DIRECT; needs corosync and dlm_controld)")
 	lockspace := flags.String("lockspace", "", "lockspace to join with --cluster-id (default "+clusterized.DefaultLockspace+"); every node serving the same devices uses the same")
 	originID := flags.String("origin-id", "", "the origin's id in the COW labels, instead of the serial or WWID the kernel reports for it (for an origin whose id differs between the hosts serving it)")
+	controlPath := flags.String("control", "", "serve the management protocol on this unix socket (mode 0600): snapd status --control PATH reports the running server")
+	statsInterval := flags.Duration("stats-interval", 10*time.Minute, "with --cluster-id, log the lock and metadata counters this often (and at exit); 0 logs them only at exit")
 	if err := parse(flags, args); err != nil {
 		return err
 	}
@@ -115,7 +119,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if *origin == "" {
 		return usagef("--origin is required")
 	}
-	cfg := serveConfig{listen: *listen, socket: *socket, defaultExport: *defaultExport, stdio: *stdio}
+	cfg := serveConfig{listen: *listen, socket: *socket, defaultExport: *defaultExport, stdio: *stdio, control: *controlPath, statsInterval: *statsInterval}
 	mode, err := nbd.ParseTLSMode(*tlsMode)
 	if err != nil {
 		return usagef("--tls: %v", err)
@@ -147,6 +151,22 @@ func serveVolumes(ctx context.Context, v *volumes.Set, cfg serveConfig, stdout, 
 	}
 	if err != nil {
 		return err
+	}
+	// The control socket and the counters' log stop with the server.
+	ctx, stopSide := context.WithCancel(ctx)
+	defer stopSide()
+	if cfg.control != "" {
+		waitControl, err := startControl(ctx, v, cfg.control)
+		if err != nil {
+			return err
+		}
+		defer func() { stopSide(); _ = waitControl() }()
+	}
+	if c := v.Status().Cluster; c != nil {
+		fmt.Fprintf(stderr, "cluster %s: node %d, lock engine %s, lockspace %s\n", c.ID, c.NodeID, c.Engine, c.Lockspace)
+		logged := make(chan struct{})
+		go func() { defer close(logged); logClusterStats(ctx, v, cfg.statsInterval, stderr) }()
+		defer func() { stopSide(); <-logged; writeClusterStats(v, stderr) }()
 	}
 	if cfg.stdio {
 		return serveStdio(ctx, v, exports, cfg, stderr)

@@ -37,11 +37,28 @@ type statusReport struct {
 }
 
 func runStatus(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	flags := newFlags("status", "[--json] [--warn PERCENT] COW...", stderr)
-	asJSON := flags.Bool("json", false, "print JSON, one object per COW in an array")
+	flags := newFlags("status", "[--json] [--warn PERCENT] COW... | --control PATH [--json]", stderr)
+	asJSON := flags.Bool("json", false, "print JSON, one object per COW in an array (with --control: the server's status object)")
 	warn := flags.Float64("warn", 80, "warn when the COW is fuller than this percentage")
+	controlPath := flags.String("control", "", "ask the snapd serve running with this --control socket instead of reading COWs")
 	if err := parse(flags, args); err != nil {
 		return err
+	}
+	if *controlPath != "" {
+		if flags.NArg() > 0 {
+			return usagef("--control reports the running server: name no COW")
+		}
+		st, err := liveStatus(ctx, *controlPath)
+		if err != nil {
+			return err
+		}
+		if *asJSON {
+			enc := json.NewEncoder(stdout)
+			enc.SetIndent("", "  ")
+			return enc.Encode(st)
+		}
+		printLiveStatus(stdout, st)
+		return nil
 	}
 	if flags.NArg() == 0 {
 		return usagef("name at least one COW")

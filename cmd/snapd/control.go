@@ -1,0 +1,109 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"time"
+
+	"github.com/dustin/go-humanize"
+
+	"github.com/clustersnap/clustersnap/control"
+	"github.com/clustersnap/clustersnap/exstore"
+	"github.com/clustersnap/clustersnap/volumes"
+)
+
+// opStatus is the control op that reports a running server (volumes.Status).
+const opStatus = "status"
+
+// startControl serves v's control socket at path until ctx ends; wait
+// waits for it to stop.
+func startControl(ctx context.Context, v *volumes.Set, path string) (wait func() error, err error) {
+	ln, err := control.Listen(path)
+	if err != nil {
+		return nil, err
+	}
+	srv := control.NewServer(map[string]control.Handler{
+		opStatus: func(ctx context.Context, args json.RawMessage) (any, error) {
+			if len(args) > 0 && string(args) != "null" && string(args) != "{}" {
+				return nil, control.BadRequest("status takes no arguments")
+			}
+			return v.Status(), nil
+		},
+	})
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve(ctx, ln) }()
+	return func() error { return <-done }, nil
+}
+
+// liveStatus asks a running server for its status.
+func liveStatus(ctx context.Context, path string) (volumes.Status, error) {
+	var st volumes.Status
+	c, err := control.Dial(ctx, path)
+	if err != nil {
+		return st, err
+	}
+	defer c.Close()
+	err = c.Call(ctx, opStatus, nil, &st)
+	return st, err
+}
+
+// printLiveStatus prints a running server's status for people.
+func printLiveStatus(w io.Writer, st volumes.Status) {
+	fmt.Fprintf(w, "origin %s: %s\n", st.Origin.Path, humanize.IBytes(uint64(st.Origin.SizeBytes)))
+	if c := st.Cluster; c != nil {
+		state := "member"
+		if c.Lost {
+			state = "LOST the lockspace: shared I/O stopped"
+		}
+		fmt.Fprintf(w, "cluster %s: node %d, lock engine %s, lockspace %s, %s\n", c.ID, c.NodeID, c.Engine, c.Lockspace, state)
+	}
+	for _, s := range st.Snapshots {
+		sec := func(n uint64) string { return humanize.IBytes(n * exstore.SectorSize) }
+		fmt.Fprintf(w, "snapshot %s (%s): %s\n", s.Name, s.COW, s.State)
+		fmt.Fprintf(w, "  exceptions: %s, allocated %s of %s\n", humanize.Comma(int64(s.Exceptions)), sec(s.AllocatedSectors), sec(s.TotalSectors))
+		if c := s.Cluster; c != nil {
+			fmt.Fprintf(w, "  cluster:    %s\n", countersLine(*c))
+		}
+	}
+}
+
+// countersLine is a clustered store's counters on one line.
+func countersLine(c volumes.ClusterCounters) string {
+	return fmt.Sprintf("metadata refreshes %d incremental, %d full; lock conversions %d up, %d down; %d counter publishes, %d invalid LVBs, %d drains",
+		c.Refreshes, c.Reloads, c.UpConverts, c.DownConverts, c.Publishes, c.InvalidLVBs, c.Drains)
+}
+
+// writeClusterStats writes the clustered stores' counters to w, a line
+// per snapshot, so that an operator sees the LVB counter at work in the
+// server's log.
+func writeClusterStats(v *volumes.Set, w io.Writer) {
+	st := v.Status()
+	if st.Cluster == nil {
+		return
+	}
+	for _, s := range st.Snapshots {
+		if s.Cluster != nil {
+			fmt.Fprintf(w, "cluster %s node %d snapshot %s: %s\n", st.Cluster.ID, st.Cluster.NodeID, s.Name, countersLine(*s.Cluster))
+		}
+	}
+}
+
+// logClusterStats writes the counters every interval until ctx ends (never
+// when interval is 0).
+func logClusterStats(ctx context.Context, v *volumes.Set, interval time.Duration, w io.Writer) {
+	if interval <= 0 {
+		return
+	}
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			writeClusterStats(v, w)
+		}
+	}
+}

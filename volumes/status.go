@@ -1,0 +1,103 @@
+package volumes
+
+import (
+	"github.com/clustersnap/clustersnap/clusterized"
+)
+
+// Status is what a Set reports of itself while it serves: the origin, the
+// cluster membership and each snapshot's store, with the cluster's
+// counters of lock and metadata work.
+type Status struct {
+	Origin    OriginStatus     `json:"origin"`
+	Cluster   *ClusterStatus   `json:"cluster,omitempty"`
+	Snapshots []SnapshotStatus `json:"snapshots"`
+}
+
+// OriginStatus describes the origin.
+type OriginStatus struct {
+	Path      string `json:"path"`
+	SizeBytes int64  `json:"size_bytes"`
+}
+
+// ClusterStatus describes this node's cluster membership.
+type ClusterStatus struct {
+	ID        string `json:"id"`
+	Engine    string `json:"lock_engine"`
+	Lockspace string `json:"lockspace"`
+	// NodeID is this node's id in the lock engine's cluster (the DLM's
+	// corosync node id); 0 when no store is clustered.
+	NodeID uint32 `json:"node_id"`
+	// Lost says the node lost the lockspace: shared I/O has stopped.
+	Lost bool `json:"lost"`
+}
+
+// SnapshotStatus describes one snapshot's store.
+type SnapshotStatus struct {
+	Name             string `json:"name"`
+	COW              string `json:"cow"`
+	State            string `json:"state"` // valid, or the error that invalidated the snapshot
+	Exceptions       uint64 `json:"exceptions"`
+	AllocatedSectors uint64 `json:"allocated_sectors"`
+	TotalSectors     uint64 `json:"total_sectors"`
+	MetadataSectors  uint64 `json:"metadata_sectors"`
+	// Cluster counts the store's cluster work: lock conversions, metadata
+	// refreshes (incremental) and reloads (full). Nil when not clustered.
+	Cluster *ClusterCounters `json:"cluster,omitempty"`
+}
+
+// ClusterCounters are a clustered store's counters (clusterized.Stats).
+type ClusterCounters struct {
+	UpConverts   uint64 `json:"up_conversions"`
+	DownConverts uint64 `json:"down_conversions"`
+	Publishes    uint64 `json:"counter_publishes"`
+	Refreshes    uint64 `json:"incremental_refreshes"`
+	Reloads      uint64 `json:"full_reloads"`
+	InvalidLVBs  uint64 `json:"invalid_lvbs"`
+	Drains       uint64 `json:"drains"`
+}
+
+func countersOf(s clusterized.Stats) *ClusterCounters {
+	return &ClusterCounters{
+		UpConverts: s.UpConverts, DownConverts: s.DownConverts, Publishes: s.Publishes,
+		Refreshes: s.Refreshes, Reloads: s.Reloads, InvalidLVBs: s.InvalidLVBs, Drains: s.Drains,
+	}
+}
+
+// Status reports the Set as it is now; it is safe while serving.
+func (v *Set) Status() Status {
+	st := Status{Origin: OriginStatus{Path: v.config.Origin, SizeBytes: v.Origin.Size()}}
+	if c := v.config.Cluster; c != nil {
+		cs := &ClusterStatus{ID: c.ID, Engine: c.EngineName, Lockspace: c.Lockspace}
+		if cs.Lockspace == "" {
+			cs.Lockspace = clusterized.DefaultLockspace
+		}
+		select {
+		case <-v.lost:
+			cs.Lost = true
+		default:
+		}
+		for _, s := range v.clustered {
+			if s != nil {
+				cs.NodeID = s.NodeID()
+				break
+			}
+		}
+		st.Cluster = cs
+	}
+	for i, s := range v.Snapshots {
+		u := s.Store().Usage()
+		ss := SnapshotStatus{
+			Name: s.Name(), COW: v.config.Snapshots[i].COW, State: "valid",
+			Exceptions: u.Exceptions, AllocatedSectors: u.AllocatedSectors,
+			TotalSectors: u.TotalSectors, MetadataSectors: u.MetadataSectors,
+		}
+		if err := s.Err(); err != nil {
+			ss.State = err.Error()
+		}
+		if cs := v.clustered[i]; cs != nil {
+			ss.Cluster = countersOf(cs.Stats())
+		}
+		st.Snapshots = append(st.Snapshots, ss)
+	}
+	return st
+}
