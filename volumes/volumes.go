@@ -10,10 +10,12 @@ import (
 	"sync/atomic"
 
 	"github.com/clustersnap/clustersnap/clusterized"
+	"github.com/clustersnap/clustersnap/clusterized/snapset"
 	"github.com/clustersnap/clustersnap/exstore"
 	"github.com/clustersnap/clustersnap/exstore/blockdev"
 	"github.com/clustersnap/clustersnap/exstore/cow"
 	"github.com/clustersnap/clustersnap/exstore/transient"
+	"github.com/clustersnap/clustersnap/lockc"
 )
 
 // Config is what Open opens.
@@ -76,8 +78,12 @@ func (c Config) check(reg *exstore.Registry) error {
 // is clustered. Devices are opened with exclusive host-local locks, except
 // with a Shared cluster: its other members are other hosts, so the devices
 // are opened with O_DIRECT instead (a buffered open is refused) and no
-// host-local lock is taken. With a Cluster, the devices stop all I/O once
-// any store's node loses the lockspace (ErrClusterLost).
+// host-local lock is taken. With a Cluster, the node joins the origin's
+// snapshot set (Cluster.OriginResource) with the snapshots of c, and fails
+// with an error wrapping snapset.ErrSetMismatch if the cluster serves the
+// origin with other snapshots; the origin's writes then pass the set's
+// gate. With a Cluster, the devices stop all I/O once any store's node, or
+// the set's, loses the lockspace (ErrClusterLost).
 func Open(ctx context.Context, c Config) (*Set, error) {
 	reg := newRegistry()
 	if err := c.check(reg); err != nil {
@@ -106,6 +112,11 @@ func Open(ctx context.Context, c Config) (*Set, error) {
 		fence = func(d blockdev.Device) blockdev.Device { return fenceShared(d, c.Cluster.ID, lost) }
 	}
 	v.Origin = cow.NewOrigin(fence(od))
+	onLost := func() {
+		lost.Store(true)
+		v.once.Do(func() { close(v.lost) })
+	}
+	var members []snapset.Snapshot
 	for _, spec := range c.Snapshots {
 		if ci, err := os.Stat(spec.COW); err == nil && os.SameFile(oi, ci) {
 			return fail(fmt.Errorf("snapshot %s: cow %s is the origin itself", spec.Name, spec.COW))
@@ -115,10 +126,7 @@ func Open(ctx context.Context, c Config) (*Set, error) {
 			return fail(fmt.Errorf("snapshot %s: %w", spec.Name, err))
 		}
 		v.closers = append([]io.Closer{cd}, v.closers...)
-		st, err := openStore(ctx, reg, cd, spec, c.Cluster, func() {
-			lost.Store(true)
-			v.once.Do(func() { close(v.lost) })
-		})
+		st, err := openStore(ctx, reg, cd, spec, c.Cluster, onLost)
 		if err != nil {
 			return fail(fmt.Errorf("snapshot %s: %w", spec.Name, err))
 		}
@@ -128,8 +136,60 @@ func Open(ctx context.Context, c Config) (*Set, error) {
 			return fail(fmt.Errorf("snapshot %s: %w", spec.Name, err))
 		}
 		v.Snapshots = append(v.Snapshots, s)
+		members = append(members, snapset.Snapshot{Name: spec.Name, Identity: snapshotIdentity(spec, cd, st)})
+	}
+	if c.Cluster != nil {
+		if err := v.joinSnapshotSet(ctx, c.Cluster, members, onLost); err != nil {
+			return fail(err)
+		}
 	}
 	return v, nil
+}
+
+// snapshotIdentity is what identifies a snapshot's COW to the cluster's
+// snapshot set: every node serving the COW must compute the same. It is
+// the snapshot's name, its COW's size and its chunk size, which the nodes
+// already agree on (the name names the COW's lock resource).
+func snapshotIdentity(spec SnapshotSpec, cd blockdev.Device, st exstore.Store) []byte {
+	return fmt.Appendf(nil, "name=%s cow-bytes=%d chunk-sectors=%d", spec.Name, cd.Size(), st.ChunkSectors())
+}
+
+// joinSnapshotSet joins the origin's snapshot set (package
+// clusterized/snapset) with snaps, in its own membership of the cluster's
+// lockspace, and puts the origin's writes behind its gate: a node whose
+// snapshots are not the cluster's is refused (snapset.ErrSetMismatch), and
+// this node writes the origin only while its set is the cluster's. onLost
+// runs when the membership loses the lockspace.
+func (v *Set) joinSnapshotSet(ctx context.Context, c *Cluster, snaps []snapset.Snapshot, onLost func()) error {
+	set, err := snapset.NewSet(snaps...)
+	if err != nil {
+		return err
+	}
+	name := c.Lockspace
+	if name == "" {
+		name = clusterized.DefaultLockspace
+	}
+	ls, err := c.Engine.Open(ctx, name)
+	if err != nil {
+		return fmt.Errorf("cluster %s: lockspace %s: %w", c.ID, name, err)
+	}
+	if ln, ok := ls.(lockc.LostNotifier); ok {
+		ln.OnLost(onLost)
+	} else {
+		go func() {
+			<-ls.Lost()
+			onLost()
+		}()
+	}
+	m, err := snapset.Join(ctx, ls, c.OriginResource(), set)
+	if err != nil {
+		_ = ls.Close()
+		return fmt.Errorf("cluster %s: %w", c.ID, err)
+	}
+	// The member is released before its lockspace, both before the stores.
+	v.closers = append([]io.Closer{m, ls}, v.closers...)
+	v.Origin.SetGate(m)
+	return nil
 }
 
 // openDevice opens a device; a shared one must be opened with O_DIRECT.
