@@ -50,8 +50,8 @@ type Set struct {
 }
 
 // Lost is closed once the node loses the lockspace of any clustered store
-// (or the Set is closed): from then on the devices refuse all I/O with
-// ErrClusterLost. It is never closed without a Cluster.
+// or of its snapshot set's membership (or the Set is closed): from then on
+// the devices refuse all I/O with ErrClusterLost. It is never closed without a Cluster.
 func (v *Set) Lost() <-chan struct{} { return v.lost }
 
 // check refuses what no device needs to be opened to see.
