@@ -84,3 +84,8 @@ func NewCluster(id, lock string, o ClusterOptions) (*Cluster, error) {
 // Resource is the lock resource of snapshot name's store: one per COW, the
 // same on every node that serves it under the same name.
 func (c *Cluster) Resource(name string) string { return c.ID + "/" + name }
+
+// OriginResource is the lock resource of the origin's snapshot set
+// (package clusterized/snapset). No snapshot's resource is the same: no
+// snapshot takes the origin's export name.
+func (c *Cluster) OriginResource() string { return c.ID + "/" + OriginExport }

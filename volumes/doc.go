@@ -26,6 +26,13 @@
 // origin of another size, and writes no label. A label that cannot be read
 // (bad checksum, unknown version) is refused in both cases.
 //
+// With a Cluster, Open also joins the origin's snapshot set (package
+// clusterized/snapset, resource Cluster.OriginResource) with the identity
+// of each snapshot's COW (snapshotIdentity: its name and its label's UUID), after the stores are open and
+// before anything is served: a node whose snapshots are not the cluster's
+// is refused with an error wrapping snapset.ErrSetMismatch, and the
+// origin's writes pass the set's gate. Set.Close leaves the set first.
+//
 // Every export of a Set shares one engine whose Flush syncs every device a
 // write may have reached, so a flush on one connection covers the writes
 // completed on all: the exports offer multi-conn.

@@ -11,10 +11,12 @@ import (
 	"unicode/utf8"
 
 	"github.com/clustersnap/clustersnap/clusterized"
+	"github.com/clustersnap/clustersnap/clusterized/snapset"
 	"github.com/clustersnap/clustersnap/exstore"
 	"github.com/clustersnap/clustersnap/exstore/blockdev"
 	"github.com/clustersnap/clustersnap/exstore/cow"
 	"github.com/clustersnap/clustersnap/exstore/transient"
+	"github.com/clustersnap/clustersnap/lockc"
 	"github.com/clustersnap/clustersnap/persistent"
 )
 
@@ -89,8 +91,12 @@ func (c Config) check(reg *exstore.Registry) error {
 // is clustered. Devices are opened with exclusive host-local locks, except
 // with a Shared cluster: its other members are other hosts, so the devices
 // are opened with O_DIRECT instead (a buffered open is refused) and no
-// host-local lock is taken. With a Cluster, the devices stop all I/O once
-// any store's node loses the lockspace (ErrClusterLost).
+// host-local lock is taken. With a Cluster, the node joins the origin's
+// snapshot set (Cluster.OriginResource) with the snapshots of c, and fails
+// with an error wrapping snapset.ErrSetMismatch if the cluster serves the
+// origin with other snapshots; the origin's writes then pass the set's
+// gate. With a Cluster, the devices stop all I/O once any store's node, or
+// the set's, loses the lockspace (ErrClusterLost).
 func Open(ctx context.Context, c Config) (*Set, error) {
 	reg := newRegistry()
 	if err := c.check(reg); err != nil {
@@ -123,6 +129,11 @@ func Open(ctx context.Context, c Config) (*Set, error) {
 		fence = func(d blockdev.Device) blockdev.Device { return fenceShared(d, c.Cluster.ID, lost) }
 	}
 	v.Origin = cow.NewOrigin(fence(od))
+	onLost := func() {
+		lost.Store(true)
+		v.once.Do(func() { close(v.lost) })
+	}
+	var members []snapset.Snapshot
 	for _, spec := range c.Snapshots {
 		if ci, err := os.Stat(spec.COW); err == nil && os.SameFile(oi, ci) {
 			return fail(fmt.Errorf("snapshot %s: cow %s is the origin itself", spec.Name, spec.COW))
@@ -132,10 +143,7 @@ func Open(ctx context.Context, c Config) (*Set, error) {
 			return fail(fmt.Errorf("snapshot %s: %w", spec.Name, err))
 		}
 		v.closers = append([]io.Closer{cd}, v.closers...)
-		st, cs, err := openStore(ctx, reg, cd, spec, c.Cluster, origin, func() {
-			lost.Store(true)
-			v.once.Do(func() { close(v.lost) })
-		})
+		st, cs, err := openStore(ctx, reg, cd, spec, c.Cluster, origin, onLost)
 		if err != nil {
 			return fail(fmt.Errorf("snapshot %s: %w", spec.Name, err))
 		}
@@ -146,8 +154,78 @@ func Open(ctx context.Context, c Config) (*Set, error) {
 		}
 		v.Snapshots = append(v.Snapshots, s)
 		v.clustered = append(v.clustered, cs)
+		if cs != nil {
+			id, err := snapshotIdentity(ctx, spec, cs.Core())
+			if err != nil {
+				return fail(fmt.Errorf("snapshot %s: %w", spec.Name, err))
+			}
+			members = append(members, snapset.Snapshot{Name: spec.Name, Identity: id})
+		}
+	}
+	if c.Cluster != nil {
+		if err := v.joinSnapshotSet(ctx, c.Cluster, members, onLost); err != nil {
+			return fail(err)
+		}
 	}
 	return v, nil
+}
+
+// snapshotIdentity is what identifies a snapshot's COW to the cluster's
+// snapshot set: every node serving the COW computes the same. It is the
+// snapshot's name (which names the COW's lock resource, so nodes must agree
+// on it) and the UUID of the COW's label, which a clustered Open has
+// stamped; a store without labels is identified by its name, size and
+// chunk size instead.
+func snapshotIdentity(ctx context.Context, spec SnapshotSpec, core exstore.Store) ([]byte, error) {
+	if lb, ok := core.(exstore.Labeler); ok {
+		l, _, err := lb.Label(ctx)
+		if err != nil {
+			return nil, err
+		}
+		if !l.UUID.IsZero() {
+			return fmt.Appendf(nil, "name=%s cow=%s", spec.Name, l.UUID), nil
+		}
+	}
+	u := core.Usage()
+	return fmt.Appendf(nil, "name=%s cow-sectors=%d chunk-sectors=%d", spec.Name, u.TotalSectors, core.ChunkSectors()), nil
+}
+
+// joinSnapshotSet joins the origin's snapshot set (package
+// clusterized/snapset) with snaps, in its own membership of the cluster's
+// lockspace, and puts the origin's writes behind its gate: a node whose
+// snapshots are not the cluster's is refused (snapset.ErrSetMismatch), and
+// this node writes the origin only while its set is the cluster's. onLost
+// runs when the membership loses the lockspace.
+func (v *Set) joinSnapshotSet(ctx context.Context, c *Cluster, snaps []snapset.Snapshot, onLost func()) error {
+	set, err := snapset.NewSet(snaps...)
+	if err != nil {
+		return err
+	}
+	name := c.Lockspace
+	if name == "" {
+		name = clusterized.DefaultLockspace
+	}
+	ls, err := c.Engine.Open(ctx, name)
+	if err != nil {
+		return fmt.Errorf("cluster %s: lockspace %s: %w", c.ID, name, err)
+	}
+	if ln, ok := ls.(lockc.LostNotifier); ok {
+		ln.OnLost(onLost)
+	} else {
+		go func() {
+			<-ls.Lost()
+			onLost()
+		}()
+	}
+	m, err := snapset.Join(ctx, ls, c.OriginResource(), set)
+	if err != nil {
+		_ = ls.Close()
+		return fmt.Errorf("cluster %s: %w", c.ID, err)
+	}
+	// The member is released before its lockspace, both before the stores.
+	v.closers = append([]io.Closer{m, ls}, v.closers...)
+	v.Origin.SetGate(m)
+	return nil
 }
 
 // openDevice opens a device; a shared one must be opened with O_DIRECT.

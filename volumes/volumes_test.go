@@ -11,6 +11,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/clustersnap/clustersnap/clusterized/snapset"
 	"github.com/clustersnap/clustersnap/exstore"
 	"github.com/clustersnap/clustersnap/exstore/blockdev"
 	"github.com/clustersnap/clustersnap/exstore/cow"
@@ -309,4 +310,54 @@ func TestStatus(t *testing.T) {
 	assert.Positive(t, cb.UpConverts)
 	assert.Positive(t, cb.Refreshes+cb.Reloads, "b took EX after a changed the metadata, so it read what a added")
 	assert.Equal(t, uint64(2), sb.Snapshots[0].Exceptions)
+}
+
+// Every node serving the origin must serve it with the same snapshots: a
+// node with a snapshot fewer would overwrite chunks without copying them.
+func TestOpenRefusesAnotherSnapshotSet(t *testing.T) {
+	ctx := context.Background()
+	f := newFixture(t)
+	cow2 := filepath.Join(t.TempDir(), "cow2")
+	require.NoError(t, blockdev.Create(cow2, cowSize))
+	dev, err := blockdev.Open(cow2, blockdev.Options{})
+	require.NoError(t, err)
+	s, err := persistent.Format(ctx, dev, chunk/exstore.SectorSize, nil)
+	require.NoError(t, err)
+	require.NoError(t, s.Close())
+	require.NoError(t, dev.Close())
+
+	engines := inproc.NewCluster()
+	both := []SnapshotSpec{{Name: "snap", COW: f.cow}, {Name: "snap2", COW: cow2}}
+	v := open(t, Config{Origin: f.origin, Snapshots: both, Cluster: &Cluster{ID: "c1", Engine: engines.Node(1), Shared: true}})
+	_, err = Open(ctx, Config{Origin: f.origin, Snapshots: both[:1], Cluster: &Cluster{ID: "c1", Engine: engines.Node(2), Shared: true}})
+	require.ErrorIs(t, err, snapset.ErrSetMismatch)
+	assert.False(t, errors.As(err, new(*ConfigError)), "the devices disagree, not the flags")
+	assert.Contains(t, err.Error(), "this node serves 1 snapshots (snap)")
+	assert.Contains(t, err.Error(), "the cluster serves 2 snapshots, generation 1")
+
+	// The refused node left nothing behind: a node with the same set
+	// joins, and the first node's origin writes go on.
+	v3 := open(t, Config{Origin: f.origin, Snapshots: both, Cluster: &Cluster{ID: "c1", Engine: engines.Node(3), Shared: true}})
+	require.NoError(t, v.Origin.WriteAt(ctx, bytes.Repeat([]byte{0x22}, chunk), 3*chunk, true))
+	got := make([]byte, chunk)
+	for _, sn := range v3.Snapshots {
+		require.NoError(t, sn.ReadAt(ctx, got, 3*chunk))
+		assert.Equal(t, bytes.Repeat([]byte{0x11}, chunk), got, "node 3's %s kept the chunk node 1 overwrote", sn.Name())
+	}
+}
+
+// A node that lost the lockspace of its snapshot set's membership stops
+// its I/O too, as for a store's.
+func TestLostSnapshotSetStopsSharedIO(t *testing.T) {
+	ctx := context.Background()
+	f := newFixture(t)
+	engines := inproc.NewCluster()
+	v := open(t, Config{Origin: f.origin, Cluster: &Cluster{ID: "c1", Engine: engines.Node(1)}})
+	buf := bytes.Repeat([]byte{0x22}, chunk)
+	require.NoError(t, v.Origin.WriteAt(ctx, buf, 0, false), "an origin without snapshots is a set too")
+	engines.Crash(1)
+	<-v.Lost()
+	err := v.Origin.WriteAt(ctx, buf, 0, false)
+	assert.ErrorIs(t, err, lockc.ErrLost, "the gate refuses")
+	assert.ErrorIs(t, v.Origin.ReadAt(ctx, buf, 0), ErrClusterLost)
 }

@@ -100,7 +100,8 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	verifyClients := flags.Bool("tls-verify-clients", false, "require client certificates signed by the directory's ca-cert.pem")
 	stdio := flags.Bool("stdio", false, "serve one client on stdin/stdout (inetd, libnbd's connect_command) instead of listening")
 	defaultExport := flags.String("default-export", "", "export also served under the empty name (what nbd-client without -N and 'nbdinfo -- [ snapd serve ... ]' ask for)")
-	clusterID := flags.String("cluster-id", "", "serve the snapshots as members of this cluster: their stores take cluster locks (resource ID/NAME per snapshot)")
+	clusterID := flags.String("cluster-id", "", "serve the snapshots as members of this cluster: their stores take cluster locks (resource ID/NAME per snapshot), "+
+		"and every node must serve the origin with the same --snapshot list (resource ID/origin; a node whose list differs is refused, exit 1)")
 	lock := flags.String("lock", "", "lock engine with --cluster-id: local (in-process, this snapd only; the default) or dlm "+
 		"(the Linux kernel DLM: several hosts serve the same devices on shared storage, opened with O_DIRECT; needs corosync and dlm_controld)")
 	lockspace := flags.String("lockspace", "", "lockspace to join with --cluster-id (default "+clusterized.DefaultLockspace+"); every node serving the same devices uses the same")

@@ -100,6 +100,11 @@ func (o *Origin) Trim(ctx context.Context, off, length int64, fua bool) error {
 	if start >= end {
 		return nil
 	}
+	leave, err := o.enter(ctx)
+	if err != nil {
+		return fmt.Errorf("origin %s: trim %d bytes at %d: %w", o.dev.Name(), length, off, err)
+	}
+	defer leave()
 	o.snapMu.RLock()
 	defer o.snapMu.RUnlock()
 	if err := o.copyBeforeOverwrite(ctx, start, end-start, nil); err != nil {
@@ -139,6 +144,11 @@ func (o *Origin) WriteZeroes(ctx context.Context, off, length int64, noHole, fua
 	if err := ctx.Err(); err != nil || length == 0 {
 		return err
 	}
+	leave, err := o.enter(ctx)
+	if err != nil {
+		return fmt.Errorf("origin %s: write %d zeroes at %d: %w", o.dev.Name(), length, off, err)
+	}
+	defer leave()
 	o.snapMu.RLock()
 	defer o.snapMu.RUnlock()
 	if err := o.copyBeforeOverwrite(ctx, off, length, nil); err != nil {

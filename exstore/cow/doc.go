@@ -91,6 +91,14 @@
 // The origin is flushed before the run's records are cleared, so a merge
 // may be interrupted, and resumed, at any point.
 //
+// # The origin's gate
+//
+// An origin given an OriginGate (gate.go) passes every change of the
+// origin device through it (writes, trims, zeroes, merge runs), from
+// before its copies to after its origin I/O: a clustered node writes the
+// origin only while its set of snapshots is the cluster's. Without one
+// (a single node) a change costs a nil check.
+//
 // # Snapshots and origin writes
 //
 // Origin writes hold the origin's snapshot list shared for their whole

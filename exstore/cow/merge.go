@@ -124,8 +124,14 @@ func (o *Origin) mergeRun(ctx context.Context, s *Snapshot, last exstore.Excepti
 		length = int64(n) * s.chunkBytes
 	}
 
-	// As for an origin write: the other snapshots' copies are committed
-	// before the origin is overwritten, and no snapshot is added between.
+	// As for an origin write: the run passes the gate, the other
+	// snapshots' copies are committed before the origin is overwritten,
+	// and no snapshot is added between.
+	leave, err := o.enter(ctx)
+	if err != nil {
+		return buf, err
+	}
+	defer leave()
 	o.snapMu.RLock()
 	defer o.snapMu.RUnlock()
 	if err := o.copyBeforeOverwrite(ctx, start, length, s); err != nil {

@@ -35,6 +35,9 @@ type Origin struct {
 
 	// syncs tells the flushes whether dev has writes to make durable.
 	syncs syncTracker
+
+	// gate, if set, admits every origin change (gate.go).
+	gate OriginGate
 }
 
 // NewOrigin returns the origin on dev, without snapshots.
@@ -114,11 +117,11 @@ func (o *Origin) ReadAt(ctx context.Context, p []byte, off int64) error {
 }
 
 // WriteAt writes p at off of the origin, durably before it returns with
-// fua. Every valid snapshot gets its copy of the
-// chunks p overwrites before p reaches the origin. A snapshot whose copy
+// fua, inside the origin's gate if it has one. Every valid snapshot gets
+// its copy of the chunks p overwrites before p reaches the origin. A snapshot whose copy
 // fails (COW full, COW or origin read I/O error) is invalidated and
-// skipped, as in the kernel; the write fails only if ctx ends, a store's
-// lookup fails or the origin write itself fails.
+// skipped, as in the kernel; the write fails only if ctx ends, the gate
+// refuses it, a store's lookup fails or the origin write itself fails.
 func (o *Origin) WriteAt(ctx context.Context, p []byte, off int64, fua bool) error {
 	if err := checkRange(o.size, off, int64(len(p))); err != nil {
 		return fmt.Errorf("origin %s: write: %w", o.dev.Name(), err)
@@ -129,6 +132,11 @@ func (o *Origin) WriteAt(ctx context.Context, p []byte, off int64, fua bool) err
 	if err := ctx.Err(); err != nil || len(p) == 0 {
 		return err
 	}
+	leave, err := o.enter(ctx)
+	if err != nil {
+		return fmt.Errorf("origin %s: write %d bytes at %d: %w", o.dev.Name(), len(p), off, err)
+	}
+	defer leave()
 	o.snapMu.RLock()
 	defer o.snapMu.RUnlock()
 	if err := o.copyBeforeOverwrite(ctx, off, int64(len(p)), nil); err != nil {
