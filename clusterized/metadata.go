@@ -33,6 +33,19 @@ func (s *Store) Invalidate(ctx context.Context, reason error) error {
 	return s.wrap(s.core.Load().s.Invalidate(ctx, reason))
 }
 
+// Exclusive runs f on the core store while this node holds the store's
+// lock in EX with current metadata, so that no other node writes the COW's
+// metadata or header meanwhile: for a read-modify-write of what the
+// clusterizer does not know, such as the COW's label. f must not call the
+// Store (it would wait for itself).
+func (s *Store) Exclusive(ctx context.Context, f func(ctx context.Context, core exstore.Store) error) error {
+	if err := s.enter(ctx, lockc.EX, 0); err != nil {
+		return fmt.Errorf("cluster %s: exclusive: %w", s.id, err)
+	}
+	defer s.leave(0)
+	return s.wrap(f(ctx, s.core.Load().s))
+}
+
 // PrepareMerge implements exstore.Store, under EX.
 func (s *Store) PrepareMerge(ctx context.Context) (exstore.Exception, int, error) {
 	if err := s.enter(ctx, lockc.EX, 0); err != nil {

@@ -17,11 +17,11 @@
 // the stable id sysfs reports, or Config.OriginID; OriginIdentity). With a
 // Cluster it refuses a COW labelled for another cluster or origin
 // (CheckLabel, ErrLabelMismatch) and stamps one that names no cluster yet
-// with the cluster id, the origin and, if it has none, a new UUID, once
-// the node has joined the lockspace (a node that cannot join writes
-// nothing); the stamp is not yet under a cluster lock, so two nodes
-// stamping one unlabelled COW at once may each write their own UUID, the
-// last one staying. Without a
+// with the cluster id, the origin and, if it has none, a new UUID, under
+// the store's cluster lock in EX (clusterized.Store.Exclusive): a node that
+// cannot join writes nothing, two nodes never stamp at once (the second
+// finds the first's stamp), and a stamp cannot undo another node's
+// invalidation of the header it shares a sector with. Without a
 // Cluster it ignores the cluster's fields but refuses a COW labelled for an
 // origin of another size, and writes no label. A label that cannot be read
 // (bad checksum, unknown version) is refused in both cases.

@@ -241,9 +241,9 @@ func openDevice(path string, o blockdev.Options, shared bool) (blockdev.Device, 
 // formatting, and checks its label against origin (labelCOW). With a
 // cluster, clusterized wraps it and opens it through reg again for its full
 // reloads, so the clusterizer never knows the type; the label is checked
-// and stamped on its core (clusterized passes no Labeler through) once the
-// node has joined the lockspace, so a node that cannot join writes
-// nothing. onLost runs when the store's node loses the lockspace. It also
+// and stamped on its core (clusterized passes no Labeler through) under the
+// store's lock in EX, so a node that cannot join writes nothing and two
+// nodes never stamp at once. onLost runs when the store's node loses the lockspace. It also
 // returns the clusterized store, nil without a cluster.
 func openStore(ctx context.Context, reg *exstore.Registry, cd blockdev.Device, spec SnapshotSpec, cluster *Cluster, origin exstore.OriginIdentity, onLost func()) (exstore.Store, *clusterized.Store, error) {
 	args := exstore.Args{ChunkSectors: spec.ChunkSectors, NoFormat: true}
@@ -265,7 +265,12 @@ func openStore(ctx context.Context, reg *exstore.Registry, cd blockdev.Device, s
 	if err != nil {
 		return nil, nil, err
 	}
-	if err := labelCOW(ctx, cs.Core(), spec.COW, cluster.ID, origin); err != nil {
+	// Under EX: the other nodes' stamps and header writes (an invalidation)
+	// wait, so a stamp neither races another node's nor undoes its
+	// invalidation.
+	if err := cs.Exclusive(ctx, func(ctx context.Context, core exstore.Store) error {
+		return labelCOW(ctx, core, spec.COW, cluster.ID, origin)
+	}); err != nil {
 		_ = cs.Close()
 		return nil, nil, err
 	}

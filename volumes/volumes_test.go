@@ -6,6 +6,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"sync"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -360,4 +361,40 @@ func TestLostSnapshotSetStopsSharedIO(t *testing.T) {
 	err := v.Origin.WriteAt(ctx, buf, 0, false)
 	assert.ErrorIs(t, err, lockc.ErrLost, "the gate refuses")
 	assert.ErrorIs(t, v.Origin.ReadAt(ctx, buf, 0), ErrClusterLost)
+}
+
+// Nodes that open one unlabelled COW at once stamp it one at a time: the
+// first stamps a UUID and the others find it, so they all join one
+// snapshot set (which names the COW by that UUID).
+func TestConcurrentOpensStampOneLabel(t *testing.T) {
+	ctx := context.Background()
+	for round := range 5 {
+		f := newFixture(t)
+		engines := inproc.NewCluster()
+		const nodes = 3
+		sets := make([]*Set, nodes)
+		errs := make([]error, nodes)
+		var wg sync.WaitGroup
+		for i := range nodes {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				sets[i], errs[i] = Open(ctx, Config{Origin: f.origin, Snapshots: []SnapshotSpec{{Name: "snap", COW: f.cow}},
+					Cluster: &Cluster{ID: "c1", Engine: engines.Node(uint32(i + 1)), Shared: true}})
+			}()
+		}
+		wg.Wait()
+		for i := range nodes {
+			require.NoError(t, errs[i], "round %d node %d", round, i+1)
+			defer sets[i].Close()
+		}
+		dev, err := blockdev.Open(f.cow, blockdev.Options{ReadOnly: true})
+		require.NoError(t, err)
+		l, ok, err := persistent.ReadLabel(ctx, dev)
+		require.NoError(t, dev.Close())
+		require.NoError(t, err)
+		require.True(t, ok)
+		assert.Equal(t, "c1", l.ClusterID)
+		assert.False(t, l.UUID.IsZero())
+	}
 }
