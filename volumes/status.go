@@ -29,13 +29,24 @@ type ClusterStatus struct {
 	NodeID uint32 `json:"node_id"`
 	// Lost says the node lost the lockspace: shared I/O has stopped.
 	Lost bool `json:"lost"`
+	// SnapshotSet is the origin's snapshot set as this node last read it
+	// from the origin lock (package clusterized/snapset).
+	SnapshotSet *SnapshotSetStatus `json:"snapshot_set,omitempty"`
+}
+
+// SnapshotSetStatus is the published snapshot set.
+type SnapshotSetStatus struct {
+	Snapshots  int    `json:"snapshots"`
+	Generation uint64 `json:"generation"`
+	Digest     string `json:"digest"`
 }
 
 // SnapshotStatus describes one snapshot's store.
 type SnapshotStatus struct {
 	Name             string `json:"name"`
 	COW              string `json:"cow"`
-	State            string `json:"state"` // valid, or the error that invalidated the snapshot
+	UUID             string `json:"cow_uuid,omitempty"` // the COW label's, when it has one
+	State            string `json:"state"`              // valid, or the error that invalidated the snapshot
 	Exceptions       uint64 `json:"exceptions"`
 	AllocatedSectors uint64 `json:"allocated_sectors"`
 	TotalSectors     uint64 `json:"total_sectors"`
@@ -82,6 +93,10 @@ func (v *Set) Status() Status {
 				break
 			}
 		}
+		if v.member != nil {
+			val := v.member.Value()
+			cs.SnapshotSet = &SnapshotSetStatus{Snapshots: int(val.Count), Generation: val.Generation, Digest: val.Digest.String()}
+		}
 		st.Cluster = cs
 	}
 	for i, s := range v.Snapshots {
@@ -97,6 +112,7 @@ func (v *Set) Status() Status {
 		if cs := v.clustered[i]; cs != nil {
 			ss.Cluster = countersOf(cs.Stats())
 		}
+		ss.UUID = v.labels[i]
 		st.Snapshots = append(st.Snapshots, ss)
 	}
 	return st

@@ -54,6 +54,8 @@ type Set struct {
 
 	config    Config
 	clustered []*clusterized.Store // per snapshot, nil when not clustered
+	member    *snapset.Member      // the origin's snapshot set, nil when not clustered
+	labels    []string             // per snapshot, its COW label's UUID or ""
 	closers   []io.Closer          // stores, then devices, in closing order
 	lost      chan struct{}        // closed once a store's node loses the lockspace
 	once      sync.Once
@@ -154,6 +156,11 @@ func Open(ctx context.Context, c Config) (*Set, error) {
 		}
 		v.Snapshots = append(v.Snapshots, s)
 		v.clustered = append(v.clustered, cs)
+		core := st
+		if cs != nil {
+			core = cs.Core()
+		}
+		v.labels = append(v.labels, labelUUID(ctx, core))
 		if cs != nil {
 			id, err := snapshotIdentity(ctx, spec, cs.Core())
 			if err != nil {
@@ -190,6 +197,19 @@ func snapshotIdentity(ctx context.Context, spec SnapshotSpec, core exstore.Store
 	return fmt.Appendf(nil, "name=%s cow-sectors=%d chunk-sectors=%d", spec.Name, u.TotalSectors, core.ChunkSectors()), nil
 }
 
+// labelUUID is the UUID of st's COW label, "" if it has none.
+func labelUUID(ctx context.Context, st exstore.Store) string {
+	lb, ok := st.(exstore.Labeler)
+	if !ok {
+		return ""
+	}
+	l, ok, err := lb.Label(ctx)
+	if err != nil || !ok || l.UUID.IsZero() {
+		return ""
+	}
+	return l.UUID.String()
+}
+
 // joinSnapshotSet joins the origin's snapshot set (package
 // clusterized/snapset) with snaps, in its own membership of the cluster's
 // lockspace, and puts the origin's writes behind its gate: a node whose
@@ -224,6 +244,7 @@ func (v *Set) joinSnapshotSet(ctx context.Context, c *Cluster, snaps []snapset.S
 	}
 	// The member is released before its lockspace, both before the stores.
 	v.closers = append([]io.Closer{m, ls}, v.closers...)
+	v.member = m
 	v.Origin.SetGate(m)
 	return nil
 }

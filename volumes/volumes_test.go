@@ -311,6 +311,12 @@ func TestStatus(t *testing.T) {
 	assert.Positive(t, cb.UpConverts)
 	assert.Positive(t, cb.Refreshes+cb.Reloads, "b took EX after a changed the metadata, so it read what a added")
 	assert.Equal(t, uint64(2), sb.Snapshots[0].Exceptions)
+	require.NotNil(t, sa.Cluster.SnapshotSet)
+	assert.Equal(t, 1, sa.Cluster.SnapshotSet.Snapshots)
+	assert.Equal(t, uint64(1), sa.Cluster.SnapshotSet.Generation)
+	assert.Equal(t, sa.Cluster.SnapshotSet, sb.Cluster.SnapshotSet, "both nodes serve the set they published")
+	assert.NotEmpty(t, sa.Snapshots[0].UUID, "the clustered Open stamped a UUID")
+	assert.Equal(t, sa.Snapshots[0].UUID, sb.Snapshots[0].UUID)
 }
 
 // Every node serving the origin must serve it with the same snapshots: a

@@ -58,10 +58,16 @@ func printLiveStatus(w io.Writer, st volumes.Status) {
 			state = "LOST the lockspace: shared I/O stopped"
 		}
 		fmt.Fprintf(w, "cluster %s: node %d, lock engine %s, lockspace %s, %s\n", c.ID, c.NodeID, c.Engine, c.Lockspace, state)
+		if set := c.SnapshotSet; set != nil {
+			fmt.Fprintf(w, "snapshot set: %d snapshots, generation %d, digest %s\n", set.Snapshots, set.Generation, set.Digest)
+		}
 	}
 	for _, s := range st.Snapshots {
 		sec := func(n uint64) string { return humanize.IBytes(n * exstore.SectorSize) }
 		fmt.Fprintf(w, "snapshot %s (%s): %s\n", s.Name, s.COW, s.State)
+		if s.UUID != "" {
+			fmt.Fprintf(w, "  cow uuid:   %s\n", s.UUID)
+		}
 		fmt.Fprintf(w, "  exceptions: %s, allocated %s of %s\n", humanize.Comma(int64(s.Exceptions)), sec(s.AllocatedSectors), sec(s.TotalSectors))
 		if c := s.Cluster; c != nil {
 			fmt.Fprintf(w, "  cluster:    %s\n", countersLine(*c))
