@@ -38,6 +38,11 @@ const (
 // kernel lockspace snapd joined has every node as a member.
 func servingMarker(i int) string { return fmt.Sprintf("@@snapd-serving node=%d@@", i) }
 
+// statusMarker starts the lines in which guest i prints its snapd's
+// status (snapd status --control --json on one line), every 3 s while
+// snapd serves.
+func statusMarker(i int) string { return fmt.Sprintf("@@snapd-status node=%d@@", i) }
+
 // fwdMAC is guest i's MAC on its host-forwarding network card.
 func fwdMAC(i int) string { return fmt.Sprintf("52:54:00:00:02:%02x", i) }
 
@@ -63,7 +68,7 @@ func TestServeOnDLM(t *testing.T) {
 	origin, cow := filepath.Join(dir, "origin.img"), filepath.Join(dir, "cow.img")
 	require.NoError(t, os.WriteFile(origin, bytes.Repeat([]byte{original}, originSize), 0o600))
 	require.NoError(t, blockdev.Create(cow, cowSize))
-	formatCOW(t, cow)
+	formatCOW(t, cow, chunkSize)
 
 	ports := make([]int, nodes+1)
 	for i := 1; i <= nodes; i++ {
@@ -159,12 +164,13 @@ func TestServeOnDLM(t *testing.T) {
 	}
 }
 
-// formatCOW formats the COW image with 4 KiB chunks, as snapd create does.
-func formatCOW(t *testing.T, path string) {
+// formatCOW formats the COW image with chunks of chunkBytes, as snapd
+// create does.
+func formatCOW(t *testing.T, path string, chunkBytes int) {
 	t.Helper()
 	dev, err := blockdev.Open(path, blockdev.Options{})
 	require.NoError(t, err)
-	s, err := persistent.Format(context.Background(), dev, chunkSize/exstore.SectorSize, nil)
+	s, err := persistent.Format(context.Background(), dev, uint32(chunkBytes/exstore.SectorSize), nil)
 	require.NoError(t, err)
 	require.NoError(t, s.Close())
 	require.NoError(t, dev.Close())
@@ -204,7 +210,8 @@ func forwardArgs(i, port int) []string {
 
 // serveScript runs on guest i once it is a quorate DLM member: it brings
 // up the forwarding card, starts snapd on the shared disks and reports
-// when it serves, then stays up while snapd runs. Neither the disks'
+// when it serves, then stays up while snapd runs, printing its status
+// every 3 s (see statusMarker). Neither the disks'
 // arrival nor snapd's start is announced other than by their effects, so
 // it polls them, each poll bounded.
 func serveScript(i int) string {
@@ -220,7 +227,7 @@ until [ -b /dev/vda ] && [ -b /dev/vdb ]; do
 	t=$((t + 1)); [ $t -le 300 ] || { echo "the shared disks did not appear"; exit 1; }
 	sleep 0.1
 done
-snapd serve --origin /dev/vda --snapshot snap=/dev/vdb --cluster-id c1 --lock dlm --listen 0.0.0.0:%[3]d >/tmp/snapd.log 2>&1 &
+snapd serve --origin /dev/vda --snapshot snap=/dev/vdb --cluster-id c1 --lock dlm --listen 0.0.0.0:%[3]d --control /run/snapd.ctl >/tmp/snapd.log 2>&1 &
 pid=$!
 t=0
 until grep -q '^serving:' /tmp/snapd.log; do
@@ -235,8 +242,13 @@ until dlm_tool ls 2>/dev/null | grep -A 8 '^name *clustersnap' | grep -q 'member
 	sleep 0.2
 done
 echo "%[1]s"
+while kill -0 $pid 2>/dev/null; do
+	sleep 3
+	s=$(snapd status --control /run/snapd.ctl --json 2>&1 | tr -d '\n\t')
+	echo "%[4]s $s"
+done
 wait $pid
 echo "snapd exited with $?"
 cat /tmp/snapd.log
-`, servingMarker(i), fwdMAC(i), nbdPort)
+`, servingMarker(i), fwdMAC(i), nbdPort, statusMarker(i))
 }
