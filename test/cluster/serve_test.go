@@ -38,10 +38,13 @@ const (
 // kernel lockspace snapd joined has every node as a member.
 func servingMarker(i int) string { return fmt.Sprintf("@@snapd-serving node=%d@@", i) }
 
-// statusMarker starts the lines in which guest i prints its snapd's
-// status (snapd status --control --json on one line), every 3 s while
-// snapd serves.
-func statusMarker(i int) string { return fmt.Sprintf("@@snapd-status node=%d@@", i) }
+// statusMarker starts the n-th line (from 1) in which guest i prints its
+// snapd's status (snapd status --control --json on one line), every 3 s
+// while snapd serves.
+func statusMarker(i, n int) string { return fmt.Sprintf("%s%d@@", statusPrefix(i), n) }
+
+// statusPrefix starts every status line of guest i.
+func statusPrefix(i int) string { return fmt.Sprintf("@@snapd-status node=%d n=", i) }
 
 // fwdMAC is guest i's MAC on its host-forwarding network card.
 func fwdMAC(i int) string { return fmt.Sprintf("52:54:00:00:02:%02x", i) }
@@ -242,13 +245,15 @@ until dlm_tool ls 2>/dev/null | grep -A 8 '^name *clustersnap' | grep -q 'member
 	sleep 0.2
 done
 echo "%[1]s"
+n=0
 while kill -0 $pid 2>/dev/null; do
 	sleep 3
 	s=$(snapd status --control /run/snapd.ctl --json 2>&1 | tr -d '\n\t')
-	echo "%[4]s $s"
+	n=$((n + 1))
+	echo "%[4]s$n@@ $s"
 done
 wait $pid
 echo "snapd exited with $?"
 cat /tmp/snapd.log
-`, servingMarker(i), fwdMAC(i), nbdPort, statusMarker(i))
+`, servingMarker(i), fwdMAC(i), nbdPort, statusPrefix(i))
 }
