@@ -104,3 +104,17 @@ func TestCheckerOnRecordedRun(t *testing.T) {
 	assert.False(t, h.readable(toSnapshot, 3, r[0].v), "a write sent to the other device")
 	assert.False(t, h.readable(toOrigin, 3, value{kind: toOrigin, node: 1, seq: 10000}), "a write never sent")
 }
+
+// TestLastStatus: the figures come from the last complete status line.
+func TestLastStatus(t *testing.T) {
+	console := "[ 1.0] boot\n" +
+		`{"cluster": {"node_id": 2}, "snapshots": [{"name": "snap", "cluster": {"up_conversions": 5}}]} ` + statusMarker(2, 1) + "\n" +
+		`{"cluster": {"node_id": 2}, "snapshots": [{"name": "snap", "cluster": {"up_conversions": 9}}]} ` + statusMarker(2, 2) + "\n" +
+		"[ 9.0] later\n"
+	st, ok := lastStatus(console, 2)
+	require.True(t, ok)
+	require.Len(t, st.Snapshots, 1)
+	assert.Equal(t, uint64(9), st.Snapshots[0].Cluster.UpConverts)
+	_, ok = lastStatus(console, 1)
+	assert.False(t, ok, "node 1 printed nothing")
+}

@@ -38,12 +38,12 @@ const (
 // kernel lockspace snapd joined has every node as a member.
 func servingMarker(i int) string { return fmt.Sprintf("@@snapd-serving node=%d@@", i) }
 
-// statusMarker starts the n-th line (from 1) in which guest i prints its
+// statusMarker ends the n-th line (from 1) in which guest i prints its
 // snapd's status (snapd status --control --json on one line), every 3 s
-// while snapd serves.
+// while snapd serves: once it is on the console, so is the whole line.
 func statusMarker(i, n int) string { return fmt.Sprintf("%s%d@@", statusPrefix(i), n) }
 
-// statusPrefix starts every status line of guest i.
+// statusPrefix starts the marker that ends every status line of guest i.
 func statusPrefix(i int) string { return fmt.Sprintf("@@snapd-status node=%d n=", i) }
 
 // fwdMAC is guest i's MAC on its host-forwarding network card.
@@ -250,7 +250,7 @@ while kill -0 $pid 2>/dev/null; do
 	sleep 3
 	s=$(snapd status --control /run/snapd.ctl --json 2>&1 | tr -d '\n\t')
 	n=$((n + 1))
-	echo "%[4]s$n@@ $s"
+	echo "$s %[4]s$n@@"
 done
 wait $pid
 echo "snapd exited with $?"
