@@ -390,53 +390,12 @@ func TestClusterKills(t *testing.T) {
 	seed, kills := killEnv(t)
 	t.Logf("seed %d (CLUSTERSNAP_SEED), %d kills (CLUSTERSNAP_SOAK_KILLS)", seed, kills)
 	rng := rand.New(rand.NewPCG(seed, 0))
-	snapd := guest.BuildStatic(t, "github.com/clustersnap/clustersnap/cmd/snapd")
-	r := guest.DLMSetup(t, guest.Config{
-		Modules:  []string{"virtio_blk", "dm-snapshot"},
-		Binaries: []string{"dmsetup"},
-		Files:    map[string][]byte{"/bin/snapd": snapd},
-	})
-
-	dir := t.TempDir()
-	origin, cow, dump := filepath.Join(dir, "origin.img"), filepath.Join(dir, "cow.img"), filepath.Join(dir, "dump.img")
-	pristineOrigin := make([]byte, killOriginBlocks*blockSize)
-	for b := range int64(killOriginBlocks) {
-		copy(pristineOrigin[b*blockSize:], encodeBlock(pristine, b))
-	}
-	require.NoError(t, os.WriteFile(origin, pristineOrigin, 0o600))
-	require.NoError(t, os.WriteFile(dump, make([]byte, len(pristineOrigin)), 0o600))
-	require.NoError(t, blockdev.Create(cow, killCOWSize))
-	formatCOW(t, cow, killChunkBytes)
-
-	w := &workload{seed: seed, h: newHistory(), links: make([]*nodeLink, nodes+1), stop: make(chan struct{}), changed: make(chan struct{}), running: make(chan struct{})}
-	close(w.running)
-	w.order = rng.Perm(originWritten / blocksPerChunk)
-	ports := make([]int, nodes+1)
-	for i := 1; i <= nodes; i++ {
-		ports[i] = freePort(t)
-		w.links[i] = &nodeLink{addr: fmt.Sprintf("127.0.0.1:%d", ports[i]), up: make(chan struct{})}
-	}
+	r := clusterInitramfs(t)
 	ctx, cancel := context.WithTimeout(t.Context(), time.Duration(6+3*kills)*time.Minute)
 	defer cancel()
-	start := time.Now()
-	c, err := guest.StartDLMCluster(ctx, r, guest.DLMClusterOptions{
-		Nodes:     nodes,
-		MemoryMiB: 768,
-		QEMUArgs: func(i int) []string {
-			return append(sharedDisks(origin, cow), forwardArgs(i, ports[i])...)
-		},
-		Script:  serveScript,
-		Console: consoleFiles(t),
-	})
-	require.NoError(t, err)
-	defer c.Close()
-	for i := 1; i <= nodes; i++ {
-		if err := c.Machine(i).WaitConsole(ctx, servingMarker(i)); err != nil {
-			t.Fatalf("node %d: %v\n%s", i, err, c.Machine(i).Console())
-		}
-		w.links[i].serving()
-	}
-	t.Logf("three snapd nodes serving after %v", time.Since(start).Round(time.Second))
+	tc := startTestCluster(ctx, t, r, seed, serveScript)
+	c, w, start := tc.c, tc.w, tc.start
+	origin, cow, dump := tc.origin, tc.cow, tc.dump
 
 	var wg sync.WaitGroup
 	for i := 1; i <= nodes; i++ {
@@ -529,18 +488,7 @@ func TestClusterKills(t *testing.T) {
 	// The images, quiescent: the COW is clean, the origin holds every
 	// flushed write, and the snapshot view every flushed snapshot write
 	// over the original origin.
-	dev, err := blockdev.Open(cow, blockdev.Options{ReadOnly: true})
-	require.NoError(t, err)
-	defer dev.Close()
-	report, err := persistent.Check(ctx, dev, nil)
-	require.NoError(t, err)
-	assert.True(t, report.OK(), "snapd check: %+v", report)
-	store, err := persistent.Open(ctx, dev, persistent.Options{})
-	require.NoError(t, err)
-	defer store.Close()
-	finalOrigin, err := os.ReadFile(origin)
-	require.NoError(t, err)
-	view := snapshotView(ctx, t, store, dev, finalOrigin)
+	finalOrigin, view := finalImages(ctx, t, tc)
 	for _, d := range []struct {
 		t   target
 		img []byte
@@ -574,6 +522,93 @@ dmsetup remove snap
 		t.Errorf("the kernel's snapshot view differs from the COW's in %d blocks, the first: %v", len(differ), differ[:min(len(differ), 10)])
 	}
 	t.Logf("done after %v", time.Since(start).Round(time.Second))
+}
+
+// clusterInitramfs is the guests' initramfs: the DLM cluster's, snapd,
+// dm-snapshot and dmsetup for the kernel's check, the nbd driver,
+// mkfs.ext4 and e2fsck for a kernel client of a node's export.
+func clusterInitramfs(t *testing.T) *guest.Initramfs {
+	snapd := guest.BuildStatic(t, "github.com/clustersnap/clustersnap/cmd/snapd")
+	return guest.DLMSetup(t, guest.Config{
+		Modules:  []string{"virtio_blk", "dm-snapshot", "nbd"},
+		Binaries: []string{"dmsetup", "mkfs.ext4", "e2fsck"},
+		Files:    map[string][]byte{"/bin/snapd": snapd},
+	})
+}
+
+// testCluster is three guests serving the test's images, and the
+// workload the host drives against them.
+type testCluster struct {
+	origin, cow, dump string // images; dump receives the kernel's snapshot view
+	c                 *guest.DLMCluster
+	w                 *workload
+	start             time.Time
+}
+
+// startTestCluster makes the images (an origin of original blocks, a
+// COW with killChunkBytes chunks), boots the cluster with script and
+// waits until every node serves. The workload is ready, not started.
+func startTestCluster(ctx context.Context, t *testing.T, r *guest.Initramfs, seed uint64, script func(i int) string) *testCluster {
+	t.Helper()
+	dir := t.TempDir()
+	tc := &testCluster{origin: filepath.Join(dir, "origin.img"), cow: filepath.Join(dir, "cow.img"), dump: filepath.Join(dir, "dump.img")}
+	pristineOrigin := make([]byte, killOriginBlocks*blockSize)
+	for b := range int64(killOriginBlocks) {
+		copy(pristineOrigin[b*blockSize:], encodeBlock(pristine, b))
+	}
+	require.NoError(t, os.WriteFile(tc.origin, pristineOrigin, 0o600))
+	require.NoError(t, os.WriteFile(tc.dump, make([]byte, len(pristineOrigin)), 0o600))
+	require.NoError(t, blockdev.Create(tc.cow, killCOWSize))
+	formatCOW(t, tc.cow, killChunkBytes)
+
+	w := &workload{seed: seed, h: newHistory(), links: make([]*nodeLink, nodes+1), stop: make(chan struct{}), changed: make(chan struct{}), running: make(chan struct{})}
+	close(w.running)
+	w.order = rand.New(rand.NewPCG(seed, 1)).Perm(originWritten / blocksPerChunk)
+	ports := make([]int, nodes+1)
+	for i := 1; i <= nodes; i++ {
+		ports[i] = freePort(t)
+		w.links[i] = &nodeLink{addr: fmt.Sprintf("127.0.0.1:%d", ports[i]), up: make(chan struct{})}
+	}
+	tc.w = w
+	tc.start = time.Now()
+	c, err := guest.StartDLMCluster(ctx, r, guest.DLMClusterOptions{
+		Nodes:     nodes,
+		MemoryMiB: 768,
+		QEMUArgs: func(i int) []string {
+			return append(sharedDisks(tc.origin, tc.cow), forwardArgs(i, ports[i])...)
+		},
+		Script:  script,
+		Console: consoleFiles(t),
+	})
+	require.NoError(t, err)
+	t.Cleanup(c.Close)
+	tc.c = c
+	for i := 1; i <= nodes; i++ {
+		if err := c.Machine(i).WaitConsole(ctx, servingMarker(i)); err != nil {
+			t.Fatalf("node %d: %v\n%s", i, err, c.Machine(i).Console())
+		}
+		w.links[i].serving()
+	}
+	t.Logf("three snapd nodes serving after %v", time.Since(tc.start).Round(time.Second))
+	return tc
+}
+
+// finalImages checks the quiescent COW with persistent.Check and returns
+// the origin image and the snapshot view the COW holds over it.
+func finalImages(ctx context.Context, t *testing.T, tc *testCluster) (origin, view []byte) {
+	t.Helper()
+	dev, err := blockdev.Open(tc.cow, blockdev.Options{ReadOnly: true})
+	require.NoError(t, err)
+	defer dev.Close()
+	report, err := persistent.Check(ctx, dev, nil)
+	require.NoError(t, err)
+	assert.True(t, report.OK(), "snapd check: %+v", report)
+	store, err := persistent.Open(ctx, dev, persistent.Options{})
+	require.NoError(t, err)
+	defer store.Close()
+	origin, err = os.ReadFile(tc.origin)
+	require.NoError(t, err)
+	return origin, snapshotView(ctx, t, store, dev, origin)
 }
 
 // snapshotView is the snapshot as store and its cow device hold it over

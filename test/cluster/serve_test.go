@@ -217,7 +217,11 @@ func forwardArgs(i, port int) []string {
 // every 3 s (see statusMarker). Neither the disks'
 // arrival nor snapd's start is announced other than by their effects, so
 // it polls them, each poll bounded.
-func serveScript(i int) string {
+func serveScript(i int) string { return serveScriptThen(i, "") }
+
+// serveScriptThen is serveScript with then run once snapd serves and
+// every node is a member of its lockspace, before the status loop.
+func serveScriptThen(i int, then string) string {
 	return fmt.Sprintf(`ifc=
 for d in /sys/class/net/*; do
 	[ "$(cat $d/address)" = "%[2]s" ] && ifc=${d##*/}
@@ -245,6 +249,7 @@ until dlm_tool ls 2>/dev/null | grep -A 8 '^name *clustersnap' | grep -q 'member
 	sleep 0.2
 done
 echo "%[1]s"
+%[5]s
 n=0
 while kill -0 $pid 2>/dev/null; do
 	sleep 3
@@ -255,5 +260,5 @@ done
 wait $pid
 echo "snapd exited with $?"
 cat /tmp/snapd.log
-`, servingMarker(i), fwdMAC(i), nbdPort, statusPrefix(i))
+`, servingMarker(i), fwdMAC(i), nbdPort, statusPrefix(i), then)
 }
