@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"math/rand/v2"
@@ -12,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -108,7 +110,8 @@ type workload struct {
 	h     *history
 	links []*nodeLink // by node id; [0] unused
 	stop  chan struct{}
-	order []int // the chunks origin writers walk, in the same order on every node
+	order []int        // the chunks origin writers walk
+	turn  atomic.Int64 // origin writes that walked order so far
 
 	mu       sync.Mutex
 	running  chan struct{}  // closed while the workers may send requests
@@ -246,7 +249,6 @@ func (w *workload) writer(ctx context.Context, i int, t target) {
 	}
 	var seq uint32
 	var mine []int64 // origin blocks this writer wrote
-	k := 0
 	next := func() int64 {
 		if t == toSnapshot {
 			return int64(snapBase + (i-1)*snapPerNode + rng.IntN(snapPerNode))
@@ -254,10 +256,11 @@ func (w *workload) writer(ctx context.Context, i int, t target) {
 		if len(mine) > 0 && rng.IntN(4) == 0 {
 			return mine[rng.IntN(len(mine))]
 		}
-		// The k-th write of every node goes to the same chunk, to a block
-		// of it this node owns: the nodes race to copy the chunk.
-		chunk := w.order[k%len(w.order)]
-		k++
+		// Three turns in a row, taken by whichever writers come, go to
+		// one chunk not written before, each to a block of it the writer
+		// owns: nodes race to copy the chunk, and every few writes need
+		// a new exception (and the cluster's locks).
+		chunk := w.order[int(w.turn.Add(1)-1)/nodes%len(w.order)]
 		var own []int64
 		for b := int64(chunk * blocksPerChunk); b < int64((chunk+1)*blocksPerChunk); b++ {
 			if int(b%nodes)+1 == i {
@@ -436,13 +439,34 @@ func TestClusterKills(t *testing.T) {
 	victim := 0
 	for k := 1; k <= kills; k++ {
 		victim = (victim+rng.IntN(nodes-1))%nodes + 1 // never the previous victim
-		base := w.ackedNow()
+		// Each node's count of recoveries as of a line printed now.
+		recovered := make([]int, nodes+1)
+		for i := 1; i <= nodes; i++ {
+			m := c.Machine(i)
+			if err := waitStatus(ctx, m, i, statusCount(m.Console(), i)+1); err != nil {
+				fail("node %d: %v", i, err)
+			}
+			recovered[i] = recoveries(m.Console(), i)
+		}
 		w.links[victim].down()
 		w.note(func() { w.ackedGen[victim] = 0 })
 		killed := time.Now()
 		c.Kill(victim)
+		// A survivor may go on without the DLM for a while on the locks
+		// it holds; what counts is that it goes on after the kernel
+		// recovered the lockspace without the victim.
+		for i := 1; i <= nodes; i++ {
+			if i == victim {
+				continue
+			}
+			if err := waitRecovery(ctx, c.Machine(i), i, recovered[i]+1); err != nil {
+				fail("node %d after node %d's death: %v", i, victim, err)
+			}
+		}
+		t.Logf("kill %d: node %d killed; the survivors' lockspace recovered %v later", k, victim, time.Since(killed).Round(100*time.Millisecond))
+		base := w.ackedNow()
 		waitAll(base, phaseWrites, victim)
-		t.Logf("kill %d: node %d killed; the survivors acknowledged %d more origin writes each %v later", k, victim, phaseWrites, time.Since(killed).Round(100*time.Millisecond))
+		t.Logf("kill %d: the survivors acknowledged %d more origin writes each %v after the kill", k, phaseWrites, time.Since(killed).Round(100*time.Millisecond))
 		// The survivors rest while the victim boots until its corosync
 		// is quorate: booting a guest while the other two run the
 		// workload starved their corosync on two host CPUs under TCG, and
@@ -654,6 +678,38 @@ func consoleFiles(t *testing.T) func(i int) io.Writer {
 		fmt.Fprintf(f, "\n==== boot at %s\n", time.Now().Format(time.TimeOnly))
 		return f
 	}
+}
+
+// recoveries is the last count of completed lockspace recoveries guest i
+// printed on console (see recoveriesPrefix), 0 if none.
+func recoveries(console string, i int) int {
+	k := strings.LastIndex(console, recoveriesPrefix(i))
+	if k < 0 {
+		return 0
+	}
+	digits, _, _ := strings.Cut(console[k+len(recoveriesPrefix(i)):], "@@")
+	n, _ := strconv.Atoi(digits)
+	return n
+}
+
+// waitRecovery waits until guest i's console m shows n completed
+// recoveries of snapd's lockspace. The console is polled: the guest
+// prints the count every 3 s.
+func waitRecovery(ctx context.Context, m *guest.Machine, i, n int) error {
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	defer cancel()
+	tick := time.NewTicker(100 * time.Millisecond)
+	defer tick.Stop()
+	for recoveries(m.Console(), i) < n {
+		select {
+		case <-tick.C:
+		case <-m.Done():
+			return errors.New("the guest exited")
+		case <-ctx.Done():
+			return fmt.Errorf("waiting for recovery %d of the lockspace (seen %d): %w", n, recoveries(m.Console(), i), ctx.Err())
+		}
+	}
+	return nil
 }
 
 // consoleTail is the last n lines of a console.

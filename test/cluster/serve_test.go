@@ -43,6 +43,11 @@ func servingMarker(i int) string { return fmt.Sprintf("@@snapd-serving node=%d@@
 // while snapd serves: once it is on the console, so is the whole line.
 func statusMarker(i, n int) string { return fmt.Sprintf("%s%d@@", statusPrefix(i), n) }
 
+// recoveriesPrefix starts the line guest i prints before each status
+// line: how many recoveries of snapd's lockspace its kernel has completed
+// (it logs one when a member joins or leaves), then "@@".
+func recoveriesPrefix(i int) string { return fmt.Sprintf("@@dlm-recoveries node=%d count=", i) }
+
 // statusPrefix starts the marker that ends every status line of guest i.
 func statusPrefix(i int) string { return fmt.Sprintf("@@snapd-status node=%d n=", i) }
 
@@ -214,7 +219,7 @@ func forwardArgs(i, port int) []string {
 // serveScript runs on guest i once it is a quorate DLM member: it brings
 // up the forwarding card, starts snapd on the shared disks and reports
 // when it serves, then stays up while snapd runs, printing its status
-// every 3 s (see statusMarker). Neither the disks'
+// every 3 s (see statusMarker, recoveriesPrefix). Neither the disks'
 // arrival nor snapd's start is announced other than by their effects, so
 // it polls them, each poll bounded.
 func serveScript(i int) string { return serveScriptThen(i, "") }
@@ -255,10 +260,12 @@ while kill -0 $pid 2>/dev/null; do
 	sleep 3
 	s=$(snapd status --control /run/snapd.ctl --json 2>&1 | tr -d '\n\t')
 	n=$((n + 1))
+	r=$(dmesg | grep -c 'dlm: clustersnap: dlm_recover .* done')
+	echo "%[6]s$r@@"
 	echo "$s %[4]s$n@@"
 done
 wait $pid
 echo "snapd exited with $?"
 cat /tmp/snapd.log
-`, servingMarker(i), fwdMAC(i), nbdPort, statusPrefix(i), then)
+`, servingMarker(i), fwdMAC(i), nbdPort, statusPrefix(i), then, recoveriesPrefix(i))
 }
