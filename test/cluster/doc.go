@@ -14,8 +14,12 @@
 // sets it. It kills a guest (SIGKILL of its QEMU) twice, a different
 // victim each time; CLUSTERSNAP_SOAK_KILLS=N kills N times for a soak.
 // CLUSTERSNAP_CONSOLE_DIR, if set, receives every guest's console.
+// TestClusterAttach runs the kernel's nbd client (snapd attach) with
+// mkfs.ext4 and e2fsck on one node's snapshot export while the other
+// nodes write the origin.
 //
 // The guests print their snapd's status (snapd status --control --json)
-// on their console every 3 s while it serves; the tests read the cluster
-// counters from there.
+// and their kernel's count of completed lockspace recoveries on their
+// console every 3 s while it serves; the tests read the cluster counters
+// and wait for recoveries there.
 package cluster

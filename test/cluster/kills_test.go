@@ -113,16 +113,17 @@ type workload struct {
 	order []int        // the chunks origin writers walk
 	turn  atomic.Int64 // origin writes that walked order so far
 
-	mu       sync.Mutex
-	running  chan struct{}  // closed while the workers may send requests
-	changed  chan struct{}  // closed and replaced when the counters move
-	acked    [nodes + 1]int // origin writes acknowledged per node
-	ackedGen [nodes + 1]int // writes (both devices) acknowledged by the node's current incarnation
-	failed   [nodes + 1]int // writes that failed or were in flight when a node died
-	flushes  int
-	reads    int // snapshot reads checked
-	checks   int // snapshot blocks checked
-	problems []string
+	mu        sync.Mutex
+	running   chan struct{}  // closed while the workers may send requests
+	changed   chan struct{}  // closed and replaced when the counters move
+	acked     [nodes + 1]int // origin writes acknowledged per node
+	ackedGen  [nodes + 1]int // writes (both devices) acknowledged by the node's current incarnation
+	originGen [nodes + 1]int // of them, origin writes
+	failed    [nodes + 1]int // writes that failed or were in flight when a node died
+	flushes   int
+	reads     int // snapshot reads checked
+	checks    int // snapshot blocks checked
+	problems  []string
 }
 
 func (w *workload) note(f func()) {
@@ -322,6 +323,9 @@ func (w *workload) writer(ctx context.Context, i int, t target) {
 				}
 				if _, now := w.links[i].state(); now == gen {
 					w.ackedGen[i]++
+					if t == toOrigin {
+						w.originGen[i]++
+					}
 				}
 			})
 		}
@@ -449,7 +453,7 @@ func TestClusterKills(t *testing.T) {
 			recovered[i] = recoveries(m.Console(), i)
 		}
 		w.links[victim].down()
-		w.note(func() { w.ackedGen[victim] = 0 })
+		w.note(func() { w.ackedGen[victim], w.originGen[victim] = 0, 0 })
 		killed := time.Now()
 		c.Kill(victim)
 		// A survivor may go on without the DLM for a while on the locks
@@ -730,11 +734,12 @@ func lastStatus(console string, i int) (volumes.Status, bool) {
 }
 
 // logFigures logs each node's lock conversions per 1000 writes its
-// current incarnation acknowledged, and its metadata refreshes.
+// current incarnation acknowledged (all, and origin writes only), and its
+// metadata refreshes.
 func logFigures(t *testing.T, w *workload, c *guest.DLMCluster) {
 	t.Helper()
 	w.mu.Lock()
-	writes := w.ackedGen
+	writes, originWrites := w.ackedGen, w.originGen
 	w.mu.Unlock()
 	for i := 1; i <= nodes; i++ {
 		st, ok := lastStatus(c.Machine(i).Console(), i)
@@ -744,7 +749,8 @@ func logFigures(t *testing.T, w *workload, c *guest.DLMCluster) {
 		}
 		cc := st.Snapshots[0].Cluster
 		conv := cc.UpConverts + cc.DownConverts
-		t.Logf("figures node %d (incarnation %d): %d writes acknowledged, %d lock conversions (%.0f per 1000 writes), %d incremental refreshes, %d full reloads, %d invalid LVBs",
-			i, w.links[i].gen, writes[i], conv, 1000*float64(conv)/float64(max(writes[i], 1)), cc.Refreshes, cc.Reloads, cc.InvalidLVBs)
+		t.Logf("figures node %d (incarnation %d): %d writes acknowledged (%d to the origin), %d lock conversions (%.0f per 1000 writes, %.0f per 1000 origin writes), %d incremental refreshes, %d full reloads, %d invalid LVBs",
+			i, w.links[i].gen, writes[i], originWrites[i], conv, 1000*float64(conv)/float64(max(writes[i], 1)), 1000*float64(conv)/float64(max(originWrites[i], 1)),
+			cc.Refreshes, cc.Reloads, cc.InvalidLVBs)
 	}
 }
