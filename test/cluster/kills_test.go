@@ -206,25 +206,26 @@ func (w *workload) ackedNow() [nodes + 1]int {
 	return w.acked
 }
 
-// connect returns a connection to export on node i once it serves, or
-// nil when the workload stops. A node that serves must accept.
-func (w *workload) connect(ctx context.Context, i int, export string) *nbdClient {
+// connect returns a connection to export on node i once it serves, with
+// the node's incarnation it was made to, or nil when the workload stops.
+// A node that serves must accept.
+func (w *workload) connect(ctx context.Context, i int, export string) (*nbdClient, int) {
 	for {
 		up, gen := w.links[i].state()
 		select {
 		case <-up:
 		case <-w.stop:
-			return nil
+			return nil, 0
 		case <-ctx.Done():
-			return nil
+			return nil, 0
 		}
 		c, err := dialNBD(ctx, w.links[i].addr, export)
 		if err == nil {
-			return c
+			return c, gen
 		}
 		if _, now := w.links[i].state(); now == gen {
 			w.problem("node %d serves but refuses %s: %v", i, export, err)
-			return nil
+			return nil, 0
 		}
 	}
 }
@@ -273,14 +274,12 @@ func (w *workload) writer(ctx context.Context, i int, t target) {
 		return b
 	}
 	for {
-		c := w.connect(ctx, i, export)
+		c, gen := w.connect(ctx, i, export)
 		if c == nil {
 			return
 		}
-		_, gen := w.links[i].state()
 		var pending []*writeRec
-		ok := true
-		for ok {
+		for {
 			if !w.proceed(ctx) {
 				rctx, cancel := context.WithTimeout(ctx, requestTimeout)
 				err := c.flush(rctx)
@@ -314,7 +313,6 @@ func (w *workload) writer(ctx context.Context, i int, t target) {
 			if err != nil {
 				w.note(func() { w.failed[i]++ })
 				w.failedOnDeadNode(i, gen, fmt.Sprintf("%v write", t), err)
-				ok = false
 				break
 			}
 			w.note(func() {
@@ -341,11 +339,10 @@ func (w *workload) writer(ctx context.Context, i int, t target) {
 func (w *workload) reader(ctx context.Context, i int) {
 	rng := rand.New(rand.NewPCG(w.seed, uint64(i)<<8|0xff))
 	for {
-		c := w.connect(ctx, i, "snap")
+		c, gen := w.connect(ctx, i, "snap")
 		if c == nil {
 			return
 		}
-		_, gen := w.links[i].state()
 		for {
 			if !w.proceed(ctx) {
 				c.Close()
