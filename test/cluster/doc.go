@@ -1,7 +1,25 @@
-// Package cluster tests snapd as a member of a real cluster: several QEMU
+// Package cluster tests snapd as a member of a real cluster: three QEMU
 // guests, each running Debian's kernel with corosync, dlm_controld and
 // snapd serve --lock dlm over the same origin and COW images (shared
-// virtio disks), driven over NBD from the host by clients nobody here
-// wrote. It has only tests; see test/guest for the guests and their
-// guest-only network.
+// virtio disks), driven over NBD from the host through forwarded
+// loopback ports. It has only tests; see test/guest for the guests and
+// their guest-only network, and README.md for what each test proves.
+//
+// TestClusterKills drives a workload with its own NBD client, which sends
+// one request at a time per connection, so the test knows which writes
+// were acknowledged and which a completed flush covered. Every block it
+// writes encodes the writing node, its sequence number and the block, so
+// a block holding anything nobody wrote there is detected. The run is
+// deterministic up to timing: the seed is logged, and CLUSTERSNAP_SEED
+// sets it. It kills a guest (SIGKILL of its QEMU) twice, a different
+// victim each time; CLUSTERSNAP_SOAK_KILLS=N kills N times for a soak.
+// CLUSTERSNAP_CONSOLE_DIR, if set, receives every guest's console.
+// TestClusterAttach runs the kernel's nbd client (snapd attach) with
+// mkfs.ext4 and e2fsck on one node's snapshot export while the other
+// nodes write the origin.
+//
+// The guests print their snapd's status (snapd status --control --json)
+// and their kernel's count of completed lockspace recoveries on their
+// console every 3 s while it serves; the tests read the cluster counters
+// and wait for recoveries there.
 package cluster

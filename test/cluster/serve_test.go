@@ -38,6 +38,19 @@ const (
 // kernel lockspace snapd joined has every node as a member.
 func servingMarker(i int) string { return fmt.Sprintf("@@snapd-serving node=%d@@", i) }
 
+// statusMarker ends the n-th line (from 1) in which guest i prints its
+// snapd's status (snapd status --control --json on one line), every 3 s
+// while snapd serves: once it is on the console, so is the whole line.
+func statusMarker(i, n int) string { return fmt.Sprintf("%s%d@@", statusPrefix(i), n) }
+
+// recoveriesPrefix starts the line guest i prints before each status
+// line: how many recoveries of snapd's lockspace its kernel has completed
+// (it logs one when a member joins or leaves), then "@@".
+func recoveriesPrefix(i int) string { return fmt.Sprintf("@@dlm-recoveries node=%d count=", i) }
+
+// statusPrefix starts the marker that ends every status line of guest i.
+func statusPrefix(i int) string { return fmt.Sprintf("@@snapd-status node=%d n=", i) }
+
 // fwdMAC is guest i's MAC on its host-forwarding network card.
 func fwdMAC(i int) string { return fmt.Sprintf("52:54:00:00:02:%02x", i) }
 
@@ -63,7 +76,7 @@ func TestServeOnDLM(t *testing.T) {
 	origin, cow := filepath.Join(dir, "origin.img"), filepath.Join(dir, "cow.img")
 	require.NoError(t, os.WriteFile(origin, bytes.Repeat([]byte{original}, originSize), 0o600))
 	require.NoError(t, blockdev.Create(cow, cowSize))
-	formatCOW(t, cow)
+	formatCOW(t, cow, chunkSize)
 
 	ports := make([]int, nodes+1)
 	for i := 1; i <= nodes; i++ {
@@ -159,12 +172,13 @@ func TestServeOnDLM(t *testing.T) {
 	}
 }
 
-// formatCOW formats the COW image with 4 KiB chunks, as snapd create does.
-func formatCOW(t *testing.T, path string) {
+// formatCOW formats the COW image with chunks of chunkBytes, as snapd
+// create does.
+func formatCOW(t *testing.T, path string, chunkBytes int) {
 	t.Helper()
 	dev, err := blockdev.Open(path, blockdev.Options{})
 	require.NoError(t, err)
-	s, err := persistent.Format(context.Background(), dev, chunkSize/exstore.SectorSize, nil)
+	s, err := persistent.Format(context.Background(), dev, uint32(chunkBytes/exstore.SectorSize), nil)
 	require.NoError(t, err)
 	require.NoError(t, s.Close())
 	require.NoError(t, dev.Close())
@@ -204,10 +218,15 @@ func forwardArgs(i, port int) []string {
 
 // serveScript runs on guest i once it is a quorate DLM member: it brings
 // up the forwarding card, starts snapd on the shared disks and reports
-// when it serves, then stays up while snapd runs. Neither the disks'
+// when it serves, then stays up while snapd runs, printing its status
+// every 3 s (see statusMarker, recoveriesPrefix). Neither the disks'
 // arrival nor snapd's start is announced other than by their effects, so
 // it polls them, each poll bounded.
-func serveScript(i int) string {
+func serveScript(i int) string { return serveScriptThen(i, "") }
+
+// serveScriptThen is serveScript with then run once snapd serves and
+// every node is a member of its lockspace, before the status loop.
+func serveScriptThen(i int, then string) string {
 	return fmt.Sprintf(`ifc=
 for d in /sys/class/net/*; do
 	[ "$(cat $d/address)" = "%[2]s" ] && ifc=${d##*/}
@@ -220,7 +239,7 @@ until [ -b /dev/vda ] && [ -b /dev/vdb ]; do
 	t=$((t + 1)); [ $t -le 300 ] || { echo "the shared disks did not appear"; exit 1; }
 	sleep 0.1
 done
-snapd serve --origin /dev/vda --snapshot snap=/dev/vdb --cluster-id c1 --lock dlm --listen 0.0.0.0:%[3]d >/tmp/snapd.log 2>&1 &
+snapd serve --origin /dev/vda --snapshot snap=/dev/vdb --cluster-id c1 --lock dlm --listen 0.0.0.0:%[3]d --control /run/snapd.ctl >/tmp/snapd.log 2>&1 &
 pid=$!
 t=0
 until grep -q '^serving:' /tmp/snapd.log; do
@@ -235,8 +254,18 @@ until dlm_tool ls 2>/dev/null | grep -A 8 '^name *clustersnap' | grep -q 'member
 	sleep 0.2
 done
 echo "%[1]s"
+%[5]s
+n=0
+while kill -0 $pid 2>/dev/null; do
+	sleep 3
+	s=$(snapd status --control /run/snapd.ctl --json 2>&1 | tr -d '\n\t')
+	n=$((n + 1))
+	r=$(dmesg | grep -c 'dlm: clustersnap: dlm_recover .* done')
+	echo "%[6]s$r@@"
+	echo "$s %[4]s$n@@"
+done
 wait $pid
 echo "snapd exited with $?"
 cat /tmp/snapd.log
-`, servingMarker(i), fwdMAC(i), nbdPort)
+`, servingMarker(i), fwdMAC(i), nbdPort, statusPrefix(i), then, recoveriesPrefix(i))
 }
