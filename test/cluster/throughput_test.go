@@ -326,6 +326,24 @@ func TestClusterThroughput(t *testing.T) {
 	require.Empty(t, clustered.problems, "the cluster run saw these")
 
 	logThroughput(t, bare, clustered)
+	// Each node's lock conversions, from a status line printed after the
+	// run: they count from the node's start, which was just before it.
+	for i := 1; i <= nodes; i++ {
+		m := c.Machine(i)
+		if err := waitStatus(ctx, m, i, statusCount(m.Console(), i)+1); err != nil {
+			t.Logf("node %d: no status after the run: %v", i, err)
+			continue
+		}
+		st, ok := lastStatus(m.Console(), i)
+		if !ok || len(st.Snapshots) == 0 || st.Snapshots[0].Cluster == nil {
+			t.Logf("node %d: no status with cluster counters", i)
+			continue
+		}
+		cc := st.Snapshots[0].Cluster
+		conv := cc.UpConverts + cc.DownConverts
+		t.Logf("figures cluster node %d: %d lock conversions, %.1f per origin write, %.1f per request",
+			i, conv, float64(conv)/float64(max(clustered.writes[i], 1)), float64(conv)/float64(max(clustered.writes[i]+clustered.reads[i], 1)))
+	}
 	assert.Positive(t, bare.writes[1], "origin writes acknowledged by the bare node")
 	assert.Positive(t, bare.reads[1], "snapshot reads by the bare node")
 	for i := 1; i <= nodes; i++ {
