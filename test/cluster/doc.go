@@ -16,7 +16,14 @@
 // CLUSTERSNAP_CONSOLE_DIR, if set, receives every guest's console.
 // TestClusterAttach runs the kernel's nbd client (snapd attach) with
 // mkfs.ext4 and e2fsck on one node's snapshot export while the other
-// nodes write the origin.
+// nodes write the origin. TestClusterThroughput compares the three
+// clustered nodes' throughput with one node serving alone (no
+// --cluster-id) on the same guests: the host drives first writes to
+// fresh origin chunks and snapshot reads for a fixed time in each run and
+// logs the counts and their ratio, which is a figure, not an assertion.
+// The guests go from the bare run to the cluster run on words the host
+// writes to a shared control disk (/dev/vdc), and report each step on
+// their console.
 //
 // The guests print their snapd's status (snapd status --control --json)
 // and their kernel's count of completed lockspace recoveries on their

@@ -226,7 +226,12 @@ func serveScript(i int) string { return serveScriptThen(i, "") }
 
 // serveScriptThen is serveScript with then run once snapd serves and
 // every node is a member of its lockspace, before the status loop.
-func serveScriptThen(i int, then string) string {
+func serveScriptThen(i int, then string) string { return serveScriptAround(i, "", then) }
+
+// serveScriptAround is serveScriptThen with before run once the
+// forwarding card is up and the shared disks are there, before snapd
+// starts.
+func serveScriptAround(i int, before, then string) string {
 	return fmt.Sprintf(`ifc=
 for d in /sys/class/net/*; do
 	[ "$(cat $d/address)" = "%[2]s" ] && ifc=${d##*/}
@@ -239,6 +244,7 @@ until [ -b /dev/vda ] && [ -b /dev/vdb ]; do
 	t=$((t + 1)); [ $t -le 300 ] || { echo "the shared disks did not appear"; exit 1; }
 	sleep 0.1
 done
+%[7]s
 snapd serve --origin /dev/vda --snapshot snap=/dev/vdb --cluster-id c1 --lock dlm --listen 0.0.0.0:%[3]d --control /run/snapd.ctl >/tmp/snapd.log 2>&1 &
 pid=$!
 t=0
@@ -267,5 +273,5 @@ done
 wait $pid
 echo "snapd exited with $?"
 cat /tmp/snapd.log
-`, servingMarker(i), fwdMAC(i), nbdPort, statusPrefix(i), then, recoveriesPrefix(i))
+`, servingMarker(i), fwdMAC(i), nbdPort, statusPrefix(i), then, recoveriesPrefix(i), before)
 }
