@@ -4,9 +4,6 @@ import (
 	"context"
 	"fmt"
 	"net"
-	"os"
-	"os/exec"
-	"path/filepath"
 	"strconv"
 	"sync"
 	"testing"
@@ -64,7 +61,7 @@ func Start(ctx context.Context, tb testing.TB, opts Options) *Remote {
 	if opts.StallBound == 0 {
 		opts.StallBound = DefaultStallBound
 	}
-	agent := buildAgent(tb)
+	agent := guest.BuildStatic(tb, agentPackage)
 	r := guest.DLMSetup(tb, guest.Config{
 		Modules:      []string{"virtio_pci", "virtio_net"},
 		Files:        map[string][]byte{"/bin/lockagent": agent},
@@ -98,27 +95,6 @@ func Start(ctx context.Context, tb testing.TB, opts Options) *Remote {
 		}
 	}
 	return rm
-}
-
-// buildAgent builds the guest program without cgo: the initramfs has no C
-// library for it.
-func buildAgent(tb testing.TB) []byte {
-	tb.Helper()
-	goTool, err := exec.LookPath("go")
-	if err != nil {
-		tb.Fatalf("the go tool, to build the guest agent: %v", err)
-	}
-	bin := filepath.Join(tb.TempDir(), "lockagent")
-	cmd := exec.Command(goTool, "build", "-o", bin, agentPackage)
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if out, err := cmd.CombinedOutput(); err != nil {
-		tb.Fatalf("go build %s: %v: %s", agentPackage, err, out)
-	}
-	data, err := os.ReadFile(bin)
-	if err != nil {
-		tb.Fatalf("%v", err)
-	}
-	return data
 }
 
 // accept takes the agents' connections until the listener closes.
