@@ -514,14 +514,7 @@ func TestClusterKills(t *testing.T) {
 	// flushed write, and the snapshot view every flushed snapshot write
 	// over the original origin.
 	finalOrigin, view := finalImages(ctx, t, tc)
-	for _, d := range []struct {
-		t   target
-		img []byte
-	}{{toOrigin, finalOrigin}, {toSnapshot, view}} {
-		rep := w.h.checkFinal(d.t, d.img)
-		t.Logf("%v: %d blocks checked, %d written, %d with a flushed write", d.t, rep.blocks, rep.written, rep.flushed)
-		assert.Empty(t, rep.problems, "%v", d.t)
-	}
+	checkImages(t, w.h, finalOrigin, view)
 
 	// The kernel's dm-snapshot on the same images, in a fresh guest.
 	res := guest.Boot(ctx, t, r, guest.Options{Script: fmt.Sprintf(`set -e
@@ -634,6 +627,20 @@ func finalImages(ctx context.Context, t *testing.T, tc *testCluster) (origin, vi
 	origin, err = os.ReadFile(tc.origin)
 	require.NoError(t, err)
 	return origin, snapshotView(ctx, t, store, dev, origin)
+}
+
+// checkImages checks the final origin image and snapshot view against h
+// (checkFinal) and logs what was checked.
+func checkImages(t *testing.T, h *history, origin, view []byte) {
+	t.Helper()
+	for _, d := range []struct {
+		t   target
+		img []byte
+	}{{toOrigin, origin}, {toSnapshot, view}} {
+		rep := h.checkFinal(d.t, d.img)
+		t.Logf("%v: %d blocks checked, %d written, %d with a flushed write", d.t, rep.blocks, rep.written, rep.flushed)
+		assert.Empty(t, rep.problems, "%v", d.t)
+	}
 }
 
 // snapshotView is the snapshot as store and its cow device hold it over

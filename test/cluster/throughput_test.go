@@ -356,14 +356,7 @@ func TestClusterThroughput(t *testing.T) {
 	// Every write was acknowledged and flushed: the origin holds each,
 	// and the snapshot is the original origin.
 	finalOrigin, view := finalImages(ctx, t, tc)
-	for _, d := range []struct {
-		t   target
-		img []byte
-	}{{toOrigin, finalOrigin}, {toSnapshot, view}} {
-		rep := h.checkFinal(d.t, d.img)
-		t.Logf("%v: %d blocks checked, %d written, %d with a flushed write", d.t, rep.blocks, rep.written, rep.flushed)
-		assert.Empty(t, rep.problems, "%v", d.t)
-	}
+	checkImages(t, h, finalOrigin, view)
 }
 
 // logThroughput logs both runs' counts and the cluster's over the bare
