@@ -33,7 +33,8 @@
 //   - Prepare enters in EX and stays in until the exception is committed or
 //     aborted, so the node never gives EX up with an allocation another node
 //     could repeat. Commit, Abort, the merge primitives and Invalidate work
-//     under EX too. When the core is an exstore.ConditionalPreparer, a
+//     under EX too, as does Exclusive, which runs a caller's function on
+//     the core (the COW label's read-modify-write of the header sector). When the core is an exstore.ConditionalPreparer, a
 //     Prepare while the node holds EX enters nothing: the core allocates
 //     only if the gate's state word is still the one that admitted it, and
 //     it counts the exception as unsettled until it is committed or
