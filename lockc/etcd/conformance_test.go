@@ -1,6 +1,9 @@
 package etcd
 
 import (
+	"github.com/clustersnap/clustersnap/lockc/etcd/etcdtest"
+	"os"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -13,5 +16,58 @@ func testOptions() Options { return Options{TTL: 2 * time.Second, Margin: 500 * 
 
 // The conformance suite passes on an embedded etcd server.
 func TestConformanceEmbedded(t *testing.T) {
-	locktest.Run(t, harness("etcd-embedded", embedded(1), testOptions()))
+	locktest.Run(t, harness("etcd-embedded", etcdtest.Start(t, 1).Endpoints(), testOptions()))
+}
+
+// The conformance suite passes on a three-member embedded cluster while its
+// leader is stopped part way through: the nodes' clients fail over to the
+// other members, and requests whose answer was lost are resolved by
+// reading the lock's entry. The lease is longer than an election, so no
+// node fences itself while the cluster elects a new leader.
+func TestConformanceMemberStopped(t *testing.T) {
+	if testing.Short() {
+		t.Skip("three etcd members and an election: not in -short")
+	}
+	c := etcdtest.Start(t, 3)
+	o := Options{TTL: 5 * time.Second, Margin: time.Second}
+	created := 0
+	var stopped atomic.Bool
+	h := locktest.Harness{
+		Name: "etcd-3-members",
+		NewCluster: func(tb testing.TB) locktest.Cluster {
+			created++
+			// Half way through the suite, stop the leader while
+			// the sub-test runs.
+			if created == suiteLen/2 {
+				leader := c.Leader()
+				time.AfterFunc(200*time.Millisecond, func() {
+					c.Stop(leader)
+					stopped.Store(true)
+				})
+				tb.Logf("stopping member %d (the leader) during this sub-test", leader)
+			}
+			return newTestCluster(tb, c.Endpoints(), o)
+		},
+	}
+	locktest.Run(t, h)
+	if !stopped.Load() {
+		t.Error("no member was stopped during the suite")
+	}
+}
+
+// suiteLen is about how many sub-tests locktest.Run runs.
+const suiteLen = 24
+
+// The conformance suite passes on the etcd server Debian ships
+// (etcd-server, an older release built by someone else).
+func TestConformanceBinary(t *testing.T) {
+	if _, err := os.Stat(etcdtest.BinaryPath); err != nil {
+		if os.Getenv("CI") == "true" {
+			t.Fatalf("%s: %v (apt-get install etcd-server)", etcdtest.BinaryPath, err)
+		}
+		t.Skipf("%s: %v (apt-get install etcd-server)", etcdtest.BinaryPath, err)
+	}
+	b := etcdtest.StartBinary(t, etcdtest.BinaryPath)
+	t.Logf("etcd %s at %s", b.Version, b.Endpoint)
+	locktest.Run(t, harness("etcd-binary", []string{b.Endpoint}, testOptions()))
 }

@@ -11,7 +11,6 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/clustersnap/clustersnap/lockc"
-	"github.com/clustersnap/clustersnap/lockc/etcd/etcdtest"
 	"github.com/clustersnap/clustersnap/lockc/locktest"
 )
 
@@ -162,17 +161,13 @@ func (c *testCluster) ResourceCount() int {
 	return len(seen)
 }
 
-// harness runs the conformance suite on an etcd cluster at endpoints.
-func harness(name string, endpoints func(tb testing.TB) []string, o Options) locktest.Harness {
+// harness runs the conformance suite on the etcd cluster at endpoints;
+// each sub-test's nodes use a key prefix of their own.
+func harness(name string, endpoints []string, o Options) locktest.Harness {
 	return locktest.Harness{
 		Name: name,
 		NewCluster: func(tb testing.TB) locktest.Cluster {
-			return newTestCluster(tb, endpoints(tb), o)
+			return newTestCluster(tb, endpoints, o)
 		},
 	}
-}
-
-// embedded starts one embedded etcd server per test binary's caller.
-func embedded(n int) func(tb testing.TB) []string {
-	return func(tb testing.TB) []string { return etcdtest.Start(tb, n).Endpoints() }
 }
