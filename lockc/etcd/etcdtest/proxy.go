@@ -223,6 +223,8 @@ func (p *Proxy) forward(src, dst net.Conn) {
 	defer func() {
 		src.Close()
 		dst.Close()
+		for range q { // until the reader sees src closed
+		}
 	}()
 	for c := range q {
 		if !p.wait(c.at) {
