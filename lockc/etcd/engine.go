@@ -58,6 +58,13 @@ type Engine struct {
 
 	mu     sync.Mutex
 	spaces map[*lockspace]struct{} // open memberships
+
+	// noSelfFence breaks the engine on purpose, as a test hook: the
+	// keep-alive never declares the loss at the self-fencing deadline, so
+	// a node cut off from etcd keeps its locks, in its own eyes, after
+	// the server has expired its lease. Only the loss tests set it, to
+	// show that their checks catch such a node.
+	noSelfFence bool
 }
 
 var _ lockc.Engine = (*Engine)(nil)

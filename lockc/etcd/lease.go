@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"time"
 
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
@@ -31,6 +32,9 @@ func (ls *lockspace) keepAlive() {
 	for {
 		now := time.Since(ls.base)
 		fence := time.Duration(ls.fence.Load())
+		if ls.e.noSelfFence {
+			fence = math.MaxInt64
+		}
 		if now >= fence {
 			ls.end(fmt.Errorf("lockspace %s: node %d: lease %x not renewed within %v of its TTL %v (the server may expire it): %w",
 				ls.name, ls.node, int64(ls.lease), ls.ttl-ls.e.o.Margin, ls.ttl, lockc.ErrLost))

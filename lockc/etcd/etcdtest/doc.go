@@ -1,7 +1,9 @@
 // Package etcdtest runs etcd servers for tests: embedded members (the
 // etcd server's own code, in the test's process) on unix sockets, alone
 // or as a cluster whose members can be stopped, and the etcd binary a
-// distribution ships (a server built by someone else) on loopback.
+// distribution ships (a server built by someone else) on loopback; and a
+// Proxy between one client and etcd that can cut the connection (freeze
+// it without closing it, as a partition does), heal it, or delay it.
 //
 // Every server lives in its own temporary directory and is stopped at the
 // test's cleanup. Nothing here listens on anything but unix sockets and
