@@ -58,7 +58,7 @@ echo "%[3]s mkfs=$mkfs e2fsck=$fsck attach=$att"`, triggerBlock, nbdPort, attach
 // holds every flushed write; the COW passes the checker; and the
 // snapshot view it holds is a clean ext4 to the host's e2fsck.
 func TestClusterAttach(t *testing.T) {
-	seed, _ := killEnv(t)
+	seed, _ := clusterload.Env(t, 0)
 	e2fsck, err := exec.LookPath("e2fsck")
 	if err != nil {
 		if os.Getenv("CI") == "true" {

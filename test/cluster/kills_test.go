@@ -32,25 +32,6 @@ const (
 	requestTimeout = 2 * time.Minute
 )
 
-// killEnv returns the seed and the number of kills of a run: seed 18 and
-// two kills unless CLUSTERSNAP_SEED and CLUSTERSNAP_SOAK_KILLS say
-// otherwise.
-func killEnv(t *testing.T) (uint64, int) {
-	seed, kills := uint64(18), 2
-	if s := os.Getenv("CLUSTERSNAP_SEED"); s != "" {
-		v, err := strconv.ParseUint(s, 10, 64)
-		require.NoError(t, err, "CLUSTERSNAP_SEED")
-		seed = v
-	}
-	if s := os.Getenv("CLUSTERSNAP_SOAK_KILLS"); s != "" {
-		v, err := strconv.Atoi(s)
-		require.NoError(t, err, "CLUSTERSNAP_SOAK_KILLS")
-		require.Positive(t, v, "CLUSTERSNAP_SOAK_KILLS")
-		kills = v
-	}
-	return seed, kills
-}
-
 // TestClusterKills: three guests serve one origin and its snapshot from
 // shared disks with snapd serve --lock dlm while the host writes the
 // origin (nodes racing to copy the same chunks), writes disjoint ranges
@@ -63,7 +44,7 @@ func killEnv(t *testing.T) (uint64, int) {
 // checker, and the kernel's dm-snapshot reads the snapshot exactly as the
 // cluster's COW holds it.
 func TestClusterKills(t *testing.T) {
-	seed, kills := killEnv(t)
+	seed, kills := clusterload.Env(t, 2)
 	t.Logf("seed %d (CLUSTERSNAP_SEED), %d kills (CLUSTERSNAP_SOAK_KILLS)", seed, kills)
 	rng := rand.New(rand.NewPCG(seed, 0))
 	r := clusterInitramfs(t)

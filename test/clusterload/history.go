@@ -31,6 +31,13 @@ type History struct {
 	acked  int
 }
 
+// Sent is how many writes were sent.
+func (h *History) Sent() int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return len(h.sent)
+}
+
 // NewHistory returns an empty history.
 func NewHistory() *History {
 	return &History{writes: map[blockKey][]*WriteRec{}, sent: map[Value]blockKey{}}
