@@ -250,4 +250,3 @@ func logFigures(ctx context.Context, t *testing.T, w *clusterload.Workload, n *n
 		n.id, st.Cluster.NodeID, w.Incarnation(n.id), counts.AckedGen[n.id], counts.OriginGen[n.id], conv, 1000*float64(conv)/float64(max(counts.OriginGen[n.id], 1)),
 		cc.Refreshes, cc.Reloads, cc.InvalidLVBs)
 }
-
