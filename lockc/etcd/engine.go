@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -54,6 +55,9 @@ type Engine struct {
 	o      Options
 	client *clientv3.Client
 	owned  bool // Close closes client
+
+	mu     sync.Mutex
+	spaces map[*lockspace]struct{} // open memberships
 }
 
 var _ lockc.Engine = (*Engine)(nil)
@@ -80,7 +84,7 @@ func New(o Options) (*Engine, error) {
 		o.DialTimeout = DefaultDialTimeout
 	}
 	if o.Client != nil {
-		return &Engine{o: o, client: o.Client}, nil
+		return &Engine{o: o, client: o.Client, spaces: map[*lockspace]struct{}{}}, nil
 	}
 	if len(o.Endpoints) == 0 {
 		return nil, errors.New("etcd lock engine: no endpoints")
@@ -94,19 +98,63 @@ func New(o Options) (*Engine, error) {
 	if err != nil {
 		return nil, fmt.Errorf("etcd lock engine: endpoints %v: %w", o.Endpoints, err)
 	}
-	return &Engine{o: o, client: c, owned: true}, nil
+	return &Engine{o: o, client: c, owned: true, spaces: map[*lockspace]struct{}{}}, nil
 }
 
-// Close closes the connection to etcd if the Engine made it. Lockspaces
-// still open are lost.
+// Close closes the lockspaces still open (as their Close does) and the
+// connection to etcd if the Engine made it.
 func (e *Engine) Close() error {
-	if !e.owned {
-		return nil
+	var errs []error
+	for _, ls := range e.open() {
+		errs = append(errs, ls.Close())
 	}
-	return e.client.Close()
+	if e.owned {
+		errs = append(errs, e.client.Close())
+	}
+	return errors.Join(errs...)
 }
 
-// Open joins lockspace name: it takes a lease and a node id.
-func (e *Engine) Open(ctx context.Context, name string) (lockc.Lockspace, error) {
-	return nil, fmt.Errorf("lockspace %s: not implemented yet", name)
+// open returns the memberships not yet ended.
+func (e *Engine) open() []*lockspace {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	spaces := make([]*lockspace, 0, len(e.spaces))
+	for ls := range e.spaces {
+		spaces = append(spaces, ls)
+	}
+	return spaces
+}
+
+// Crash simulates the death of this node's process: every lockspace the
+// Engine has open is lost (OnLost functions, then IsLost, then Lost) and
+// its lease is revoked without unlocking anything, so that etcd drops its
+// locks as it would when the lease expired, and leaves the writer markers
+// of its PW and EX locks behind. Test tool.
+func (e *Engine) Crash() {
+	for _, ls := range e.open() {
+		ls.crash()
+	}
+}
+
+// Sync returns once this Engine's lockspaces of that name have handled
+// every change etcd had committed before the call (it writes a marker
+// under the lockspaces' resources and waits for the watches to see it), or
+// ctx ends. Test tool for knowing that blocking notifications have arrived.
+func (e *Engine) Sync(ctx context.Context, name string) error {
+	k := newLayout(e.o.Prefix, name)
+	marker := k.resources() + ".sync"
+	r, err := e.client.Put(ctx, marker, "")
+	if err != nil {
+		return fmt.Errorf("lockspace %s: sync: %w", name, err)
+	}
+	defer e.client.Delete(context.WithoutCancel(ctx), marker)
+	for _, ls := range e.open() {
+		if ls.name != name {
+			continue
+		}
+		if err := ls.waitProcessed(ctx, r.Header.Revision); err != nil && !ls.IsLost() {
+			return fmt.Errorf("lockspace %s: sync: %w", name, err)
+		}
+	}
+	return nil
 }

@@ -1,0 +1,178 @@
+package etcd
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"go.etcd.io/etcd/api/v3/mvccpb"
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/clustersnap/clustersnap/lockc"
+)
+
+// watch follows every key of the lockspace's resources from revision from
+// on: an event on a resource wakes this node's requests waiting there and
+// sends blocking notifications to its locks there. When the watch breaks
+// (compaction, a member without a leader) it starts again where it left
+// off, or from the current revision if etcd no longer has the events;
+// then every waiting request looks again and every held lock re-reads its
+// resource's queues, so no wake-up or notification is lost.
+func (ls *lockspace) watch(from int64) {
+	defer ls.done.Done()
+	for ls.ctx.Err() == nil {
+		ctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ls.ctx))
+		ch := ls.c.Watch(ctx, ls.keys.resources(), clientv3.WithPrefix(), clientv3.WithRev(from))
+		resync := false
+		for resp := range ch {
+			if err := resp.Err(); err != nil {
+				if errors.Is(err, rpctypes.ErrCompacted) {
+					resync = true
+				}
+				break
+			}
+			for _, ev := range resp.Events {
+				ls.event(ev)
+				from = ev.Kv.ModRevision + 1
+			}
+			ls.advance(from - 1)
+		}
+		cancel()
+		if ls.ctx.Err() != nil {
+			return
+		}
+		if resync {
+			r, err := ls.c.Get(ls.ctx, ls.keys.nodes())
+			if err != nil {
+				ls.pause()
+				continue
+			}
+			from = r.Header.Revision + 1
+			ls.resync(r.Header.Revision)
+			continue
+		}
+		ls.pause()
+	}
+}
+
+// pause waits a moment before the watch starts again.
+func (ls *lockspace) pause() { ls.pauseFor(ls.ctx) }
+
+// pauseFor waits a moment before a failed request is tried again, or
+// until ctx or the membership ends.
+func (ls *lockspace) pauseFor(ctx context.Context) {
+	t := time.NewTimer(retryPause)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+	case <-ls.ctx.Done():
+	case <-t.C:
+	}
+}
+
+// advance records that every event through rev has been handled.
+func (ls *lockspace) advance(rev int64) {
+	ls.mu.Lock()
+	defer ls.mu.Unlock()
+	if rev > ls.processed {
+		ls.processed = rev
+		close(ls.progress)
+		ls.progress = make(chan struct{})
+	}
+}
+
+// waitProcessed blocks until the watch has handled every event through
+// rev, or ctx or the membership ends.
+func (ls *lockspace) waitProcessed(ctx context.Context, rev int64) error {
+	for {
+		ls.mu.Lock()
+		done, ch := ls.processed >= rev, ls.progress
+		ls.mu.Unlock()
+		if done {
+			return nil
+		}
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-ls.lost:
+			return ls.Err()
+		}
+	}
+}
+
+// event handles one change of a key under the lockspace's resources.
+func (ls *lockspace) event(ev *clientv3.Event) {
+	res, kind, name := ls.keys.parseKey(string(ev.Kv.Key))
+	rev := ev.Kv.ModRevision
+	ls.mu.Lock()
+	defer ls.mu.Unlock()
+	set := ls.locks[res]
+	if len(set) == 0 {
+		return
+	}
+	ls.wake(res, rev)
+	if kind != kindLock || ev.Type != mvccpb.PUT {
+		return
+	}
+	e, err := decodeEntry(ev.Kv.Value)
+	if err != nil || !e.queued() {
+		return
+	}
+	for l := range set {
+		// Only a change after the lock's own last change tells it
+		// something new: older ones were in the view it decided on.
+		if l.held && l.name != name && rev > l.stateRev && !lockc.Compatible(l.gr, e.rq) && int(e.rq) > l.highBast {
+			l.deliverBast(e.rq)
+		}
+	}
+}
+
+// wake records an event on res at rev and wakes the requests waiting for
+// one. ls.mu must be held.
+func (ls *lockspace) wake(res string, rev int64) {
+	ls.eventRev[res] = max(ls.eventRev[res], rev)
+	if ch, ok := ls.changed[res]; ok {
+		close(ch)
+		delete(ls.changed, res)
+	}
+}
+
+// changedSince returns a channel that is closed once an event on res after
+// revision rev has arrived (at once if one has).
+func (ls *lockspace) changedSince(res string, rev int64) <-chan struct{} {
+	ls.mu.Lock()
+	defer ls.mu.Unlock()
+	if ls.eventRev[res] > rev {
+		ch := make(chan struct{})
+		close(ch)
+		return ch
+	}
+	ch, ok := ls.changed[res]
+	if !ok {
+		ch = make(chan struct{})
+		ls.changed[res] = ch
+	}
+	return ch
+}
+
+// resync wakes every waiting request and has every held lock look at its
+// resource again, after a watch lost events up to rev.
+func (ls *lockspace) resync(rev int64) {
+	ls.mu.Lock()
+	var held []*lock
+	for res, set := range ls.locks {
+		ls.wake(res, rev)
+		for l := range set {
+			if l.held {
+				held = append(held, l)
+			}
+		}
+	}
+	ls.mu.Unlock()
+	for _, l := range held {
+		l.rescan()
+	}
+	ls.advance(rev)
+}
