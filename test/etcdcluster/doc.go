@@ -2,7 +2,7 @@
 // one host: three snapd serve --lock etcd processes over one origin file
 // and one COW file (opened with O_DIRECT, without file locks, as shared
 // storage), coordinated by an etcd server embedded in the test process
-// (go.etcd.io/etcd/server/v3/embed, clients on a unix socket). It has only
+// (lockc/etcd/etcdtest: go.etcd.io/etcd/server/v3/embed on unix sockets). It has only
 // tests, and needs no QEMU, no root and no network beyond loopback.
 //
 // TestEtcdClusterKills drives the workload of package test/clusterload

@@ -14,6 +14,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/clustersnap/clustersnap/exstore/blockdev"
+	"github.com/clustersnap/clustersnap/lockc/etcd/etcdtest"
 	"github.com/clustersnap/clustersnap/test/clusterload"
 )
 
@@ -63,7 +64,8 @@ func TestEtcdClusterKills(t *testing.T) {
 	require.NoError(t, blockdev.Create(cow, clusterload.COWSize))
 	clusterload.FormatCOW(t, cow, clusterload.ChunkBytes)
 	requireDirect(t, cow)
-	endpoint := startEtcd(t)
+	etcd := etcdtest.Start(t, 1)
+	endpoint := etcd.Endpoint(0)
 
 	logFile := nodesLog(t, dir)
 	ns := make([]*node, nodes+1)
