@@ -11,7 +11,10 @@ import (
 	"github.com/clustersnap/clustersnap/volumes"
 )
 
-// The layout of the workload, in blocks of BlockSize.
+// The layout of the workload at scale 1, in blocks of BlockSize. At scale
+// k (Options.Scale) the origin, its written range and the snapshot ranges
+// are k times as large, so that more chunks are fresh: a chunk is copied
+// once, after which its writes take no cluster lock.
 const (
 	// Nodes is how many nodes the workload drives, numbered from 1.
 	Nodes = 3
@@ -25,6 +28,8 @@ const (
 	BlocksPerChunk = ChunkBytes / BlockSize
 	// Origin writes go to blocks [0, OriginWritten); block b belongs to
 	// node b%3+1. The rest of the origin keeps its original content.
+	// Each chunk of that range is fresh until it is first written; the
+	// writers walk the chunks once, then rewrite copied ones.
 	OriginWritten = 3072
 	// Node i writes the snapshot's blocks [SnapBase+(i-1)*SnapPerNode,
 	// SnapBase+i*SnapPerNode): whole chunks, disjoint between nodes, that
@@ -52,6 +57,9 @@ type Options struct {
 	// RequestTimeout bounds one request; a survivor's request may wait
 	// for the lock engine to give it a dead node's locks.
 	RequestTimeout time.Duration
+	// Scale multiplies the layout (0 means 1); the origin and COW must be
+	// OriginBlocks and COWSize of the Workload.
+	Scale int
 }
 
 // nodeLink is the workload's view of whether node i serves: workers
@@ -95,6 +103,7 @@ type Workload struct {
 	once  sync.Once
 	order []int        // the chunks origin writers walk
 	turn  atomic.Int64 // origin writes that walked order so far
+	scale int          // Options.Scale, at least 1
 
 	mu      sync.Mutex
 	running chan struct{} // closed while the workers may send requests
@@ -105,14 +114,28 @@ type Workload struct {
 // NewWorkload returns a workload of o, its nodes down, its workers not
 // started.
 func NewWorkload(o Options) *Workload {
-	w := &Workload{o: o, h: NewHistory(), stop: make(chan struct{}), changed: make(chan struct{}), running: make(chan struct{})}
+	w := &Workload{o: o, h: NewHistory(), stop: make(chan struct{}), changed: make(chan struct{}), running: make(chan struct{}), scale: max(o.Scale, 1)}
 	close(w.running)
 	for i := 1; i <= Nodes; i++ {
 		w.links[i] = &nodeLink{up: make(chan struct{})}
 	}
-	w.order = rand.New(rand.NewPCG(o.Seed, 1)).Perm(OriginWritten / BlocksPerChunk)
+	w.order = rand.New(rand.NewPCG(o.Seed, 1)).Perm(w.scale * OriginWritten / BlocksPerChunk)
 	return w
 }
+
+// FreshChunks is how many of the origin chunks the writers walk they have
+// not reached yet, and how many they walk in all: while some are left,
+// origin writes keep racing to copy chunks.
+func (w *Workload) FreshChunks() (left, all int) {
+	return max(0, len(w.order)-int(w.turn.Load())/Nodes), len(w.order)
+}
+
+// OriginBlocks is the size of the workload's origin, in blocks.
+func (w *Workload) OriginBlocks() int64 { return int64(w.scale) * OriginBlocks }
+
+// COWSize is the size of a COW that holds every chunk the workload
+// copies, in bytes.
+func (w *Workload) COWSize() int64 { return int64(w.scale) * COWSize }
 
 // History is every write the workload sent.
 func (w *Workload) History() *History { return w.h }
@@ -286,7 +309,8 @@ func (w *Workload) Writer(ctx context.Context, i int, t Target) {
 	var mine []int64 // origin blocks this writer wrote
 	next := func() int64 {
 		if t == ToSnapshot {
-			return int64(SnapBase + (i-1)*SnapPerNode + rng.IntN(SnapPerNode))
+			per := w.scale * SnapPerNode
+			return int64(w.scale*SnapBase + (i-1)*per + rng.IntN(per))
 		}
 		if len(mine) > 0 && rng.IntN(4) == 0 {
 			return mine[rng.IntN(len(mine))]
@@ -381,7 +405,7 @@ func (w *Workload) Reader(ctx context.Context, i int) {
 				c.Close()
 				return
 			}
-			first := int64(rng.IntN(OriginBlocks - ReadBlocks + 1))
+			first := rng.Int64N(w.OriginBlocks() - ReadBlocks + 1)
 			rctx, cancel := context.WithTimeout(ctx, w.o.RequestTimeout)
 			data, err := c.Read(rctx, uint64(first)*BlockSize, ReadBlocks*BlockSize)
 			cancel()

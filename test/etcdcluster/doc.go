@@ -13,7 +13,9 @@
 // once the node's lease (2 s) expires, starts it again and requires every
 // node to go on; 3 kills, a different victim each time, or
 // CLUSTERSNAP_SOAK_KILLS=N for a soak (run with -v to see the tally:
-// kills, writes checked, violations). CLUSTERSNAP_SEED sets the seed.
+// kills, writes checked, violations); a soak's origin grows with its kills
+// (clusterload.Options.Scale) so that its writers still race for fresh
+// chunks at the end. CLUSTERSNAP_SEED sets the seed.
 // Afterwards every node stops on SIGTERM with exit 0 and its snapshot
 // valid, snapd check is clean on the COW, and the origin file and the
 // snapshot view the COW holds keep every flushed write and hold nothing

@@ -34,6 +34,10 @@ const (
 	// defaultKills is how many kills a run has without
 	// CLUSTERSNAP_SOAK_KILLS.
 	defaultKills = 3
+	// killsPerScale is how many kills share one scale of the workload's
+	// layout, so that a soak's writers still race for fresh chunks at its
+	// last kill (the test logs the fresh chunks left).
+	killsPerScale = 8
 )
 
 // TestEtcdClusterKills: three snapd serve --lock etcd processes serve one
@@ -60,15 +64,26 @@ func TestEtcdClusterKills(t *testing.T) {
 
 	dir := t.TempDir()
 	origin, cow := filepath.Join(dir, "origin.img"), filepath.Join(dir, "cow.img")
-	require.NoError(t, os.WriteFile(origin, clusterload.PristineImage(clusterload.OriginBlocks), 0o600))
-	require.NoError(t, blockdev.Create(cow, clusterload.COWSize))
+	// A soak gets a larger origin, so that its writers find fresh chunks
+	// (which take the cluster's locks) through all its kills.
+	ns := make([]*node, nodes+1)
+	w := clusterload.NewWorkload(clusterload.Options{
+		Seed: seed,
+		Dial: func(ctx context.Context, i int, export string) (*clusterload.Client, error) {
+			return clusterload.Dial(ctx, "unix", ns[i].sock, export)
+		},
+		RequestTimeout: requestTimeout,
+		Scale:          (kills + killsPerScale - 1) / killsPerScale,
+	})
+	defer w.Stop()
+	require.NoError(t, os.WriteFile(origin, clusterload.PristineImage(w.OriginBlocks()), 0o600))
+	require.NoError(t, blockdev.Create(cow, w.COWSize()))
 	clusterload.FormatCOW(t, cow, clusterload.ChunkBytes)
 	requireDirect(t, cow)
 	etcd := etcdtest.Start(t, 1)
 	endpoint := etcd.Endpoint(0)
 
 	logFile := nodesLog(t, dir)
-	ns := make([]*node, nodes+1)
 	for i := 1; i <= nodes; i++ {
 		sock, ctl := filepath.Join(dir, fmt.Sprintf("node-%d.nbd", i)), filepath.Join(dir, fmt.Sprintf("node-%d.ctl", i))
 		ns[i] = &node{id: i, snapd: snapdBinary, sock: sock, ctl: ctl, log: logFile, args: []string{"serve",
@@ -92,14 +107,6 @@ func TestEtcdClusterKills(t *testing.T) {
 	for i := 1; i <= nodes; i++ {
 		require.NoError(t, ns[i].start())
 	}
-	w := clusterload.NewWorkload(clusterload.Options{
-		Seed: seed,
-		Dial: func(ctx context.Context, i int, export string) (*clusterload.Client, error) {
-			return clusterload.Dial(ctx, "unix", ns[i].sock, export)
-		},
-		RequestTimeout: requestTimeout,
-	})
-	defer w.Stop()
 	fail := func(format string, args ...any) {
 		t.Helper()
 		w.Stop()
@@ -172,6 +179,8 @@ func TestEtcdClusterKills(t *testing.T) {
 	counts := w.Counts()
 	t.Logf("workload: %d origin writes acknowledged per node %v, %d failed on killed nodes %v, %d flushes completed; %d snapshot reads checked %d blocks",
 		counts.Acked[1]+counts.Acked[2]+counts.Acked[3], counts.Acked[1:], counts.Failed[1]+counts.Failed[2]+counts.Failed[3], counts.Failed[1:], counts.Flushes, counts.Reads, counts.Checks)
+	left, all := w.FreshChunks()
+	t.Logf("fresh origin chunks left at the end: %d of %d (scale %d)", left, all, (kills+killsPerScale-1)/killsPerScale)
 	violations := len(counts.Problems)
 	assert.Empty(t, counts.Problems, "the workload saw these")
 
