@@ -8,6 +8,14 @@
 // Open takes an exclusive lock on every device it opens, so that no second
 // process on the host serves them at once, and never formats a COW: a
 // device without a store is refused, so that a mistyped path is not wiped.
+// A Cluster whose engine is shared ("dlm", whose nodes are other hosts, and
+// "etcd", whose nodes are whatever reaches the etcd cluster: other hosts or
+// other processes of this one) makes the devices shared storage instead:
+// Open opens them with O_DIRECT and takes no host-local lock. NewCluster
+// refuses options it can judge alone (a bad id, an unknown engine, etcd
+// options without the etcd engine, TLS files with a plaintext etcd
+// endpoint) with a *ConfigError, and asks no lock server anything; the
+// stores' Open does. The caller closes the Cluster after the Set.
 // A transient store keeps its exceptions in this process's memory, so it
 // cannot be shared by a cluster: Open refuses the pair. Set.Close closes
 // the stores before the devices they live on.

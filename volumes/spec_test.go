@@ -1,7 +1,9 @@
 package volumes
 
 import (
+	"errors"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -55,8 +57,33 @@ func TestNewCluster(t *testing.T) {
 	c, err = NewCluster("c1", "dlm", ClusterOptions{})
 	require.NoError(t, err)
 	assert.True(t, c.Shared, "the kernel DLM's nodes are other hosts")
-	_, err = NewCluster("c1", "etcd", ClusterOptions{})
+	_, err = NewCluster("c1", "etcd2", ClusterOptions{})
 	assert.ErrorContains(t, err, "known: "+LockEngines())
+	assert.ErrorAs(t, err, new(*ConfigError))
+	c, err = NewCluster("c1", "etcd", ClusterOptions{Etcd: EtcdOptions{Endpoints: []string{"unix:///nonexistent"}, LeaseTTL: 2 * time.Second}})
+	require.NoError(t, err, "no server is asked before a store opens")
+	assert.True(t, c.Shared, "etcd's nodes are other hosts or processes")
+	assert.NoError(t, c.Close())
+	for _, tc := range []struct {
+		lock string
+		o    EtcdOptions
+		want string
+	}{
+		{"etcd", EtcdOptions{}, "no endpoints"},
+		{"etcd", EtcdOptions{Endpoints: []string{"http://a:1", ""}}, "empty endpoint"},
+		{"etcd", EtcdOptions{Endpoints: []string{"unix:///s"}, CAFile: "ca.pem"}, "plaintext"},
+		{"etcd", EtcdOptions{Endpoints: []string{"https://a:1"}, KeyFile: "k.pem"}, "go together"},
+		{"etcd", EtcdOptions{Endpoints: []string{"https://a:1"}, LeaseTTL: -time.Second}, "lease TTL"},
+		{"dlm", EtcdOptions{Prefix: "/p/"}, "etcd options given for lock engine dlm"},
+		{"", EtcdOptions{Endpoints: []string{"http://a:1"}}, "etcd options given for lock engine local"},
+	} {
+		_, err = NewCluster("c1", tc.lock, ClusterOptions{Etcd: tc.o})
+		assert.ErrorContains(t, err, tc.want, "%+v", tc.o)
+		assert.ErrorAs(t, err, new(*ConfigError), "%+v", tc.o)
+	}
+	_, err = NewCluster("c1", "etcd", ClusterOptions{Etcd: EtcdOptions{Endpoints: []string{"https://a:1"}, CAFile: "/nonexistent/ca.pem"}})
+	assert.ErrorContains(t, err, "/nonexistent/ca.pem")
+	assert.False(t, errors.As(err, new(*ConfigError)), "an unreadable file is not a usage error")
 	for _, id := range []string{"", "a/b", string(make([]byte, 33)), "a\x00"} {
 		_, err = NewCluster(id, "", ClusterOptions{})
 		assert.Error(t, err, "%q", id)

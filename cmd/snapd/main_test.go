@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -150,6 +151,17 @@ func TestBadInputIsRefusedAndWritesNothing(t *testing.T) {
 		{"clustered transient store", []string{"serve", "--origin", origin, "--snapshot", "s=" + cow + ",type=N,chunk=4KiB", "--cluster-id", "c1", "--listen", "", "--socket", filepath.Join(dir, "s")}, exitUsage, "cannot be clustered"},
 		{"dlm with buffered devices", []string{"serve", "--origin", origin, "--snapshot", "s=" + cow, "--cluster-id", "c1", "--lock", "dlm", "--direct=false", "--listen", "", "--socket", filepath.Join(dir, "s")}, exitUsage, "must be opened with O_DIRECT"},
 		{"lockspace without a cluster", []string{"serve", "--origin", origin, "--lockspace", "ls", "--listen", "", "--socket", filepath.Join(dir, "s")}, exitUsage, "need --cluster-id"},
+		{"etcd endpoints without a cluster", []string{"serve", "--origin", origin, "--etcd-endpoints", "http://127.0.0.1:2379", "--listen", "", "--socket", filepath.Join(dir, "s")}, exitUsage, "need --cluster-id"},
+		{"etcd flags with the dlm", []string{"serve", "--origin", origin, "--snapshot", "s=" + cow, "--cluster-id", "c1", "--lock", "dlm", "--etcd-endpoints", "http://127.0.0.1:2379", "--etcd-lease-ttl", "2s", "--listen", "", "--socket", filepath.Join(dir, "s")}, exitUsage, "--etcd-endpoints, --etcd-lease-ttl: only with --lock etcd"},
+		{"etcd flags with the default engine", []string{"serve", "--origin", origin, "--snapshot", "s=" + cow, "--cluster-id", "c1", "--etcd-prefix", "/p/", "--listen", "", "--socket", filepath.Join(dir, "s")}, exitUsage, "--etcd-prefix: only with --lock etcd"},
+		{"etcd without endpoints", []string{"serve", "--origin", origin, "--snapshot", "s=" + cow, "--cluster-id", "c1", "--lock", "etcd", "--listen", "", "--socket", filepath.Join(dir, "s")}, exitUsage, "--lock etcd needs --etcd-endpoints"},
+		{"etcd empty endpoint", []string{"serve", "--origin", origin, "--snapshot", "s=" + cow, "--cluster-id", "c1", "--lock", "etcd", "--etcd-endpoints", "http://127.0.0.1:2379,", "--listen", "", "--socket", filepath.Join(dir, "s")}, exitUsage, "empty endpoint"},
+		{"etcd TLS over plaintext", []string{"serve", "--origin", origin, "--snapshot", "s=" + cow, "--cluster-id", "c1", "--lock", "etcd", "--etcd-endpoints", "https://127.0.0.1:2379,http://127.0.0.1:2380", "--etcd-cacert", origin, "--listen", "", "--socket", filepath.Join(dir, "s")}, exitUsage, `"http://127.0.0.1:2380": plaintext`},
+		{"etcd certificate without its key", []string{"serve", "--origin", origin, "--snapshot", "s=" + cow, "--cluster-id", "c1", "--lock", "etcd", "--etcd-endpoints", "https://127.0.0.1:2379", "--etcd-cert", origin, "--listen", "", "--socket", filepath.Join(dir, "s")}, exitUsage, "certificate and its key go together"},
+		{"etcd missing CA file", []string{"serve", "--origin", origin, "--snapshot", "s=" + cow, "--cluster-id", "c1", "--lock", "etcd", "--etcd-endpoints", "https://127.0.0.1:2379", "--etcd-cacert", filepath.Join(dir, "nope.pem"), "--listen", "", "--socket", filepath.Join(dir, "s")}, exitError, "nope.pem"},
+		{"etcd client certificate that is not one", []string{"serve", "--origin", origin, "--snapshot", "s=" + cow, "--cluster-id", "c1", "--lock", "etcd", "--etcd-endpoints", "https://127.0.0.1:2379", "--etcd-cert", tiny, "--etcd-key", tiny, "--listen", "", "--socket", filepath.Join(dir, "s")}, exitError, "lock engine etcd: TLS"},
+		{"etcd lease below a second", []string{"serve", "--origin", origin, "--snapshot", "s=" + cow, "--cluster-id", "c1", "--lock", "etcd", "--etcd-endpoints", "http://127.0.0.1:2379", "--etcd-lease-ttl", "500ms", "--listen", "", "--socket", filepath.Join(dir, "s")}, exitError, "lease TTL 500ms"},
+		{"etcd with buffered devices", []string{"serve", "--origin", origin, "--snapshot", "s=" + cow, "--cluster-id", "c1", "--lock", "etcd", "--etcd-endpoints", "unix:///nonexistent", "--direct=false", "--listen", "", "--socket", filepath.Join(dir, "s")}, exitUsage, "lock engine etcd shares the devices with other nodes, so they must be opened with O_DIRECT"},
 		{"serve of a zero cow", []string{"serve", "--origin", origin, "--snapshot", "s=" + cow, "--listen", "", "--socket", filepath.Join(dir, "s")}, exitError, "header is zero"},
 		{"detach without the nbd module", []string{"detach", filepath.Join(dir, "nbd0")}, exitError, "modprobe nbd"},
 	} {
@@ -237,4 +249,36 @@ func TestServeDLMWithoutDLM(t *testing.T) {
 	after, err := os.ReadFile(cow)
 	require.NoError(t, err)
 	assert.Equal(t, before, after, "the COW is untouched")
+}
+
+// serve --lock etcd with no etcd at its endpoint fails (at the latest when
+// it is interrupted while it waits for etcd) and writes nothing.
+func TestServeEtcdWithoutServer(t *testing.T) {
+	dir := t.TempDir()
+	origin := sparse(t, dir, "origin", 8<<20)
+	cow := sparse(t, dir, "cow", 1<<20)
+	code, _, errOut := runCLI(t, "create", "--origin", origin, "--cow", cow)
+	require.Equal(t, exitOK, code, errOut)
+	before, err := os.ReadFile(cow)
+	require.NoError(t, err)
+	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+	defer cancel()
+	var out, errBuf bytes.Buffer
+	code = run(ctx, []string{"serve", "--origin", origin, "--snapshot", "s=" + cow, "--cluster-id", "c1", "--lock", "etcd",
+		"--etcd-endpoints", "unix://" + filepath.Join(dir, "no-etcd.sock"), "--listen", "", "--socket", filepath.Join(dir, "s")}, &out, &errBuf)
+	assert.Equal(t, exitError, code, errBuf.String())
+	assert.Contains(t, errBuf.String(), "snapshot s:", "the error names what could not be served")
+	assert.NotContains(t, out.String(), "serving:")
+	after, err := os.ReadFile(cow)
+	require.NoError(t, err)
+	assert.Equal(t, before, after, "the COW is untouched")
+}
+
+// serve --help documents the etcd engine's flags.
+func TestServeHelpNamesTheEtcdFlags(t *testing.T) {
+	code, _, errOut := runCLI(t, "serve", "--help")
+	require.Equal(t, exitOK, code)
+	for _, f := range []string{"--lock\t", "etcd (an etcd cluster", "--etcd-endpoints", "--etcd-cacert", "--etcd-cert", "--etcd-key", "--etcd-prefix", "--etcd-lease-ttl"} {
+		assert.Contains(t, errOut, f)
+	}
 }

@@ -11,11 +11,13 @@ import (
 	"net"
 	"net/url"
 	"os"
+	"slices"
 	"strings"
 	"time"
 
 	"github.com/clustersnap/clustersnap/clusterized"
 	"github.com/clustersnap/clustersnap/exstore/cow"
+	"github.com/clustersnap/clustersnap/lockc/etcd"
 	"github.com/clustersnap/clustersnap/nbd"
 	"github.com/clustersnap/clustersnap/volumes"
 )
@@ -42,25 +44,77 @@ func (f *snapshotFlags) Set(v string) error {
 	return nil
 }
 
-// clusterFlags turns --cluster-id, --lock and --lockspace into the
-// volumes' cluster: none without a cluster id. A lock engine that
-// coordinates other hosts needs O_DIRECT, so an explicit --direct=false is
-// refused with it.
-func clusterFlags(id, lock, lockspace string, buffered bool) (*volumes.Cluster, error) {
-	if id == "" {
-		if lock != "" || lockspace != "" {
-			return nil, usagef("--lock and --lockspace need --cluster-id")
+// clusterFlags are the flags that make a cluster member: --cluster-id, the
+// lock engine and its settings.
+type clusterFlags struct {
+	id, lock, lockspace *string
+	etcdEndpoints       *string
+	etcd                volumes.EtcdOptions
+}
+
+// etcdFlagPrefix starts the name of every flag of the etcd engine.
+const etcdFlagPrefix = "etcd-"
+
+func newClusterFlags(flags *flag.FlagSet) *clusterFlags {
+	c := &clusterFlags{}
+	c.id = flags.String("cluster-id", "", "serve the snapshots as members of this cluster: their stores take cluster locks (resource ID/NAME per snapshot), "+
+		"and every node must serve the origin with the same --snapshot list (resource ID/origin; a node whose list differs is refused, exit 1)")
+	c.lock = flags.String("lock", "", "lock engine with --cluster-id: local (in-process, this snapd only; the default), dlm "+
+		"(the Linux kernel DLM: several hosts serve the same devices on shared storage, opened with O_DIRECT; needs corosync and dlm_controld) or etcd "+
+		"(an etcd cluster at --etcd-endpoints: several hosts, or several snapd processes of one host, serve the same devices, opened with O_DIRECT)")
+	c.lockspace = flags.String("lockspace", "", "lockspace to join with --cluster-id (default "+clusterized.DefaultLockspace+"); every node serving the same devices uses the same")
+	c.etcdEndpoints = flags.String(etcdFlagPrefix+"endpoints", "", "with --lock etcd: etcd's client URLs, comma-separated (http://HOST:PORT, https://HOST:PORT, unix:///PATH, unixs:///PATH)")
+	flags.StringVar(&c.etcd.CAFile, etcdFlagPrefix+"cacert", "", "with --lock etcd: verify the etcd servers' certificates with this CA bundle (PEM) instead of the system's roots")
+	flags.StringVar(&c.etcd.CertFile, etcdFlagPrefix+"cert", "", "with --lock etcd: this node's client certificate (PEM), with --etcd-key")
+	flags.StringVar(&c.etcd.KeyFile, etcdFlagPrefix+"key", "", "with --lock etcd: the key of --etcd-cert (PEM)")
+	flags.StringVar(&c.etcd.Prefix, etcdFlagPrefix+"prefix", "", "with --lock etcd: the key prefix of the lockspaces (default "+etcd.DefaultPrefix+"); every node of the cluster uses the same")
+	flags.DurationVar(&c.etcd.LeaseTTL, etcdFlagPrefix+"lease-ttl", 0, fmt.Sprintf("with --lock etcd: the lease's time to live, whole seconds (default %v): how long the other nodes wait for the locks of a node that died; "+
+		"a node that cannot renew its lease stops its I/O before it expires", etcd.DefaultTTL))
+	return c
+}
+
+// cluster turns the parsed flags into the volumes' cluster: none without a
+// cluster id. given is the set of flags given on the command line;
+// buffered says --direct=false was given. A lock engine that coordinates
+// other hosts or processes needs O_DIRECT, so buffered is refused with it;
+// etcd flags without --lock etcd are refused.
+func (c *clusterFlags) cluster(given map[string]bool, buffered bool) (*volumes.Cluster, error) {
+	var etcdGiven []string
+	for name := range given {
+		if strings.HasPrefix(name, etcdFlagPrefix) {
+			etcdGiven = append(etcdGiven, "--"+name)
+		}
+	}
+	slices.Sort(etcdGiven)
+	if *c.id == "" {
+		if *c.lock != "" || *c.lockspace != "" || len(etcdGiven) > 0 {
+			return nil, usagef("--lock, --lockspace and --etcd-* need --cluster-id")
 		}
 		return nil, nil
 	}
-	c, err := volumes.NewCluster(id, lock, volumes.ClusterOptions{Lockspace: lockspace})
+	if *c.lock != "etcd" && len(etcdGiven) > 0 {
+		return nil, usagef("%s: only with --lock etcd", strings.Join(etcdGiven, ", "))
+	}
+	if *c.lock == "etcd" && *c.etcdEndpoints == "" {
+		return nil, usagef("--lock etcd needs --etcd-endpoints")
+	}
+	o := volumes.ClusterOptions{Lockspace: *c.lockspace}
+	if *c.lock == "etcd" {
+		o.Etcd = c.etcd
+		o.Etcd.Endpoints = strings.Split(*c.etcdEndpoints, ",")
+	}
+	cl, err := volumes.NewCluster(*c.id, *c.lock, o)
+	if errors.As(err, new(*volumes.ConfigError)) {
+		return nil, usageError{err}
+	}
 	if err != nil {
-		return nil, usagef("%v", err)
+		return nil, err
 	}
-	if c.Shared && buffered {
-		return nil, usagef("--direct=false: lock engine %s shares the devices with other hosts, so they must be opened with O_DIRECT (this host's page cache would hide the other hosts' writes)", lock)
+	if cl.Shared && buffered {
+		_ = cl.Close()
+		return nil, usagef("--direct=false: lock engine %s shares the devices with other nodes, so they must be opened with O_DIRECT (this host's page cache would hide the other nodes' writes)", cl.EngineName)
 	}
-	return c, nil
+	return cl, nil
 }
 
 // openVolumes opens the volumes of c, a refusal of c itself being a usage
@@ -100,22 +154,21 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	verifyClients := flags.Bool("tls-verify-clients", false, "require client certificates signed by the directory's ca-cert.pem")
 	stdio := flags.Bool("stdio", false, "serve one client on stdin/stdout (inetd, libnbd's connect_command) instead of listening")
 	defaultExport := flags.String("default-export", "", "export also served under the empty name (what nbd-client without -N and 'nbdinfo -- [ snapd serve ... ]' ask for)")
-	clusterID := flags.String("cluster-id", "", "serve the snapshots as members of this cluster: their stores take cluster locks (resource ID/NAME per snapshot), "+
-		"and every node must serve the origin with the same --snapshot list (resource ID/origin; a node whose list differs is refused, exit 1)")
-	lock := flags.String("lock", "", "lock engine with --cluster-id: local (in-process, this snapd only; the default) or dlm "+
-		"(the Linux kernel DLM: several hosts serve the same devices on shared storage, opened with O_DIRECT; needs corosync and dlm_controld)")
-	lockspace := flags.String("lockspace", "", "lockspace to join with --cluster-id (default "+clusterized.DefaultLockspace+"); every node serving the same devices uses the same")
+	clusterOpts := newClusterFlags(flags)
 	originID := flags.String("origin-id", "", "the origin's id in the COW labels, instead of the serial or WWID the kernel reports for it (for an origin whose id differs between the hosts serving it)")
 	controlPath := flags.String("control", "", "serve the management protocol on this unix socket (mode 0600): snapd status --control PATH reports the running server")
 	statsInterval := flags.Duration("stats-interval", 10*time.Minute, "with --cluster-id, log the lock and metadata counters this often (and at exit); 0 logs them only at exit")
 	if err := parse(flags, args); err != nil {
 		return err
 	}
-	buffered := false
-	flags.Visit(func(f *flag.Flag) { buffered = buffered || (f.Name == "direct" && !*direct) })
-	cluster, err := clusterFlags(*clusterID, *lock, *lockspace, buffered)
+	given := map[string]bool{}
+	flags.Visit(func(f *flag.Flag) { given[f.Name] = true })
+	cluster, err := clusterOpts.cluster(given, given["direct"] && !*direct)
 	if err != nil {
 		return err
+	}
+	if cluster != nil {
+		defer cluster.Close()
 	}
 	if *origin == "" {
 		return usagef("--origin is required")

@@ -6,18 +6,19 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/clustersnap/clustersnap/test/clusterload"
 )
 
 // triggerBlock is the origin block whose first write tells node 1 that
 // the other nodes are writing the origin; the origin writers never write
 // it.
-const triggerBlock = killOriginBlocks - 1
+const triggerBlock = clusterload.OriginBlocks - 1
 
 // attachMarker is what node 1 prints when its kernel client is done, with
 // the exit statuses of mkfs.ext4, e2fsck -fn and snapd attach.
@@ -57,7 +58,7 @@ echo "%[3]s mkfs=$mkfs e2fsck=$fsck attach=$att"`, triggerBlock, nbdPort, attach
 // holds every flushed write; the COW passes the checker; and the
 // snapshot view it holds is a clean ext4 to the host's e2fsck.
 func TestClusterAttach(t *testing.T) {
-	seed, _ := killEnv(t)
+	seed, _ := clusterload.Env(t, 0)
 	e2fsck, err := exec.LookPath("e2fsck")
 	if err != nil {
 		if os.Getenv("CI") == "true" {
@@ -75,34 +76,32 @@ func TestClusterAttach(t *testing.T) {
 		return serveScript(i)
 	})
 	w := tc.w
-	var wg sync.WaitGroup
 	for i := 2; i <= nodes; i++ {
-		wg.Go(func() { w.writer(ctx, i, toOrigin) })
+		w.Go(func() { w.Writer(ctx, i, clusterload.ToOrigin) })
 	}
-	stopWorkload := sync.OnceFunc(func() { close(w.stop); wg.Wait() })
-	defer stopWorkload()
-	require.NoError(t, w.waitAcked(ctx, 2, 4))
+	defer w.Stop()
+	require.NoError(t, w.WaitAcked(ctx, 2, 4))
 
 	// The trigger, through node 2, recorded as an origin write like the
 	// others.
-	cl, err := dialNBD(ctx, w.links[2].addr, "origin")
+	cl, err := clusterload.Dial(ctx, "tcp", tc.addrs[2], "origin")
 	require.NoError(t, err)
-	v := value{kind: toOrigin, node: 2, seq: 1 << 31}
-	rec := w.h.send(toOrigin, triggerBlock, v)
-	require.NoError(t, cl.write(ctx, triggerBlock*blockSize, encodeBlock(v, triggerBlock)))
-	w.h.ack(rec)
-	require.NoError(t, cl.flush(ctx))
-	w.h.flushed([]*writeRec{rec})
+	v := clusterload.Value{Kind: clusterload.ToOrigin, Node: 2, Seq: 1 << 31}
+	rec := w.History().Send(clusterload.ToOrigin, triggerBlock, v)
+	require.NoError(t, cl.Write(ctx, triggerBlock*clusterload.BlockSize, clusterload.EncodeBlock(v, triggerBlock)))
+	w.History().Ack(rec)
+	require.NoError(t, cl.Flush(ctx))
+	w.History().Flushed([]*clusterload.WriteRec{rec})
 	require.NoError(t, cl.Close())
-	triggered := w.ackedNow()
+	triggered := w.Counts().Acked
 	began := time.Now()
 
 	m := tc.c.Machine(1)
 	if err := m.WaitConsole(ctx, attachMarker); err != nil {
 		t.Fatalf("node 1: %v", err)
 	}
-	during := w.ackedNow()
-	stopWorkload()
+	during := w.Counts().Acked
+	w.Stop()
 	out := consoleTail(m.Console(), 30)
 	assert.Contains(t, out, attachMarker+" mkfs=0 e2fsck=0 attach=0", "node 1's kernel client:\n%s", out)
 	t.Logf("node 1: mkfs.ext4 and e2fsck -fn through its kernel nbd client took %v; meanwhile nodes 2 and 3 acknowledged %d and %d origin writes",
@@ -110,16 +109,13 @@ func TestClusterAttach(t *testing.T) {
 	for i := 2; i <= nodes; i++ {
 		assert.Greater(t, during[i], triggered[i], "node %d wrote the origin while node 1 made its file system", i)
 	}
-	w.mu.Lock()
-	problems := w.problems
-	w.mu.Unlock()
-	require.Empty(t, problems, "the workload saw these")
+	require.Empty(t, w.Counts().Problems, "the workload saw these")
 	tc.c.Close()
 
-	finalOrigin, view := finalImages(ctx, t, tc)
-	rep := w.h.checkFinal(toOrigin, finalOrigin)
-	t.Logf("origin: %d blocks checked, %d written, %d with a flushed write", rep.blocks, rep.written, rep.flushed)
-	assert.Empty(t, rep.problems)
+	finalOrigin, view, _ := clusterload.FinalImages(ctx, t, tc.origin, tc.cow)
+	rep := w.History().CheckFinal(clusterload.ToOrigin, finalOrigin)
+	t.Logf("origin: %d blocks checked, %d written, %d with a flushed write", rep.Blocks, rep.Written, rep.Flushed)
+	assert.Empty(t, rep.Problems)
 	img := filepath.Join(t.TempDir(), "snap.img")
 	require.NoError(t, os.WriteFile(img, view, 0o600))
 	fsck, err := exec.CommandContext(ctx, e2fsck, "-fn", img).CombinedOutput()

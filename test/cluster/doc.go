@@ -5,7 +5,8 @@
 // loopback ports. It has only tests; see test/guest for the guests and
 // their guest-only network, and README.md for what each test proves.
 //
-// TestClusterKills drives a workload with its own NBD client, which sends
+// TestClusterKills drives the workload of package test/clusterload (shared
+// with test/etcdcluster) with its own NBD client, which sends
 // one request at a time per connection, so the test knows which writes
 // were acknowledged and which a completed flush covered. Every block it
 // writes encodes the writing node, its sequence number and the block, so

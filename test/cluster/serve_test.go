@@ -15,15 +15,15 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/clustersnap/clustersnap/exstore"
 	"github.com/clustersnap/clustersnap/exstore/blockdev"
 	"github.com/clustersnap/clustersnap/persistent"
+	"github.com/clustersnap/clustersnap/test/clusterload"
 	"github.com/clustersnap/clustersnap/test/guest"
 	"github.com/clustersnap/clustersnap/volumes"
 )
 
 const (
-	nodes      = 3
+	nodes      = clusterload.Nodes
 	originSize = 16 << 20
 	cowSize    = 8 << 20
 	chunkSize  = 4096
@@ -76,7 +76,7 @@ func TestServeOnDLM(t *testing.T) {
 	origin, cow := filepath.Join(dir, "origin.img"), filepath.Join(dir, "cow.img")
 	require.NoError(t, os.WriteFile(origin, bytes.Repeat([]byte{original}, originSize), 0o600))
 	require.NoError(t, blockdev.Create(cow, cowSize))
-	formatCOW(t, cow, chunkSize)
+	clusterload.FormatCOW(t, cow, chunkSize)
 
 	ports := make([]int, nodes+1)
 	for i := 1; i <= nodes; i++ {
@@ -170,18 +170,6 @@ func TestServeOnDLM(t *testing.T) {
 		chunk := 100 + i
 		assert.Equal(t, bytes.Repeat([]byte{byte(0xc0 + i)}, chunkSize), got[chunk*chunkSize:(chunk+1)*chunkSize], "node %d's chunk %d", i, chunk)
 	}
-}
-
-// formatCOW formats the COW image with chunks of chunkBytes, as snapd
-// create does.
-func formatCOW(t *testing.T, path string, chunkBytes int) {
-	t.Helper()
-	dev, err := blockdev.Open(path, blockdev.Options{})
-	require.NoError(t, err)
-	s, err := persistent.Format(context.Background(), dev, uint32(chunkBytes/exstore.SectorSize), nil)
-	require.NoError(t, err)
-	require.NoError(t, s.Close())
-	require.NoError(t, dev.Close())
 }
 
 // freePort returns a loopback TCP port nobody listens on now.

@@ -15,16 +15,17 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/clustersnap/clustersnap/exstore/blockdev"
+	"github.com/clustersnap/clustersnap/test/clusterload"
 	"github.com/clustersnap/clustersnap/test/guest"
 	"github.com/clustersnap/clustersnap/volumes"
 )
 
-// The layout of TestClusterThroughput, in blocks of blockSize, with the
-// COW's chunks of killChunkBytes.
+// The layout of TestClusterThroughput, in blocks of clusterload.BlockSize, with the
+// COW's chunks of clusterload.ChunkBytes.
 const (
 	tputOriginBlocks = 32768 // 128 MiB
 	tputCOWSize      = 160 << 20
-	tputChunks       = tputOriginBlocks / blocksPerChunk
+	tputChunks       = tputOriginBlocks / clusterload.BlocksPerChunk
 	// The bare run's origin writes go to chunks [0, tputChunks/2), the
 	// cluster run's to the rest, node i's to every third from
 	// tputChunks/2+i-1: every write is the first to its chunk, so every
@@ -111,12 +112,12 @@ func setControl(t *testing.T, path, word string) {
 
 // tputRun is one run of the throughput workload: on each node it
 // drives, one origin writer (one connection, one request at a time) that
-// writes the first block of fresh chunks, flushing every flushEvery
-// writes, and one snapshot reader of random readBlocks ranges that must
+// writes the first block of fresh chunks, flushing every clusterload.FlushEvery
+// writes, and one snapshot reader of random clusterload.ReadBlocks ranges that must
 // read the original content. Only requests completed before the
 // deadline count.
 type tputRun struct {
-	h        *history
+	h        *clusterload.History
 	deadline time.Time
 
 	mu        sync.Mutex
@@ -145,16 +146,16 @@ func (r *tputRun) count(counter *[nodes + 1]int, i int) {
 
 // writer writes chunks' first blocks through c (node i's origin) until
 // the deadline or the chunks run out, then flushes.
-func (r *tputRun) writer(ctx context.Context, c *nbdClient, i int, chunks []int) {
-	var pending []*writeRec
+func (r *tputRun) writer(ctx context.Context, c *clusterload.Client, i int, chunks []int) {
+	var pending []*clusterload.WriteRec
 	flush := func() bool {
 		rctx, cancel := context.WithTimeout(ctx, tputRequestTimeout)
 		defer cancel()
-		if err := c.flush(rctx); err != nil {
+		if err := c.Flush(rctx); err != nil {
 			r.problem("node %d: origin flush: %v", i, err)
 			return false
 		}
-		r.h.flushed(pending)
+		r.h.Flushed(pending)
 		pending = nil
 		return true
 	}
@@ -164,19 +165,19 @@ func (r *tputRun) writer(ctx context.Context, c *nbdClient, i int, chunks []int)
 			ranOut = false
 			break
 		}
-		block := int64(chunk * blocksPerChunk)
-		rec := r.h.send(toOrigin, block, value{kind: toOrigin, node: uint8(i), seq: uint32(k + 1)})
+		block := int64(chunk * clusterload.BlocksPerChunk)
+		rec := r.h.Send(clusterload.ToOrigin, block, clusterload.Value{Kind: clusterload.ToOrigin, Node: uint8(i), Seq: uint32(k + 1)})
 		rctx, cancel := context.WithTimeout(ctx, tputRequestTimeout)
-		err := c.write(rctx, uint64(block)*blockSize, encodeBlock(rec.v, block))
+		err := c.Write(rctx, uint64(block)*clusterload.BlockSize, clusterload.EncodeBlock(rec.V, block))
 		cancel()
 		if err != nil {
 			r.problem("node %d: origin write to block %d: %v", i, block, err)
 			return
 		}
-		r.h.ack(rec)
+		r.h.Ack(rec)
 		pending = append(pending, rec)
 		r.count(&r.writes, i)
-		if len(pending) == flushEvery {
+		if len(pending) == clusterload.FlushEvery {
 			if !flush() {
 				return
 			}
@@ -193,19 +194,19 @@ func (r *tputRun) writer(ctx context.Context, c *nbdClient, i int, chunks []int)
 
 // reader reads random ranges of node i's snapshot through c until the
 // deadline; every block must hold the original content.
-func (r *tputRun) reader(ctx context.Context, c *nbdClient, i int, rng *rand.Rand) {
+func (r *tputRun) reader(ctx context.Context, c *clusterload.Client, i int, rng *rand.Rand) {
 	for time.Now().Before(r.deadline) {
-		first := int64(rng.IntN(tputOriginBlocks - readBlocks + 1))
+		first := int64(rng.IntN(tputOriginBlocks - clusterload.ReadBlocks + 1))
 		rctx, cancel := context.WithTimeout(ctx, tputRequestTimeout)
-		data, err := c.read(rctx, uint64(first)*blockSize, readBlocks*blockSize)
+		data, err := c.Read(rctx, uint64(first)*clusterload.BlockSize, clusterload.ReadBlocks*clusterload.BlockSize)
 		cancel()
 		if err != nil {
 			r.problem("node %d: snapshot read at block %d: %v", i, first, err)
 			return
 		}
-		for k := range int64(readBlocks) {
+		for k := range int64(clusterload.ReadBlocks) {
 			b := first + k
-			if v, ok := decodeBlock(data[k*blockSize:(k+1)*blockSize], b); !ok || v != pristine {
+			if v, ok := clusterload.DecodeBlock(data[k*clusterload.BlockSize:(k+1)*clusterload.BlockSize], b); !ok || v != clusterload.Pristine {
 				r.problem("node %d: snapshot block %d reads %v (decoded: %v), not the original content", i, b, v, ok)
 				return
 			}
@@ -217,14 +218,14 @@ func (r *tputRun) reader(ctx context.Context, c *nbdClient, i int, rng *rand.Ran
 // runThroughput drives the workload for tputDuration against the nodes
 // in chunks (node id to its fresh chunks) and returns what completed.
 // It connects to every node before the clock starts.
-func runThroughput(ctx context.Context, t *testing.T, h *history, addrs []string, chunks map[int][]int, seed uint64) *tputRun {
+func runThroughput(ctx context.Context, t *testing.T, h *clusterload.History, addrs []string, chunks map[int][]int, seed uint64) *tputRun {
 	t.Helper()
-	type conns struct{ origin, snap *nbdClient }
+	type conns struct{ origin, snap *clusterload.Client }
 	cs := map[int]conns{}
 	for i := range chunks {
-		o, err := dialNBD(ctx, addrs[i], volumes.OriginExport)
+		o, err := clusterload.Dial(ctx, "tcp", addrs[i], volumes.OriginExport)
 		require.NoError(t, err, "node %d", i)
-		s, err := dialNBD(ctx, addrs[i], "snap")
+		s, err := clusterload.Dial(ctx, "tcp", addrs[i], "snap")
 		require.NoError(t, err, "node %d", i)
 		cs[i] = conns{o, s}
 	}
@@ -262,14 +263,11 @@ func TestClusterThroughput(t *testing.T) {
 	dir := t.TempDir()
 	tc := &testCluster{origin: filepath.Join(dir, "origin.img"), cow: filepath.Join(dir, "cow.img")}
 	control := filepath.Join(dir, "control.img")
-	pristineOrigin := make([]byte, tputOriginBlocks*blockSize)
-	for b := range int64(tputOriginBlocks) {
-		copy(pristineOrigin[b*blockSize:], encodeBlock(pristine, b))
-	}
+	pristineOrigin := clusterload.PristineImage(tputOriginBlocks)
 	require.NoError(t, os.WriteFile(tc.origin, pristineOrigin, 0o600))
 	require.NoError(t, os.WriteFile(control, make([]byte, 1<<20), 0o600))
 	require.NoError(t, blockdev.Create(tc.cow, tputCOWSize))
-	formatCOW(t, tc.cow, killChunkBytes)
+	clusterload.FormatCOW(t, tc.cow, clusterload.ChunkBytes)
 
 	addrs := make([]string, nodes+1)
 	ports := make([]int, nodes+1)
@@ -299,7 +297,7 @@ func TestClusterThroughput(t *testing.T) {
 	waitMarker(1, bareServingMarker)
 	t.Logf("node 1 serving alone after %v", time.Since(start).Round(time.Second))
 
-	h := newHistory()
+	h := clusterload.NewHistory()
 	bareChunks := make([]int, tputBareChunks)
 	for k := range bareChunks {
 		bareChunks[k] = k
@@ -355,8 +353,8 @@ func TestClusterThroughput(t *testing.T) {
 
 	// Every write was acknowledged and flushed: the origin holds each,
 	// and the snapshot is the original origin.
-	finalOrigin, view := finalImages(ctx, t, tc)
-	checkImages(t, h, finalOrigin, view)
+	finalOrigin, view, _ := clusterload.FinalImages(ctx, t, tc.origin, tc.cow)
+	clusterload.CheckImages(t, h, finalOrigin, view)
 }
 
 // logThroughput logs both runs' counts and the cluster's over the bare
@@ -382,7 +380,7 @@ func logThroughput(t *testing.T, bare, clustered *tputRun) {
 	}
 	bw, br := bare.writes[1], bare.reads[1]
 	t.Logf("figures bare (node 1 alone, no --cluster-id) in %v: %d origin writes (%.1f/s, each copying a chunk), %d flushes, %d snapshot reads of %d KiB (%.1f/s); %d requests",
-		tputDuration, bw, float64(bw)/secs, bare.flushes[1], br, readBlocks*blockSize>>10, float64(br)/secs, bw+br)
+		tputDuration, bw, float64(bw)/secs, bare.flushes[1], br, clusterload.ReadBlocks*clusterload.BlockSize>>10, float64(br)/secs, bw+br)
 	for i := 1; i <= nodes; i++ {
 		w, rd := clustered.writes[i], clustered.reads[i]
 		t.Logf("figures cluster node %d in %v: %d origin writes (%s of the bare node's), %d flushes, %d snapshot reads (%s of the bare node's)",

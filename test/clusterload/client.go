@@ -1,4 +1,4 @@
-package cluster
+package clusterload
 
 import (
 	"context"
@@ -23,20 +23,21 @@ const (
 	nbdCmdFlush         = 3
 )
 
-// nbdClient is one NBD connection that sends one request at a time and
+// Client is one NBD connection that sends one request at a time and
 // waits for its reply, so that the caller knows exactly which requests
 // the server acknowledged: a request whose reply did not arrive is in
 // flight forever (it may or may not have happened).
-type nbdClient struct {
+type Client struct {
 	conn   net.Conn
 	size   uint64
 	handle uint64
 }
 
-// dialNBD connects to export on addr and negotiates it.
-func dialNBD(ctx context.Context, addr, export string) (*nbdClient, error) {
+// Dial connects to export at addr on network ("tcp", "unix") and
+// negotiates it.
+func Dial(ctx context.Context, network, addr, export string) (*Client, error) {
 	var d net.Dialer
-	conn, err := d.DialContext(ctx, "tcp", addr)
+	conn, err := d.DialContext(ctx, network, addr)
 	if err != nil {
 		return nil, fmt.Errorf("nbd %s %s: %w", addr, export, err)
 	}
@@ -45,16 +46,19 @@ func dialNBD(ctx context.Context, addr, export string) (*nbdClient, error) {
 		conn.Close()
 		return nil, fmt.Errorf("nbd %s %s: %w", addr, export, err)
 	}
-	return &nbdClient{conn: conn, size: info.Size}, nil
+	return &Client{conn: conn, size: info.Size}, nil
 }
 
-// errReply is a server's error reply to a request.
-var errReply = errors.New("the server answered with an error")
+// ErrReply is a server's error reply to a request.
+var ErrReply = errors.New("the server answered with an error")
+
+// Size is the export's size.
+func (c *Client) Size() uint64 { return c.size }
 
 // do sends one request and waits for its reply; data is the payload of a
-// write, readLen the length of a read. ctx bounds the exchange. After any
-// error but errReply the connection is unusable.
-func (c *nbdClient) do(ctx context.Context, cmd uint16, off uint64, length uint32, data []byte) ([]byte, error) {
+// write, length the length of a read. ctx bounds the exchange. After any
+// error but ErrReply the connection is unusable.
+func (c *Client) do(ctx context.Context, cmd uint16, off uint64, length uint32, data []byte) ([]byte, error) {
 	c.handle++
 	deadline, ok := ctx.Deadline()
 	if !ok {
@@ -84,7 +88,7 @@ func (c *nbdClient) do(ctx context.Context, cmd uint16, off uint64, length uint3
 		return nil, fmt.Errorf("reply to request %d: bad magic or handle", cmd)
 	}
 	if e := binary.BigEndian.Uint32(hdr[4:]); e != 0 {
-		return nil, fmt.Errorf("request %d at %d: %w (errno %d)", cmd, off, errReply, e)
+		return nil, fmt.Errorf("request %d at %d: %w (errno %d)", cmd, off, ErrReply, e)
 	}
 	if cmd != nbdCmdRead {
 		return nil, nil
@@ -96,22 +100,26 @@ func (c *nbdClient) do(ctx context.Context, cmd uint16, off uint64, length uint3
 	return buf, nil
 }
 
-func (c *nbdClient) write(ctx context.Context, off uint64, data []byte) error {
+// Write writes data at off and waits for the reply.
+func (c *Client) Write(ctx context.Context, off uint64, data []byte) error {
 	_, err := c.do(ctx, nbdCmdWrite, off, uint32(len(data)), data)
 	return err
 }
 
-func (c *nbdClient) read(ctx context.Context, off uint64, length uint32) ([]byte, error) {
+// Read reads length bytes at off.
+func (c *Client) Read(ctx context.Context, off uint64, length uint32) ([]byte, error) {
 	return c.do(ctx, nbdCmdRead, off, length, nil)
 }
 
-func (c *nbdClient) flush(ctx context.Context) error {
+// Flush asks the server to make durable every write it acknowledged
+// before the flush.
+func (c *Client) Flush(ctx context.Context) error {
 	_, err := c.do(ctx, nbdCmdFlush, 0, 0, nil)
 	return err
 }
 
 // Close says goodbye (NBD_CMD_DISC, no reply) and closes the connection.
-func (c *nbdClient) Close() error {
+func (c *Client) Close() error {
 	var req [28]byte
 	binary.BigEndian.PutUint32(req[0:], nbdRequestMagic)
 	binary.BigEndian.PutUint16(req[6:], nbdCmdDisc)

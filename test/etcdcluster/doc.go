@@ -1,0 +1,29 @@
+// Package etcdcluster tests snapd as a member of a cluster of processes on
+// one host: three snapd serve --lock etcd processes over one origin file
+// and one COW file (opened with O_DIRECT, without file locks, as shared
+// storage), coordinated by an etcd server embedded in the test process
+// (lockc/etcd/etcdtest: go.etcd.io/etcd/server/v3/embed on unix sockets). It has only
+// tests, and needs no QEMU, no root and no network beyond loopback.
+//
+// TestEtcdClusterKills drives the workload of package test/clusterload
+// (the one test/cluster drives against three DLM guests) over each node's
+// NBD unix socket: origin writes racing for the same chunks from every
+// node, snapshot writes, flushes, snapshot reads checked continuously. It
+// kills a node with SIGKILL mid-workload, requires the survivors to go on
+// once the node's lease (2 s) expires, starts it again and requires every
+// node to go on; 3 kills, a different victim each time, or
+// CLUSTERSNAP_SOAK_KILLS=N for a soak (run with -v to see the tally:
+// kills, writes checked, violations); a soak's origin grows with its kills
+// (clusterload.Options.Scale) so that its writers still race for fresh
+// chunks at the end. CLUSTERSNAP_SEED sets the seed.
+// Afterwards every node stops on SIGTERM with exit 0 and its snapshot
+// valid, snapd check is clean on the COW, and the origin file and the
+// snapshot view the COW holds keep every flushed write and hold nothing
+// nobody wrote. A node serves once it printed "serving:"; nothing waits by
+// sleeping. CLUSTERSNAP_CONSOLE_DIR, if set, receives every node's output
+// (nodes.log).
+//
+// snapd is built once per test binary (TestMain). TMPDIR must be on a file
+// system that takes O_DIRECT (not tmpfs); the test fails saying so
+// otherwise.
+package etcdcluster
