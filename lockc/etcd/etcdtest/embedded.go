@@ -53,7 +53,9 @@ func Start(tb testing.TB, n int) *Cluster {
 	for i := range n {
 		m := &member{name: fmt.Sprintf("m%d", i+1), dir: filepath.Join(dir, fmt.Sprintf("m%d", i+1))}
 		m.client = url.URL{Scheme: "unix", Path: filepath.Join(dir, m.name+".c")}
-		m.peer = url.URL{Scheme: "unix", Path: filepath.Join(dir, m.name+".p")}
+		// Members talk to each other over loopback TCP: etcd's peer
+		// transport takes a unix URL's host, not its path, as the socket.
+		m.peer = url.URL{Scheme: "http", Host: fmt.Sprintf("127.0.0.1:%d", freePort(tb))}
 		c.members = append(c.members, m)
 		initial = append(initial, m.name+"="+m.peer.String())
 	}
