@@ -25,8 +25,19 @@ func newEtcdCluster(tb testing.TB) locktest.Cluster {
 }
 
 // etcdLocks starts an embedded etcd server, stopped at tb's cleanup, and
-// returns lock engines on it: each one node of a cluster of its own.
-func etcdLocks(tb testing.TB) newLocks {
-	endpoints := etcdtest.Start(tb, 1).Endpoints()
-	return func(tb testing.TB) lockc.Engine { return etcdClusterOn(tb, endpoints).Node(1) }
+// returns lock engines on it (each one node of a cluster of its own) and
+// the server.
+func etcdLocks(tb testing.TB) (newLocks, *etcdtest.Cluster) {
+	server := etcdtest.Start(tb, 1)
+	endpoints := server.Endpoints()
+	return func(tb testing.TB) lockc.Engine { return etcdClusterOn(tb, endpoints).Node(1) }, server
+}
+
+// reportEtcdWrites runs bench and reports how many writes server committed
+// per operation ("etcd-writes/op"), setting up stores included: each is a
+// lock request, conversion or unlock that had to wait for etcd.
+func reportEtcdWrites(b *testing.B, server *etcdtest.Cluster, bench func(b *testing.B)) {
+	rev := server.Revision(0)
+	bench(b)
+	b.ReportMetric(float64(server.Revision(0)-rev)/float64(b.N), "etcd-writes/op")
 }
