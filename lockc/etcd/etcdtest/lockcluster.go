@@ -71,9 +71,6 @@ func NewLockCluster(tb testing.TB, newEngine NewEngine) *LockCluster {
 	return c
 }
 
-// Prefix returns the etcd key prefix of the cluster's lockspaces.
-func (c *LockCluster) Prefix() string { return c.prefix }
-
 // Node returns node id's engine (ids from 1).
 func (c *LockCluster) Node(id uint32) lockc.Engine { return c.node(id) }
 
