@@ -13,6 +13,7 @@ import (
 	"github.com/clustersnap/clustersnap/exstore"
 	"github.com/clustersnap/clustersnap/exstore/blockdev"
 	"github.com/clustersnap/clustersnap/exstore/cow"
+	"github.com/clustersnap/clustersnap/lockc"
 	"github.com/clustersnap/clustersnap/lockc/inproc"
 	"github.com/clustersnap/clustersnap/persistent"
 )
@@ -70,23 +71,31 @@ func (d *memDevice) Alignment() int                               { return 1 }
 func (d *memDevice) Sync() error                                  { return nil }
 func (d *memDevice) Close() error                                 { return nil }
 
+// newLocks returns the lock engine of a clustered benchmark store: one
+// node of a cluster of its own, so that the store is uncontended and meets
+// no lock state of another. A nil newLocks stands for the bare store.
+type newLocks func(tb testing.TB) lockc.Engine
+
+// inprocLocks is a one-node in-process engine.
+func inprocLocks(testing.TB) lockc.Engine { return inproc.New() }
+
 // benchStore returns a fresh COW of cowBytes with a persistent store and,
-// for clustered, the wrapper around it (as the COW engine gets it: a
-// LazyStore).
-func benchStore(b *testing.B, clustered bool, cowBytes int64) (exstore.Store, *memDevice) {
+// if locks is not nil, the wrapper around it on a lock engine from locks
+// (as the COW engine gets it: a LazyStore).
+func benchStore(b *testing.B, locks newLocks, cowBytes int64) (exstore.Store, *memDevice) {
 	b.Helper()
 	dev := newMemDevice("cow", cowBytes)
-	return benchStoreOn(b, clustered, dev), dev
+	return benchStoreOn(b, locks, dev), dev
 }
 
-// benchStoreOn formats dev as a COW device and opens the bare store or the
-// wrapper on it.
-func benchStoreOn(b *testing.B, clustered bool, dev blockdev.Device) exstore.Store {
+// benchStoreOn formats dev as a COW device and opens the bare store (nil
+// locks) or the wrapper on it.
+func benchStoreOn(b *testing.B, locks newLocks, dev blockdev.Device) exstore.Store {
 	b.Helper()
 	formatCOW(b, dev, benchChunkSectors)
 	var s exstore.Store
-	if clustered {
-		cs, err := openPersistent(context.Background(), dev, inproc.New(), "bench")
+	if locks != nil {
+		cs, err := openPersistent(context.Background(), dev, locks(b), "bench")
 		require.NoError(b, err)
 		s = cs.Exstore()
 	} else {
@@ -112,17 +121,19 @@ func warmStore(b *testing.B, s exstore.Store) {
 	require.True(b, s.Abort(e), "abort of the warm-up exception")
 }
 
-func forBoth(b *testing.B, fn func(b *testing.B, clustered bool)) {
-	b.Run("persistent", func(b *testing.B) { fn(b, false) })
-	b.Run("clusterized", func(b *testing.B) { fn(b, true) })
+// forBoth runs fn on the bare store and on the wrapper over the
+// in-process engine.
+func forBoth(b *testing.B, fn func(b *testing.B, locks newLocks)) {
+	b.Run("persistent", func(b *testing.B) { fn(b, nil) })
+	b.Run("clusterized", func(b *testing.B) { fn(b, inprocLocks) })
 }
 
 // BenchmarkLookup looks up chunks half of which have an exception, and
 // releases the answer, from parallel goroutines.
 func BenchmarkLookup(b *testing.B) {
-	forBoth(b, func(b *testing.B, clustered bool) {
+	forBoth(b, func(b *testing.B, locks newLocks) {
 		const n = 4096
-		s, _ := benchStore(b, clustered, 64<<20)
+		s, _ := benchStore(b, locks, 64<<20)
 		for i := range n / 2 {
 			add(b, s, exstore.Chunk(2*i))
 		}
@@ -148,13 +159,13 @@ func BenchmarkLookup(b *testing.B) {
 // BenchmarkPrepareCommitParallel prepares and commits from parallel
 // goroutines, so that commits share metadata writes.
 func BenchmarkPrepareCommitParallel(b *testing.B) {
-	forBoth(b, func(b *testing.B, clustered bool) {
+	forBoth(b, func(b *testing.B, locks newLocks) {
 		const cowBytes = 512 << 20
 		capacity := persistent.NewGeometry(benchChunkSectors, cowBytes).Capacity()
 		if uint64(b.N) >= capacity {
 			b.Skipf("%d operations do not fit in the COW", b.N)
 		}
-		s, _ := benchStore(b, clustered, cowBytes)
+		s, _ := benchStore(b, locks, cowBytes)
 		ctx := context.Background()
 		var next exstoreCounter
 		b.SetParallelism(8)
@@ -178,9 +189,9 @@ func BenchmarkPrepareCommitParallel(b *testing.B) {
 // BenchmarkCOWSnapshotRead reads 4 KiB from a snapshot through the COW
 // engine, half the chunks from the COW and half from the origin.
 func BenchmarkCOWSnapshotRead(b *testing.B) {
-	forBoth(b, func(b *testing.B, clustered bool) {
+	forBoth(b, func(b *testing.B, locks newLocks) {
 		const chunks = 4096
-		s, dev := benchStore(b, clustered, 64<<20)
+		s, dev := benchStore(b, locks, 64<<20)
 		origin := cow.NewOrigin(newMemDevice("origin", chunks*4096))
 		snap, err := origin.AddSnapshot("snap", s, dev, cow.SnapshotOptions{})
 		require.NoError(b, err)

@@ -18,13 +18,14 @@ import (
 
 // The Engine benchmarks run the same store operations on the wrapper over
 // each lock engine: BenchmarkEngine on each engine alone, and
-// BenchmarkEngineRatio on the in-process engine and the kernel DLM
-// alternately (as the Ratio benchmarks do), reporting the DLM's throughput
-// relative to the in-process engine's. The cached-lock operations touch no
-// lock engine once the node holds its lock, so their ratio says what a
-// cached lock costs on the DLM; Alternating moves EX between two nodes on
-// every operation, for contrast. The DLM runs only in a guest
-// (dlmtest.NewCluster skips elsewhere).
+// BenchmarkEngineRatio on the in-process engine and each other engine
+// alternately (as the Ratio benchmarks do), reporting the other engine's
+// throughput relative to the in-process engine's. The cached-lock
+// operations touch no lock engine once the node holds its lock, so their
+// ratio says what a cached lock costs on that engine; Alternating moves EX
+// between two nodes on every operation, for contrast. The kernel DLM runs
+// only in a guest (dlmtest.NewCluster skips elsewhere); etcd is an
+// embedded server per cluster, on a unix socket.
 
 // lockEngine is a lock engine the Engine benchmarks run the wrapper on.
 type lockEngine struct {
@@ -223,23 +224,27 @@ func BenchmarkEngine(b *testing.B) {
 }
 
 // BenchmarkEngineRatio runs each operation on the in-process engine and on
-// the kernel DLM alternately; throughput-ratio is the DLM's throughput
-// relative to the in-process engine's.
+// each other engine alternately (BenchmarkEngineRatio/ENGINE/OPERATION);
+// throughput-ratio is the other engine's throughput relative to the
+// in-process engine's.
 func BenchmarkEngineRatio(b *testing.B) {
 	engines := lockEngines()
-	for _, o := range engineOps() {
-		b.Run(o.name, func(b *testing.B) {
-			var sides [2]ratioOp
-			for i, e := range engines {
-				sides[i] = o.op(b, e.newCluster(b))
+	ref := engines[0]
+	for _, e := range engines[1:] {
+		b.Run(e.name, func(b *testing.B) {
+			for _, o := range engineOps() {
+				b.Run(o.name, func(b *testing.B) {
+					sides := [2]ratioOp{o.op(b, ref.newCluster(b)), o.op(b, e.newCluster(b))}
+					runRatioOf(b, [2]string{ref.name, e.name}, sides)
+				})
 			}
-			runRatioOf(b, [2]string{engines[0].name, engines[1].name}, sides)
 		})
 	}
 }
 
-// lockEngines are the engines the Engine benchmarks compare: the
-// in-process engine, and the kernel DLM (in a guest only).
-func lockEngines() [2]lockEngine {
-	return [2]lockEngine{inprocEngine(), {"dlm", newDLMCluster}}
+// lockEngines are the engines the Engine benchmarks run on: the
+// in-process engine first (BenchmarkEngineRatio's reference), the kernel
+// DLM (in a guest only) and etcd.
+func lockEngines() []lockEngine {
+	return []lockEngine{inprocEngine(), {"dlm", newDLMCluster}, {"etcd", newEtcdCluster}}
 }

@@ -15,7 +15,6 @@ import (
 	"github.com/clustersnap/clustersnap/exstore"
 	"github.com/clustersnap/clustersnap/exstore/blockdev"
 	"github.com/clustersnap/clustersnap/exstore/cow"
-	"github.com/clustersnap/clustersnap/lockc/inproc"
 	"github.com/clustersnap/clustersnap/persistent"
 )
 
@@ -103,8 +102,8 @@ func lookupOp(b *testing.B, s exstore.Store, base exstore.Chunk, n int) ratioOp 
 // BenchmarkRatioLookupHit: lookups that find an exception.
 func BenchmarkRatioLookupHit(b *testing.B) {
 	const n = 4096
-	bare, _ := benchStore(b, false, 64<<20)
-	clustered, _ := benchStore(b, true, 64<<20)
+	bare, _ := benchStore(b, nil, 64<<20)
+	clustered, _ := benchStore(b, inprocLocks, 64<<20)
 	for i := range n {
 		add(b, bare, exstore.Chunk(i))
 		add(b, clustered, exstore.Chunk(i))
@@ -115,26 +114,27 @@ func BenchmarkRatioLookupHit(b *testing.B) {
 // BenchmarkRatioLookupMiss: lookups that find none, held and released (the
 // wrapper's CR entry).
 func BenchmarkRatioLookupMiss(b *testing.B) {
-	bare, _ := benchStore(b, false, 16<<20)
-	clustered, _ := benchStore(b, true, 16<<20)
+	bare, _ := benchStore(b, nil, 16<<20)
+	clustered, _ := benchStore(b, inprocLocks, 16<<20)
 	add(b, bare, 1)
 	add(b, clustered, 1) // the lock is cached in EX
 	runRatio(b, lookupOp(b, bare, 1000, 4096), lookupOp(b, clustered, 1000, 4096))
 }
 
 // prepareCommitOp returns an operation that prepares and commits an
-// exception, starting over on a fresh store when the COW fills up.
-func prepareCommitOp(b *testing.B, clustered bool) ratioOp {
+// exception on the bare store (nil locks) or the wrapper, starting over on
+// a fresh store when the COW fills up.
+func prepareCommitOp(b *testing.B, locks newLocks) ratioOp {
 	const cowBytes = 128 << 20
 	capacity := persistent.NewGeometry(benchChunkSectors, cowBytes).Capacity()
-	s, _ := benchStore(b, clustered, cowBytes)
+	s, _ := benchStore(b, locks, cowBytes)
 	used := uint64(0)
 	ctx := context.Background()
 	return ratioOp{
 		prepare: func(_, n int) {
 			if used+uint64(n) >= capacity {
 				_ = s.Close()
-				s, _ = benchStore(b, clustered, cowBytes)
+				s, _ = benchStore(b, locks, cowBytes)
 				used = 0
 			}
 		},
@@ -154,7 +154,7 @@ func prepareCommitOp(b *testing.B, clustered bool) ratioOp {
 // BenchmarkRatioPrepareCommit: one exception prepared and committed at a
 // time (a metadata write each).
 func BenchmarkRatioPrepareCommit(b *testing.B) {
-	runRatio(b, prepareCommitOp(b, false), prepareCommitOp(b, true))
+	runRatio(b, prepareCommitOp(b, nil), prepareCommitOp(b, inprocLocks))
 }
 
 // snapshotReadOp returns a 4 KiB snapshot read through the COW engine,
@@ -162,9 +162,9 @@ func BenchmarkRatioPrepareCommit(b *testing.B) {
 // files (so mostly the page cache), as snapd serves them: on memory
 // devices a read is a copy whose speed depends on where the allocator put
 // each side's devices, which moved the ratio by 10% from run to run.
-func snapshotReadOp(b *testing.B, clustered bool) ratioOp {
+func snapshotReadOp(b *testing.B, locks newLocks) ratioOp {
 	const chunks = 4096
-	origin, originDev, snap := fileSnapshot(b, clustered, chunks)
+	origin, originDev, snap := fileSnapshot(b, locks, chunks)
 	ctx := context.Background()
 	p := make([]byte, 4096)
 	for c := range chunks {
@@ -186,9 +186,9 @@ func snapshotReadOp(b *testing.B, clustered bool) ratioOp {
 // snapshotRewriteOp returns a 4 KiB snapshot write through the COW engine
 // to a chunk that has its exception already (a lookup and the COW write),
 // on files as snapshotReadOp's.
-func snapshotRewriteOp(b *testing.B, clustered bool) ratioOp {
+func snapshotRewriteOp(b *testing.B, locks newLocks) ratioOp {
 	const chunks = 4096
-	_, _, snap := fileSnapshot(b, clustered, chunks)
+	_, _, snap := fileSnapshot(b, locks, chunks)
 	ctx := context.Background()
 	p := make([]byte, 4096)
 	for c := range chunks {
@@ -207,16 +207,16 @@ func snapshotRewriteOp(b *testing.B, clustered bool) ratioOp {
 // BenchmarkRatioCOWSnapshotRewrite: snapshot writes to chunks that have
 // their exception, through the COW engine.
 func BenchmarkRatioCOWSnapshotRewrite(b *testing.B) {
-	runRatio(b, snapshotRewriteOp(b, false), snapshotRewriteOp(b, true))
+	runRatio(b, snapshotRewriteOp(b, nil), snapshotRewriteOp(b, inprocLocks))
 }
 
 // fileSnapshot returns an origin of chunks 4 KiB chunks on a fresh sparse
 // file, its device, and a snapshot of it on a fresh 64 MiB COW file with
-// the bare store or the wrapper.
-func fileSnapshot(b *testing.B, clustered bool, chunks int64) (*cow.Origin, *blockdev.File, *cow.Snapshot) {
+// the bare store (nil locks) or the wrapper.
+func fileSnapshot(b *testing.B, locks newLocks, chunks int64) (*cow.Origin, *blockdev.File, *cow.Snapshot) {
 	dir := b.TempDir()
 	dev := benchFile(b, dir, "cow", 64<<20)
-	s := benchStoreOn(b, clustered, dev)
+	s := benchStoreOn(b, locks, dev)
 	originDev := benchFile(b, dir, "origin", chunks*4096)
 	origin := cow.NewOrigin(originDev)
 	snap, err := origin.AddSnapshot("snap", s, dev, cow.SnapshotOptions{})
@@ -237,12 +237,12 @@ func benchFile(b *testing.B, dir, name string, size int64) *blockdev.File {
 
 // BenchmarkRatioCOWSnapshotRead: snapshot reads through the COW engine.
 func BenchmarkRatioCOWSnapshotRead(b *testing.B) {
-	runRatio(b, snapshotReadOp(b, false), snapshotReadOp(b, true))
+	runRatio(b, snapshotReadOp(b, nil), snapshotReadOp(b, inprocLocks))
 }
 
 // originWriteOp returns a 4 KiB origin write through the COW engine to a
 // chunk without exception: lookup, allocation, copy, commit, write.
-func originWriteOp(b *testing.B, clustered bool) ratioOp {
+func originWriteOp(b *testing.B, locks newLocks) ratioOp {
 	const chunks = 16384
 	var origin *cow.Origin
 	var store exstore.Store
@@ -252,7 +252,7 @@ func originWriteOp(b *testing.B, clustered bool) ratioOp {
 			_ = store.Close()
 		}
 		var dev *memDevice
-		store, dev = benchStore(b, clustered, 80<<20)
+		store, dev = benchStore(b, locks, 80<<20)
 		origin = cow.NewOrigin(newMemDevice("origin", chunks*4096))
 		_, err := origin.AddSnapshot("snap", store, dev, cow.SnapshotOptions{})
 		require.NoError(b, err)
@@ -278,7 +278,28 @@ func originWriteOp(b *testing.B, clustered bool) ratioOp {
 // BenchmarkRatioCOWOriginWrite: origin writes that copy a chunk into the
 // snapshot through the COW engine.
 func BenchmarkRatioCOWOriginWrite(b *testing.B) {
-	runRatio(b, originWriteOp(b, false), originWriteOp(b, true))
+	runRatio(b, originWriteOp(b, nil), originWriteOp(b, inprocLocks))
+}
+
+// BenchmarkRatioCOWEtcd runs the RatioCOW benchmarks with the wrapper on
+// lockc/etcd (an embedded server on a unix socket; each store one node of
+// a cluster of its own, uncontended, its lock cached in EX) instead of the
+// in-process engine: with the lock held, no operation should wait for
+// etcd, which "etcd-writes/op" counts.
+func BenchmarkRatioCOWEtcd(b *testing.B) {
+	locks, server := etcdLocks(b)
+	benches := []struct {
+		name string
+		run  func(b *testing.B)
+	}{
+		{"SnapshotRead", func(b *testing.B) { runRatio(b, snapshotReadOp(b, nil), snapshotReadOp(b, locks)) }},
+		{"SnapshotRewrite", func(b *testing.B) { runRatio(b, snapshotRewriteOp(b, nil), snapshotRewriteOp(b, locks)) }},
+		{"OriginWrite", func(b *testing.B) { runRatio(b, originWriteOp(b, nil), originWriteOp(b, locks)) }},
+		{"SnapshotFirstWrite", func(b *testing.B) { benchFirstWrites(b, locks, false) }},
+	}
+	for _, bench := range benches {
+		b.Run(bench.name, func(b *testing.B) { reportEtcdWrites(b, server, bench.run) })
+	}
 }
 
 // Snapshot first writes: the parameters of the target (at least
@@ -294,16 +315,16 @@ const (
 // COW engine: each allocates, and (without FUA) commits lazily when the
 // store can; every firstWriteFlushEvery-th write is followed by a flush.
 type firstWriter struct {
-	b         *testing.B
-	clustered bool
-	durable   bool // clustered, but handed to the COW engine as a plain Store
-	snap      *cow.Snapshot
-	store     exstore.Store
-	next      int // the next chunk without exception
+	b       *testing.B
+	locks   newLocks // nil: the bare store
+	durable bool     // clustered, but handed to the COW engine as a plain Store
+	snap    *cow.Snapshot
+	store   exstore.Store
+	next    int // the next chunk without exception
 }
 
-func newFirstWriter(b *testing.B, clustered, durable bool) *firstWriter {
-	w := &firstWriter{b: b, clustered: clustered, durable: durable}
+func newFirstWriter(b *testing.B, locks newLocks, durable bool) *firstWriter {
+	w := &firstWriter{b: b, locks: locks, durable: durable}
 	w.setup()
 	return w
 }
@@ -317,9 +338,9 @@ func (w *firstWriter) setup() {
 	dev := newMemDevice("cow", (firstWriteChunks+firstWriteChunks/64+64)*4096)
 	formatCOW(w.b, dev, benchChunkSectors)
 	var err error
-	if w.clustered {
+	if w.locks != nil {
 		var cs *clusterized.Store
-		cs, err = openPersistent(context.Background(), dev, inproc.New(), "bench")
+		cs, err = openPersistent(context.Background(), dev, w.locks(w.b), "bench")
 		require.NoError(w.b, err)
 		w.store = cs.Exstore()
 		if w.durable {
@@ -386,13 +407,15 @@ func (w *firstWriter) run(n int) time.Duration {
 // the wrapper as a plain Store, as before it was a LazyCommitter, and so
 // commits every exception durably.
 func BenchmarkRatioCOWSnapshotFirstWrite(b *testing.B) {
-	b.Run("lazy", func(b *testing.B) { benchFirstWrites(b, false) })
-	b.Run("durable", func(b *testing.B) { benchFirstWrites(b, true) })
+	b.Run("lazy", func(b *testing.B) { benchFirstWrites(b, inprocLocks, false) })
+	b.Run("durable", func(b *testing.B) { benchFirstWrites(b, inprocLocks, true) })
 }
 
-func benchFirstWrites(b *testing.B, durable bool) {
-	bare := newFirstWriter(b, false, false)
-	clustered := newFirstWriter(b, true, durable)
+// benchFirstWrites runs the first writes on the bare store and on the
+// wrapper over engines from locks, alternately.
+func benchFirstWrites(b *testing.B, locks newLocks, durable bool) {
+	bare := newFirstWriter(b, nil, false)
+	clustered := newFirstWriter(b, locks, durable)
 	var tBare, tClustered time.Duration
 	var ratios []float64
 	b.ResetTimer()

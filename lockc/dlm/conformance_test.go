@@ -3,6 +3,7 @@ package dlm_test
 import (
 	"testing"
 
+	"github.com/clustersnap/clustersnap/lockc"
 	"github.com/clustersnap/clustersnap/lockc/dlm/dlmtest"
 	"github.com/clustersnap/clustersnap/lockc/locktest"
 )
@@ -22,5 +23,9 @@ func harness() locktest.Harness {
 func TestConformance(t *testing.T) { locktest.Run(t, harness()) }
 
 func BenchmarkCachedConvert(b *testing.B) { locktest.BenchmarkCachedConvert(b, harness()) }
+
+func BenchmarkUncachedNL(b *testing.B) { locktest.BenchmarkUncached(b, harness(), lockc.NL) }
+
+func BenchmarkUncachedEX(b *testing.B) { locktest.BenchmarkUncached(b, harness(), lockc.EX) }
 
 func BenchmarkPingPong(b *testing.B) { locktest.BenchmarkPingPong(b, harness()) }

@@ -37,6 +37,10 @@ func TestConformance(t *testing.T) {
 
 func BenchmarkCachedConvert(b *testing.B) { locktest.BenchmarkCachedConvert(b, harness()) }
 
+func BenchmarkUncachedNL(b *testing.B) { locktest.BenchmarkUncached(b, harness(), lockc.NL) }
+
+func BenchmarkUncachedEX(b *testing.B) { locktest.BenchmarkUncached(b, harness(), lockc.EX) }
+
 func BenchmarkPingPong(b *testing.B) { locktest.BenchmarkPingPong(b, harness()) }
 
 // open joins lockspace "ls" as node id.

@@ -33,6 +33,29 @@ func BenchmarkCachedConvert(b *testing.B, h Harness) {
 	}
 }
 
+// BenchmarkUncached measures an acquisition the node has no lock for: a
+// new lock on one resource in mode, granted at once (no other holder), and
+// its unlock. One iteration is both. Where BenchmarkCachedConvert is what a
+// clustered client pays once it holds a lock, this is what it pays to get
+// one, and what every operation would pay without lock caching.
+func BenchmarkUncached(b *testing.B, h Harness, mode lockc.Mode) {
+	ctx := context.Background()
+	ls, err := h.NewCluster(b).Node(1).Open(ctx, "bench")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer ls.Close()
+	for b.Loop() {
+		l, err := ls.Lock(ctx, []byte("r"), mode)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if err := l.Unlock(ctx); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
 // BenchmarkPingPong measures contended exclusive access: two nodes each
 // hold NL on one resource and repeatedly convert to EX, publish the LVB and
 // convert back to NL. One iteration is one EX acquisition by either node.

@@ -1,6 +1,7 @@
 // Package locktest is the conformance suite for lockc engines
 // (specs/locks.md §6): every engine runs the same sub-tests through Run, and
-// the same benchmarks through BenchmarkCachedConvert and BenchmarkPingPong.
+// the same benchmarks through BenchmarkCachedConvert, BenchmarkUncached and
+// BenchmarkPingPong.
 //
 // What the suite checks, each as one sub-test: the compatibility matrix; the
 // refusal of bad requests; grant order (arrival order, conversions before

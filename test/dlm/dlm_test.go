@@ -129,12 +129,12 @@ run() {
 			strings.ReplaceAll(s.Pkg, "/", "_"), binName(s.Pkg), s.Run)
 	}
 	for _, s := range benchSuites {
-		fmt.Fprintf(&b, "run bench-%s env CLUSTERSNAP_DLM_KERNEL=1 %s -test.run '^$' -test.bench 'CachedConvert|PingPong' -test.benchtime 1s\n",
+		fmt.Fprintf(&b, "run bench-%s env CLUSTERSNAP_DLM_KERNEL=1 %s -test.run '^$' -test.bench 'CachedConvert|Uncached|PingPong' -test.benchtime 1s\n",
 			s.Name, binName(s.Pkg))
 	}
 	// A clustered store's operations on both engines, alternated in one
 	// benchmark so that both see the same (emulated, shared) machine.
-	fmt.Fprintf(&b, "run bench-clusterized env CLUSTERSNAP_DLM_KERNEL=1 %s -test.run '^$' -test.bench 'BenchmarkEngineRatio' -test.benchtime 1s\n", binName("clusterized"))
+	fmt.Fprintf(&b, "run bench-clusterized env CLUSTERSNAP_DLM_KERNEL=1 %s -test.run '^$' -test.bench 'BenchmarkEngineRatio/dlm' -test.benchtime 1s\n", binName("clusterized"))
 	b.WriteString("exit $status\n")
 	return b.String()
 }
@@ -224,7 +224,7 @@ func TestKernelDLMOneGuest(t *testing.T) {
 		assert.Equal(t, "0", results["status-bench-"+s.Name], "%s benchmarks", s.Name)
 		ns[s.Name] = benchmarks(t, section(res.Output, "bench-"+s.Name))
 	}
-	for _, b := range []string{"BenchmarkCachedConvert", "BenchmarkPingPong"} {
+	for _, b := range []string{"BenchmarkCachedConvert", "BenchmarkUncachedNL", "BenchmarkUncachedEX", "BenchmarkPingPong"} {
 		d, i := ns["dlm"][b], ns["inproc"][b]
 		if assert.Positive(t, d, "%s on dlm", b) && assert.Positive(t, i, "%s on inproc", b) {
 			t.Logf("%s: dlm %.0f ns/op, inproc %.0f ns/op: dlm/inproc %.1f", b, d, i, d/i)

@@ -104,6 +104,12 @@ func (c *Cluster) Endpoints() []string {
 // Endpoint returns member i's client URL (members from 0).
 func (c *Cluster) Endpoint(i int) string { return c.members[i].client.String() }
 
+// Revision returns member i's current revision (members from 0): it grows
+// by one with every committed write or transaction that changed a key, so
+// the difference between two readings counts them (lease keep-alives
+// change no key).
+func (c *Cluster) Revision(i int) int64 { return c.members[i].srv.Server.KV().Rev() }
+
 // Stop stops member i (from 0): the others go on if they keep a quorum.
 func (c *Cluster) Stop(i int) {
 	c.mu.Lock()

@@ -1,0 +1,22 @@
+package etcd
+
+import (
+	"testing"
+
+	"github.com/clustersnap/clustersnap/lockc"
+	"github.com/clustersnap/clustersnap/lockc/locktest"
+)
+
+// benchHarness is the engine as snapd runs it by default (Options' zero
+// values: a 10 s lease) on one embedded etcd server on a unix socket, so
+// that a benchmark times the engine and the server's round trips, not a
+// network.
+func benchHarness() locktest.Harness { return harness("etcd-embedded", embedded(1), Options{}) }
+
+func BenchmarkCachedConvert(b *testing.B) { locktest.BenchmarkCachedConvert(b, benchHarness()) }
+
+func BenchmarkUncachedNL(b *testing.B) { locktest.BenchmarkUncached(b, benchHarness(), lockc.NL) }
+
+func BenchmarkUncachedEX(b *testing.B) { locktest.BenchmarkUncached(b, benchHarness(), lockc.EX) }
+
+func BenchmarkPingPong(b *testing.B) { locktest.BenchmarkPingPong(b, benchHarness()) }
