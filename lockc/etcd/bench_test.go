@@ -4,6 +4,7 @@ import (
 	"testing"
 
 	"github.com/clustersnap/clustersnap/lockc"
+	"github.com/clustersnap/clustersnap/lockc/etcd/etcdtest"
 	"github.com/clustersnap/clustersnap/lockc/locktest"
 )
 
@@ -11,12 +12,14 @@ import (
 // values: a 10 s lease) on one embedded etcd server on a unix socket, so
 // that a benchmark times the engine and the server's round trips, not a
 // network.
-func benchHarness() locktest.Harness { return harness("etcd-embedded", embedded(1), Options{}) }
+func benchHarness(b *testing.B) locktest.Harness {
+	return harness("etcd-embedded", etcdtest.Start(b, 1).Endpoints(), Options{})
+}
 
-func BenchmarkCachedConvert(b *testing.B) { locktest.BenchmarkCachedConvert(b, benchHarness()) }
+func BenchmarkCachedConvert(b *testing.B) { locktest.BenchmarkCachedConvert(b, benchHarness(b)) }
 
-func BenchmarkUncachedNL(b *testing.B) { locktest.BenchmarkUncached(b, benchHarness(), lockc.NL) }
+func BenchmarkUncachedNL(b *testing.B) { locktest.BenchmarkUncached(b, benchHarness(b), lockc.NL) }
 
-func BenchmarkUncachedEX(b *testing.B) { locktest.BenchmarkUncached(b, benchHarness(), lockc.EX) }
+func BenchmarkUncachedEX(b *testing.B) { locktest.BenchmarkUncached(b, benchHarness(b), lockc.EX) }
 
-func BenchmarkPingPong(b *testing.B) { locktest.BenchmarkPingPong(b, benchHarness()) }
+func BenchmarkPingPong(b *testing.B) { locktest.BenchmarkPingPong(b, benchHarness(b)) }
