@@ -13,6 +13,8 @@ import (
 	"sync"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/clustersnap/clustersnap/nbd"
 )
 
 // Handler answers one op: its result is marshalled as the reply's result.
@@ -38,21 +40,9 @@ func NewServer(handlers map[string]Handler) *Server {
 // server answers on (left by a crash) is replaced; a live one, or a file
 // that is not a socket, is refused.
 func Listen(path string) (net.Listener, error) {
-	if fi, err := os.Lstat(path); err == nil {
-		if fi.Mode().Type() != os.ModeSocket {
-			return nil, fmt.Errorf("control socket %s: a file that is not a socket is in the way", path)
-		}
-		if c, err := net.Dial("unix", path); err == nil {
-			c.Close()
-			return nil, fmt.Errorf("control socket %s: another server answers on it", path)
-		}
-		if err := os.Remove(path); err != nil {
-			return nil, fmt.Errorf("control socket %s: remove the stale socket: %w", path, err)
-		}
-	}
-	ln, err := net.Listen("unix", path)
+	ln, err := nbd.ListenUnix(path)
 	if err != nil {
-		return nil, fmt.Errorf("control socket %s: %w", path, err)
+		return nil, fmt.Errorf("control %w", err)
 	}
 	if err := os.Chmod(path, 0o600); err != nil {
 		ln.Close()

@@ -259,7 +259,7 @@ func serveVolumes(ctx context.Context, v *volumes.Set, cfg serveConfig, stdout, 
 			attach = append(attach, fmt.Sprintf("nbd-client -N NAME %s %d /dev/nbd0 -b 4096", addr.IP, addr.Port))
 		}
 		if cfg.socket != "" {
-			l, err := net.Listen("unix", cfg.socket)
+			l, err := nbd.ListenUnix(cfg.socket)
 			if err != nil {
 				return err
 			}

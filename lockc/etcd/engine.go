@@ -40,8 +40,8 @@ type Options struct {
 	// node declares itself lost and stops I/O; 0 means TTL/4 (at least
 	// 500 ms). It must cover the time the node needs to stop writing.
 	Margin time.Duration
-	// DialTimeout bounds connecting to the endpoints; 0 means
-	// DefaultDialTimeout.
+	// DialTimeout bounds connecting to the endpoints, and Open's wait
+	// for etcd to answer; 0 means DefaultDialTimeout.
 	DialTimeout time.Duration
 	// Client, if set, is used instead of dialing Endpoints, and is not
 	// closed by Close (tests share one).

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -67,10 +68,14 @@ func (e *Engine) Open(ctx context.Context, name string) (lockc.Lockspace, error)
 	if len(name) == 0 || len(name) > lockc.MaxResourceName {
 		return nil, fmt.Errorf("lockspace %q: name must be 1 to %d bytes: %w", name, lockc.MaxResourceName, lockc.ErrBadRequest)
 	}
+	// A node that cannot reach etcd fails at once rather than waiting
+	// unseen: whoever started it (a supervisor) sees it and can retry.
+	ctx, cancel := context.WithTimeout(ctx, e.o.DialTimeout)
+	defer cancel()
 	sent := time.Now()
 	g, err := e.client.Grant(ctx, int64((e.o.TTL+time.Second-1)/time.Second))
 	if err != nil {
-		return nil, fmt.Errorf("lockspace %s: lease: %w", name, err)
+		return nil, fmt.Errorf("lockspace %s: lease from etcd at %s: %w", name, strings.Join(e.client.Endpoints(), ","), err)
 	}
 	ls := &lockspace{
 		e: e, c: e.client, name: name, keys: newLayout(e.o.Prefix, name),

@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -39,13 +38,9 @@ type node struct {
 	out []string // this incarnation's output lines
 }
 
-// start starts the node's next incarnation. A socket left behind by a
-// killed incarnation is removed first: snapd serve does not take over a
-// stale NBD socket.
+// start starts the node's next incarnation on the same paths as the last
+// one: snapd serve takes over the sockets a killed incarnation left.
 func (n *node) start() error {
-	if err := os.Remove(n.sock); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return fmt.Errorf("node %d: %w", n.id, err)
-	}
 	r, w, err := os.Pipe()
 	if err != nil {
 		return err
