@@ -101,6 +101,9 @@ func (ls *lockspace) forget(l *lock) {
 	ls.mu.Lock()
 	defer ls.mu.Unlock()
 	l.gone, l.held = true, false
+	if l.mod > ls.processed {
+		ls.goneAt[l.name] = l.mod
+	}
 	select { // a notification not yet received goes with the lock
 	case <-l.bast:
 	default:
@@ -202,15 +205,17 @@ func (l *lock) acquire(ctx context.Context, r request) error {
 			if !r.isNew && v.deadlocks(l.name, gr0) {
 				return fmt.Errorf("%v: convert %v to %v: %w", l, gr0, r.rq, lockc.ErrDeadlock)
 			}
-			rev, ok, err := l.commitQueue(opCtx, v, r, gr0)
+			_, ok, err := l.commitQueue(opCtx, v, r, gr0)
 			if err != nil {
 				ls.pauseFor(ctx)
 			}
 			if err != nil || !ok {
 				continue
 			}
+			// Wait for changes since the view, not since the
+			// queueing: a lock that went between the two (a
+			// deletion does not stop the commit) must wake us.
 			r.queued = true
-			v.rev = rev
 		}
 		select {
 		case <-ls.changedSince(l.keys.hex, v.rev):
@@ -341,6 +346,9 @@ func (l *lock) giveUp(ctx context.Context, r request, gr0 lockc.Mode) error {
 			t, err = ls.c.Txn(actx).Then(clientv3.OpDelete(l.key), clientv3.OpDelete(l.keys.writer(l.name))).Commit()
 			cancel()
 			if err == nil {
+				ls.mu.Lock()
+				l.mod = t.Header.Revision
+				ls.mu.Unlock()
 				return cancelled
 			}
 			ls.pauseFor(ls.ctx)
@@ -597,6 +605,9 @@ func (l *lock) committed(unlock bool, seq uint64) (done bool, rev int64, err err
 func (l *lock) released(mode lockc.Mode, rev int64, published bool, got []*clientv3.GetResponse) {
 	ls := l.ls
 	if mode == unlockMode {
+		ls.mu.Lock()
+		l.mod = rev
+		ls.mu.Unlock()
 		ls.forget(l)
 		return
 	}

@@ -45,6 +45,10 @@ type lockspace struct {
 	// is the revision of the last one (resources with locks only).
 	changed  map[string]chan struct{}
 	eventRev map[string]int64
+	// goneAt[name] is the revision of the last change of a lock this
+	// membership no longer has, until the watch has passed it: changes
+	// of its key up to it are history, later ones are strays (reap).
+	goneAt map[string]int64
 	// processed is the revision through which the watch has handled
 	// every event; progress is closed (and replaced) when it advances.
 	processed int64
@@ -81,7 +85,7 @@ func (e *Engine) Open(ctx context.Context, name string) (lockc.Lockspace, error)
 		e: e, c: e.client, name: name, keys: newLayout(e.o.Prefix, name),
 		lease: g.ID, ttl: time.Duration(g.TTL) * time.Second, base: sent,
 		locks: map[string]map[*lock]struct{}{}, changed: map[string]chan struct{}{},
-		eventRev: map[string]int64{}, progress: make(chan struct{}), lost: make(chan struct{}),
+		eventRev: map[string]int64{}, goneAt: map[string]int64{}, progress: make(chan struct{}), lost: make(chan struct{}),
 	}
 	ls.fence.Store(int64(ls.ttl - e.o.Margin))
 	node, rev, err := ls.takeNodeID(ctx)

@@ -3,6 +3,8 @@ package etcd
 import (
 	"context"
 	"errors"
+	"fmt"
+	"strings"
 	"time"
 
 	"go.etcd.io/etcd/api/v3/mvccpb"
@@ -33,7 +35,9 @@ func (ls *lockspace) watch(from int64) {
 				break
 			}
 			for _, ev := range resp.Events {
-				ls.event(ev)
+				if st := ls.event(ev); st != nil {
+					ls.reap(st)
+				}
 				from = ev.Kv.ModRevision + 1
 			}
 			ls.advance(from - 1)
@@ -79,6 +83,11 @@ func (ls *lockspace) advance(rev int64) {
 		ls.processed = rev
 		close(ls.progress)
 		ls.progress = make(chan struct{})
+		for name, g := range ls.goneAt {
+			if g <= rev {
+				delete(ls.goneAt, name)
+			}
+		}
 	}
 }
 
@@ -102,23 +111,29 @@ func (ls *lockspace) waitProcessed(ctx context.Context, rev int64) error {
 	}
 }
 
-// event handles one change of a key under the lockspace's resources.
-func (ls *lockspace) event(ev *clientv3.Event) {
+// event handles one change of a key under the lockspace's resources. It
+// returns a stray change of one of this membership's lock keys, for reap.
+func (ls *lockspace) event(ev *clientv3.Event) *stray {
 	res, kind, name := ls.keys.parseKey(string(ev.Kv.Key))
 	rev := ev.Kv.ModRevision
 	ls.mu.Lock()
 	defer ls.mu.Unlock()
 	set := ls.locks[res]
+	if kind == kindLock && ev.Type == mvccpb.PUT && strings.HasPrefix(name, ls.lockPrefix()) {
+		if st := ls.strayChange(set, name, ev.Kv); st != nil {
+			return st
+		}
+	}
 	if len(set) == 0 {
-		return
+		return nil
 	}
 	ls.wake(res, rev)
 	if kind != kindLock || ev.Type != mvccpb.PUT {
-		return
+		return nil
 	}
 	e, err := decodeEntry(ev.Kv.Value)
 	if err != nil || !e.queued() {
-		return
+		return nil
 	}
 	for l := range set {
 		// Only a change after the lock's own last change tells it
@@ -127,6 +142,79 @@ func (ls *lockspace) event(ev *clientv3.Event) {
 			l.deliverBast(e.rq)
 		}
 	}
+	return nil
+}
+
+// stray is a change to one of this membership's lock keys that no
+// operation of this node expects: a request whose answer was lost, which
+// etcd applied after its operation had moved on (given up, or found it
+// not committed and decided otherwise). Left alone, a stray waiting request
+// would block its queue for as long as this node lives, since only its
+// owner would grant it.
+type stray struct {
+	key, writer string
+	rev         int64
+	lock        *lock // nil: no lock of this node has the key any more
+	want        entry // for a lock: what its key must say
+	dropWriter  bool
+}
+
+// lockPrefix is how the names of this membership's locks begin.
+func (ls *lockspace) lockPrefix() string { return fmt.Sprintf("%016x-", int64(ls.lease)) }
+
+// strayChange returns the stray change kv is, or nil if an operation
+// expects it or it says what the lock holds. ls.mu must be held.
+func (ls *lockspace) strayChange(set map[*lock]struct{}, name string, kv *mvccpb.KeyValue) *stray {
+	var l *lock
+	for x := range set {
+		if x.name == name {
+			l = x
+		}
+	}
+	if l == nil {
+		if g, ok := ls.goneAt[name]; ok && kv.ModRevision <= g {
+			return nil
+		}
+		return &stray{key: string(kv.Key), writer: strings.Replace(string(kv.Key), "/q/", "/w/", 1), rev: kv.ModRevision}
+	}
+	if l.busy || l.gone || kv.ModRevision <= l.mod {
+		return nil
+	}
+	e, err := decodeEntry(kv.Value)
+	if err == nil && e.held == l.held && e.granted == l.gr && e.rq == l.gr {
+		return nil
+	}
+	l.seq++
+	return &stray{
+		key: string(kv.Key), rev: kv.ModRevision, lock: l,
+		want:       entry{held: true, granted: l.gr, rq: l.gr, node: ls.node, seq: l.seq},
+		writer:     l.keys.writer(l.name),
+		dropWriter: err != nil || (e.held && e.granted >= lockc.PW && l.gr < lockc.PW),
+	}
+}
+
+// reap undoes a stray change, if the key still holds it: a key no lock of
+// this node has is deleted (with its writer marker), a lock's key is put
+// back to what the lock holds. Nothing is published.
+func (ls *lockspace) reap(st *stray) {
+	ctx, cancel := context.WithTimeout(ls.ctx, attemptTimeout)
+	defer cancel()
+	ops := []clientv3.Op{clientv3.OpDelete(st.key), clientv3.OpDelete(st.writer)}
+	if st.lock != nil {
+		ops = []clientv3.Op{clientv3.OpPut(st.key, st.want.encode(), clientv3.WithLease(ls.lease))}
+		if st.dropWriter {
+			ops = append(ops, clientv3.OpDelete(st.writer))
+		}
+	}
+	t, err := ls.c.Txn(ctx).If(clientv3.Compare(clientv3.ModRevision(st.key), "=", st.rev)).Then(ops...).Commit()
+	if err != nil || !t.Succeeded || st.lock == nil {
+		return
+	}
+	ls.mu.Lock()
+	if !st.lock.busy {
+		st.lock.mod = t.Header.Revision
+	}
+	ls.mu.Unlock()
 }
 
 // wake records an event on res at rev and wakes the requests waiting for
