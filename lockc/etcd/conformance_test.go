@@ -10,9 +10,10 @@ import (
 	"github.com/clustersnap/clustersnap/lockc/locktest"
 )
 
-// testOptions are short leases, so that a crashed or cut-off node's locks
-// go in seconds.
-func testOptions() Options { return Options{TTL: 2 * time.Second, Margin: 500 * time.Millisecond} }
+// testOptions give a lease long enough that a test binary starved of CPU
+// (-race, other tests beside it) never misses a renewal: no sub-test waits
+// for a lease to expire (Crash revokes it).
+func testOptions() Options { return Options{TTL: 5 * time.Second, Margin: time.Second} }
 
 // The conformance suite passes on an embedded etcd server.
 func TestConformanceEmbedded(t *testing.T) {
