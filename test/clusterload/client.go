@@ -49,8 +49,24 @@ func Dial(ctx context.Context, network, addr, export string) (*Client, error) {
 	return &Client{conn: conn, size: info.Size}, nil
 }
 
-// ErrReply is a server's error reply to a request.
+// ErrReply is a server's error reply to a request; every such error is a
+// *ReplyError.
 var ErrReply = errors.New("the server answered with an error")
+
+// ReplyError is a server's error reply to one request: the errno it sent
+// (the protocol's values, which are Linux's: 5 EIO, 108 ESHUTDOWN).
+type ReplyError struct {
+	Cmd   uint16
+	Off   uint64
+	Errno uint32
+}
+
+func (e *ReplyError) Error() string {
+	return fmt.Sprintf("request %d at %d: %v (errno %d)", e.Cmd, e.Off, ErrReply, e.Errno)
+}
+
+// Is makes errors.Is(err, ErrReply) hold for every ReplyError.
+func (e *ReplyError) Is(target error) bool { return target == ErrReply }
 
 // Size is the export's size.
 func (c *Client) Size() uint64 { return c.size }
@@ -88,7 +104,7 @@ func (c *Client) do(ctx context.Context, cmd uint16, off uint64, length uint32, 
 		return nil, fmt.Errorf("reply to request %d: bad magic or handle", cmd)
 	}
 	if e := binary.BigEndian.Uint32(hdr[4:]); e != 0 {
-		return nil, fmt.Errorf("request %d at %d: %w (errno %d)", cmd, off, ErrReply, e)
+		return nil, &ReplyError{Cmd: cmd, Off: off, Errno: e}
 	}
 	if cmd != nbdCmdRead {
 		return nil, nil

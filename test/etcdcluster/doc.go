@@ -23,6 +23,18 @@
 // sleeping. CLUSTERSNAP_CONSOLE_DIR, if set, receives every node's output
 // (nodes.log).
 //
+// TestEtcdClusterCutFencesBeforeOtherGrant cuts one node's connection to
+// etcd (an etcdtest.Proxy that stops forwarding) while that node holds the
+// COW store's lock in EX and writes fresh origin chunks, and another node
+// waits to write fresh chunks too. From the clients' clocks: every request
+// the cut-off node acknowledged, and its clients' first error, come before
+// the other node's first write that needed the lock; the cut-off node's
+// clients all end with EIO or the end of their connection, and its snapd
+// exits 1 saying it lost its cluster lockspace. It then serves again
+// through the healed proxy, and the final checks above hold. The timing
+// check is proven by a unit test on records that break it
+// (TestCutRecordViolations).
+//
 // snapd is built once per test binary (TestMain). TMPDIR must be on a file
 // system that takes O_DIRECT (not tmpfs); the test fails saying so
 // otherwise.
