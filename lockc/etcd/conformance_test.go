@@ -30,7 +30,9 @@ func TestConformanceMemberStopped(t *testing.T) {
 		t.Skip("three etcd members and an election: not in -short")
 	}
 	c := etcdtest.Start(t, 3)
-	o := Options{TTL: 5 * time.Second, Margin: time.Second}
+	// Opens and renewals wait out the election: a node opened while
+	// the cluster has no leader must not give up.
+	o := Options{TTL: 10 * time.Second, Margin: 2 * time.Second, DialTimeout: 30 * time.Second}
 	created := 0
 	var stopped atomic.Bool
 	h := locktest.Harness{

@@ -197,8 +197,14 @@ func (ls *lockspace) Close() error {
 			errs = append(errs, err)
 		}
 	}
+	// A membership lost before it was closed has its lease expiring
+	// already (or gone, or unreachable): revoking it would only keep a
+	// node that cannot reach etcd from exiting.
+	wasLost := ls.Err() != nil
 	ls.end(fmt.Errorf("lockspace %s: closed by node %d: %w", ls.name, ls.node, lockc.ErrLost))
-	ls.revoke()
+	if !wasLost {
+		ls.revoke()
+	}
 	ls.done.Wait()
 	return errors.Join(errs...)
 }
