@@ -76,10 +76,21 @@ func (e *Engine) Open(ctx context.Context, name string) (lockc.Lockspace, error)
 	// unseen: whoever started it (a supervisor) sees it and can retry.
 	ctx, cancel := context.WithTimeout(ctx, e.o.DialTimeout)
 	defer cancel()
-	sent := time.Now()
-	g, err := e.client.Grant(ctx, int64((e.o.TTL+time.Second-1)/time.Second))
-	if err != nil {
-		return nil, fmt.Errorf("lockspace %s: lease from etcd at %s: %w", name, strings.Join(e.client.Endpoints(), ","), err)
+	var g *clientv3.LeaseGrantResponse
+	var sent time.Time
+	for {
+		// A request can fail while etcd elects a leader: try again
+		// until the bound. A lease granted unseen expires by itself.
+		var err error
+		sent = time.Now()
+		g, err = e.client.Grant(ctx, int64((e.o.TTL+time.Second-1)/time.Second))
+		if err == nil {
+			break
+		}
+		if ctx.Err() != nil {
+			return nil, fmt.Errorf("lockspace %s: lease from etcd at %s: %w", name, strings.Join(e.client.Endpoints(), ","), err)
+		}
+		pause(ctx)
 	}
 	ls := &lockspace{
 		e: e, c: e.client, name: name, keys: newLayout(e.o.Prefix, name),
@@ -112,7 +123,11 @@ func (ls *lockspace) takeNodeID(ctx context.Context) (uint32, int64, error) {
 	for {
 		r, err := ls.c.Get(ctx, key)
 		if err != nil {
-			return 0, 0, fmt.Errorf("lockspace %s: node id: %w", ls.name, err)
+			if ctx.Err() != nil {
+				return 0, 0, fmt.Errorf("lockspace %s: node id: %w", ls.name, err)
+			}
+			pause(ctx)
+			continue
 		}
 		var last uint64
 		var mod int64
@@ -127,12 +142,18 @@ func (ls *lockspace) takeNodeID(ctx context.Context) (uint32, int64, error) {
 		if next == 0 {
 			next = 1
 		}
+		// A commit whose answer is lost only wastes an id: the next
+		// round takes another.
 		t, err := ls.c.Txn(ctx).
 			If(clientv3.Compare(clientv3.ModRevision(key), "=", mod)).
 			Then(clientv3.OpPut(key, strconv.FormatUint(uint64(next), 10))).
 			Commit()
 		if err != nil {
-			return 0, 0, fmt.Errorf("lockspace %s: node id: %w", ls.name, err)
+			if ctx.Err() != nil {
+				return 0, 0, fmt.Errorf("lockspace %s: node id: %w", ls.name, err)
+			}
+			pause(ctx)
+			continue
 		}
 		if t.Succeeded {
 			return next, t.Header.Revision, nil

@@ -66,11 +66,18 @@ func (ls *lockspace) pause() { ls.pauseFor(ls.ctx) }
 // pauseFor waits a moment before a failed request is tried again, or
 // until ctx or the membership ends.
 func (ls *lockspace) pauseFor(ctx context.Context) {
+	ctx, cancel := context.WithCancel(ctx)
+	defer context.AfterFunc(ls.ctx, cancel)()
+	pause(ctx)
+	cancel()
+}
+
+// pause waits retryPause, or until ctx ends.
+func pause(ctx context.Context) {
 	t := time.NewTimer(retryPause)
 	defer t.Stop()
 	select {
 	case <-ctx.Done():
-	case <-ls.ctx.Done():
 	case <-t.C:
 	}
 }

@@ -231,7 +231,11 @@ func testLinearizable(e *env) {
 				if !join() {
 					return
 				}
-				defer func() { _ = ls.Close() }()
+				defer func() {
+					if ls != nil { // nil after a failed rejoin
+						_ = ls.Close()
+					}
+				}()
 				var lastSeen uint64
 				for i := range ops {
 					if n := ticks.Add(1); canCrash && n%crashEvery == 0 {
