@@ -21,6 +21,16 @@ const (
 	NoOrder
 )
 
+// JoinFlags combines flags into one (the variadic flags of Lock and
+// Convert).
+func JoinFlags(flags ...Flag) Flag {
+	var f Flag
+	for _, x := range flags {
+		f |= x
+	}
+	return f
+}
+
 // MaxResourceName is the longest resource name an engine must accept (the
 // DLM's limit).
 const MaxResourceName = 64

@@ -46,3 +46,40 @@ func TestNames(t *testing.T) {
 	assert.Equal(t, "invalid", LVBInvalid.String())
 	assert.Equal(t, "unknown", LVBUnknown.String())
 }
+
+// LVBMoveOf is the DLM's dlm_lvb_operations table.
+func TestLVBMoveOf(t *testing.T) {
+	rows := []string{
+		"rrrrrr", // NL
+		"-rrrrr", // CR
+		"--rrrr", // CW
+		"---rrr", // PR
+		"wwwwwr", // PW
+		"wwwwww", // EX
+	}
+	want := map[byte]LVBMove{'r': LVBRead, 'w': LVBWrite, '-': LVBStays}
+	for gr, row := range rows {
+		for rq := range row {
+			assert.Equal(t, want[row[rq]], LVBMoveOf(Mode(gr), Mode(rq)), "%v→%v", Mode(gr), Mode(rq))
+		}
+	}
+}
+
+// Up-conversions are the stronger modes and PR→CW (u: up), written out.
+func TestIsUpConversion(t *testing.T) {
+	rows := []string{
+		"-uuuuu", // NL
+		"--uuuu", // CR
+		"---uuu", // CW
+		"--u-uu", // PR
+		"-----u", // PW
+		"------", // EX
+	}
+	for gr, row := range rows {
+		for rq := range row {
+			assert.Equal(t, row[rq] == 'u', IsUpConversion(Mode(gr), Mode(rq)), "%v→%v", Mode(gr), Mode(rq))
+		}
+	}
+	assert.Equal(t, NoQueue|NoOrder, JoinFlags(NoQueue, NoOrder))
+	assert.Equal(t, Flag(0), JoinFlags())
+}

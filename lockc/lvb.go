@@ -36,3 +36,31 @@ func (s LVBState) String() string {
 	}
 	return fmt.Sprintf("LVBState(%d)", uint8(s))
 }
+
+// LVBMove is what a grant or conversion does with the LVB.
+type LVBMove uint8
+
+const (
+	// LVBStays: the LVB moves neither way.
+	LVBStays LVBMove = iota
+	// LVBRead: the resource's LVB is copied into the lock.
+	LVBRead
+	// LVBWrite: the lock's LVB (or its invalidation) is published to the
+	// resource.
+	LVBWrite
+)
+
+// LVBMoveOf is the DLM's dlm_lvb_operations table for a conversion from
+// granted mode gr to rq: only PW and EX write (on every conversion except
+// PW→EX, which reads), and every other conversion to the same or a
+// stronger mode in the order NL..EX reads (so PR→CW moves nothing). A new
+// lock reads.
+func LVBMoveOf(gr, rq Mode) LVBMove {
+	switch {
+	case gr == EX, gr == PW && rq != EX:
+		return LVBWrite
+	case rq >= gr:
+		return LVBRead
+	}
+	return LVBStays
+}

@@ -82,3 +82,11 @@ func Covers(held, want Mode) bool {
 	}
 	return true
 }
+
+// IsUpConversion reports whether converting a lock from granted mode gr to
+// rq must wait like a new request: rq is stronger, or it is the DLM's
+// PR→CW, whose CW is not weaker than PR. Every other conversion is granted
+// at once.
+func IsUpConversion(gr, rq Mode) bool {
+	return rq > gr || (gr == PR && rq == CW)
+}

@@ -62,30 +62,6 @@ func kernelFlags(flags []lockc.Flag) (uint32, error) {
 	return k, nil
 }
 
-// isUp reports whether converting from gr to rq is an up-conversion.
-func isUp(gr, rq lockc.Mode) bool { return rq > gr || (gr == lockc.PR && rq == lockc.CW) }
-
-// What a conversion does with the LVB, as the kernel's
-// dlm_lvb_operations table says.
-const (
-	lvbNone = iota
-	lvbRead
-	lvbWrite
-)
-
-// lvbOp says what converting from gr to rq moves: from PW or EX a write
-// (but PW→EX reads), any other conversion to the same or a higher mode in
-// the order NL..EX a read (so PR→CW moves nothing).
-func lvbOp(gr, rq lockc.Mode) int {
-	switch {
-	case gr == lockc.EX, gr == lockc.PW && rq != lockc.EX:
-		return lvbWrite
-	case rq >= gr:
-		return lvbRead
-	}
-	return lvbNone
-}
-
 // lvbState is the state of an LVB the kernel returned.
 func lvbState(v lockc.LVB, sbFlags uint8) lockc.LVBState {
 	switch {
@@ -158,7 +134,7 @@ func (ls *lockspace) Lock(ctx context.Context, resource []byte, m lockc.Mode, fl
 func (ls *lockspace) request(ctx context.Context, name []byte, m lockc.Mode, kf uint32, basts bool) (*lock, error) {
 	l := ls.register(name)
 	l.busy = true
-	p := lockParams{mode: m, flags: kf | lkfValBlk | grantFlags(lvbRead, m), castParam: l.key, name: name}
+	p := lockParams{mode: m, flags: kf | lkfValBlk | grantFlags(lockc.LVBRead, m), castParam: l.key, name: name}
 	if basts {
 		p.bastParam = l.key
 	}
@@ -181,7 +157,7 @@ func (ls *lockspace) request(ctx context.Context, name []byte, m lockc.Mode, kf 
 	}
 	if r.status == 0 {
 		ls.mu.Lock()
-		l.granted(m, lvbRead, r, lockc.LVB{})
+		l.granted(m, lockc.LVBRead, r, lockc.LVB{})
 		ls.mu.Unlock()
 		if ctx.Err() == nil {
 			return l, nil
@@ -232,22 +208,22 @@ func (l *lock) await(ctx context.Context) (result, error) {
 
 // grantFlags are the flags added to a request or conversion to mode m that
 // moves the LVB as op says: none, at present.
-func grantFlags(op int, m lockc.Mode) uint32 { return 0 }
+func grantFlags(op lockc.LVBMove, m lockc.Mode) uint32 { return 0 }
 
 // granted records a grant to mode m that moved the LVB as op says; sent is
 // the value a write published. ls.mu must be held.
-func (l *lock) granted(m lockc.Mode, op int, r result, sent lockc.LVB) {
+func (l *lock) granted(m lockc.Mode, op lockc.LVBMove, r result, sent lockc.LVB) {
 	l.mode = m
 	l.busy = false
 	switch op {
-	case lvbRead:
+	case lockc.LVBRead:
 		l.lvb = lockc.LVB{}
 		if r.hasLVB {
 			l.lvb = r.lvb
 		}
 		l.state = lvbState(l.lvb, r.sbFlags)
 		l.staged, l.invalid = nil, false
-	case lvbWrite:
+	case lockc.LVBWrite:
 		l.lvb = sent
 		l.state = lvbState(sent, 0)
 		if l.invalid {
@@ -336,16 +312,16 @@ func (l *lock) begin(what string) error {
 // staged value, or republishes the copy; a read gets zeros, so that a
 // resource without a value reads as zeros. ls.mu must be held.
 func (l *lock) outgoing(gr lockc.Mode, rq int) (lockc.LVB, uint32) {
-	op := lvbWrite
+	op := lockc.LVBWrite
 	if rq >= 0 {
-		op = lvbOp(gr, lockc.Mode(rq))
+		op = lockc.LVBMoveOf(gr, lockc.Mode(rq))
 	} else if gr < lockc.PW {
-		op = lvbNone
+		op = lockc.LVBStays
 	}
 	switch {
-	case op == lvbRead:
+	case op == lockc.LVBRead:
 		return lockc.LVB{}, 0
-	case op == lvbWrite && gr >= lockc.PW:
+	case op == lockc.LVBWrite && gr >= lockc.PW:
 		v := l.lvb
 		if l.staged != nil {
 			v = *l.staged
@@ -371,7 +347,7 @@ func (l *lock) Convert(ctx context.Context, m lockc.Mode, flags ...lockc.Flag) e
 		err = fmt.Errorf("convert %s to mode %v: %w", l, m, lockc.ErrBadRequest)
 	case kf&lkfExpedite != 0:
 		err = fmt.Errorf("convert %s: Expedite is for new requests: %w", l, lockc.ErrBadRequest)
-	case kf&lkfQueCvt != 0 && !isUp(gr, m):
+	case kf&lkfQueCvt != 0 && !lockc.IsUpConversion(gr, m):
 		err = fmt.Errorf("convert %s %v→%v: QueueConvert is for up-conversions: %w", l, gr, m, lockc.ErrBadRequest)
 	default:
 		err = l.begin("convert")
@@ -408,7 +384,7 @@ func (l *lock) convert(ctx context.Context, m lockc.Mode, kf uint32) error {
 	ls := l.ls
 	ls.mu.Lock()
 	gr, lkid := l.mode, l.lkid
-	op := lvbOp(gr, m)
+	op := lockc.LVBMoveOf(gr, m)
 	v, lf := l.outgoing(gr, int(m))
 	ls.mu.Unlock()
 	done := func(err error) error {

@@ -20,12 +20,13 @@ var kernelLVBOps = [6][6]int{
 	{0, 0, 0, 0, 0, 0},    // EX
 }
 
-// The engine's idea of what a conversion moves is the kernel's table.
+// lockc's idea of what a conversion moves, which the engine uses, is the
+// kernel's table.
 func TestLVBOpIsKernelTable(t *testing.T) {
-	want := map[int]int{1: lvbRead, 0: lvbWrite, -1: lvbNone}
+	want := map[int]lockc.LVBMove{1: lockc.LVBRead, 0: lockc.LVBWrite, -1: lockc.LVBStays}
 	for gr := lockc.NL; gr <= lockc.EX; gr++ {
 		for rq := lockc.NL; rq <= lockc.EX; rq++ {
-			assert.Equal(t, want[kernelLVBOps[gr][rq]], lvbOp(gr, rq), "%v→%v", gr, rq)
+			assert.Equal(t, want[kernelLVBOps[gr][rq]], lockc.LVBMoveOf(gr, rq), "%v→%v", gr, rq)
 		}
 	}
 }
@@ -68,9 +69,9 @@ func TestKernelFlags(t *testing.T) {
 }
 
 func TestIsUp(t *testing.T) {
-	assert.True(t, isUp(lockc.NL, lockc.CR))
-	assert.True(t, isUp(lockc.PR, lockc.CW))
-	assert.True(t, isUp(lockc.CW, lockc.PR))
-	assert.False(t, isUp(lockc.EX, lockc.EX))
-	assert.False(t, isUp(lockc.PR, lockc.CR))
+	assert.True(t, lockc.IsUpConversion(lockc.NL, lockc.CR))
+	assert.True(t, lockc.IsUpConversion(lockc.PR, lockc.CW))
+	assert.True(t, lockc.IsUpConversion(lockc.CW, lockc.PR))
+	assert.False(t, lockc.IsUpConversion(lockc.EX, lockc.EX))
+	assert.False(t, lockc.IsUpConversion(lockc.PR, lockc.CR))
 }

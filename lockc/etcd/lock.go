@@ -40,21 +40,13 @@ type lock struct {
 // allFlags is every flag the engine understands.
 const allFlags = lockc.NoQueue | lockc.QueueConvert | lockc.Expedite | lockc.NoOrder
 
-func combine(flags []lockc.Flag) lockc.Flag {
-	var f lockc.Flag
-	for _, x := range flags {
-		f |= x
-	}
-	return f
-}
-
 func (l *lock) String() string {
 	return fmt.Sprintf("lockspace %s: resource %q", l.ls.name, l.res)
 }
 
 // Lock requests a new lock; see lockc.Lockspace.
 func (ls *lockspace) Lock(ctx context.Context, res []byte, mode lockc.Mode, flags ...lockc.Flag) (lockc.Lock, error) {
-	f := combine(flags)
+	f := lockc.JoinFlags(flags...)
 	switch {
 	case len(res) == 0 || len(res) > lockc.MaxResourceName:
 		return nil, fmt.Errorf("lockspace %s: resource %q: name must be 1 to %d bytes: %w", ls.name, res, lockc.MaxResourceName, lockc.ErrBadRequest)
@@ -294,10 +286,10 @@ func (l *lock) finishGrant(ctx context.Context, v *view, rev int64, r request) e
 	ls.mu.Lock()
 	defer ls.mu.Unlock()
 	gr0 := l.gr
-	if r.isNew || lvbOp(gr0, r.rq) == lvbRead {
+	if r.isNew || lockc.LVBMoveOf(gr0, r.rq) == lockc.LVBRead {
 		l.lvb, l.state, l.inval = lvb, st, false
 	}
-	if r.isNew || isUp(gr0, r.rq) {
+	if r.isNew || lockc.IsUpConversion(gr0, r.rq) {
 		l.token = uint64(rev)
 	}
 	l.held, l.gr, l.mod = true, r.rq, rev
@@ -367,7 +359,7 @@ func (l *lock) giveUp(ctx context.Context, r request, gr0 lockc.Mode) error {
 		}
 		kv := g.Kvs[0]
 		e, derr := decodeEntry(kv.Value)
-		if derr == nil && e.held && e.granted == r.rq && isUp(r.rq, gr0) {
+		if derr == nil && e.held && e.granted == r.rq && lockc.IsUpConversion(r.rq, gr0) {
 			cancel()
 			v, verr := l.viewAt(ls.ctx, kv.ModRevision)
 			if verr != nil {
@@ -393,29 +385,9 @@ func (l *lock) giveUp(ctx context.Context, r request, gr0 lockc.Mode) error {
 	}
 }
 
-// lvbOp values: what a conversion does with the LVB.
-const (
-	lvbNone = iota
-	lvbRead
-	lvbWrite
-)
-
-// lvbOp is the DLM's dlm_lvb_operations table: only PW and EX write (on
-// every conversion except PW→EX), and every other conversion to the same or
-// a stronger mode reads.
-func lvbOp(gr, rq lockc.Mode) int {
-	switch {
-	case gr == lockc.EX, gr == lockc.PW && rq != lockc.EX:
-		return lvbWrite
-	case rq >= gr:
-		return lvbRead
-	}
-	return lvbNone
-}
-
 // Convert changes the lock's mode; see lockc.Lock.
 func (l *lock) Convert(ctx context.Context, mode lockc.Mode, flags ...lockc.Flag) error {
-	f := combine(flags)
+	f := lockc.JoinFlags(flags...)
 	if !mode.Valid() || f&^allFlags != 0 || f&lockc.Expedite != 0 {
 		return fmt.Errorf("%v: convert to %v with flags %#x: %w", l, mode, uint32(f), lockc.ErrBadRequest)
 	}
@@ -428,7 +400,7 @@ func (l *lock) Convert(ctx context.Context, mode lockc.Mode, flags ...lockc.Flag
 	case l.busy:
 		ls.mu.Unlock()
 		return fmt.Errorf("%v: convert to %v: %w", l, mode, lockc.ErrBusy)
-	case f&lockc.QueueConvert != 0 && !isUp(l.gr, mode):
+	case f&lockc.QueueConvert != 0 && !lockc.IsUpConversion(l.gr, mode):
 		ls.mu.Unlock()
 		return fmt.Errorf("%v: QueueConvert from %v to %v: %w", l, l.gr, mode, lockc.ErrBadRequest)
 	case ctx.Err() != nil:
@@ -439,7 +411,7 @@ func (l *lock) Convert(ctx context.Context, mode lockc.Mode, flags ...lockc.Flag
 	l.busy = true
 	ls.mu.Unlock()
 	defer l.idle()
-	if isUp(gr0, mode) || lvbOp(gr0, mode) == lvbRead {
+	if lockc.IsUpConversion(gr0, mode) || lockc.LVBMoveOf(gr0, mode) == lockc.LVBRead {
 		return l.acquire(ctx, request{name: l.name, rq: mode, flags: f})
 	}
 	return l.release(mode)
@@ -480,7 +452,7 @@ func (l *lock) release(mode lockc.Mode) error {
 		return l.notHeld()
 	}
 	gr0, mod := l.gr, l.mod
-	publish := gr0 >= lockc.PW && (mode == unlockMode || lvbOp(gr0, mode) == lvbWrite)
+	publish := gr0 >= lockc.PW && (mode == unlockMode || lockc.LVBMoveOf(gr0, mode) == lockc.LVBWrite)
 	lvb, st := l.lvb, lockc.LVBValid
 	if l.inval {
 		st = lockc.LVBInvalid

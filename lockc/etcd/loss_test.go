@@ -161,6 +161,10 @@ func watchEntry(ctx context.Context, c *clientv3.Client, key string) <-chan entr
 	return ch
 }
 
+// lossOptions are a short lease, so that a cut-off node fences itself and
+// etcd expires its lease in about two seconds.
+func lossOptions() Options { return Options{TTL: 2 * time.Second, Margin: 500 * time.Millisecond} }
+
 // lossRun is one loss scenario and what it saw.
 type lossRun struct {
 	dev     *fencingDevice
@@ -194,7 +198,7 @@ func runLoss(t *testing.T, f failure, unfenced bool) *lossRun {
 	etcd := etcdtest.Start(t, 1)
 	run := &lossRun{dev: newFencingDevice(), name: "loss", res: []byte("volume")}
 	run.proxy = etcdtest.NewProxy(t, etcd.Endpoint(0))
-	run.cluster = newTestCluster(t, etcd.Endpoints(), testOptions())
+	run.cluster = newTestCluster(t, etcd.Endpoints(), lossOptions())
 	oA := run.cluster.o
 	oA.Endpoints = []string{run.proxy.Endpoint()}
 	eA, err := New(oA)
@@ -213,7 +217,7 @@ func runLoss(t *testing.T, f failure, unfenced bool) *lossRun {
 	if err != nil {
 		t.Fatal(err)
 	}
-	run.lsB, err = run.cluster.engine(2).Open(ctx, run.name)
+	run.lsB, err = run.cluster.Node(2).Open(ctx, run.name)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -103,12 +103,6 @@ func (v *view) deadWriters() []string {
 	return dead
 }
 
-// isUp reports whether converting from gr to rq must wait like a request:
-// a stronger mode, or the DLM's PR→CW.
-func isUp(gr, rq lockc.Mode) bool {
-	return rq > gr || (gr == lockc.PR && rq == lockc.CW)
-}
-
 // compatibleWithHolders reports whether rq is compatible with every other
 // lock's granted mode (granted or converting).
 func (v *view) compatibleWithHolders(self string, rq lockc.Mode) bool {

@@ -285,7 +285,7 @@ func checkInvariants(t *testing.T, c *Cluster) {
 			for _, l := range r.converting {
 				add(l)
 				require.True(t, l.held)
-				require.True(t, l.op != nil && !l.op.finished && !l.op.isNew && isUp(l.gr, l.op.rq))
+				require.True(t, l.op != nil && !l.op.finished && !l.op.isNew && lockc.IsUpConversion(l.gr, l.op.rq))
 				holders = append(holders, l)
 			}
 			for _, l := range r.waiting {
@@ -463,23 +463,4 @@ func TestRandomWalkInvariants(t *testing.T) {
 	checkInvariants(t, c)
 	assert.Zero(t, c.ResourceCount())
 	assert.Empty(t, c.spaces)
-}
-
-// lvbOp matches the DLM's dlm_lvb_operations rows NL..EX, columns NL..EX
-// (r: read, w: write, -: nothing), written out from fs/dlm's table.
-func TestLVBOpTable(t *testing.T) {
-	rows := []string{
-		"rrrrrr", // NL
-		"-rrrrr", // CR
-		"--rrrr", // CW
-		"---rrr", // PR
-		"wwwwwr", // PW
-		"wwwwww", // EX
-	}
-	want := map[byte]int{'r': lvbRead, 'w': lvbWrite, '-': lvbNone}
-	for gr, row := range rows {
-		for rq := range row {
-			assert.Equal(t, want[row[rq]], lvbOp(lockc.Mode(gr), lockc.Mode(rq)), "%v→%v", lockc.Mode(gr), lockc.Mode(rq))
-		}
-	}
 }

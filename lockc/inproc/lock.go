@@ -54,18 +54,9 @@ func (o *op) finish(err error) {
 // allFlags is every flag the engine understands.
 const allFlags = lockc.NoQueue | lockc.QueueConvert | lockc.Expedite | lockc.NoOrder
 
-// combine ORs flags together.
-func combine(flags []lockc.Flag) lockc.Flag {
-	var f lockc.Flag
-	for _, x := range flags {
-		f |= x
-	}
-	return f
-}
-
 // Lock requests a new lock; see lockc.Lockspace.
 func (m *member) Lock(ctx context.Context, name []byte, mode lockc.Mode, flags ...lockc.Flag) (lockc.Lock, error) {
-	l, o, err := m.request(ctx, name, mode, combine(flags))
+	l, o, err := m.request(ctx, name, mode, lockc.JoinFlags(flags...))
 	if err != nil {
 		return nil, err
 	}
@@ -123,7 +114,7 @@ func (m *member) request(ctx context.Context, name []byte, mode lockc.Mode, f lo
 
 // Convert changes the lock's mode; see lockc.Lock.
 func (l *lock) Convert(ctx context.Context, mode lockc.Mode, flags ...lockc.Flag) error {
-	o, err := l.startConvert(ctx, mode, combine(flags))
+	o, err := l.startConvert(ctx, mode, lockc.JoinFlags(flags...))
 	if err != nil || o == nil {
 		return err
 	}
@@ -145,13 +136,13 @@ func (l *lock) startConvert(ctx context.Context, mode lockc.Mode, f lockc.Flag) 
 		return nil, l.notHeld()
 	case l.op != nil:
 		return nil, fmt.Errorf("%v: convert to %v: %w", r, mode, lockc.ErrBusy)
-	case f&lockc.QueueConvert != 0 && !isUp(l.gr, mode):
+	case f&lockc.QueueConvert != 0 && !lockc.IsUpConversion(l.gr, mode):
 		return nil, fmt.Errorf("%v: QueueConvert from %v to %v: %w", r, l.gr, mode, lockc.ErrBadRequest)
 	case ctx.Err() != nil:
 		return nil, fmt.Errorf("%v: convert to %v: %w", r, mode, ctx.Err())
 	}
 	l.m.n.stats.Converts++
-	if !isUp(l.gr, mode) {
+	if !lockc.IsUpConversion(l.gr, mode) {
 		// Down-conversions and same-mode conversions are always
 		// granted, and may let others in.
 		l.convertTo(mode)
@@ -290,7 +281,7 @@ func (l *lock) undo(o *op) bool {
 		l.detach()
 		delete(l.m.locks, l)
 	} else {
-		if isUp(l.gr, o.oldGr) && !r.compatibleWithHolders(l, o.oldGr) {
+		if lockc.IsUpConversion(l.gr, o.oldGr) && !r.compatibleWithHolders(l, o.oldGr) {
 			return false
 		}
 		l.gr = o.oldGr

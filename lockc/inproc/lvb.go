@@ -2,37 +2,16 @@ package inproc
 
 import "github.com/clustersnap/clustersnap/lockc"
 
-// What a conversion does with the LVB; see lvbOp.
-const (
-	lvbNone  = iota // nothing
-	lvbRead         // resource → lock
-	lvbWrite        // lock → resource
-)
-
-// lvbOp says what converting from granted mode gr to mode rq does with the
-// LVB, as the DLM's dlm_lvb_operations table: only PW and EX write (on every
-// conversion except PW→EX), and every other conversion to the same or a
-// stronger mode reads.
-func lvbOp(gr, rq lockc.Mode) int {
-	switch {
-	case gr == lockc.EX, gr == lockc.PW && rq != lockc.EX:
-		return lvbWrite
-	case rq >= gr:
-		return lvbRead
-	}
-	return lvbNone
-}
-
 // convertTo changes l's granted mode to rq, moving the LVB as the DLM does.
 // c.mu must be held.
 func (l *lock) convertTo(rq lockc.Mode) {
-	switch lvbOp(l.gr, rq) {
-	case lvbRead:
+	switch lockc.LVBMoveOf(l.gr, rq) {
+	case lockc.LVBRead:
 		l.read()
-	case lvbWrite:
+	case lockc.LVBWrite:
 		l.publish()
 	}
-	if isUp(l.gr, rq) {
+	if lockc.IsUpConversion(l.gr, rq) {
 		l.token = l.m.n.c.nextToken()
 	}
 	l.gr = rq

@@ -32,13 +32,6 @@ func (m *member) resource(name []byte) *resource {
 	return r
 }
 
-// isUp reports whether converting from gr to rq is an up-conversion, which
-// must wait like a request: a stronger mode, or the DLM's "middle"
-// conversion PR→CW (CW is not weaker than PR).
-func isUp(gr, rq lockc.Mode) bool {
-	return rq > gr || (gr == lockc.PR && rq == lockc.CW)
-}
-
 // compatibleWithHolders reports whether mode rq is compatible with every
 // other lock's granted mode, on the granted and convert queues.
 func (r *resource) compatibleWithHolders(l *lock, rq lockc.Mode) bool {

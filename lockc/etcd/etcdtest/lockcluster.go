@@ -26,6 +26,13 @@ type Engine interface {
 	Sync(ctx context.Context, lockspace string) error
 	// Close closes the engine's lockspaces and its connection.
 	Close() error
+	// WaitQueueLen returns once etcd holds exactly the queued requests
+	// given on resource and the engine's lockspaces of that name have
+	// handled the changes that queued them.
+	WaitQueueLen(ctx context.Context, lockspace string, resource []byte, converting, waiting int) error
+	// ResourceCount counts the resources with any key under the
+	// engine's prefix.
+	ResourceCount(ctx context.Context) (int, error)
 }
 
 // NewEngine makes a node's engine, whose lockspaces live under the etcd
@@ -36,7 +43,8 @@ type NewEngine func(prefix string) (Engine, error)
 // crashed node's locks go.
 const syncBound = 30 * time.Second
 
-// LockCluster is a locktest.Cluster and locktest.Crasher whose nodes are
+// LockCluster is a locktest.Cluster (and Crasher, QueueWaiter and
+// ResourceCounter) whose nodes are
 // lock engines on one etcd cluster, each with its own connection, under a
 // key prefix no other LockCluster uses (so clusters share a server without
 // sharing locks). Engines are made on first use and closed at cleanup.
@@ -50,7 +58,11 @@ type LockCluster struct {
 	spaces map[string]bool // lockspaces opened through the cluster, by name
 }
 
-var _ locktest.Crasher = (*LockCluster)(nil)
+var (
+	_ locktest.Crasher         = (*LockCluster)(nil)
+	_ locktest.QueueWaiter     = (*LockCluster)(nil)
+	_ locktest.ResourceCounter = (*LockCluster)(nil)
+)
 
 // NewLockCluster returns a cluster whose nodes' engines newEngine makes.
 func NewLockCluster(tb testing.TB, newEngine NewEngine) *LockCluster {
@@ -70,6 +82,9 @@ func NewLockCluster(tb testing.TB, newEngine NewEngine) *LockCluster {
 	})
 	return c
 }
+
+// Prefix is the etcd key prefix the cluster's engines are made with.
+func (c *LockCluster) Prefix() string { return c.prefix }
 
 // Node returns node id's engine (ids from 1).
 func (c *LockCluster) Node(id uint32) lockc.Engine { return c.node(id) }
@@ -137,4 +152,28 @@ func (c *LockCluster) Crash(id uint32) {
 			}
 		}
 	}
+}
+
+// WaitQueueLen waits until etcd holds exactly the queued requests given,
+// then until every node has handled the changes that queued them.
+func (c *LockCluster) WaitQueueLen(ctx context.Context, lockspace string, resource []byte, converting, waiting int) error {
+	for _, n := range c.all() {
+		if err := n.WaitQueueLen(ctx, lockspace, resource, converting, waiting); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// ResourceCount counts the resources the cluster's nodes left keys of in
+// etcd (they share a prefix, so any node counts them all).
+func (c *LockCluster) ResourceCount() int {
+	ctx, cancel := context.WithTimeout(context.Background(), syncBound)
+	defer cancel()
+	n, err := c.node(1).ResourceCount(ctx)
+	if err != nil {
+		c.tb.Errorf("etcd lock cluster: %v", err)
+		return -1
+	}
+	return n
 }
