@@ -142,7 +142,7 @@ assert h.pread(len(data), 65536) == data
 h.shutdown()
 print("ok")
 `
-	out = runTool(t, py, "-c", script, ts.addr, pki.dir)
+	out = runTool(t, py, "-c", script, ts.addr, pki.CADir)
 	assert.Contains(t, out, "ok")
 	onDisk, err := os.ReadFile(path)
 	require.NoError(t, err)

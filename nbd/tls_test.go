@@ -3,111 +3,36 @@ package nbd
 import (
 	"bytes"
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
-	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
-	"math/big"
 	"net"
-	"os"
-	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/clustersnap/clustersnap/internal/testpki"
 )
 
-// testPKI is a throw-away certificate authority, a server certificate it
-// signed for 127.0.0.1 and localhost, and a client certificate.
+// testPKI is a throwaway CA (package testpki) with the TLS configurations
+// the server and Go clients of these tests use.
 type testPKI struct {
-	// server is the server's TLS configuration, loaded from serverDir
+	*testpki.PKI
+	// server is the server's TLS configuration, loaded from ServerDir
 	// without client verification.
 	server *tls.Config
 	// client trusts the CA, for Go clients.
 	client *tls.Config
-	// serverDir holds ca-cert.pem, server-cert.pem and server-key.pem.
-	serverDir string
-	// dir holds ca-cert.pem only: what libnbd and qemu need to check
-	// the server.
-	dir string
-	// clientDir also holds client-cert.pem and client-key.pem.
-	clientDir string
 }
 
-// writePEM writes one PEM block to dir/name.
-func writePEM(t testing.TB, dir, name, typ string, der []byte) {
-	t.Helper()
-	require.NoError(t, os.WriteFile(filepath.Join(dir, name), pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}), 0o600))
-}
-
-// newTestPKI makes a CA, server and client certificates, and their
-// directories.
+// newTestPKI makes a CA with server and client certificates, and the
+// configurations of both sides.
 func newTestPKI(t testing.TB) *testPKI {
 	t.Helper()
-	now := time.Now()
-	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	p := testpki.New(t)
+	server, err := TLSConfigFromDir(p.ServerDir, false)
 	require.NoError(t, err)
-	caTemplate := &x509.Certificate{
-		SerialNumber:          big.NewInt(1),
-		Subject:               pkix.Name{CommonName: "clustersnap test CA"},
-		NotBefore:             now.Add(-time.Hour),
-		NotAfter:              now.Add(24 * time.Hour),
-		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
-		BasicConstraintsValid: true,
-		IsCA:                  true,
-	}
-	caDER, err := x509.CreateCertificate(rand.Reader, caTemplate, caTemplate, &caKey.PublicKey, caKey)
-	require.NoError(t, err)
-	caCert, err := x509.ParseCertificate(caDER)
-	require.NoError(t, err)
-
-	// leaf signs a certificate for template with the CA, returning its DER
-	// and PKCS#8 key.
-	leaf := func(template *x509.Certificate) (certDER, keyDER []byte) {
-		key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-		require.NoError(t, err)
-		template.NotBefore = now.Add(-time.Hour)
-		template.NotAfter = now.Add(24 * time.Hour)
-		template.KeyUsage = x509.KeyUsageDigitalSignature
-		certDER, err = x509.CreateCertificate(rand.Reader, template, caCert, &key.PublicKey, caKey)
-		require.NoError(t, err)
-		keyDER, err = x509.MarshalPKCS8PrivateKey(key)
-		require.NoError(t, err)
-		return certDER, keyDER
-	}
-	serverDER, serverKey := leaf(&x509.Certificate{
-		SerialNumber: big.NewInt(2),
-		Subject:      pkix.Name{CommonName: "localhost"},
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-		DNSNames:     []string{"localhost"},
-		IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1)},
-	})
-	clientDER, clientKey := leaf(&x509.Certificate{
-		SerialNumber: big.NewInt(3),
-		Subject:      pkix.Name{CommonName: "client"},
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
-	})
-
-	pki := &testPKI{serverDir: t.TempDir(), dir: t.TempDir(), clientDir: t.TempDir()}
-	for _, dir := range []string{pki.serverDir, pki.dir, pki.clientDir} {
-		writePEM(t, dir, "ca-cert.pem", "CERTIFICATE", caDER)
-	}
-	writePEM(t, pki.serverDir, "server-cert.pem", "CERTIFICATE", serverDER)
-	writePEM(t, pki.serverDir, "server-key.pem", "PRIVATE KEY", serverKey)
-	writePEM(t, pki.clientDir, "client-cert.pem", "CERTIFICATE", clientDER)
-	writePEM(t, pki.clientDir, "client-key.pem", "PRIVATE KEY", clientKey)
-
-	pki.server, err = TLSConfigFromDir(pki.serverDir, false)
-	require.NoError(t, err)
-	pool := x509.NewCertPool()
-	pool.AddCert(caCert)
-	pki.client = &tls.Config{RootCAs: pool, ServerName: "localhost"}
-	return pki
+	return &testPKI{PKI: p, server: server, client: &tls.Config{RootCAs: p.CertPool(), ServerName: testpki.ServerName}}
 }
 
 // startTLS sends STARTTLS on rc and switches it to TLS.
@@ -222,7 +147,7 @@ func TestTLSModeParseAndConfig(t *testing.T) {
 
 // tlsURI returns the nbds:// URI of export name, trusting the test CA.
 func tlsURI(ts *testServer, pki *testPKI, name string) string {
-	return "nbds://" + ts.addr + "/" + name + "?tls-certificates=" + pki.dir
+	return "nbds://" + ts.addr + "/" + name + "?tls-certificates=" + pki.CADir
 }
 
 func TestTLSInteropQemu(t *testing.T) {
@@ -237,7 +162,7 @@ func TestTLSInteropQemu(t *testing.T) {
 		"export=mem", "tls-creds=tls0",
 	}, ",")
 	out := runTool(t, qemuIO,
-		"--object", "tls-creds-x509,id=tls0,endpoint=client,dir="+pki.dir,
+		"--object", "tls-creds-x509,id=tls0,endpoint=client,dir="+pki.CADir,
 		"--image-opts", image,
 		"-c", "write -P 0x5a 8k 12k",
 		"-c", "read -P 0x5a 8k 12k",
@@ -271,14 +196,14 @@ for tls in (False, True):
     h.shutdown()
 print("ok")
 `
-	out := runTool(t, py, "-c", script, ts.addr, pki.dir)
+	out := runTool(t, py, "-c", script, ts.addr, pki.CADir)
 	assert.Contains(t, out, "ok")
 }
 
 func TestTLSClientCertificates(t *testing.T) {
 	py := libnbdPython(t)
 	pki := newTestPKI(t)
-	verifying, err := TLSConfigFromDir(pki.serverDir, true)
+	verifying, err := TLSConfigFromDir(pki.ServerDir, true)
 	require.NoError(t, err)
 	ts := startServer(t, []Export{{Name: "mem", Backend: newMemBackend(1 << 20)}}, Options{TLSMode: TLSRequire, TLS: verifying}, false)
 	script := `
@@ -298,14 +223,14 @@ assert h.pread(9, 0) == b"certified"
 h.shutdown()
 print("connected")
 `
-	out := runTool(t, py, "-c", script, ts.addr, pki.clientDir)
+	out := runTool(t, py, "-c", script, ts.addr, pki.ClientDir)
 	assert.Equal(t, "connected\n", out, "client with a certificate")
-	out = runTool(t, py, "-c", script, ts.addr, pki.dir)
+	out = runTool(t, py, "-c", script, ts.addr, pki.CADir)
 	assert.Contains(t, out, "refused:", "client without a certificate")
 
-	_, err = TLSConfigFromDir(pki.dir, false)
-	assert.ErrorContains(t, err, pki.dir, "no server certificate")
-	_, err = TLSConfigFromDir(pki.clientDir, true)
+	_, err = TLSConfigFromDir(pki.CADir, false)
+	assert.ErrorContains(t, err, pki.CADir, "no server certificate")
+	_, err = TLSConfigFromDir(pki.ClientDir, true)
 	assert.ErrorContains(t, err, "server-cert.pem")
 }
 

@@ -59,6 +59,13 @@
 // has started; storage that checks tokens (lockc.Tokener: each grant's etcd
 // revision) closes that gap entirely.
 //
+// Connecting. Options.TLS secures the connections (the server's CA, the
+// node's client certificate); the tests run against a member that requires
+// client certificates. Open waits at most Options.DialTimeout for etcd to
+// answer, and when no connection was ready its error carries the reason
+// gRPC gave (a certificate the client does not trust, a refused handshake,
+// a refused connection), which the etcd client would otherwise drop.
+//
 // Node ids. Each Open takes the next id of the lockspace from a counter in
 // etcd: a restarted node is a new member with a new id.
 //

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/grpc"
 
 	"github.com/clustersnap/clustersnap/lockc"
 )
@@ -101,6 +102,7 @@ func New(o Options) (*Engine, error) {
 		TLS:         o.TLS,
 		DialTimeout: o.DialTimeout,
 		Logger:      quietLogger(),
+		DialOptions: []grpc.DialOption{grpc.WithChainUnaryInterceptor(keepConnErrs)},
 	})
 	if err != nil {
 		return nil, fmt.Errorf("etcd lock engine: endpoints %v: %w", o.Endpoints, err)

@@ -73,9 +73,11 @@ func (e *Engine) Open(ctx context.Context, name string) (lockc.Lockspace, error)
 		return nil, fmt.Errorf("lockspace %q: name must be 1 to %d bytes: %w", name, lockc.MaxResourceName, lockc.ErrBadRequest)
 	}
 	// A node that cannot reach etcd fails at once rather than waiting
-	// unseen: whoever started it (a supervisor) sees it and can retry.
+	// unseen: whoever started it (a supervisor) sees it and can retry,
+	// told why by ce.
 	ctx, cancel := context.WithTimeout(ctx, e.o.DialTimeout)
 	defer cancel()
+	ctx, ce := withConnErrs(ctx)
 	var g *clientv3.LeaseGrantResponse
 	var sent time.Time
 	for {
@@ -88,7 +90,7 @@ func (e *Engine) Open(ctx context.Context, name string) (lockc.Lockspace, error)
 			break
 		}
 		if ctx.Err() != nil {
-			return nil, fmt.Errorf("lockspace %s: lease from etcd at %s: %w", name, strings.Join(e.client.Endpoints(), ","), err)
+			return nil, fmt.Errorf("lockspace %s: lease from etcd at %s: %w", name, strings.Join(e.client.Endpoints(), ","), ce.explain(err))
 		}
 		pause(ctx)
 	}

@@ -10,7 +10,10 @@
 // own tests import this package).
 //
 // Every server lives in its own temporary directory and is stopped at the
-// test's cleanup. Clients reach embedded members on unix sockets; members
-// talk to each other, and the binary listens, on 127.0.0.1 only. Only tests
-// import this package: the etcd server does not link into snapd.
+// test's cleanup. Clients reach embedded members on unix sockets, except
+// StartTLS's member, which serves them TLS on 127.0.0.1 with an
+// internal/testpki CA's certificates and requires client certificates of
+// that CA; members talk to each other, and the binary listens, on
+// 127.0.0.1 only. Only tests import this package: the etcd server does not
+// link into snapd.
 package etcdtest

@@ -10,8 +10,11 @@ import (
 	"testing"
 	"time"
 
+	"go.etcd.io/etcd/client/pkg/v3/transport"
 	"go.etcd.io/etcd/server/v3/embed"
 	"go.uber.org/zap"
+
+	"github.com/clustersnap/clustersnap/internal/testpki"
 )
 
 // startBound bounds how long a cluster may take to elect a leader.
@@ -39,6 +42,22 @@ type member struct {
 // has a leader. It is stopped at tb's cleanup.
 func Start(tb testing.TB, n int) *Cluster {
 	tb.Helper()
+	return start(tb, n, nil)
+}
+
+// StartTLS starts a one-member embedded etcd whose clients connect over
+// TLS on 127.0.0.1 (an https:// endpoint), as etcd's --cert-file,
+// --key-file, --trusted-ca-file and --client-cert-auth set it up: the
+// member presents pki's server certificate and accepts only clients that
+// present a certificate signed by pki's CA. It is stopped at tb's cleanup.
+func StartTLS(tb testing.TB, pki *testpki.PKI) *Cluster {
+	tb.Helper()
+	return start(tb, 1, pki)
+}
+
+// start starts n members; with pki, their clients use TLS on loopback TCP,
+// else unix sockets.
+func start(tb testing.TB, n int, pki *testpki.PKI) *Cluster {
 	// Unix socket paths must be short (108 bytes), so not t.TempDir.
 	dir, err := os.MkdirTemp("", "etcd")
 	if err != nil {
@@ -53,6 +72,11 @@ func Start(tb testing.TB, n int) *Cluster {
 	for i := range n {
 		m := &member{name: fmt.Sprintf("m%d", i+1), dir: filepath.Join(dir, fmt.Sprintf("m%d", i+1))}
 		m.client = url.URL{Scheme: "unix", Path: filepath.Join(dir, m.name+".c")}
+		if pki != nil {
+			// Port 0: the member listens on a port the kernel picks,
+			// read back once it listens.
+			m.client = url.URL{Scheme: "https", Host: "127.0.0.1:0"}
+		}
 		// Members talk to each other over loopback TCP: etcd's peer
 		// transport takes a unix URL's host, not its path, as the socket.
 		m.peer = url.URL{Scheme: "http", Host: fmt.Sprintf("127.0.0.1:%d", freePort(tb))}
@@ -72,11 +96,25 @@ func Start(tb testing.TB, n int) *Cluster {
 		cfg.ZapLoggerBuilder = embed.NewZapLoggerBuilder(zap.NewNop())
 		// No metrics or debug listeners beyond the client socket.
 		cfg.ListenMetricsUrls = nil
+		if pki != nil {
+			cfg.ClientTLSInfo = transport.TLSInfo{
+				CertFile:       pki.ServerCert(),
+				KeyFile:        pki.ServerKey(),
+				TrustedCAFile:  pki.CACert(),
+				ClientCertAuth: true,
+			}
+			// The HTTP gateway would dial the listener's configured
+			// address, port 0; clients of these tests speak gRPC.
+			cfg.EnableGRPCGateway = false
+		}
 		srv, err := embed.StartEtcd(cfg)
 		if err != nil {
 			tb.Fatalf("etcd member %s: %v", m.name, err)
 		}
 		m.srv = srv
+		if pki != nil {
+			m.client.Host = srv.Clients[0].Addr().String()
+		}
 	}
 	timeout := time.After(startBound)
 	for _, m := range c.members {
