@@ -22,6 +22,8 @@ import (
 //     in order, and forwards again.
 //   - SetDelay holds every chunk of bytes for a while before passing it on
 //     (each direction keeps its order), as a slow network does.
+//   - Reset closes every connection, as a failed path does; clients
+//     reconnect.
 //
 // A client that dials the Proxy's Endpoint instead of etcd's is the node
 // whose connection fails; other clients dial etcd directly. The Proxy is
@@ -118,6 +120,19 @@ func (p *Proxy) SetDelay(d time.Duration) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.delay = d
+}
+
+// Reset closes every connection through the proxy, on both sides, and
+// drops what it held, as a failed network path does; the proxy goes on
+// accepting (and, unless cut, forwarding) new connections, so a client
+// reconnects.
+func (p *Proxy) Reset() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for c := range p.conns {
+		c.Close()
+	}
+	clear(p.conns)
 }
 
 // Close stops the proxy and closes every connection through it, on both
