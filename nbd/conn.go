@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"sync"
 	"sync/atomic"
@@ -35,6 +36,10 @@ type conn struct {
 	// ctx is cancelled to close the connection hard; requests run under it.
 	ctx    context.Context
 	cancel context.CancelFunc
+
+	// log is the server's logger with the connection's peer and export,
+	// set before transmission starts.
+	log *slog.Logger
 
 	// Negotiated state, written before transmission starts.
 	noZeroes           bool
@@ -161,6 +166,7 @@ func (c *conn) serve() {
 	c.deadlineMu.Unlock()
 
 	log = log.With("export", c.exp.Name)
+	c.log = log
 	log.Debug("nbd transmission started", "structured", c.structured, "tls", c.tls)
 	if err := c.transmit(); err != nil {
 		log.Info("nbd connection ended", "err", err)

@@ -1,21 +1,25 @@
 package nbd
 
-import "time"
+import (
+	"fmt"
+	"time"
+)
 
-// check decides the error a request gets without running it, 0 if none.
-func (c *conn) check(req *request) uint32 {
+// check decides the error a request gets without running it, 0 if none,
+// and why, for the debug log.
+func (c *conn) check(req *request) (uint32, string) {
 	x := c.exp
 	if req.flags&^cmdFlagsKnown != 0 {
-		return errInval
+		return errInval, "unknown flags"
 	}
 	if req.flags&(cmdFlagNoHole|cmdFlagFastZero) != 0 && req.typ != cmdWriteZeroes {
-		return errInval
+		return errInval, "NO_HOLE or FAST_ZERO on a command other than WRITE_ZEROES"
 	}
 	if req.flags&cmdFlagDF != 0 && (req.typ != cmdRead || !c.structured) {
-		return errInval
+		return errInval, "DF on a command other than a structured READ"
 	}
 	if req.flags&cmdFlagReqOne != 0 && req.typ != cmdBlockStatus {
-		return errInval
+		return errInval, "REQ_ONE on a command other than BLOCK_STATUS"
 	}
 	writes := false
 	switch req.typ {
@@ -23,32 +27,32 @@ func (c *conn) check(req *request) uint32 {
 	case cmdWrite, cmdTrim, cmdWriteZeroes:
 		writes = true
 	case cmdFlush:
-		return 0
+		return 0, ""
 	case cmdBlockStatus:
 		if !c.structured || (!c.metaBaseAllocation && !c.metaExceptions) || req.length == 0 {
-			return errInval
+			return errInval, "BLOCK_STATUS without structured replies, a negotiated meta context, or a length"
 		}
 	default:
-		return errInval
+		return errInval, "unknown command"
 	}
 	if writes && x.ReadOnly {
-		return errPerm
+		return errPerm, "a write to a read-only export"
 	}
 	if (req.typ == cmdRead || req.typ == cmdWrite) && req.length > uint32(c.srv.opts.MaxPayload) {
-		return errInval
+		return errInval, fmt.Sprintf("length over the maximum payload of %d bytes", c.srv.opts.MaxPayload)
 	}
 	size := uint64(x.Backend.Size())
 	end := req.off + uint64(req.length)
 	if end < req.off || end > size {
 		if writes {
-			return errNoSpc
+			return errNoSpc, fmt.Sprintf("a write past the export's end (%d bytes)", size)
 		}
-		return errInval
+		return errInval, fmt.Sprintf("past the export's end (%d bytes)", size)
 	}
 	if mb := uint64(x.minBlock); mb > 1 && (req.off%mb != 0 || uint64(req.length)%mb != 0) {
-		return errInval
+		return errInval, fmt.Sprintf("not aligned to the export's minimum block of %d bytes", mb)
 	}
-	return 0
+	return 0, ""
 }
 
 // handle runs one request and answers it.

@@ -347,7 +347,7 @@ assert h.is_read_only()
 h.set_export_name("disk")
 h.opt_go()
 assert h.get_size() == 8 << 20
-assert h.get_block_size(nbd.SIZE_MAXIMUM) == 32 << 20
+assert h.get_block_size(nbd.SIZE_MAXIMUM) == 64 << 20
 assert h.can_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
 h.pwrite(b"y" * 4096, 4096)
 assert h.pread(4096, 4096) == b"y" * 4096
@@ -397,8 +397,9 @@ expect_error(lambda: h.pread(1024, size - 512), errno.EINVAL, "read across the e
 expect_error(lambda: h.pwrite(b"z" * 512, size), errno.ENOSPC, "write past the end")
 expect_error(lambda: h.zero(4096, size), errno.ENOSPC, "zero past the end")
 expect_error(lambda: h.trim(4096, size), errno.ENOSPC, "trim past the end")
-expect_error(lambda: h.pread(33 << 20, 0), errno.EINVAL, "oversize read")
-expect_error(lambda: h.pwrite(b"o" * (33 << 20), 0), errno.EINVAL, "oversize write")
+# Requests over the server's 64 MiB maximum: libnbd refuses them itself
+# (ERANGE), so the server's EINVAL is tested with a raw client
+# (TestDefaultPayloadServesLargeUnnegotiatedRequests).
 expect_error(lambda: h.pread(512, 0, nbd.CMD_FLAG_NO_HOLE), errno.EINVAL, "flag not valid for read")
 h.zero(1 << 20, 0, nbd.CMD_FLAG_FAST_ZERO)  # a file can punch holes: fast
 expect_error(lambda: h.zero(4096, 0, nbd.CMD_FLAG_FAST_ZERO | nbd.CMD_FLAG_NO_HOLE), errno.ENOTSUP, "fast zero without holes")

@@ -55,7 +55,11 @@ func (c *conn) readRequests() error {
 			c.free <- req
 			return nil
 		}
-		req.errno = c.check(req)
+		var why string
+		req.errno, why = c.check(req)
+		if req.errno != 0 {
+			c.log.Debug("nbd request refused", "cmd", req.typ, "flags", req.flags, "offset", req.off, "length", req.length, "errno", req.errno, "reason", why)
+		}
 		if c.shutting.Load() {
 			req.errno = errShutdown
 		}

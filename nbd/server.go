@@ -39,7 +39,9 @@ type Options struct {
 	// MaxPayload if smaller.
 	MaxInFlightBytes int64
 	// MaxPayload is the largest READ or WRITE length accepted and the
-	// maximum block size advertised. Default 32 MiB.
+	// maximum block size advertised. Default 64 MiB, as nbdkit's: clients
+	// that do not negotiate block sizes (the NBD project's own test
+	// client sends up to about 48 MiB) are served.
 	MaxPayload int
 	// HandshakeTimeout bounds the whole option negotiation. Default 1 min.
 	HandshakeTimeout time.Duration
@@ -58,7 +60,7 @@ type Options struct {
 const (
 	DefaultMaxInFlight      = 64
 	DefaultMaxInFlightBytes = 64 << 20
-	DefaultMaxPayload       = 32 << 20
+	DefaultMaxPayload       = 64 << 20
 	DefaultHandshakeTimeout = time.Minute
 )
 
