@@ -40,6 +40,11 @@ type conn struct {
 	// log is the server's logger with the connection's peer and export,
 	// set before transmission starts.
 	log *slog.Logger
+	// bound is the export a GO or EXPORT_NAME chose, guarded by srv.mu so
+	// that RemoveExport finds the connections using an export.
+	bound *export
+	// ended is closed once the connection has finished.
+	ended chan struct{}
 
 	// Negotiated state, written before transmission starts.
 	noZeroes           bool
@@ -115,6 +120,7 @@ func newConn(parent context.Context, s *Server, nc net.Conn) *conn {
 		stream: nc,
 		r:      bufio.NewReaderSize(nc, connBufferSize),
 		w:      bufio.NewWriterSize(nc, connBufferSize),
+		ended:  make(chan struct{}),
 	}
 	if uc, ok := nc.(*net.UnixConn); ok {
 		// Best effort: a smaller buffer costs speed, not correctness.
@@ -135,6 +141,7 @@ func (c *conn) serve() {
 		c.cancel()
 		c.nc.Close()
 		c.srv.untrack(c)
+		close(c.ended)
 	}()
 	remote := "unknown"
 	if addr := c.nc.RemoteAddr(); addr != nil {

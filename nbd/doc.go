@@ -58,6 +58,12 @@
 // Cancelling a Serve or ServeConn context, or Shutdown's context ending
 // first, closes connections hard and cancels their requests' contexts.
 //
+// Exports can be added (Server.AddExport) and removed
+// (Server.RemoveExport) while the server serves. A removed export is no
+// longer listed or selectable; the connections using it stop as they do
+// on Shutdown, and RemoveExport returns only once they have closed, so the
+// caller may close the export's backend then.
+//
 // # Systems
 //
 // The server runs wherever Go's net package does. On Linux a plain TCP

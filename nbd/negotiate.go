@@ -119,7 +119,7 @@ func (c *conn) handleOption(opt uint32, data []byte) (done bool, err error) {
 		if len(data) != 0 {
 			return false, c.optionReply(opt, repErrInvalid, []byte("LIST takes no data"))
 		}
-		for _, x := range c.srv.exports {
+		for _, x := range c.srv.exportList() {
 			payload := binary.BigEndian.AppendUint32(nil, uint32(len(x.Name)))
 			payload = append(payload, x.Name...)
 			payload = append(payload, x.Description...)
@@ -182,7 +182,7 @@ func (c *conn) optStartTLS(data []byte) error {
 // optExportName ends the negotiation the old way; an unknown name can only be
 // answered by closing.
 func (c *conn) optExportName(name string) error {
-	x := c.srv.lookup(name)
+	x := c.srv.bind(c, name)
 	if x == nil {
 		return fmt.Errorf("EXPORT_NAME: no export %q", name)
 	}
@@ -211,7 +211,12 @@ func (c *conn) optInfoGo(opt uint32, data []byte) (done bool, err error) {
 	if len(rest) != 2*nInfos {
 		return false, c.optionReply(opt, repErrInvalid, []byte("malformed information request list"))
 	}
-	x := c.srv.lookup(name)
+	var x *export
+	if opt == optGo {
+		x = c.srv.bind(c, name)
+	} else {
+		x = c.srv.lookup(name)
+	}
 	if x == nil {
 		return false, c.optionReply(opt, repErrUnknown, []byte("no such export"))
 	}

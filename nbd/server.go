@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"slices"
 	"sync"
 	"time"
 )
@@ -67,19 +68,20 @@ const (
 // ErrServerClosed is returned by Serve after Shutdown.
 var ErrServerClosed = errors.New("nbd: server closed")
 
-// Server serves a fixed set of exports over any number of listeners and
-// connections.
+// Server serves a set of exports over any number of listeners and
+// connections. Exports may be added and removed while it serves.
 type Server struct {
+	opts    Options
+	log     *slog.Logger
+	buffers bufferPools
+
+	mu sync.Mutex
+	// exports in the order they were added, and by name.
 	exports     []*export
 	exportNames map[string]*export
-	opts        Options
-	log         *slog.Logger
-	buffers     bufferPools
-
-	mu        sync.Mutex
-	closing   bool
-	listeners map[net.Listener]struct{}
-	conns     map[*conn]struct{}
+	closing     bool
+	listeners   map[net.Listener]struct{}
+	conns       map[*conn]struct{}
 	// done is closed when closing is set, to wake Serve loops.
 	done chan struct{}
 	// active counts Serve loops and connections, for Shutdown to wait on.
@@ -131,24 +133,102 @@ func NewServer(exports []Export, opts Options) *Server {
 		buffers:     newBufferPools(opts.MaxPayload),
 	}
 	for _, e := range exports {
-		if e.Backend == nil {
-			panic(fmt.Sprintf("nbd: export %q has no backend", e.Name))
+		if err := s.AddExport(e); err != nil {
+			panic(err.Error())
 		}
-		if _, dup := s.exportNames[e.Name]; dup {
-			panic(fmt.Sprintf("nbd: export %q defined twice", e.Name))
-		}
-		x := &export{Export: e, minBlock: 1}
-		x.trimmer, _ = e.Backend.(Trimmer)
-		x.zeroer, _ = e.Backend.(Zeroer)
-		x.extenter, _ = e.Backend.(Extenter)
-		x.cowMapper, _ = e.Backend.(COWMapper)
-		if bs, ok := e.Backend.(BlockSizer); ok && bs.MinBlockSize() > 1 {
-			x.minBlock = bs.MinBlockSize()
-		}
-		s.exports = append(s.exports, x)
-		s.exportNames[e.Name] = x
 	}
 	return s
+}
+
+// AddExport serves e from now on: clients that negotiate after AddExport
+// returns see it in their export list and can select it. It fails on a
+// name already exported or a nil backend.
+func (s *Server) AddExport(e Export) error {
+	if e.Backend == nil {
+		return fmt.Errorf("nbd: export %q has no backend", e.Name)
+	}
+	x := &export{Export: e, minBlock: 1}
+	x.trimmer, _ = e.Backend.(Trimmer)
+	x.zeroer, _ = e.Backend.(Zeroer)
+	x.extenter, _ = e.Backend.(Extenter)
+	x.cowMapper, _ = e.Backend.(COWMapper)
+	if bs, ok := e.Backend.(BlockSizer); ok && bs.MinBlockSize() > 1 {
+		x.minBlock = bs.MinBlockSize()
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, dup := s.exportNames[e.Name]; dup {
+		return fmt.Errorf("nbd: export %q defined twice", e.Name)
+	}
+	s.exports = append(s.exports, x)
+	s.exportNames[e.Name] = x
+	return nil
+}
+
+// RemoveExport stops serving the export called name: clients that
+// negotiate after it no longer see it, and every connection using it stops
+// reading requests (one partly received is answered with ESHUTDOWN), lets
+// the requests it has finish, and closes. RemoveExport returns once those
+// connections have closed, so the export's backend gets no more I/O; if ctx
+// ends first they are closed hard, and it returns ctx.Err() once they have.
+func (s *Server) RemoveExport(ctx context.Context, name string) error {
+	s.mu.Lock()
+	x := s.exportNames[name]
+	if x == nil {
+		s.mu.Unlock()
+		return fmt.Errorf("nbd: export %q: not served", name)
+	}
+	delete(s.exportNames, name)
+	s.exports = slices.DeleteFunc(s.exports, func(y *export) bool { return y == x })
+	var using []*conn
+	for c := range s.conns {
+		if c.bound == x {
+			using = append(using, c)
+		}
+	}
+	s.mu.Unlock()
+	for _, c := range using {
+		c.beginShutdown()
+	}
+	var err error
+	for _, c := range using {
+		select {
+		case <-c.ended:
+			continue
+		case <-ctx.Done():
+			err = ctx.Err()
+		}
+		for _, c := range using {
+			c.abort()
+		}
+		break
+	}
+	for _, c := range using {
+		<-c.ended
+	}
+	if err != nil {
+		return fmt.Errorf("nbd: export %q: %w", name, err)
+	}
+	return nil
+}
+
+// exportList returns the exports, in the order they were added.
+func (s *Server) exportList() []*export {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return slices.Clone(s.exports)
+}
+
+// bind returns the export called name and records that c uses it, or nil
+// if there is none.
+func (s *Server) bind(c *conn, name string) *export {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	x := s.exportNames[name]
+	if x != nil {
+		c.bound = x
+	}
+	return x
 }
 
 // Serve accepts connections on l and serves each in its own goroutine until
@@ -290,7 +370,11 @@ func (s *Server) Shutdown(ctx context.Context) error {
 }
 
 // lookup returns the export called name, or nil.
-func (s *Server) lookup(name string) *export { return s.exportNames[name] }
+func (s *Server) lookup(name string) *export {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.exportNames[name]
+}
 
 // isClosing reports whether Shutdown has started.
 func (s *Server) isClosing() bool {
