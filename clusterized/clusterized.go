@@ -140,7 +140,11 @@ func New(ctx context.Context, core exstore.Store, engine lockc.Engine, clusterID
 	if err != nil {
 		return nil, fmt.Errorf("cluster %s: join lockspace %s: %w", clusterID, name, err)
 	}
-	lock, err := ls.Lock(ctx, res, lockc.NL)
+	// A new request queues behind every waiting conversion, and on a busy
+	// store the nodes' conversions may follow one another without a gap:
+	// a plain NL request could wait for ever. NL conflicts with nothing,
+	// so Expedite grants it at once (as the snapshot set's member does).
+	lock, err := ls.Lock(ctx, res, lockc.NL, lockc.Expedite)
 	if err != nil {
 		_ = ls.Close()
 		return nil, fmt.Errorf("cluster %s: take the store lock in NL: %w", clusterID, err)

@@ -3,6 +3,7 @@ package clusterized_test
 import (
 	"context"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -64,4 +65,37 @@ func TestNewRejectsBadClusterIDs(t *testing.T) {
 		_, err := openPersistent(context.Background(), dev, inproc.New(), id)
 		assert.Error(t, err, "cluster id of %d bytes", len(id))
 	}
+}
+
+// Opening a store joins its lock even while other nodes' conversions keep
+// its convert queue from ever emptying: a new request waits behind every
+// queued conversion, so a plain NL request would wait for ever here. The
+// queued conversion below can never be granted while the first lock holds
+// CR, which stands for a busy store's conversions that follow one another.
+func TestOpenJoinsABusyStoreLock(t *testing.T) {
+	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+	defer cancel()
+	cluster := inproc.NewCluster()
+	dev := faultdev.New("cow", 1<<20)
+	formatCOW(t, dev, 8)
+	res := clusterized.ResourceName("busy")
+	other, err := cluster.Node(2).Open(ctx, clusterized.DefaultLockspace)
+	require.NoError(t, err)
+	defer other.Close()
+	holder, err := other.Lock(ctx, res, lockc.CR)
+	require.NoError(t, err)
+	converter, err := other.Lock(ctx, res, lockc.CR)
+	require.NoError(t, err)
+	queued := make(chan error, 1)
+	convertCtx, stopConverting := context.WithCancel(ctx)
+	defer stopConverting()
+	go func() { queued <- converter.Convert(convertCtx, lockc.EX) }()
+	require.NoError(t, cluster.WaitQueueLen(ctx, clusterized.DefaultLockspace, res, 1, 0))
+
+	s, err := openPersistent(ctx, dev, cluster.Node(1), "busy")
+	require.NoError(t, err, "the store opens though a conversion stays queued")
+	require.NoError(t, s.Close())
+	stopConverting()
+	require.ErrorIs(t, <-queued, context.Canceled)
+	require.NoError(t, holder.Unlock(ctx))
 }
