@@ -34,7 +34,11 @@ type lock struct {
 	mod      int64  // the entry's ModRevision as this node last wrote it
 	seq      uint64 // the last sequence number written to the entry
 	stateRev int64  // revision of the last grant or down-conversion
-	highBast int    // highest mode notified since then, -1 for none
+	// unexpected is the revision of the latest change of the key the
+	// watch saw while an operation ran, past mod; idle and forget look
+	// at it once the operation is done.
+	unexpected int64
+	highBast   int // highest mode notified since then, -1 for none
 }
 
 // allFlags is every flag the engine understands.
@@ -90,11 +94,24 @@ func (ls *lockspace) Lock(ctx context.Context, res []byte, mode lockc.Mode, flag
 
 // forget drops l from the lockspace's locks. ls.mu must not be held.
 func (ls *lockspace) forget(l *lock) {
+	if st := ls.forgetLocked(l); st != nil {
+		ls.reap(st)
+	}
+}
+
+// forgetLocked is forget under ls.mu; it returns a change of the lock's
+// key the watch saw during its last operation that the operation did not
+// make, for reap.
+func (ls *lockspace) forgetLocked(l *lock) *stray {
 	ls.mu.Lock()
 	defer ls.mu.Unlock()
 	l.gone, l.held = true, false
 	if l.mod > ls.processed {
 		ls.goneAt[l.name] = l.mod
+	}
+	var st *stray
+	if l.unexpected > l.mod {
+		st = &stray{key: l.key, writer: l.keys.writer(l.name), rev: l.unexpected}
 	}
 	select { // a notification not yet received goes with the lock
 	case <-l.bast:
@@ -110,13 +127,29 @@ func (ls *lockspace) forget(l *lock) {
 			delete(ls.changed, l.keys.hex)
 		}
 	}
+	return st
 }
 
-// idle ends l's operation.
+// idle ends l's operation. A change of the lock's key that the watch saw
+// meanwhile, later than the operation's own last change, is a late commit
+// of one of its rounds: the key is put back to what the lock holds.
 func (l *lock) idle() {
-	l.ls.mu.Lock()
+	ls := l.ls
+	ls.mu.Lock()
 	l.busy = false
-	l.ls.mu.Unlock()
+	var st *stray
+	if l.unexpected > l.mod && !l.gone {
+		l.seq++
+		st = &stray{
+			key: l.key, rev: l.unexpected, lock: l, writer: l.keys.writer(l.name),
+			want:       entry{held: true, granted: l.gr, rq: l.gr, node: ls.node, seq: l.seq},
+			dropWriter: l.gr < lockc.PW,
+		}
+	}
+	ls.mu.Unlock()
+	if st != nil {
+		ls.reap(st)
+	}
 }
 
 // opContext is ctx that also ends with the membership.

@@ -40,6 +40,28 @@ func TestStrayChangesAreUndone(t *testing.T) {
 		require.NoError(t, l.Unlock(ctx))
 	})
 
+	t.Run("late commit seen while the lock was busy", func(t *testing.T) {
+		l, err := a.Lock(ctx, []byte("r3"), lockc.NL)
+		require.NoError(t, err)
+		al := l.(*lock)
+		// The stray arrives while an operation runs on the lock: the
+		// watch cannot tell it from the operation's own change, so it
+		// is judged when the operation ends.
+		a.mu.Lock()
+		al.busy = true
+		a.mu.Unlock()
+		_, err = c.admin.Txn(ctx).Then(
+			clientv3.OpPut(al.key, entry{held: true, granted: lockc.EX, rq: lockc.EX, node: a.node, seq: 98}.encode(), clientv3.WithLease(a.lease)),
+			clientv3.OpPut(al.keys.writer(al.name), "")).Commit()
+		require.NoError(t, err)
+		require.NoError(t, a.e.Sync(ctx, "strays"))
+		al.idle()
+		bl, err := b.Lock(ctx, []byte("r3"), lockc.EX)
+		require.NoError(t, err, "the stray EX went back to NL when the operation ended")
+		require.NoError(t, bl.Unlock(ctx))
+		require.NoError(t, al.Unlock(ctx))
+	})
+
 	t.Run("grant a lock never got", func(t *testing.T) {
 		l, err := a.Lock(ctx, []byte("r2"), lockc.NL)
 		require.NoError(t, err)

@@ -184,7 +184,13 @@ func (ls *lockspace) strayChange(set map[*lock]struct{}, name string, kv *mvccpb
 		}
 		return &stray{key: string(kv.Key), writer: strings.Replace(string(kv.Key), "/q/", "/w/", 1), rev: kv.ModRevision}
 	}
-	if l.busy || l.gone || kv.ModRevision <= l.mod {
+	if l.gone || kv.ModRevision <= l.mod {
+		return nil
+	}
+	if l.busy {
+		// The operation may have made it (and not yet recorded
+		// its revision): decide once it is done (idle, forget).
+		l.unexpected = max(l.unexpected, kv.ModRevision)
 		return nil
 	}
 	e, err := decodeEntry(kv.Value)
@@ -222,6 +228,8 @@ func (ls *lockspace) reap(st *stray) {
 		st.lock.mod = t.Header.Revision
 	}
 	ls.mu.Unlock()
+	// The put is a change of the key too: its event arrives at or below
+	// mod and is not taken for another stray.
 }
 
 // wake records an event on res at rev and wakes the requests waiting for
