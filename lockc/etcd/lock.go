@@ -424,25 +424,18 @@ func (l *lock) Convert(ctx context.Context, mode lockc.Mode, flags ...lockc.Flag
 	if !mode.Valid() || f&^allFlags != 0 || f&lockc.Expedite != 0 {
 		return fmt.Errorf("%v: convert to %v with flags %#x: %w", l, mode, uint32(f), lockc.ErrBadRequest)
 	}
-	ls := l.ls
-	ls.mu.Lock()
-	switch {
-	case l.gone:
-		ls.mu.Unlock()
-		return l.notHeld()
-	case l.busy:
-		ls.mu.Unlock()
-		return fmt.Errorf("%v: convert to %v: %w", l, mode, lockc.ErrBusy)
-	case f&lockc.QueueConvert != 0 && !lockc.IsUpConversion(l.gr, mode):
-		ls.mu.Unlock()
-		return fmt.Errorf("%v: QueueConvert from %v to %v: %w", l, l.gr, mode, lockc.ErrBadRequest)
-	case ctx.Err() != nil:
-		ls.mu.Unlock()
-		return fmt.Errorf("%v: convert to %v: %w", l, mode, ctx.Err())
+	gr0, err := l.begin("convert to "+mode.String(), func(gr lockc.Mode) error {
+		switch {
+		case f&lockc.QueueConvert != 0 && !lockc.IsUpConversion(gr, mode):
+			return fmt.Errorf("%v: QueueConvert from %v to %v: %w", l, gr, mode, lockc.ErrBadRequest)
+		case ctx.Err() != nil:
+			return fmt.Errorf("%v: convert to %v: %w", l, mode, ctx.Err())
+		}
+		return nil
+	})
+	if err != nil {
+		return err
 	}
-	gr0 := l.gr
-	l.busy = true
-	ls.mu.Unlock()
 	defer l.idle()
 	if lockc.IsUpConversion(gr0, mode) || lockc.LVBMoveOf(gr0, mode) == lockc.LVBRead {
 		return l.acquire(ctx, request{name: l.name, rq: mode, flags: f})
@@ -453,20 +446,35 @@ func (l *lock) Convert(ctx context.Context, mode lockc.Mode, flags ...lockc.Flag
 // Unlock releases the lock, publishing the LVB from PW or EX. It waits for
 // no other lock, only for etcd's answer, so ctx is not consulted.
 func (l *lock) Unlock(ctx context.Context) error {
-	ls := l.ls
-	ls.mu.Lock()
-	switch {
-	case l.gone:
-		ls.mu.Unlock()
-		return l.notHeld()
-	case l.busy:
-		ls.mu.Unlock()
-		return fmt.Errorf("%v: unlock: %w", l, lockc.ErrBusy)
+	if _, err := l.begin("unlock", nil); err != nil {
+		return err
 	}
-	l.busy = true
-	ls.mu.Unlock()
 	defer l.idle()
 	return l.release(unlockMode)
+}
+
+// begin starts an operation (what) on l and returns the mode l holds: it
+// fails on a gone lock, with ErrBusy while another operation runs, or with
+// what check, if not nil, says of the mode. The caller ends it with idle.
+func (l *lock) begin(what string, check func(gr lockc.Mode) error) (lockc.Mode, error) {
+	ls := l.ls
+	ls.mu.Lock()
+	gone, busy, gr := l.gone, l.busy, l.gr
+	var err error
+	if !gone && !busy && check != nil {
+		err = check(gr)
+	}
+	if !gone && !busy && err == nil {
+		l.busy = true
+	}
+	ls.mu.Unlock()
+	switch {
+	case gone:
+		return gr, l.notHeld()
+	case busy:
+		return gr, fmt.Errorf("%v: %s: %w", l, what, lockc.ErrBusy)
+	}
+	return gr, err
 }
 
 // unlockMode asks release to unlock.
