@@ -9,7 +9,9 @@
 //
 // Every node holds the store's lock resource (named from the cluster id) at
 // least in NL for as long as it serves, so the lock value block (LVB) is
-// kept. The node's lock is shared by all its goroutines and cached: a gate
+// kept. It asks for that NL lock with Expedite: a new request otherwise
+// queues behind every queued conversion, and on a busy store the other
+// nodes' conversions may never leave the queue empty. The node's lock is shared by all its goroutines and cached: a gate
 // (gate.go) admits local users while the cached mode covers them, and a
 // lock manager (manager.go) converts the lock when it does not.
 //

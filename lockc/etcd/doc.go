@@ -35,7 +35,12 @@
 // may have committed. Every change writes a sequence number into the lock's
 // key; the next round reads the key and acts on what it says, so a grant
 // that committed unseen is taken as granted, and a later change never
-// undoes it blindly (releases are held to the key's revision).
+// undoes it blindly (releases are held to the key's revision). A lost
+// request can also be applied after its operation moved on (gave up, or
+// decided otherwise): the watch finds such a change of one of this
+// membership's keys and undoes it without publishing (deletes the key of a
+// lock the node no longer has, puts back what a lock holds), at once, or
+// when the operation that was running on the lock ends.
 //
 // Watch. One prefix watch per membership (with WithRequireLeader, so a
 // member cut off from its leader ends it) wakes this node's waiting
