@@ -41,6 +41,18 @@
 // is refused with an error wrapping snapset.ErrSetMismatch, and the
 // origin's writes pass the set's gate. Set.Close leaves the set first.
 //
+// # Live changes
+//
+// CreateSnapshot formats a new COW (FormatCOW, the checks of 'snapd
+// create') and adds it to the serving origin as a cut (cow.Origin.
+// AddSnapshot: origin writes are held, drained and flushed); DeleteSnapshot
+// removes the snapshot's export first, waiting for its connections to
+// close, then takes it out of the origin and marks its COW invalid
+// (ErrDeleted), since the origin is written without copying into it from
+// then on. Once Export names where the exports are served, both keep the
+// exports in step. Changes run one at a time (Set.changeMu); Snapshots and
+// Status see the list under Set.mu, which is never held across I/O.
+//
 // Every export of a Set shares one engine whose Flush syncs every device a
 // write may have reached, so a flush on one connection covers the writes
 // completed on all: the exports offer multi-conn.

@@ -87,9 +87,9 @@ func (v *Set) Status() Status {
 			cs.Lost = true
 		default:
 		}
-		for _, s := range v.clustered {
-			if s != nil {
-				cs.NodeID = s.NodeID()
+		for _, s := range v.servedSnapshots() {
+			if s.clustered != nil {
+				cs.NodeID = s.clustered.NodeID()
 				break
 			}
 		}
@@ -99,21 +99,25 @@ func (v *Set) Status() Status {
 		}
 		st.Cluster = cs
 	}
-	for i, s := range v.Snapshots {
-		u := s.Store().Usage()
-		ss := SnapshotStatus{
-			Name: s.Name(), COW: v.config.Snapshots[i].COW, State: "valid",
-			Exceptions: u.Exceptions, AllocatedSectors: u.AllocatedSectors,
-			TotalSectors: u.TotalSectors, MetadataSectors: u.MetadataSectors,
-		}
-		if err := s.Err(); err != nil {
-			ss.State = err.Error()
-		}
-		if cs := v.clustered[i]; cs != nil {
-			ss.Cluster = countersOf(cs.Stats())
-		}
-		ss.UUID = v.labels[i]
-		st.Snapshots = append(st.Snapshots, ss)
+	for _, s := range v.servedSnapshots() {
+		st.Snapshots = append(st.Snapshots, s.status())
 	}
 	return st
+}
+
+// status reports one served snapshot.
+func (s *served) status() SnapshotStatus {
+	u := s.snap.Store().Usage()
+	ss := SnapshotStatus{
+		Name: s.snap.Name(), COW: s.spec.COW, UUID: s.label, State: "valid",
+		Exceptions: u.Exceptions, AllocatedSectors: u.AllocatedSectors,
+		TotalSectors: u.TotalSectors, MetadataSectors: u.MetadataSectors,
+	}
+	if err := s.snap.Err(); err != nil {
+		ss.State = err.Error()
+	}
+	if s.clustered != nil {
+		ss.Cluster = countersOf(s.clustered.Stats())
+	}
+	return ss
 }

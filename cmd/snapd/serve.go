@@ -314,7 +314,7 @@ func serveVolumes(ctx context.Context, v *volumes.Set, cfg serveConfig, stdout, 
 	if err := v.Origin.Flush(sctx); err != nil {
 		return fmt.Errorf("final flush: %w", err)
 	}
-	for _, s := range v.Snapshots {
+	for _, s := range v.Snapshots() {
 		fmt.Fprintf(stdout, "snapshot %s\n", statusOf(s))
 	}
 	fmt.Fprintln(stdout, "stopped")
@@ -335,7 +335,7 @@ func serveStdio(ctx context.Context, v *volumes.Set, exports []nbd.Export, cfg s
 	if err := v.Origin.Flush(context.WithoutCancel(ctx)); err != nil {
 		return fmt.Errorf("final flush: %w", err)
 	}
-	for _, s := range v.Snapshots {
+	for _, s := range v.Snapshots() {
 		fmt.Fprintf(stderr, "snapshot %s\n", statusOf(s))
 	}
 	return nil
