@@ -209,6 +209,15 @@ func serveVolumes(ctx context.Context, v *volumes.Set, cfg serveConfig, stdout, 
 	// The control socket and the counters' log stop with the server.
 	ctx, stopSide := context.WithCancel(ctx)
 	defer stopSide()
+	nbdOpts := nbd.Options{
+		TLSMode: cfg.tlsMode,
+		TLS:     cfg.tls,
+		Logger:  slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
+	}
+	srv := nbd.NewServer(exports, nbdOpts)
+	// Snapshots created and deleted live are served there; the control
+	// socket, which takes those requests, opens only now.
+	v.Export(srv, cfg.defaultExport)
 	if cfg.control != "" {
 		waitControl, err := startControl(ctx, v, cfg.control)
 		if err != nil {
@@ -223,7 +232,7 @@ func serveVolumes(ctx context.Context, v *volumes.Set, cfg serveConfig, stdout, 
 		defer func() { stopSide(); <-logged; writeClusterStats(v, stderr) }()
 	}
 	if cfg.stdio {
-		return serveStdio(ctx, v, exports, cfg, stderr)
+		return serveStdio(ctx, v, srv, stderr)
 	}
 	listeners, err := nbd.ListenersFromEnv()
 	if err != nil {
@@ -270,12 +279,6 @@ func serveVolumes(ctx context.Context, v *volumes.Set, cfg serveConfig, stdout, 
 			attach = append(attach, fmt.Sprintf("nbd-client -N NAME -unix %s /dev/nbd0 -b 4096", cfg.socket))
 		}
 	}
-	srv := nbd.NewServer(exports, nbd.Options{
-		TLSMode: cfg.tlsMode,
-		TLS:     cfg.tls,
-		Logger:  slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
-	})
-
 	fmt.Fprintln(stdout, "serving:")
 	for _, ex := range exports {
 		var us []string
@@ -323,12 +326,7 @@ func serveVolumes(ctx context.Context, v *volumes.Set, cfg serveConfig, stdout, 
 
 // serveStdio serves one client on stdin/stdout, which carry the protocol,
 // so everything snapd says goes to stderr.
-func serveStdio(ctx context.Context, v *volumes.Set, exports []nbd.Export, cfg serveConfig, stderr io.Writer) error {
-	srv := nbd.NewServer(exports, nbd.Options{
-		TLSMode: cfg.tlsMode,
-		TLS:     cfg.tls,
-		Logger:  slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
-	})
+func serveStdio(ctx context.Context, v *volumes.Set, srv *nbd.Server, stderr io.Writer) error {
 	if err := srv.ServeStdio(ctx, os.Stdin, os.Stdout); err != nil && !errors.Is(err, context.Canceled) {
 		return fmt.Errorf("serve on stdin/stdout: %w", err)
 	}
