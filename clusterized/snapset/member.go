@@ -92,6 +92,9 @@ type Member struct {
 	done   chan struct{} // closed when the manager returns
 	once   sync.Once
 
+	// follower, if set, follows other nodes' changes (JoinFollowing).
+	follower Follower
+
 	mut mutation // zero: none (tests set one, see export_test.go)
 	// drainWaits, if set (by tests), is called when a drain starts to
 	// wait for changes inside.
@@ -119,11 +122,38 @@ const (
 // The member's gate is open when Join returns. The caller keeps ls and
 // closes it after the member.
 func Join(ctx context.Context, ls lockc.Lockspace, resource string, set Set) (*Member, error) {
+	return JoinFollowing(ctx, ls, resource, set, nil)
+}
+
+// Follower is how a member follows the changes other nodes make to the
+// set. Both run while this node's gate is closed and drained: no origin
+// change of this node is in flight, and none is admitted until they
+// return.
+type Follower interface {
+	// Quiesced runs once the member's origin changes have drained, as it
+	// gives way to a node that wants to change the set, before it lets
+	// go of PR: it makes them durable (a flush of the origin), so that a
+	// snapshot taken by the other node holds them also across a crash.
+	// An error stops the member.
+	Quiesced(ctx context.Context) error
+	// Adopt runs when the member reads a value that does not publish its
+	// set (another node changed it): it makes this node serve the set
+	// that v publishes, and returns the set it serves now. If that set
+	// matches v the gate opens on it; if it does not, or Adopt fails, the
+	// member stops (Enter fails), so that this node never writes the
+	// origin without copying into a snapshot of the cluster's.
+	Adopt(ctx context.Context, v Value) (Set, error)
+}
+
+// JoinFollowing is Join with a Follower: a member that adopts the sets
+// other nodes publish instead of stopping. f may be nil (then it is Join).
+func JoinFollowing(ctx context.Context, ls lockc.Lockspace, resource string, set Set, f Follower) (*Member, error) {
 	lock, err := ls.Lock(ctx, []byte(resource), lockc.NL, lockc.Expedite)
 	if err != nil {
 		return nil, fmt.Errorf("origin lock %s: %w", resource, err)
 	}
 	m := newMember(ls, lock, resource, set)
+	m.follower = f
 	v, err := m.joinPR(ctx)
 	if err != nil {
 		_ = lock.Unlock(context.WithoutCancel(ctx))
@@ -394,6 +424,14 @@ func (m *Member) giveWay() {
 		m.stop(err)
 		return
 	}
+	if m.follower != nil {
+		if err := m.follower.Quiesced(m.ctx); err != nil {
+			m.stop(fmt.Errorf("origin lock %s: giving way: %w", m.resource, err))
+			// Stopped, it must not keep the change waiting.
+			_ = m.lock.Convert(context.WithoutCancel(m.ctx), lockc.NL)
+			return
+		}
+	}
 	if err := m.lock.Convert(m.ctx, lockc.NL); err != nil {
 		m.stop(fmt.Errorf("origin lock %s: %w", m.resource, err))
 		return
@@ -410,9 +448,14 @@ func (m *Member) rejoin() {
 		m.stop(fmt.Errorf("origin lock %s: %w", m.resource, err))
 		return
 	}
+	var changed *Value
 	v, err := m.settle(m.ctx, m.Value(), func(v Value) error {
+		changed = &v
 		return fmt.Errorf("origin lock %s: this node serves %s; the cluster now serves %s: %w", m.resource, m.set, v, ErrSetChanged)
 	})
+	if changed != nil && m.follower != nil {
+		v, err = m.adopt(*changed)
+	}
 	if err != nil {
 		m.stop(err)
 		// Hold nothing that keeps the next change waiting.
@@ -421,6 +464,20 @@ func (m *Member) rejoin() {
 	}
 	m.cur.Store(&v)
 	m.openGate()
+}
+
+// adopt has the follower take on the set v publishes, in PR with the gate
+// closed. m.opMu is held.
+func (m *Member) adopt(v Value) (Value, error) {
+	next, err := m.follower.Adopt(m.ctx, v)
+	if err != nil {
+		return Value{}, fmt.Errorf("origin lock %s: adopting the cluster's %s: %w", m.resource, v, err)
+	}
+	if !next.Matches(v) {
+		return Value{}, fmt.Errorf("origin lock %s: this node now serves %s; the cluster serves %s: %w", m.resource, next, v, ErrSetChanged)
+	}
+	m.set = next
+	return v, nil
 }
 
 // Change publishes next as the cluster's set, as the next generation. It
