@@ -488,10 +488,25 @@ func (m *Member) adopt(v Value) (Value, error) {
 // nil (the node takes the new set on, with no origin write anywhere in
 // the cluster; if adopt fails nothing is published), publishes, and comes
 // back to PR with the gate open. The other members read the new value
-// when they get PR back: a member whose set does not match it stops.
-// If ctx ends while Change waits for EX, nothing changed and the member
-// goes on with its set.
+// when they get PR back: a member whose set does not match it stops, or
+// adopts it if it follows (JoinFollowing). If ctx ends while Change waits
+// for EX, nothing changed and the member goes on with its set.
 func (m *Member) Change(ctx context.Context, next Set, adopt func(context.Context) error) error {
+	return m.Update(ctx, func(ctx context.Context, _ Set) (Set, error) {
+		if adopt != nil {
+			if err := adopt(ctx); err != nil {
+				return Set{}, err
+			}
+		}
+		return next, nil
+	})
+}
+
+// Update is Change with the next set computed under EX: change gets the
+// set this member serves (which a follower's adoptions keep current), makes
+// the node serve the next one while no node writes the origin, and returns
+// it, which Update publishes. If change fails nothing is published.
+func (m *Member) Update(ctx context.Context, change func(ctx context.Context, cur Set) (Set, error)) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer context.AfterFunc(m.ctx, cancel)()
 	defer cancel()
@@ -517,10 +532,10 @@ func (m *Member) Change(ctx context.Context, next Set, adopt func(context.Contex
 	}
 	cur := m.Value()
 	b, st := m.lock.LVB()
-	v, ok, err := DecodeLVB(b)
+	v, ok, derr := DecodeLVB(b)
 	switch {
-	case err != nil && st == lockc.LVBValid:
-		m.stop(fmt.Errorf("origin lock %s: %w", m.resource, err))
+	case derr != nil && st == lockc.LVBValid:
+		m.stop(fmt.Errorf("origin lock %s: %w", m.resource, derr))
 	case st == lockc.LVBValid && ok && v != cur:
 		m.stop(fmt.Errorf("origin lock %s: this node serves %s; the cluster now serves %s: %w", m.resource, m.set, v, ErrSetChanged))
 	}
@@ -531,17 +546,16 @@ func (m *Member) Change(ctx context.Context, next Set, adopt func(context.Contex
 	}
 	// An invalid or missing value here means a node died in EX after
 	// this member last read the set: nothing was published since.
-	if adopt != nil {
-		if err := adopt(ctx); err != nil {
-			if cerr := m.lock.Convert(context.WithoutCancel(ctx), lockc.PR); cerr != nil {
-				m.stop(fmt.Errorf("origin lock %s: %w", m.resource, cerr))
-			}
-			m.openGate()
-			return fmt.Errorf("origin lock %s: adopting %s: %w", m.resource, next, err)
+	next, err := change(ctx, m.set)
+	if err != nil {
+		if cerr := m.lock.Convert(context.WithoutCancel(ctx), lockc.PR); cerr != nil {
+			m.stop(fmt.Errorf("origin lock %s: %w", m.resource, cerr))
 		}
+		m.openGate()
+		return fmt.Errorf("origin lock %s: changing the snapshot set: %w", m.resource, err)
 	}
 	gen := cur.Generation
-	if ok && err == nil {
+	if ok && derr == nil {
 		gen = max(gen, v.Generation)
 	}
 	nv := next.Value(gen + 1)
