@@ -53,6 +53,21 @@
 // exports in step. Changes run one at a time (Set.changeMu); Snapshots and
 // Status see the list under Set.mu, which is never held across I/O.
 //
+// A catalog (Config.Catalog, catalog.go) records the snapshot set durably
+// at every live change, before the change takes effect, so that a
+// restarted server serves the snapshots created live and not those
+// deleted live. In a cluster every node names the same catalog on shared
+// storage, and a live change runs under the origin lock in EX
+// (snapset.Member.Update): the changing node records the new set in the
+// catalog and takes it on, then publishes its digest; every other node
+// has drained and flushed its origin writes (follower.Quiesced) and,
+// before it writes the origin again, reads the catalog and takes the new
+// set on (follower.Adopt): it opens and adds new snapshots (checking their
+// COW's UUID against the catalog's), unexports and drops deleted ones. A
+// node whose set then differs from the published one stops writing the
+// origin (snapset.ErrSetChanged). Without a catalog a clustered node
+// refuses live changes (ErrNoCatalog).
+//
 // Every export of a Set shares one engine whose Flush syncs every device a
 // write may have reached, so a flush on one connection covers the writes
 // completed on all: the exports offer multi-conn.

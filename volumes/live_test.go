@@ -180,7 +180,8 @@ func TestCreateSnapshotRefusals(t *testing.T) {
 	x.refuse = errors.New("no more exports")
 	_, err = v.CreateSnapshot(context.Background(), CreateRequest{Name: "unexported", COW: filepath.Join(dir, "u"), CreateBytes: cowSize})
 	require.ErrorContains(t, err, "no more exports")
-	assert.Equal(t, []string{"first"}, statusNames(v), "a snapshot that could not be exported is taken out again")
+	assert.ErrorContains(t, err, "created, but not served")
+	assert.Equal(t, []string{"first", "unexported"}, statusNames(v), "the snapshot is taken: it follows the origin")
 }
 
 // TestDeleteSnapshot removes the export (and the default export naming

@@ -37,6 +37,13 @@ type Config struct {
 	// OriginID, if set, is the origin's id in the COWs' labels instead of
 	// the one sysfs reports for it (see OriginIdentity).
 	OriginID string
+	// Catalog, if set, is the path of the origin's snapshot catalog
+	// (catalog.go), created as a file if nothing is there: live changes
+	// are recorded in it, and once it holds a record it lists the
+	// snapshots Open serves (Snapshots may then only repeat some of them).
+	// A clustered origin needs one, on shared storage, to change its
+	// snapshots live.
+	Catalog string
 }
 
 // ConfigError is an Open refusal of the Config itself, before any device
@@ -70,6 +77,7 @@ type Set struct {
 	exporter      Exporter
 	defaultExport string
 
+	catalog *catalog        // nil without Config.Catalog
 	member  *snapset.Member // the origin's snapshot set, nil when not clustered
 	front   []io.Closer     // closed first: the set's member and its lockspace
 	back    []io.Closer     // closed last: the origin device
@@ -84,12 +92,15 @@ type served struct {
 	snap      *cow.Snapshot
 	clustered *clusterized.Store // nil when not clustered
 	label     string             // its COW label's UUID, or ""
+	identity  []byte             // its identity in the snapshot set, nil when not clustered
+	closing   atomic.Bool        // set when it is closed on purpose
 	store     io.Closer
 	dev       io.Closer
 }
 
 // close closes the store, then its device.
 func (s *served) close() error {
+	s.closing.Store(true)
 	var errs []error
 	if s.store != nil {
 		errs = append(errs, s.store.Close())
@@ -188,8 +199,13 @@ func Open(ctx context.Context, c Config) (*Set, error) {
 		}
 	}
 	v.Origin = cow.NewOrigin(v.fence(od))
-	var members []snapset.Snapshot
-	for _, spec := range c.Snapshots {
+	specs := c.Snapshots
+	if c.Catalog != "" {
+		if specs, err = v.openCatalog(c.Catalog, specs); err != nil {
+			return fail(err)
+		}
+	}
+	for _, spec := range specs {
 		s, st, cd, err := v.openSnapshot(ctx, spec)
 		if err != nil {
 			return fail(err)
@@ -199,20 +215,49 @@ func Open(ctx context.Context, c Config) (*Set, error) {
 			return fail(fmt.Errorf("snapshot %s: %w", spec.Name, err))
 		}
 		v.snaps = append(v.snaps, s)
-		if s.clustered != nil {
-			m, err := snapshotIdentity(ctx, spec, s.clustered.Core())
-			if err != nil {
-				return fail(fmt.Errorf("snapshot %s: %w", spec.Name, err))
-			}
-			members = append(members, snapset.Snapshot{Name: spec.Name, Identity: m})
-		}
 	}
 	if c.Cluster != nil {
-		if err := v.joinSnapshotSet(ctx, c.Cluster, members, v.onLost); err != nil {
+		if err := v.joinSnapshotSet(ctx, c.Cluster, v.onLost); err != nil {
 			return fail(err)
 		}
 	}
 	return v, nil
+}
+
+// openCatalog opens the catalog at path and returns the snapshots to
+// serve: the catalog's once it holds a record, which flags may only repeat
+// (a snapshot it does not list was deleted live, or the catalog is
+// another origin's), flags otherwise.
+func (v *Set) openCatalog(path string, flags []SnapshotSpec) ([]SnapshotSpec, error) {
+	cat, err := openCatalog(path, blockdev.Options{Direct: v.devOpts.Direct, Exclusive: v.devOpts.Exclusive})
+	if err != nil {
+		return nil, err
+	}
+	v.back = append([]io.Closer{cat}, v.back...)
+	v.catalog = cat
+	rec, ok, err := cat.load()
+	if err != nil || !ok {
+		return flags, err
+	}
+	if err := checkCatalogOrigin(path, rec, v.origin); err != nil {
+		return nil, err
+	}
+	listed := map[string]catalogEntry{}
+	var specs []SnapshotSpec
+	for _, e := range rec.Snapshots {
+		listed[e.Name] = e
+		specs = append(specs, e.spec())
+	}
+	for _, f := range flags {
+		e, ok := listed[f.Name]
+		switch {
+		case !ok:
+			return nil, &ConfigError{fmt.Errorf("snapshot %s: catalog %s does not list it (it was deleted live, or the catalog is another origin's); drop its --snapshot", f.Name, path)}
+		case e.COW != f.COW:
+			return nil, &ConfigError{fmt.Errorf("snapshot %s: catalog %s lists it in %s, not in %s", f.Name, path, e.COW, f.COW)}
+		}
+	}
+	return specs, nil
 }
 
 // openSnapshot opens spec's COW device and store (clustered with a
@@ -232,7 +277,14 @@ func (v *Set) openSnapshot(ctx context.Context, spec SnapshotSpec) (*served, exs
 		return nil, nil, nil, fmt.Errorf("snapshot %s: %w", spec.Name, err)
 	}
 	s := &served{spec: spec, dev: cd}
-	st, cs, err := openStore(ctx, v.reg, cd, spec, v.config.Cluster, v.origin, v.onLost)
+	// Closing a retired snapshot's store leaves its membership of the
+	// lockspace, which is no loss of the node's.
+	onLost := func() {
+		if !s.closing.Load() {
+			v.onLost()
+		}
+	}
+	st, cs, err := openStore(ctx, v.reg, cd, spec, v.config.Cluster, v.origin, onLost)
 	if err != nil {
 		_ = s.close()
 		return nil, nil, nil, fmt.Errorf("snapshot %s: %w", spec.Name, err)
@@ -243,6 +295,12 @@ func (v *Set) openSnapshot(ctx context.Context, spec SnapshotSpec) (*served, exs
 		core = cs.Core()
 	}
 	s.label = labelUUID(ctx, core)
+	if cs != nil {
+		if s.identity, err = snapshotIdentity(ctx, spec, core); err != nil {
+			_ = s.close()
+			return nil, nil, nil, fmt.Errorf("snapshot %s: %w", spec.Name, err)
+		}
+	}
 	return s, st, v.fence(cd), nil
 }
 
@@ -280,13 +338,14 @@ func labelUUID(ctx context.Context, st exstore.Store) string {
 }
 
 // joinSnapshotSet joins the origin's snapshot set (package
-// clusterized/snapset) with snaps, in its own membership of the cluster's
+// clusterized/snapset) with the snapshots served, following the changes
+// other nodes make (follower, live.go), in its own membership of the cluster's
 // lockspace, and puts the origin's writes behind its gate: a node whose
 // snapshots are not the cluster's is refused (snapset.ErrSetMismatch), and
 // this node writes the origin only while its set is the cluster's. onLost
 // runs when the membership loses the lockspace.
-func (v *Set) joinSnapshotSet(ctx context.Context, c *Cluster, snaps []snapset.Snapshot, onLost func()) error {
-	set, err := snapset.NewSet(snaps...)
+func (v *Set) joinSnapshotSet(ctx context.Context, c *Cluster, onLost func()) error {
+	set, err := v.currentSet()
 	if err != nil {
 		return err
 	}
@@ -306,7 +365,7 @@ func (v *Set) joinSnapshotSet(ctx context.Context, c *Cluster, snaps []snapset.S
 			onLost()
 		}()
 	}
-	m, err := snapset.Join(ctx, ls, c.OriginResource(), set)
+	m, err := snapset.JoinFollowing(ctx, ls, c.OriginResource(), set, follower{v})
 	if err != nil {
 		_ = ls.Close()
 		return fmt.Errorf("cluster %s: %w", c.ID, err)

@@ -471,7 +471,7 @@ func (m *Member) rejoin() {
 func (m *Member) adopt(v Value) (Value, error) {
 	next, err := m.follower.Adopt(m.ctx, v)
 	if err != nil {
-		return Value{}, fmt.Errorf("origin lock %s: adopting the cluster's %s: %w", m.resource, v, err)
+		return Value{}, fmt.Errorf("origin lock %s: %w: adopting the cluster's %s: %w", m.resource, ErrSetChanged, v, err)
 	}
 	if !next.Matches(v) {
 		return Value{}, fmt.Errorf("origin lock %s: this node now serves %s; the cluster serves %s: %w", m.resource, next, v, ErrSetChanged)
