@@ -8,7 +8,10 @@ import (
 // cluster membership and each snapshot's store, with the cluster's
 // counters of lock and metadata work.
 type Status struct {
-	Origin    OriginStatus     `json:"origin"`
+	Origin OriginStatus `json:"origin"`
+	// Catalog is the path of the snapshot catalog, "" without one: then
+	// snapshots created live are not served again after a restart.
+	Catalog   string           `json:"catalog,omitempty"`
 	Cluster   *ClusterStatus   `json:"cluster,omitempty"`
 	Snapshots []SnapshotStatus `json:"snapshots"`
 }
@@ -76,7 +79,7 @@ func countersOf(s clusterized.Stats) *ClusterCounters {
 
 // Status reports the Set as it is now; it is safe while serving.
 func (v *Set) Status() Status {
-	st := Status{Origin: OriginStatus{Path: v.config.Origin, SizeBytes: v.Origin.Size()}}
+	st := Status{Origin: OriginStatus{Path: v.config.Origin, SizeBytes: v.Origin.Size()}, Catalog: v.config.Catalog}
 	if c := v.config.Cluster; c != nil {
 		cs := &ClusterStatus{ID: c.ID, Engine: c.EngineName, Lockspace: c.Lockspace}
 		if cs.Lockspace == "" {

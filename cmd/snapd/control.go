@@ -48,6 +48,11 @@ func liveStatus(ctx context.Context, path string) (volumes.Status, error) {
 // printLiveStatus prints a running server's status for people.
 func printLiveStatus(w io.Writer, st volumes.Status) {
 	fmt.Fprintf(w, "origin %s: %s\n", st.Origin.Path, humanize.IBytes(uint64(st.Origin.SizeBytes)))
+	if st.Catalog != "" {
+		fmt.Fprintf(w, "catalog %s\n", st.Catalog)
+	} else {
+		fmt.Fprintf(w, "catalog: none (snapshots created live are not served again after a restart)\n")
+	}
 	if c := st.Cluster; c != nil {
 		state := "member"
 		if c.Lost {

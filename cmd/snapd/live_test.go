@@ -146,3 +146,37 @@ func TestLiveSnapshotEndToEnd(t *testing.T) {
 	require.Len(t, st, 1)
 	assert.Equal(t, "invalid", st[0].State)
 }
+
+// TestLiveSnapshotSurvivesARestart: with --catalog, a snapshot created
+// live is served again by a restarted snapd that names only the catalog;
+// without one, 'snapshot create' warns that it is not recorded.
+func TestLiveSnapshotSurvivesARestart(t *testing.T) {
+	nbdinfo := tool(t, "nbdinfo", "libnbd-bin")
+	bin := buildSnapd(t)
+	dir := t.TempDir()
+	origin, sock, ctl, cat := filepath.Join(dir, "origin"), filepath.Join(dir, "nbd.sock"), filepath.Join(dir, "control.sock"), filepath.Join(dir, "catalog")
+	require.NoError(t, os.WriteFile(origin, make([]byte, 1<<20), 0o600))
+	args := []string{"--origin", origin, "--listen", "", "--socket", sock, "--control", ctl}
+
+	srv := startServe(t, bin, args...)
+	out, err := exec.Command(bin, "snapshot", "create", "--control", ctl, "--name", "unrecorded", "--cow", filepath.Join(dir, "u.cow"), "--cow-size", "1MiB").CombinedOutput()
+	require.NoError(t, err, "%s", out)
+	assert.Contains(t, string(out), "not recorded")
+	code, _ := srv.stop(t)
+	require.Equal(t, 0, code)
+
+	srv = startServe(t, bin, append(args, "--catalog", cat)...)
+	out, err = exec.Command(bin, "snapshot", "create", "--control", ctl, "--name", "kept", "--cow", filepath.Join(dir, "k.cow"), "--cow-size", "1MiB").CombinedOutput()
+	require.NoError(t, err, "%s", out)
+	assert.NotContains(t, string(out), "not recorded")
+	assert.Contains(t, run1(t, bin, "status", "--control", ctl), "catalog "+cat)
+	code, _ = srv.stop(t)
+	require.Equal(t, 0, code)
+
+	srv = startServe(t, bin, append(args, "--catalog", cat)...)
+	list := run1(t, nbdinfo, "--list", "nbd+unix:///?socket="+sock)
+	assert.Contains(t, list, `export="kept"`)
+	assert.NotContains(t, list, `export="unrecorded"`)
+	code, _ = srv.stop(t)
+	require.Equal(t, 0, code)
+}

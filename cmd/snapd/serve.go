@@ -156,7 +156,9 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	defaultExport := flags.String("default-export", "", "export also served under the empty name (what nbd-client without -N and 'nbdinfo -- [ snapd serve ... ]' ask for)")
 	clusterOpts := newClusterFlags(flags)
 	originID := flags.String("origin-id", "", "the origin's id in the COW labels, instead of the serial or WWID the kernel reports for it (for an origin whose id differs between the hosts serving it)")
-	controlPath := flags.String("control", "", "serve the management protocol on this unix socket (mode 0600): snapd status --control PATH reports the running server")
+	controlPath := flags.String("control", "", "serve the management protocol on this unix socket (mode 0600): snapd status --control PATH reports the running server, snapd snapshot create|delete|list --control PATH change its snapshots live")
+	catalog := flags.String("catalog", "", "the origin's snapshot catalog (created as a 128 KiB file if missing): live snapshot changes are recorded there, and a restarted server serves what it lists; "+
+		"with --cluster-id, every node names the same catalog on shared storage, and live changes need it")
 	statsInterval := flags.Duration("stats-interval", 10*time.Minute, "with --cluster-id, log the lock and metadata counters this often (and at exit); 0 logs them only at exit")
 	if err := parse(flags, args); err != nil {
 		return err
@@ -187,7 +189,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		}
 		cfg.tlsMode = mode
 	}
-	v, err := openVolumes(ctx, volumes.Config{Origin: *origin, Snapshots: specs, Direct: *direct, Cluster: cluster, OriginID: *originID})
+	v, err := openVolumes(ctx, volumes.Config{Origin: *origin, Snapshots: specs, Direct: *direct, Cluster: cluster, OriginID: *originID, Catalog: *catalog})
 	if err != nil {
 		return err
 	}

@@ -117,6 +117,9 @@ func runSnapshotCreate(ctx context.Context, args []string, stdout, stderr io.Wri
 		return printJSON(stdout, st)
 	}
 	fmt.Fprintf(stdout, "created snapshot %s in %s (cow uuid %s): served as NBD export %q\n", st.Name, st.COW, st.UUID, st.Name)
+	if full, err := c.Status(ctx); err == nil && full.Catalog == "" {
+		fmt.Fprintf(stderr, "note: the server has no --catalog, so this snapshot is not recorded: restart it with --snapshot %s=%s, or the snapshot stops following the origin\n", st.Name, st.COW)
+	}
 	return nil
 }
 
