@@ -220,6 +220,11 @@ func serveScriptThen(i int, then string) string { return serveScriptAround(i, ""
 // forwarding card is up and the shared disks are there, before snapd
 // starts.
 func serveScriptAround(i int, before, then string) string {
+	return serveScriptWith(i, "", before, then)
+}
+
+// serveScriptWith is serveScriptAround with flags added to snapd serve's.
+func serveScriptWith(i int, flags, before, then string) string {
 	return fmt.Sprintf(`ifc=
 for d in /sys/class/net/*; do
 	[ "$(cat $d/address)" = "%[2]s" ] && ifc=${d##*/}
@@ -233,7 +238,7 @@ until [ -b /dev/vda ] && [ -b /dev/vdb ]; do
 	sleep 0.1
 done
 %[7]s
-snapd serve --origin /dev/vda --snapshot snap=/dev/vdb --cluster-id c1 --lock dlm --listen 0.0.0.0:%[3]d --control /run/snapd.ctl >/tmp/snapd.log 2>&1 &
+snapd serve --origin /dev/vda --snapshot snap=/dev/vdb --cluster-id c1 --lock dlm --listen 0.0.0.0:%[3]d --control /run/snapd.ctl%[8]s >/tmp/snapd.log 2>&1 &
 pid=$!
 t=0
 until grep -q '^serving:' /tmp/snapd.log; do
@@ -261,5 +266,5 @@ done
 wait $pid
 echo "snapd exited with $?"
 cat /tmp/snapd.log
-`, servingMarker(i), fwdMAC(i), nbdPort, statusPrefix(i), then, recoveriesPrefix(i), before)
+`, servingMarker(i), fwdMAC(i), nbdPort, statusPrefix(i), then, recoveriesPrefix(i), before, flags)
 }

@@ -1,0 +1,400 @@
+package cluster
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"maps"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/clustersnap/clustersnap/exstore/blockdev"
+	"github.com/clustersnap/clustersnap/internal/cutcheck"
+	"github.com/clustersnap/clustersnap/persistent"
+	"github.com/clustersnap/clustersnap/test/clusterload"
+	"github.com/clustersnap/clustersnap/test/guest"
+	"github.com/clustersnap/clustersnap/volumes"
+)
+
+// The layout of TestClusterLiveSnapshot. Every guest sees the same shared
+// disks at the same paths: the origin (/dev/vda), the COW of the snapshot
+// it serves from the start (/dev/vdb, "snap"), the control disk
+// (/dev/vdc), the catalog (/dev/vdd) and the blank disk the live
+// snapshot's COW is formatted on (/dev/vde).
+const (
+	liveOriginBytes = 4 << 20
+	liveSnapCOW     = 8 << 20
+	liveCatalog     = 1 << 20
+	liveCOWBytes    = 8 << 20
+	liveCatalogDisk = "/dev/vdd"
+	liveCOWDisk     = "/dev/vde"
+	// liveRegionBytes is a region of the cut checker: every write fills
+	// one, across several chunks of either COW.
+	liveRegionBytes = 2 * clusterload.ChunkBytes
+	// liveSnapshot is the snapshot created live, and its export.
+	liveSnapshot = "live"
+	// liveWarm is how many writes each writer has acknowledged before the
+	// snapshot is asked for, and liveAfter how many more after it
+	// returned before the writers stop.
+	liveWarm, liveAfter = 20, 30
+)
+
+// The control words of TestClusterLiveSnapshot, which the host writes to
+// the control disk. Each guest acts on a word once, when it first reads
+// it, if the word is one of its own (liveOps), and then prints a result
+// line (liveMarker).
+const (
+	liveCreate = "create" // node 1: snapd snapshot create
+	liveDelete = "delete" // node 2: snapd snapshot delete
+	liveList   = "list"   // every node: snapd snapshot list --json
+	liveStop   = "stop"   // every node: SIGTERM to snapd, and its exit status
+	liveOff    = "off"    // every node: the script ends, the guest powers off
+)
+
+// liveOps are the commands guest i runs for the control words it acts on
+// (liveStop and liveOff are every node's, in the script itself).
+func liveOps(i int) map[string]string {
+	ops := map[string]string{liveList: "snapd snapshot list --control /run/snapd.ctl --json"}
+	switch i {
+	case 1:
+		ops[liveCreate] = fmt.Sprintf("snapd snapshot create --control /run/snapd.ctl --name %s --cow %s", liveSnapshot, liveCOWDisk)
+	case 2:
+		ops[liveDelete] = "snapd snapshot delete --control /run/snapd.ctl " + liveSnapshot
+	}
+	return ops
+}
+
+// liveMarker ends guest i's result line for word, which holds the
+// command's output (newlines and tabs removed), then " rc=" and its exit
+// status, then a space and this marker: once the marker is on the
+// console, so is the whole line.
+func liveMarker(word string, i int) string { return fmt.Sprintf("@@live-%s node=%d@@", word, i) }
+
+// liveResult is the output and exit status of guest i's last result line
+// for word on console; ok is false while there is none.
+func liveResult(console, word string, i int) (out string, rc int, ok bool) {
+	k := strings.LastIndex(console, liveMarker(word, i))
+	if k < 0 {
+		return "", 0, false
+	}
+	line := console[strings.LastIndex(console[:k], "\n")+1 : k]
+	j := strings.LastIndex(line, " rc=")
+	if j < 0 {
+		return "", 0, false
+	}
+	rc, err := strconv.Atoi(strings.TrimSpace(line[j+len(" rc="):]))
+	if err != nil {
+		return "", 0, false
+	}
+	return strings.TrimSpace(line[:j]), rc, true
+}
+
+// liveScript runs on guest i: it serves as serveScript does, with the
+// catalog, and then acts on the control words until liveOff. Nothing
+// announces a new word, so it polls the control disk (bounded).
+func liveScript(i int) string {
+	before := `t=0
+until [ -b /dev/vdc ] && [ -b ` + liveCatalogDisk + ` ] && [ -b ` + liveCOWDisk + ` ]; do
+	t=$((t + 1)); [ $t -le 300 ] || { echo "the control, catalog and COW disks did not appear"; exit 1; }
+	sleep 0.1
+done
+`
+	var cases strings.Builder
+	ops := liveOps(i)
+	for _, word := range slices.Sorted(maps.Keys(ops)) {
+		fmt.Fprintf(&cases, "\t\t%s) rc=0; %s >/tmp/op.out 2>&1 || rc=$?; echo \"$(tr -d '\\n\\t' </tmp/op.out) rc=$rc %s\" ;;\n",
+			word, ops[word], liveMarker(word, i))
+	}
+	then := fmt.Sprintf(`ctl() { dd if=/dev/vdc bs=512 count=1 iflag=direct status=none | head -n 1; }
+last=
+stopped=
+t=0
+while :; do
+	w=$(ctl)
+	if [ "$w" != "$last" ]; then
+		last=$w
+		case "$w" in
+%[1]s		%[2]s) kill -TERM $pid; rc=0; wait $pid || rc=$?; stopped=1; cat /tmp/snapd.log; echo "snapd rc=$rc %[3]s" ;;
+		%[4]s) exit 0 ;;
+		esac
+	fi
+	[ -n "$stopped" ] || kill -0 $pid 2>/dev/null || { cat /tmp/snapd.log; echo "snapd exited"; exit 1; }
+	t=$((t + 1)); [ $t -le 4500 ] || { echo "the host never ended the test"; exit 1; }
+	sleep 0.2
+done
+`, cases.String(), liveStop, liveMarker(liveStop, i), liveOff)
+	return serveScriptWith(i, " --catalog "+liveCatalogDisk, before, then)
+}
+
+// TestClusterLiveSnapshot: three guests serve one origin and its snapshot
+// "snap" with snapd serve --lock dlm and a catalog on a shared disk. While
+// the host writes the origin through nodes 2 and 3 (one request at a time
+// per connection, every write filling a region with a stamp, every
+// acknowledgement logged in a cutcheck.History), node 1 runs 'snapd
+// snapshot create' on a blank shared disk. The new snapshot, read
+// through each node with nbdcopy, is the same everywhere and a cut of the
+// logged writes, and "snap" is still the original origin. Then 'snapd
+// snapshot delete' on node 2 takes it off every node: after one origin
+// write through each node, 'snapd snapshot list' lists only "snap" there
+// and its export is gone, and its COW is marked invalid. Every snapd then
+// exits 0 on SIGTERM and every guest powers off with its script's status
+// 0; the COW of "snap" is clean and still holds the original origin.
+//
+// The cut's bracket is what the host can observe of the create. The
+// host logs CutBegins before it writes the control word, and the guest
+// starts the command only after it read the word, so every write the
+// host saw acknowledged before CutBegins was acknowledged before the
+// create began. The guest prints its result line only after the command
+// returned, and the host logs CutEnds only once that line is on the
+// console, so every write sent after CutEnds was sent after the create
+// returned. The bracket is wider than the create (the control disk's
+// polling, the console's latency): writes acknowledged or sent in that
+// margin may show or not, which cutcheck allows for writes in flight; it
+// never narrows what the snapshot must hold.
+func TestClusterLiveSnapshot(t *testing.T) {
+	nbdcopy, err := exec.LookPath("nbdcopy")
+	if err != nil {
+		if os.Getenv("CI") == "true" {
+			t.Fatalf("nbdcopy not found: apt-get install libnbd-bin")
+		}
+		t.Skip("nbdcopy not found: apt-get install libnbd-bin")
+	}
+	r := clusterInitramfs(t)
+	ctx, cancel := context.WithTimeout(t.Context(), 8*time.Minute)
+	defer cancel()
+
+	dir := t.TempDir()
+	origin, snapCOW := filepath.Join(dir, "origin.img"), filepath.Join(dir, "snap.cow")
+	control, catalog, liveCOW := filepath.Join(dir, "control.img"), filepath.Join(dir, "catalog.img"), filepath.Join(dir, "live.cow")
+	// The origin's regions before any write: stamp 0, all zero.
+	for path, size := range map[string]int{origin: liveOriginBytes, control: 1 << 20, catalog: liveCatalog, liveCOW: liveCOWBytes} {
+		require.NoError(t, os.WriteFile(path, make([]byte, size), 0o600))
+	}
+	require.NoError(t, blockdev.Create(snapCOW, liveSnapCOW))
+	clusterload.FormatCOW(t, snapCOW, clusterload.ChunkBytes)
+
+	ports := make([]int, nodes+1)
+	addrs := make([]string, nodes+1)
+	for i := 1; i <= nodes; i++ {
+		ports[i] = freePort(t)
+		addrs[i] = fmt.Sprintf("127.0.0.1:%d", ports[i])
+	}
+	start := time.Now()
+	c, err := guest.StartDLMCluster(ctx, r, guest.DLMClusterOptions{
+		Nodes:     nodes,
+		MemoryMiB: 768,
+		QEMUArgs: func(i int) []string {
+			return append(sharedDisks(origin, snapCOW, control, catalog, liveCOW), forwardArgs(i, ports[i])...)
+		},
+		Script:  liveScript,
+		Console: consoleFiles(t),
+	})
+	require.NoError(t, err)
+	t.Cleanup(c.Close)
+	fail := func(format string, args ...any) {
+		t.Helper()
+		for i := 1; i <= nodes; i++ {
+			t.Logf("node %d console tail:\n%s", i, consoleTail(c.Machine(i).Console(), 40))
+		}
+		t.Fatalf(format, args...)
+	}
+	for i := 1; i <= nodes; i++ {
+		if err := c.Machine(i).WaitConsole(ctx, servingMarker(i)); err != nil {
+			fail("node %d: %v", i, err)
+		}
+	}
+	t.Logf("three snapd nodes serving after %v", time.Since(start).Round(time.Second))
+	// do writes word to the control disk and waits for the result line of
+	// each node in who; it returns their outputs by node.
+	do := func(word string, who ...int) map[int]string {
+		t.Helper()
+		setControl(t, control, word)
+		outs := map[int]string{}
+		for _, i := range who {
+			if err := c.Machine(i).WaitConsole(ctx, liveMarker(word, i)); err != nil {
+				fail("node %d: %s: %v", i, word, err)
+			}
+			out, rc, ok := liveResult(c.Machine(i).Console(), word, i)
+			if !ok || rc != 0 {
+				fail("node %d: %s: exit status %d (result line well-formed: %v): %s", i, word, rc, ok, out)
+			}
+			outs[i] = out
+		}
+		return outs
+	}
+
+	// The writers: nodes 2 and 3 write random regions of the origin until
+	// each has acknowledged liveAfter writes since the cut ended.
+	h := cutcheck.New(liveRegionBytes)
+	var cutDone atomic.Bool
+	writers := map[int]*liveWriter{}
+	for _, i := range []int{2, 3} {
+		cl, err := clusterload.Dial(ctx, "tcp", addrs[i], volumes.OriginExport)
+		require.NoError(t, err, "node %d", i)
+		w := &liveWriter{warm: make(chan struct{}), done: make(chan struct{})}
+		writers[i] = w
+		go w.run(ctx, cl, h, &cutDone, rand.New(rand.NewPCG(20, uint64(i))))
+	}
+	// waitWriters waits until every writer closed ch (warm or done) and
+	// fails the test if one stopped on an error.
+	waitWriters := func(ch func(*liveWriter) <-chan struct{}) {
+		t.Helper()
+		for i, w := range writers {
+			select {
+			case <-ch(w):
+			case <-ctx.Done():
+				fail("node %d's writer: %v", i, ctx.Err())
+			}
+			select {
+			case <-w.done:
+				if w.err != nil {
+					fail("node %d: origin write: %v", i, w.err)
+				}
+			default:
+			}
+		}
+	}
+	waitWriters(func(w *liveWriter) <-chan struct{} { return w.warm })
+
+	h.CutBegins()
+	began := time.Now()
+	out := do(liveCreate, 1)[1]
+	h.CutEnds()
+	cutDone.Store(true)
+	t.Logf("node 1 created the snapshot in %v as the host saw it: %s", time.Since(began).Round(100*time.Millisecond), out)
+	waitWriters(func(w *liveWriter) <-chan struct{} { return w.done })
+	sent, acked := h.Writes()
+	t.Logf("%d writes sent through nodes 2 and 3, %d acknowledged", sent, acked)
+
+	// The new snapshot through every node: the same image, a cut; and
+	// "snap", the original origin.
+	read := func(i int, export string) []byte {
+		t.Helper()
+		img := filepath.Join(dir, fmt.Sprintf("%s-%d.img", export, i))
+		out, err := exec.CommandContext(ctx, nbdcopy, fmt.Sprintf("nbd://%s/%s", addrs[i], export), img).CombinedOutput()
+		require.NoError(t, err, "nbdcopy of %s from node %d: %s", export, i, out)
+		got, err := os.ReadFile(img)
+		require.NoError(t, err)
+		require.Len(t, got, liveOriginBytes, "%s through node %d", export, i)
+		return got
+	}
+	zero := make([]byte, liveOriginBytes)
+	var first []byte
+	for i := 1; i <= nodes; i++ {
+		got := read(i, liveSnapshot)
+		if first == nil {
+			first = got
+			assert.Empty(t, h.Check(got, 10), "the snapshot is not a cut of the logged writes")
+			shown := 0
+			for r := 0; r < liveOriginBytes/liveRegionBytes; r++ {
+				if !bytes.Equal(got[r*liveRegionBytes:(r+1)*liveRegionBytes], zero[:liveRegionBytes]) {
+					shown++
+				}
+			}
+			t.Logf("the snapshot shows a write in %d of %d regions", shown, liveOriginBytes/liveRegionBytes)
+		} else {
+			assert.True(t, bytes.Equal(first, got), "node %d reads the snapshot otherwise than node 1", i)
+		}
+		assert.True(t, bytes.Equal(zero, read(i, clusterload.SnapshotExport)), "node %d: snap is no longer the original origin", i)
+	}
+
+	// The delete on node 2; every node takes it on before its next origin
+	// write.
+	do(liveDelete, 2)
+	for i := 1; i <= nodes; i++ {
+		cl, err := clusterload.Dial(ctx, "tcp", addrs[i], volumes.OriginExport)
+		require.NoError(t, err, "node %d", i)
+		rctx, cancel := context.WithTimeout(ctx, requestTimeout)
+		require.NoError(t, cl.Write(rctx, 0, make([]byte, liveRegionBytes)), "node %d: origin write after the delete", i)
+		cancel()
+		require.NoError(t, cl.Close())
+	}
+	for i, out := range do(liveList, 1, 2, 3) {
+		var snaps []volumes.SnapshotStatus
+		require.NoError(t, json.Unmarshal([]byte(out), &snaps), "node %d: snapshot list: %s", i, out)
+		var names []string
+		for _, s := range snaps {
+			names = append(names, s.Name)
+		}
+		assert.Equal(t, []string{clusterload.SnapshotExport}, names, "node %d serves these snapshots after the delete", i)
+		if cl, err := clusterload.Dial(ctx, "tcp", addrs[i], liveSnapshot); err == nil {
+			cl.Close()
+			t.Errorf("node %d still serves the deleted snapshot's export", i)
+		}
+	}
+
+	// Every snapd exits 0 on SIGTERM while the others still run; then
+	// every guest's script ends with status 0.
+	do(liveStop, 1, 2, 3)
+	setControl(t, control, liveOff)
+	for i := 1; i <= nodes; i++ {
+		res, err := c.Machine(i).Wait(ctx)
+		require.NoError(t, err, "node %d", i)
+		assert.Equal(t, 0, res.Status, "node %d's script:\n%s", i, consoleTail(res.Console, 30))
+	}
+	t.Logf("guests stopped after %v", time.Since(start).Round(time.Second))
+
+	// The images: the deleted snapshot's COW is marked invalid, and
+	// "snap"'s COW is clean and holds the original origin.
+	head := make([]byte, persistent.HeaderSize)
+	f, err := os.Open(liveCOW)
+	require.NoError(t, err)
+	_, err = f.ReadAt(head, 0)
+	f.Close()
+	require.NoError(t, err)
+	hdr := persistent.DecodeHeader(head)
+	assert.Equal(t, persistent.Magic, hdr.Magic, "the live snapshot's COW header")
+	assert.Zero(t, hdr.Valid, "the deleted snapshot's COW is not marked invalid")
+	_, view, _ := clusterload.FinalImages(ctx, t, origin, snapCOW)
+	assert.True(t, bytes.Equal(zero, view), "snap's COW does not hold the original origin")
+}
+
+// liveWriter writes random regions of the origin through one node, one
+// request at a time, logging each write in a cutcheck.History.
+type liveWriter struct {
+	warm chan struct{} // closed once liveWarm writes were acknowledged, or the writer ended
+	done chan struct{} // closed when the writer ended; err is set before
+	err  error         // the write that failed, nil if none
+}
+
+// run writes until liveAfter writes were acknowledged after cutDone
+// turned true, or a write fails.
+func (w *liveWriter) run(ctx context.Context, cl *clusterload.Client, h *cutcheck.History, cutDone *atomic.Bool, rng *rand.Rand) {
+	warmed := sync.OnceFunc(func() { close(w.warm) })
+	defer close(w.done)
+	defer warmed()
+	defer cl.Close()
+	buf := make([]byte, liveRegionBytes)
+	for n, after := 1, 0; n <= 100000 && after < liveAfter; n++ {
+		r := rng.IntN(liveOriginBytes / liveRegionBytes)
+		stamp := h.Send(r)
+		cutcheck.Fill(buf, stamp)
+		rctx, cancel := context.WithTimeout(ctx, requestTimeout)
+		err := cl.Write(rctx, uint64(r*liveRegionBytes), buf)
+		cancel()
+		if err != nil {
+			w.err = fmt.Errorf("region %d: %w", r, err)
+			return
+		}
+		h.Ack(stamp)
+		if n == liveWarm {
+			warmed()
+		}
+		if cutDone.Load() {
+			after++
+		}
+	}
+}
