@@ -24,7 +24,13 @@
 // logs the counts and their ratio, which is a figure, not an assertion.
 // The guests go from the bare run to the cluster run on words the host
 // writes to a shared control disk (/dev/vdc), and report each step on
-// their console.
+// their console. TestClusterLiveSnapshot serves with a catalog on a
+// shared disk: node 1 creates a snapshot live ('snapd snapshot create'
+// on a blank shared disk, on a control word) while the host writes the
+// origin through nodes 2 and 3, logging every write in a
+// cutcheck.History; the snapshot, read through each node, must be the
+// same everywhere and a cut of those writes (package internal/cutcheck);
+// then node 2 deletes it from every node, and every snapd stops cleanly.
 //
 // The guests print their snapd's status (snapd status --control --json)
 // and their kernel's count of completed lockspace recoveries on their

@@ -239,14 +239,14 @@ func TestClusterLiveSnapshot(t *testing.T) {
 	// The writers: nodes 2 and 3 write random regions of the origin until
 	// each has acknowledged liveAfter writes since the cut ended.
 	h := cutcheck.New(liveRegionBytes)
-	var cutDone atomic.Bool
+	cut := &liveCut{}
 	writers := map[int]*liveWriter{}
 	for _, i := range []int{2, 3} {
 		cl, err := clusterload.Dial(ctx, "tcp", addrs[i], volumes.OriginExport)
 		require.NoError(t, err, "node %d", i)
 		w := &liveWriter{warm: make(chan struct{}), done: make(chan struct{})}
 		writers[i] = w
-		go w.run(ctx, cl, h, &cutDone, rand.New(rand.NewPCG(20, uint64(i))))
+		go w.run(ctx, cl, h, cut, rand.New(rand.NewPCG(20, uint64(i))))
 	}
 	// waitWriters waits until every writer closed ch (warm or done) and
 	// fails the test if one stopped on an error.
@@ -270,11 +270,13 @@ func TestClusterLiveSnapshot(t *testing.T) {
 	waitWriters(func(w *liveWriter) <-chan struct{} { return w.warm })
 
 	h.CutBegins()
+	cut.begun.Store(true)
 	began := time.Now()
 	out := do(liveCreate, 1)[1]
 	h.CutEnds()
-	cutDone.Store(true)
-	t.Logf("node 1 created the snapshot in %v as the host saw it: %s", time.Since(began).Round(100*time.Millisecond), out)
+	cut.done.Store(true)
+	t.Logf("node 1 created the snapshot in %v as the host saw it, while nodes 2 and 3 acknowledged %d writes: %s",
+		time.Since(began).Round(100*time.Millisecond), cut.acked.Load(), out)
 	waitWriters(func(w *liveWriter) <-chan struct{} { return w.done })
 	sent, acked := h.Writes()
 	t.Logf("%d writes sent through nodes 2 and 3, %d acknowledged", sent, acked)
@@ -370,9 +372,15 @@ type liveWriter struct {
 	err  error         // the write that failed, nil if none
 }
 
-// run writes until liveAfter writes were acknowledged after cutDone
+// liveCut is where the writers are relative to the snapshot's creation.
+type liveCut struct {
+	begun, done atomic.Bool  // set after CutBegins, after CutEnds
+	acked       atomic.Int64 // writes acknowledged between the two
+}
+
+// run writes until liveAfter writes were acknowledged after cut.done
 // turned true, or a write fails.
-func (w *liveWriter) run(ctx context.Context, cl *clusterload.Client, h *cutcheck.History, cutDone *atomic.Bool, rng *rand.Rand) {
+func (w *liveWriter) run(ctx context.Context, cl *clusterload.Client, h *cutcheck.History, cut *liveCut, rng *rand.Rand) {
 	warmed := sync.OnceFunc(func() { close(w.warm) })
 	defer close(w.done)
 	defer warmed()
@@ -393,8 +401,11 @@ func (w *liveWriter) run(ctx context.Context, cl *clusterload.Client, h *cutchec
 		if n == liveWarm {
 			warmed()
 		}
-		if cutDone.Load() {
+		switch {
+		case cut.done.Load():
 			after++
+		case cut.begun.Load():
+			cut.acked.Add(1)
 		}
 	}
 }
