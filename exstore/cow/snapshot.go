@@ -68,13 +68,17 @@ type Snapshot struct {
 	syncs syncTracker
 
 	mu      sync.Mutex // guards invalid
-	invalid error      // set when this engine invalidates the snapshot or merges it
+	invalid error      // set when this engine invalidates, removes or merges the snapshot, or while it merges
 	// failed is set once invalid is, so that the I/O paths check for a
 	// failure without taking mu.
 	failed atomic.Bool
 	// overflowed is set once an overflow-mode snapshot's write could not
 	// allocate.
 	overflowed atomic.Bool
+
+	// marker records a merge of the snapshot (SetMergeMarker), nil for
+	// nowhere.
+	marker MergeMarker
 }
 
 // newSnapshot returns a snapshot of o over store on cow; AddSnapshot checks
