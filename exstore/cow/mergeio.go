@@ -20,6 +20,9 @@ type mergeBreaks struct {
 	plainReads bool
 	// noCOWFlush: Flush does not sync the merging snapshot's COW.
 	noCOWFlush bool
+	// noRunFlush: a merge run clears its records without flushing the
+	// origin first.
+	noRunFlush bool
 }
 
 // readMerging is ReadAt in merge mode: the merging snapshot's view, which
