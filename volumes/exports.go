@@ -13,12 +13,16 @@ import (
 // names none of the set's.
 var ErrNoSuchExport = errors.New("no such export")
 
-// Exports lists the NBD exports: the origin, then one per snapshot, and
-// defaultExport again under the empty name if it is not empty. Every
+// Exports lists the NBD exports: the origin, then one per snapshot but
+// the one merging into the origin (or merged), and defaultExport again
+// under the empty name if it is not empty. Every
 // export offers multi-conn (see the package comment).
 func (v *Set) Exports(defaultExport string) ([]nbd.Export, error) {
 	ex := []nbd.Export{{Name: OriginExport, Description: "origin " + v.Origin.Device().Name(), Backend: originBackend{v.Origin}, MultiConn: true}}
 	for _, s := range v.Snapshots {
+		if mergeBusy(s) {
+			continue
+		}
 		desc := fmt.Sprintf("snapshot of %s in %s", v.Origin.Device().Name(), s.COW().Name())
 		ex = append(ex, nbd.Export{Name: s.Name(), Description: desc, Backend: snapshotBackend{s}, ReadOnly: s.Options().ReadOnly, MultiConn: true})
 	}

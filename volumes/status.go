@@ -54,6 +54,17 @@ type SnapshotStatus struct {
 	// Cluster counts the store's cluster work: lock conversions, metadata
 	// refreshes (incremental) and reloads (full). Nil when not clustered.
 	Cluster *ClusterCounters `json:"cluster,omitempty"`
+	// Merge is the progress of the snapshot's merge into the origin,
+	// while the origin is in merge mode with it; nil otherwise.
+	Merge *MergeStatus `json:"merge,omitempty"`
+}
+
+// MergeStatus is a merge's progress: exceptions merged, of the total the
+// snapshot had when the origin entered merge mode (or when Open resumed
+// it).
+type MergeStatus struct {
+	Done  uint64 `json:"done"`
+	Total uint64 `json:"total"`
 }
 
 // ClusterCounters are a clustered store's counters (clusterized.Stats).
@@ -113,6 +124,9 @@ func (v *Set) Status() Status {
 			ss.Cluster = countersOf(cs.Stats())
 		}
 		ss.UUID = v.labels[i]
+		if m, p, ok := v.Origin.Merging(); ok && m == s {
+			ss.Merge = &MergeStatus{Done: p.Done, Total: p.Total}
+		}
 		st.Snapshots = append(st.Snapshots, ss)
 	}
 	return st

@@ -53,11 +53,12 @@ type Set struct {
 	Snapshots []*cow.Snapshot
 
 	config    Config
-	clustered []*clusterized.Store // per snapshot, nil when not clustered
-	member    *snapset.Member      // the origin's snapshot set, nil when not clustered
-	labels    []string             // per snapshot, its COW label's UUID or ""
-	closers   []io.Closer          // stores, then devices, in closing order
-	lost      chan struct{}        // closed once a store's node loses the lockspace
+	clustered []*clusterized.Store   // per snapshot, nil when not clustered
+	member    *snapset.Member        // the origin's snapshot set, nil when not clustered
+	labels    []string               // per snapshot, its COW label's UUID or ""
+	origin    exstore.OriginIdentity // the origin's, as the COWs' labels name it
+	closers   []io.Closer            // stores, then devices, in closing order
+	lost      chan struct{}          // closed once a store's node loses the lockspace
 	once      sync.Once
 }
 
@@ -124,6 +125,7 @@ func Open(ctx context.Context, c Config) (*Set, error) {
 	if c.OriginID != "" {
 		origin.ID = c.OriginID
 	}
+	v.origin = origin
 	var lost *atomic.Bool // set when a store's node loses the lockspace
 	fence := func(d blockdev.Device) blockdev.Device { return d }
 	if c.Cluster != nil {
@@ -136,6 +138,7 @@ func Open(ctx context.Context, c Config) (*Set, error) {
 		v.once.Do(func() { close(v.lost) })
 	}
 	var members []snapset.Snapshot
+	var merging []int // the snapshots whose COW says they merge
 	for _, spec := range c.Snapshots {
 		if ci, err := os.Stat(spec.COW); err == nil && os.SameFile(oi, ci) {
 			return fail(fmt.Errorf("snapshot %s: cow %s is the origin itself", spec.Name, spec.COW))
@@ -161,6 +164,12 @@ func Open(ctx context.Context, c Config) (*Set, error) {
 			core = cs.Core()
 		}
 		v.labels = append(v.labels, labelUUID(ctx, core))
+		s.SetMergeMarker(mergeMarker(st, cs, origin))
+		if state, err := mergeStateOf(ctx, core); err != nil {
+			return fail(fmt.Errorf("snapshot %s: %w", spec.Name, err))
+		} else if state == exstore.Merging {
+			merging = append(merging, len(v.Snapshots)-1)
+		}
 		if cs != nil {
 			id, err := snapshotIdentity(ctx, spec, cs.Core())
 			if err != nil {
@@ -173,6 +182,9 @@ func Open(ctx context.Context, c Config) (*Set, error) {
 		if err := v.joinSnapshotSet(ctx, c.Cluster, members, onLost); err != nil {
 			return fail(err)
 		}
+	}
+	if err := v.resumeMerge(ctx, merging); err != nil {
+		return fail(err)
 	}
 	return v, nil
 }

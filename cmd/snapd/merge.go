@@ -29,7 +29,7 @@ func runMerge(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	}
 	defer v.Close()
 	snap := v.Snapshots[0]
-	if err := snap.Err(); err != nil {
+	if err := snap.Err(); err != nil && !errors.Is(err, cow.ErrMerging) {
 		return fmt.Errorf("cow %s: cannot merge an invalid snapshot: %w", *cowPath, err)
 	}
 	total := snap.Store().Usage().Exceptions

@@ -46,9 +46,10 @@ type MergeProgress struct{ Done, Total uint64 }
 type MergeMarker func(ctx context.Context, state exstore.MergeState) error
 
 // LabelMarker is the MergeMarker that writes the state into the label of
-// the COW whose store (or, for a clustered store, its core) is lb, with
-// origin as the origin it merges into. A COW without a label gets one,
-// with a new UUID. The caller excludes other writers of the label.
+// the COW whose store (or, for a clustered store, its core) is lb, naming
+// origin as the origin it merges into unless the label names one already
+// (the caller checked that it is this one). A COW without a label gets
+// one, with a new UUID. The caller excludes other writers of the label.
 func LabelMarker(lb exstore.Labeler, origin exstore.OriginIdentity) MergeMarker {
 	return func(ctx context.Context, state exstore.MergeState) error {
 		l, _, err := lb.Label(ctx)
@@ -60,7 +61,10 @@ func LabelMarker(lb exstore.Labeler, origin exstore.OriginIdentity) MergeMarker 
 				return err
 			}
 		}
-		l.Origin, l.Merge = origin, state
+		if l.Origin.IsZero() {
+			l.Origin = origin
+		}
+		l.Merge = state
 		if err := lb.SetLabel(ctx, l); err != nil {
 			return fmt.Errorf("label the COW %v: %w", state, err)
 		}
@@ -69,9 +73,18 @@ func LabelMarker(lb exstore.Labeler, origin exstore.OriginIdentity) MergeMarker 
 }
 
 // SetMergeMarker makes a merge of s record itself with mark (nil: nowhere;
-// the merge then does not survive a reopen as one, see StartMerge). Call
-// it before the merge starts.
-func (s *Snapshot) SetMergeMarker(mark MergeMarker) { s.marker = mark }
+// the merge then does not survive a reopen as one, see StartMerge). Set it
+// before the merge starts: a merge uses the marker it finds when it
+// records.
+func (s *Snapshot) SetMergeMarker(mark MergeMarker) { s.marker.Store(&mark) }
+
+// mark records state with s's marker, if it has one.
+func (s *Snapshot) mark(ctx context.Context, state exstore.MergeState) error {
+	if p := s.marker.Load(); p != nil && *p != nil {
+		return (*p)(ctx, state)
+	}
+	return nil
+}
 
 // liveMerge is an origin's merge mode, from StartMerge until the merge
 // completes.
@@ -193,10 +206,8 @@ func (o *Origin) startMerge(ctx context.Context, s *Snapshot) (*liveMerge, error
 		return nil, err
 	}
 	defer leave()
-	if s.marker != nil {
-		if err := s.marker(ctx, exstore.Merging); err != nil {
-			return nil, fmt.Errorf("record the merge: %w", err)
-		}
+	if err := s.mark(ctx, exstore.Merging); err != nil {
+		return nil, fmt.Errorf("record the merge: %w", err)
 	}
 	m := &liveMerge{snap: s}
 	m.total.Store(s.store.Usage().Exceptions)
@@ -204,10 +215,8 @@ func (o *Origin) startMerge(ctx context.Context, s *Snapshot) (*liveMerge, error
 	err = o.enterMergeMode(m)
 	o.snapMu.Unlock()
 	if err != nil {
-		if s.marker != nil {
-			if uerr := s.marker(context.WithoutCancel(ctx), exstore.NotMerging); uerr != nil {
-				err = fmt.Errorf("%w (and the COW stays marked merging: %w)", err, uerr)
-			}
+		if uerr := s.mark(context.WithoutCancel(ctx), exstore.NotMerging); uerr != nil {
+			err = fmt.Errorf("%w (and the COW stays marked merging: %w)", err, uerr)
 		}
 		return nil, err
 	}
@@ -318,10 +327,8 @@ func (o *Origin) merge1(ctx context.Context, s *Snapshot, progress func(MergePro
 // changes in flight completed.
 func (o *Origin) endMerge(ctx context.Context, m *liveMerge) error {
 	s := m.snap
-	if s.marker != nil {
-		if err := s.marker(ctx, exstore.Merged); err != nil {
-			return fmt.Errorf("record the end of the merge: %w", err)
-		}
+	if err := s.mark(ctx, exstore.Merged); err != nil {
+		return fmt.Errorf("record the end of the merge: %w", err)
 	}
 	o.snapMu.Lock()
 	defer o.snapMu.Unlock()

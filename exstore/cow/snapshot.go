@@ -78,7 +78,7 @@ type Snapshot struct {
 
 	// marker records a merge of the snapshot (SetMergeMarker), nil for
 	// nowhere.
-	marker MergeMarker
+	marker atomic.Pointer[MergeMarker]
 }
 
 // newSnapshot returns a snapshot of o over store on cow; AddSnapshot checks
