@@ -41,6 +41,16 @@
 // is refused with an error wrapping snapset.ErrSetMismatch, and the
 // origin's writes pass the set's gate. Set.Close leaves the set first.
 //
+// A COW whose label says it merges into the origin (exstore.Merging) is
+// never served as a snapshot: Open puts the origin back in merge mode with
+// it (cow.Origin.StartMerge) before anything is served, so the origin
+// reads as the merge left it, and leaves it out of the exports; two such
+// COWs are refused. Set.Merge runs a merge, or finishes the one Open
+// resumed (Set.Merging), recording it in the COW's label (under the
+// store's lock in EX with a Cluster) before the origin switches, and as
+// done at its end. A COW whose label says it was merged (exstore.Merged)
+// is refused (ErrMergedCOW) until it is formatted again.
+//
 // Every export of a Set shares one engine whose Flush syncs every device a
 // write may have reached, so a flush on one connection covers the writes
 // completed on all: the exports offer multi-conn.

@@ -84,7 +84,8 @@ func zeroDev(dev blockdev.Device, zeroes []byte, off, n int64, mayDiscard bool) 
 // then the whole discard units (512 bytes, or the device's I/O alignment
 // if larger) inside the range are discarded; they read back as zeroes, the
 // ragged edges keep their data. On any other device Trim changes nothing
-// and so copies nothing. With fua the origin is synced afterwards.
+// and so copies nothing. With fua the origin is synced afterwards. In
+// merge mode the chunks the merging snapshot still holds are skipped.
 func (o *Origin) Trim(ctx context.Context, off, length int64, fua bool) error {
 	if err := checkRange(o.size, off, length); err != nil {
 		return fmt.Errorf("origin %s: trim: %w", o.dev.Name(), err)
@@ -139,7 +140,8 @@ func (o *Origin) Trim(ctx context.Context, off, length int64, fua bool) error {
 // a device that is a blockdev.Discarder discards the whole discard units
 // of the range (its discards read back as zeroes) and the edges are
 // written; otherwise zeroes are written. With fua the zeroes are durable
-// when it returns. The range must be aligned as a write's.
+// when it returns. The range must be aligned as a write's. In merge mode
+// the chunks the merging snapshot still holds are zeroed in its COW.
 //
 // It always zeroes; an NBD adapter for a client's "fast zero" request
 // should refuse it (the copies cost what writes cost) or pass it on only
