@@ -203,21 +203,18 @@ func (o *Origin) WriteAt(ctx context.Context, p []byte, off int64, fua bool) err
 	defer leave()
 	o.snapMu.RLock()
 	defer o.snapMu.RUnlock()
+	// One error return after the defers: with more, the compiler no
+	// longer open-codes them, which costs this path a measurable share.
 	if m := o.merge.Load(); m != nil {
-		if err := o.writeMerging(ctx, m, p, off, fua); err != nil {
-			return fmt.Errorf("origin %s: write %d bytes at %d: %w", o.dev.Name(), len(p), off, err)
+		err = o.writeMerging(ctx, m, p, off, fua)
+	} else if err = o.copyBeforeOverwrite(ctx, off, int64(len(p)), nil); err == nil {
+		o.announceOverwrite(off, int64(len(p)))
+		if err = writeDev(o.dev, p, off, fua); err == nil && !fua {
+			o.syncs.wrote()
 		}
-		return nil
 	}
-	if err := o.copyBeforeOverwrite(ctx, off, int64(len(p)), nil); err != nil {
+	if err != nil {
 		return fmt.Errorf("origin %s: write %d bytes at %d: %w", o.dev.Name(), len(p), off, err)
-	}
-	o.announceOverwrite(off, int64(len(p)))
-	if err := writeDev(o.dev, p, off, fua); err != nil {
-		return fmt.Errorf("origin %s: write %d bytes at %d: %w", o.dev.Name(), len(p), off, err)
-	}
-	if !fua {
-		o.syncs.wrote()
 	}
 	return nil
 }
