@@ -46,10 +46,11 @@
 // it (cow.Origin.StartMerge) before anything is served, so the origin
 // reads as the merge left it, and leaves it out of the exports; two such
 // COWs are refused. Set.Merge runs a merge, or finishes the one Open
-// resumed (Set.Merging), recording it in the COW's label (under the
-// store's lock in EX with a Cluster) before the origin switches, and as
-// done at its end. A COW whose label says it was merged (exstore.Merged)
-// is refused (ErrMergedCOW) until it is formatted again.
+// resumed (Set.Merging), recording it in the COW's label before the
+// origin switches, and as done at its end. A COW whose label says it was merged (exstore.Merged)
+// is refused (ErrMergedCOW) until it is formatted again. With a Cluster
+// both are refused (ErrClusterMerge): the other nodes would serve the
+// origin device as it is, not in merge mode.
 //
 // Every export of a Set shares one engine whose Flush syncs every device a
 // write may have reached, so a flush on one connection covers the writes

@@ -15,6 +15,13 @@ import (
 // merged into its origin: it holds no view any more.
 var ErrMergedCOW = errors.New("merged into its origin; format it again to reuse")
 
+// ErrClusterMerge is wrapped by the refusals of a merge with a Cluster: the
+// other nodes would go on serving the origin device as it is, not as the
+// merge shows it, and their writes to the chunks the snapshot holds would
+// be lost. A merge runs without one (snapd merge), with every node
+// stopped.
+var ErrClusterMerge = errors.New("a merge cannot run while the origin is served by a cluster")
+
 // mergeStateOf is the merge state of the COW whose store (a clustered
 // store's core) is st, from its label; NotMerging for a store without
 // labels or a COW without one.
@@ -73,6 +80,9 @@ func (v *Set) resumeMerge(ctx context.Context, merging []int) error {
 		return fmt.Errorf("snapshots %v: each COW says it merges into the origin: %w", names, cow.ErrMergeInProgress)
 	}
 	s := v.Snapshots[merging[0]]
+	if v.config.Cluster != nil {
+		return fmt.Errorf("snapshot %s: its COW says it merges into the origin; finish the merge without --cluster-id first: %w", s.Name(), ErrClusterMerge)
+	}
 	if err := v.Origin.StartMerge(ctx, s); err != nil {
 		return fmt.Errorf("snapshot %s: resume its merge: %w", s.Name(), err)
 	}
@@ -87,11 +97,15 @@ func (v *Set) resumeMerge(ctx context.Context, merging []int) error {
 // is formatted again. It resumes the merge Open found under way (Merging)
 // the same way. Canceling ctx stops the merge and leaves the origin in
 // merge mode, right, until Merge runs again. s must be one of v's
-// snapshots, and no longer served on its own.
+// snapshots, and no longer served on its own. A Set with a Cluster refuses
+// (ErrClusterMerge).
 func (v *Set) Merge(ctx context.Context, s *cow.Snapshot, progress func(cow.MergeProgress)) error {
 	i := slices.Index(v.Snapshots, s)
 	if i < 0 {
 		return fmt.Errorf("merge: snapshot %s is not one of the set's", s.Name())
+	}
+	if v.config.Cluster != nil {
+		return fmt.Errorf("merge of snapshot %s: %w", s.Name(), ErrClusterMerge)
 	}
 	if m, _, ok := v.Origin.Merging(); !ok || m != s {
 		// Open attached the marker of its snapshots; one added since

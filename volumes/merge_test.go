@@ -102,7 +102,8 @@ func TestMergeResumesAtOpen(t *testing.T) {
 }
 
 // TestMergeOpenRefusals: two COWs that each say they merge into the
-// origin, and a merging COW with an origin of another size, are refused.
+// origin, a merging COW served with a cluster, and a merging COW with an
+// origin of another size, are refused; so is a merge with a cluster.
 func TestMergeOpenRefusals(t *testing.T) {
 	ctx := context.Background()
 	f := newFixture(t)
@@ -125,10 +126,19 @@ func TestMergeOpenRefusals(t *testing.T) {
 	}
 	_, err = Open(ctx, Config{Origin: f.origin, Snapshots: []SnapshotSpec{{Name: "a", COW: f.cow}, {Name: "b", COW: second}}})
 	require.ErrorIs(t, err, cow.ErrMergeInProgress)
+	_, err = Open(ctx, Config{Origin: f.origin, Snapshots: []SnapshotSpec{{Name: "a", COW: f.cow}}, Cluster: &Cluster{ID: "c1", Engine: inproc.New()}})
+	require.ErrorIs(t, err, ErrClusterMerge, "a clustered serve of a merging COW")
 
 	small := filepath.Join(t.TempDir(), "small")
 	require.NoError(t, os.WriteFile(small, make([]byte, originSize/2), 0o600))
 	_, err = Open(ctx, Config{Origin: small, Snapshots: []SnapshotSpec{{Name: "a", COW: f.cow}}})
 	require.ErrorIs(t, err, ErrLabelMismatch)
 	assert.False(t, errors.Is(err, ErrMergedCOW))
+
+	g := newFixture(t)
+	v := open(t, Config{Origin: g.origin, Snapshots: []SnapshotSpec{{Name: "a", COW: g.cow}}, Cluster: &Cluster{ID: "c1", Engine: inproc.New()}})
+	require.ErrorIs(t, v.Merge(ctx, v.Snapshots[0], nil), ErrClusterMerge)
+	_, _, ok := v.Merging()
+	assert.False(t, ok)
+	assert.Equal(t, exstore.NotMerging, cowLabel(t, g.cow).Merge)
 }
