@@ -125,8 +125,9 @@
 // # Snapshots and origin writes
 //
 // Origin writes hold the origin's snapshot list shared for their whole
-// span, and AddSnapshot and RemoveSnapshot exclusively, as the kernel
-// suspends the origin to load a snapshot table: a write either copies into
+// span, and AddSnapshot and RemoveSnapshot exclusively (and so do the
+// switch into merge mode and its end), as the kernel suspends the origin
+// to load a snapshot table: a write either copies into
 // a new snapshot or completed before it existed. AddSnapshot is therefore
 // a cut of a served origin: it also flushes the origin before the
 // snapshot joins, so the snapshot holds every write acknowledged before
