@@ -29,7 +29,7 @@ func (c *conn) check(req *request) (uint32, string) {
 	case cmdFlush:
 		return 0, ""
 	case cmdBlockStatus:
-		if !c.structured || (!c.metaBaseAllocation && !c.metaExceptions) || req.length == 0 {
+		if !c.structured || (!c.metaBaseAllocation && !c.metaExceptions && len(c.metaBitmaps) == 0) || req.length == 0 {
 			return errInval, "BLOCK_STATUS without structured replies, a negotiated meta context, or a length"
 		}
 	default:

@@ -91,10 +91,11 @@ type Server struct {
 // export is an Export with what the server derives from it once.
 type export struct {
 	Export
-	trimmer   Trimmer
-	zeroer    Zeroer
-	extenter  Extenter
-	cowMapper COWMapper
+	trimmer        Trimmer
+	zeroer         Zeroer
+	extenter       Extenter
+	cowMapper      COWMapper
+	dirtyBitmapper DirtyBitmapper
 	// minBlock is the request alignment the backend needs (1 for none).
 	minBlock int
 }
@@ -152,6 +153,7 @@ func (s *Server) AddExport(e Export) error {
 	x.zeroer, _ = e.Backend.(Zeroer)
 	x.extenter, _ = e.Backend.(Extenter)
 	x.cowMapper, _ = e.Backend.(COWMapper)
+	x.dirtyBitmapper, _ = e.Backend.(DirtyBitmapper)
 	if bs, ok := e.Backend.(BlockSizer); ok && bs.MinBlockSize() > 1 {
 		x.minBlock = bs.MinBlockSize()
 	}
