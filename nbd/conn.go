@@ -95,6 +95,9 @@ type conn struct {
 	// dirty records a write since the last flush, for the flush at close.
 	dirty atomic.Bool
 
+	// counters count the requests answered, for Server.Stats.
+	counters connCounters
+
 	// readCost and writeCost estimate READs' and WRITEs' recent backend
 	// time, for the choice of running them inline (runsInline).
 	readCost, writeCost costEstimate

@@ -256,6 +256,7 @@ func TestDirtyBitmapDynamic(t *testing.T) {
 	rc.sendRequest(0, cmdRead, 4, 0, 512, nil)
 	c := rc.readChunk()
 	assert.Equal(t, replyTypeOffsetData, c.typ, "the connection goes on")
+	assert.Equal(t, []ExportStats{{Name: "origin", ConnectionsOpen: 1, ConnectionsTotal: 1, BlockStatus: 1, Reads: 1, ReadBytes: 512, Errors: 2}}, srv.Stats())
 }
 
 // Contexts chosen for an export do not carry over to another export, nor to

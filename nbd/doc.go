@@ -85,6 +85,17 @@
 // on Shutdown, and RemoveExport returns only once they have closed, so the
 // caller may close the export's backend then.
 //
+// # Counters
+//
+// Server.Stats reports, per export served, its connections (open now, and
+// in total) and the requests answered: successful ones by command, with
+// the bytes of READs and WRITEs, and failed ones together as errors. A
+// request is counted before its reply is sent. Each connection counts in
+// its own atomics, which its export's totals take over when it ends, so
+// connections do not contend for a shared counter on the request path. An
+// export's counters start at zero when it is added and go with it when it
+// is removed.
+//
 // # Systems
 //
 // The server runs wherever Go's net package does. On Linux a plain TCP

@@ -98,6 +98,12 @@ type export struct {
 	dirtyBitmapper DirtyBitmapper
 	// minBlock is the request alignment the backend needs (1 for none).
 	minBlock int
+
+	// connections counts the connections that selected the export, and
+	// ended holds the counts of those that ended; both guarded by
+	// Server.mu.
+	connections uint64
+	ended       ExportStats
 }
 
 // NewServer returns a server for exports. It panics on a duplicate name, a
@@ -229,6 +235,7 @@ func (s *Server) bind(c *conn, name string) *export {
 	x := s.exportNames[name]
 	if x != nil {
 		c.bound = x
+		x.connections++
 	}
 	return x
 }
@@ -320,10 +327,14 @@ func (s *Server) track(ctx context.Context, nc net.Conn) (*conn, bool) {
 	return c, true
 }
 
-// untrack forgets a finished connection.
+// untrack forgets a finished connection, keeping its counts in its
+// export's.
 func (s *Server) untrack(c *conn) {
 	s.mu.Lock()
 	delete(s.conns, c)
+	if c.bound != nil {
+		c.counters.addTo(&c.bound.ended)
+	}
 	s.mu.Unlock()
 }
 
