@@ -44,8 +44,8 @@
 // Every export offers changed-block tracking (nbd.DirtyBitmapper): one
 // dirty bitmap per snapshot S of the origin, named S, that marks the ranges
 // that may have changed since S was taken. On the origin that is S's
-// exceptions, exactly where the two differ. On a snapshot X it is S's
-// exceptions and X's own: where neither has one, both read the origin. The
+// exceptions: the origin has changed nowhere else. On a snapshot X it is
+// S's exceptions and X's own: where neither has one, both read the origin. The
 // bitmaps follow the origin's current snapshots (cow.Origin.Snapshots), so
 // a snapshot added or removed while serving gains or loses its bitmap at
 // once; the bitmap of an invalid snapshot, and every bitmap on an invalid
