@@ -63,7 +63,7 @@ func twoSnapshots(t *testing.T) (*Set, map[string]nbd.DirtyBitmapper) {
 func TestDirtyBitmapsOfEveryExport(t *testing.T) {
 	ctx := context.Background()
 	v, backends := twoSnapshots(t)
-	s1, s2 := v.Snapshots[0], v.Snapshots[1]
+	s1, s2 := v.Snapshots()[0], v.Snapshots()[1]
 	if s1.Name() != "s1" {
 		s1, s2 = s2, s1
 	}
@@ -106,7 +106,7 @@ func TestDirtyBitmapsCoverEveryChange(t *testing.T) {
 		ReadAt(context.Context, []byte, int64) error
 		WriteAt(context.Context, []byte, int64, bool) error
 	}{OriginExport: v.Origin}
-	for _, s := range v.Snapshots {
+	for _, s := range v.Snapshots() {
 		volumes[s.Name()] = s
 	}
 	names := []string{OriginExport, "s1", "s2"}
@@ -152,9 +152,9 @@ func TestDirtyBitmapsCoverEveryChange(t *testing.T) {
 func TestDirtyBitmapsInvalidAndAdded(t *testing.T) {
 	ctx := context.Background()
 	v, backends := twoSnapshots(t)
-	s1 := v.Snapshots[0]
+	s1 := v.Snapshots()[0]
 	if s1.Name() != "s1" {
-		s1 = v.Snapshots[1]
+		s1 = v.Snapshots()[1]
 	}
 	require.NoError(t, s1.Store().Invalidate(ctx, errors.New("test invalidation")))
 	for name, b := range backends {

@@ -18,21 +18,57 @@ var ErrNoSuchExport = errors.New("no such export")
 // defaultExport again under the empty name if it is not empty. Every
 // export offers multi-conn (see the package comment).
 func (v *Set) Exports(defaultExport string) ([]nbd.Export, error) {
-	ex := []nbd.Export{{Name: OriginExport, Description: "origin " + v.Origin.Device().Name(), Backend: originBackend{v.Origin}, MultiConn: true}}
-	for _, s := range v.Snapshots {
-		desc := fmt.Sprintf("snapshot of %s in %s", v.Origin.Device().Name(), s.COW().Name())
-		ex = append(ex, nbd.Export{Name: s.Name(), Description: desc, Backend: snapshotBackend{s}, ReadOnly: s.Options().ReadOnly, MultiConn: true})
+	ex := []nbd.Export{v.originExport()}
+	for _, s := range v.Snapshots() {
+		ex = append(ex, v.snapshotExport(s))
 	}
 	if defaultExport == "" {
 		return ex, nil
 	}
 	for _, e := range ex {
 		if e.Name == defaultExport {
-			e.Name, e.Description = "", e.Description+" (default export)"
-			return append(ex, e), nil
+			return append(ex, asDefault(e)), nil
 		}
 	}
 	return nil, fmt.Errorf("default export %q: %w", defaultExport, ErrNoSuchExport)
+}
+
+// Exporter serves NBD exports that come and go: nbd.Server is one.
+type Exporter interface {
+	// AddExport serves e from now on.
+	AddExport(e nbd.Export) error
+	// RemoveExport stops serving the export name, and returns once the
+	// connections that used it have closed.
+	RemoveExport(ctx context.Context, name string) error
+}
+
+var _ Exporter = (*nbd.Server)(nil)
+
+// Export tells the Set where its exports are served (the exports of
+// Exports(defaultExport), which the caller serves already), so that
+// snapshots created live are served there at once and deleted ones stop
+// being served before they are taken out of the origin.
+func (v *Set) Export(x Exporter, defaultExport string) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	v.exporter, v.defaultExport = x, defaultExport
+}
+
+// originExport is the origin's export.
+func (v *Set) originExport() nbd.Export {
+	return nbd.Export{Name: OriginExport, Description: "origin " + v.Origin.Device().Name(), Backend: originBackend{v.Origin}, MultiConn: true}
+}
+
+// snapshotExport is snapshot s's export.
+func (v *Set) snapshotExport(s *cow.Snapshot) nbd.Export {
+	desc := fmt.Sprintf("snapshot of %s in %s", v.Origin.Device().Name(), s.COW().Name())
+	return nbd.Export{Name: s.Name(), Description: desc, Backend: snapshotBackend{s}, ReadOnly: s.Options().ReadOnly, MultiConn: true}
+}
+
+// asDefault is e served under the empty name.
+func asDefault(e nbd.Export) nbd.Export {
+	e.Name, e.Description = "", e.Description+" (default export)"
+	return e
 }
 
 // snapshotBackend serves a snapshot, adding the changed-block map: which

@@ -8,7 +8,10 @@ import (
 // cluster membership and each snapshot's store, with the cluster's
 // counters of lock and metadata work.
 type Status struct {
-	Origin    OriginStatus     `json:"origin"`
+	Origin OriginStatus `json:"origin"`
+	// Catalog is the path of the snapshot catalog, "" without one: then
+	// snapshots created live are not served again after a restart.
+	Catalog   string           `json:"catalog,omitempty"`
 	Cluster   *ClusterStatus   `json:"cluster,omitempty"`
 	Snapshots []SnapshotStatus `json:"snapshots"`
 }
@@ -76,7 +79,7 @@ func countersOf(s clusterized.Stats) *ClusterCounters {
 
 // Status reports the Set as it is now; it is safe while serving.
 func (v *Set) Status() Status {
-	st := Status{Origin: OriginStatus{Path: v.config.Origin, SizeBytes: v.Origin.Size()}}
+	st := Status{Origin: OriginStatus{Path: v.config.Origin, SizeBytes: v.Origin.Size()}, Catalog: v.config.Catalog}
 	if c := v.config.Cluster; c != nil {
 		cs := &ClusterStatus{ID: c.ID, Engine: c.EngineName, Lockspace: c.Lockspace}
 		if cs.Lockspace == "" {
@@ -87,9 +90,9 @@ func (v *Set) Status() Status {
 			cs.Lost = true
 		default:
 		}
-		for _, s := range v.clustered {
-			if s != nil {
-				cs.NodeID = s.NodeID()
+		for _, s := range v.servedSnapshots() {
+			if s.clustered != nil {
+				cs.NodeID = s.clustered.NodeID()
 				break
 			}
 		}
@@ -99,21 +102,25 @@ func (v *Set) Status() Status {
 		}
 		st.Cluster = cs
 	}
-	for i, s := range v.Snapshots {
-		u := s.Store().Usage()
-		ss := SnapshotStatus{
-			Name: s.Name(), COW: v.config.Snapshots[i].COW, State: "valid",
-			Exceptions: u.Exceptions, AllocatedSectors: u.AllocatedSectors,
-			TotalSectors: u.TotalSectors, MetadataSectors: u.MetadataSectors,
-		}
-		if err := s.Err(); err != nil {
-			ss.State = err.Error()
-		}
-		if cs := v.clustered[i]; cs != nil {
-			ss.Cluster = countersOf(cs.Stats())
-		}
-		ss.UUID = v.labels[i]
-		st.Snapshots = append(st.Snapshots, ss)
+	for _, s := range v.servedSnapshots() {
+		st.Snapshots = append(st.Snapshots, s.status())
 	}
 	return st
+}
+
+// status reports one served snapshot.
+func (s *served) status() SnapshotStatus {
+	u := s.snap.Store().Usage()
+	ss := SnapshotStatus{
+		Name: s.snap.Name(), COW: s.spec.COW, UUID: s.label, State: "valid",
+		Exceptions: u.Exceptions, AllocatedSectors: u.AllocatedSectors,
+		TotalSectors: u.TotalSectors, MetadataSectors: u.MetadataSectors,
+	}
+	if err := s.snap.Err(); err != nil {
+		ss.State = err.Error()
+	}
+	if s.clustered != nil {
+		ss.Cluster = countersOf(s.clustered.Stats())
+	}
+	return ss
 }

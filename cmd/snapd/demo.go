@@ -108,7 +108,7 @@ func demoCheck(ctx context.Context, dir string, writes int, stdout io.Writer) (o
 	}
 	fmt.Fprintf(stdout, "origin %s: %s, sha256 %x\n", originPath, humanize.IBytes(originSize), before[:8])
 
-	summary, err := createSnapshot(ctx, originPath, cowPath, chunk/exstore.SectorSize, false)
+	summary, err := createSnapshot(ctx, volumes.FormatSpec{Origin: originPath, COW: cowPath, ChunkSectors: uint32(chunk / exstore.SectorSize)})
 	if err != nil {
 		return "", "", err
 	}

@@ -102,7 +102,12 @@
 // # Snapshots and origin writes
 //
 // Origin writes hold the origin's snapshot list shared for their whole
-// span, and AddSnapshot exclusively, as the kernel suspends the origin to
-// load a snapshot table: a write either copies into a new snapshot or
-// completed before it existed.
+// span, and AddSnapshot and RemoveSnapshot exclusively, as the kernel
+// suspends the origin to load a snapshot table: a write either copies into
+// a new snapshot or completed before it existed. AddSnapshot is therefore
+// a cut of a served origin: it also flushes the origin before the
+// snapshot joins, so the snapshot holds every write acknowledged before
+// the call, durably, none started after it returned, and a write in flight
+// wholly or not at all. A removed snapshot gets no more copies and fails
+// every use (ErrRemoved).
 package cow

@@ -38,6 +38,10 @@ type Origin struct {
 
 	// gate, if set, admits every origin change (gate.go).
 	gate OriginGate
+
+	// noCutFlush, set only by a test that must see the loss, makes
+	// AddSnapshot skip its flush.
+	noCutFlush bool
 }
 
 // NewOrigin returns the origin on dev, without snapshots.
@@ -71,7 +75,12 @@ type SnapshotOptions struct {
 // AddSnapshot adds a snapshot of the origin whose exceptions live in store
 // on the COW device cow (the device store was opened on). The snapshot
 // shows the origin as it is now plus whatever exceptions store already
-// holds. It waits for origin writes in flight to complete first.
+// holds. It is a cut, as the kernel's suspend of the origin is: new origin
+// changes wait, the ones in flight complete, the origin is flushed, and the
+// snapshot joins before any change resumes. So the snapshot holds every
+// origin write acknowledged before the call, durably, none that starts
+// after it returns, and a write in flight wholly or not at all. If the
+// flush fails the snapshot is not added.
 func (o *Origin) AddSnapshot(name string, store exstore.Store, cow blockdev.Device, opts SnapshotOptions) (*Snapshot, error) {
 	if store == nil || cow == nil {
 		return nil, fmt.Errorf("snapshot %s: store and COW device are required", name)
@@ -96,10 +105,43 @@ func (o *Origin) AddSnapshot(name string, store exstore.Store, cow blockdev.Devi
 			return nil, fmt.Errorf("snapshot %s: origin %s already has a snapshot of that name", name, o.dev.Name())
 		}
 	}
+	// Writes acknowledged without FUA may still be in a cache the
+	// snapshot's reads see but a crash loses: make them durable first.
+	if err := o.cutFlush(); err != nil {
+		return nil, fmt.Errorf("snapshot %s: flush of origin %s: %w", name, o.dev.Name(), err)
+	}
 	snaps := append(slices.Clone(o.snaps), s)
 	slices.SortStableFunc(snaps, func(a, b *Snapshot) int { return cmp.Compare(b.chunkBytes, a.chunkBytes) })
 	o.snaps = snaps
 	return s, nil
+}
+
+func (o *Origin) cutFlush() error {
+	if o.noCutFlush {
+		return nil
+	}
+	return o.syncs.sync(o.dev)
+}
+
+// ErrRemoved is wrapped by the errors of a snapshot removed from its
+// origin: origin writes no longer copy into it, so its view went stale.
+var ErrRemoved = errors.New("snapshot was removed from its origin")
+
+// RemoveSnapshot stops copying origin writes into s: it waits for the
+// origin changes in flight (which may be copying into s) to complete, as
+// AddSnapshot does, and takes s out. Every later use of s fails with an
+// error wrapping ErrRemoved. Its store and COW device are the caller's to
+// flush and close; s's own I/O in flight is the caller's to drain first.
+func (o *Origin) RemoveSnapshot(s *Snapshot) error {
+	o.snapMu.Lock()
+	defer o.snapMu.Unlock()
+	i := slices.Index(o.snaps, s)
+	if i < 0 {
+		return fmt.Errorf("origin %s: remove snapshot: not a snapshot of this origin", o.dev.Name())
+	}
+	o.snaps = slices.Delete(slices.Clone(o.snaps), i, i+1)
+	s.markFailed(ErrRemoved)
+	return nil
 }
 
 // ReadAt fills p from off of the origin.

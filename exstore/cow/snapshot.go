@@ -151,7 +151,8 @@ func (s *Snapshot) failure() error {
 	return s.store.Err()
 }
 
-// markFailed records err (which wraps exstore.ErrInvalid, or is ErrMerged)
+// markFailed records err (which wraps exstore.ErrInvalid, or is ErrMerged
+// or ErrRemoved)
 // as the reason the snapshot is unusable, unless it has one already.
 func (s *Snapshot) markFailed(err error) {
 	s.mu.Lock()
