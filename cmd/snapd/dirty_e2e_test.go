@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"testing"
@@ -13,12 +14,13 @@ import (
 	"github.com/stretchr/testify/require"
 )
 
-// An incremental backup with stock tools only: a full copy of snapshot s1
-// (nbdcopy), then, after origin writes and a new snapshot s2, the ranges
-// qemu:dirty-bitmap:s1 marks on s2 (nbdinfo --map) copied from s2 onto the
-// full copy (qemu-img convert -n, one range at a time), which must then be
-// s2 byte for byte. The same comparison with one dirty range left out must
-// fail, so that it can catch a bitmap that misses a change.
+// An incremental backup with stock tools only, on a running server: a
+// full copy of snapshot s1 (nbdcopy), then, after origin writes and a live
+// snapshot s2, the ranges qemu:dirty-bitmap:s1 marks on s2 (nbdinfo --map)
+// copied from s2 onto the full copy (qemu-img convert -n, one range at a
+// time), which must then be s2 byte for byte. The same comparison with one
+// dirty range left out must fail, so that it can catch a bitmap that
+// misses a change. Deleting s1 live takes its bitmap away.
 func TestIncrementalBackupWithDirtyBitmap(t *testing.T) {
 	qemuIO := tool(t, "qemu-io", "qemu-utils")
 	qemuImg := tool(t, "qemu-img", "qemu-utils")
@@ -27,10 +29,10 @@ func TestIncrementalBackupWithDirtyBitmap(t *testing.T) {
 	bin := buildSnapd(t)
 	const size = 8 << 20
 	f := newFixture(t, bin, size, 20)
-	sock := filepath.Join(f.dir, "nbd.sock")
+	sock, ctl := filepath.Join(f.dir, "nbd.sock"), filepath.Join(f.dir, "control.sock")
 	uri := func(name string) string { return "nbd+unix:///" + name + "?socket=" + sock }
 
-	srv := startServe(t, bin, "--origin", f.origin, "--snapshot", "s1="+f.cow, "--listen", "", "--socket", sock)
+	srv := startServe(t, bin, "--origin", f.origin, "--snapshot", "s1="+f.cow, "--listen", "", "--socket", sock, "--control", ctl)
 	full := filepath.Join(f.dir, "full.img")
 	run1(t, nbdcopy, uri("s1"), full)
 	// Writes after the full backup: chunk-aligned and not, zeroes, and one
@@ -41,13 +43,7 @@ func TestIncrementalBackupWithDirtyBitmap(t *testing.T) {
 		"-c", "write -z 3M 8k",
 		"-c", "write -P 0x5c 5116k 8k",
 		"-c", "flush")
-	code, _ := srv.stop(t)
-	require.Equal(t, 0, code)
-
-	cow2 := filepath.Join(f.dir, "cow2.img")
-	run1(t, bin, "create", "--origin", f.origin, "--cow", cow2, "--cow-size", "4MiB")
-	srv = startServe(t, bin, "--origin", f.origin, "--snapshot", "s1="+f.cow, "--snapshot", "s2="+cow2, "--listen", "", "--socket", sock)
-	defer srv.stop(t)
+	run1(t, bin, "snapshot", "create", "--control", ctl, "--name", "s2", "--cow", filepath.Join(f.dir, "cow2.img"), "--cow-size", "4MiB")
 
 	var listing struct {
 		Exports []struct {
@@ -123,4 +119,16 @@ func TestIncrementalBackupWithDirtyBitmap(t *testing.T) {
 		broken := slices.Delete(slices.Clone(dirty), i, i+1)
 		assert.False(t, bytes.Equal(want, incremental(broken)), "a map without dirty range %v must fail the comparison", dirty[i])
 	}
+
+	run1(t, bin, "snapshot", "delete", "--control", ctl, "s1")
+	require.NoError(t, json.Unmarshal([]byte(run1(t, nbdinfo, "--list", "--json", uri(""))), &listing))
+	require.Len(t, listing.Exports, 2)
+	for _, e := range listing.Exports {
+		assert.NotContains(t, e.Contexts, "qemu:dirty-bitmap:s1", "contexts of %s", e.Name)
+		assert.Contains(t, e.Contexts, "qemu:dirty-bitmap:s2", "contexts of %s", e.Name)
+	}
+	out, err := exec.Command(nbdinfo, "--map=qemu:dirty-bitmap:s1", uri("s2")).CombinedOutput()
+	assert.Error(t, err, "%s", out)
+	code, _ := srv.stop(t)
+	assert.Equal(t, 0, code, "stderr: %s", srv.stderr)
 }
