@@ -183,3 +183,18 @@ func TestDirtyBitmapsInvalidAndAdded(t *testing.T) {
 	assert.Equal(t, [][2]int64{{9 * chunk, 10 * chunk}}, dirtyRanges(t, backends[OriginExport], "s3"))
 	assert.Equal(t, [][2]int64{{8 * chunk, 10 * chunk}}, dirtyRanges(t, backends["s2"], "s3"), "s2's 8 KiB chunk and s3's 4 KiB one")
 }
+
+// A snapshot deleted while serving takes its bitmap away from every export
+// at once.
+func TestDirtyBitmapsFollowDelete(t *testing.T) {
+	ctx := context.Background()
+	v, backends := twoSnapshots(t)
+	require.NoError(t, v.DeleteSnapshot(ctx, "s2"))
+	for _, name := range []string{OriginExport, "s1"} {
+		assert.Equal(t, []string{"s1"}, backends[name].DirtyBitmaps(), name)
+		_, err := backends[name].DirtyExtents(ctx, "s2", 0, chunk)
+		assert.ErrorIs(t, err, nbd.ErrNoSuchBitmap, name)
+	}
+	_, err := backends["s2"].DirtyExtents(ctx, "s1", 0, chunk)
+	assert.Error(t, err, "the deleted snapshot's own backend answers no map")
+}
