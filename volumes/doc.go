@@ -71,4 +71,16 @@
 // Every export of a Set shares one engine whose Flush syncs every device a
 // write may have reached, so a flush on one connection covers the writes
 // completed on all: the exports offer multi-conn.
+//
+// # Changed-block tracking
+//
+// Every export offers changed-block tracking (nbd.DirtyBitmapper): one
+// dirty bitmap per snapshot S of the origin, named S, that marks the ranges
+// that may have changed since S was taken. On the origin that is S's
+// exceptions: the origin has changed nowhere else. On a snapshot X it is
+// S's exceptions and X's own: where neither has one, both read the origin. The
+// bitmaps follow the origin's current snapshots (cow.Origin.Snapshots), so
+// a snapshot added or removed while serving gains or loses its bitmap at
+// once; the bitmap of an invalid snapshot, and every bitmap on an invalid
+// snapshot's export, is an error rather than a map.
 package volumes
