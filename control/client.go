@@ -8,6 +8,8 @@ import (
 	"net"
 	"sync"
 	"time"
+
+	"github.com/clustersnap/clustersnap/volumes"
 )
 
 // Client sends requests to a control socket, one at a time. After an
@@ -95,3 +97,30 @@ func (c *Client) callErr(ctx context.Context, op string, err error) error {
 
 // Close closes the connection.
 func (c *Client) Close() error { return c.conn.Close() }
+
+// Status asks for the server's status (OpStatus).
+func (c *Client) Status(ctx context.Context) (volumes.Status, error) {
+	var st volumes.Status
+	err := c.Call(ctx, OpStatus, nil, &st)
+	return st, err
+}
+
+// Snapshots lists the snapshots served (OpSnapshotList).
+func (c *Client) Snapshots(ctx context.Context) ([]volumes.SnapshotStatus, error) {
+	var snaps []volumes.SnapshotStatus
+	err := c.Call(ctx, OpSnapshotList, nil, &snaps)
+	return snaps, err
+}
+
+// CreateSnapshot creates a snapshot of the serving origin
+// (OpSnapshotCreate).
+func (c *Client) CreateSnapshot(ctx context.Context, a SnapshotCreateArgs) (volumes.SnapshotStatus, error) {
+	var st volumes.SnapshotStatus
+	err := c.Call(ctx, OpSnapshotCreate, a, &st)
+	return st, err
+}
+
+// DeleteSnapshot deletes a served snapshot (OpSnapshotDelete).
+func (c *Client) DeleteSnapshot(ctx context.Context, name string) error {
+	return c.Call(ctx, OpSnapshotDelete, SnapshotDeleteArgs{Name: name}, nil)
+}

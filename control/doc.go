@@ -18,6 +18,13 @@
 // long, or anything unreadable, closes the connection. Ops are added, never
 // changed: a change of meaning is a new version.
 //
+// Ops (ops.go), each with its arguments and result types: "status" (the
+// server's volumes.Status), "snapshot-list", "snapshot-create" (formats a
+// COW and adds a snapshot to the serving origin), "snapshot-delete".
+// Arguments with unknown fields are refused, so that a misspelt option is
+// never ignored. Besides bad-request, the snapshot ops answer "not-found"
+// and "exists" for a name that is not, or already, served.
+//
 // Handlers run one at a time per connection, concurrently across
 // connections; a handler must be safe for that. A handler's context ends
 // when the server stops or the client hangs up.

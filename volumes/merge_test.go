@@ -36,9 +36,19 @@ func cowLabel(t *testing.T, path string) exstore.Label {
 // progress, and Merge finishes the merge; then the COW is marked merged
 // and refused by the next Open.
 func TestMergeResumesAtOpen(t *testing.T) {
+	t.Run("flags", func(t *testing.T) { testMergeResumesAtOpen(t, false) })
+	t.Run("catalog", func(t *testing.T) { testMergeResumesAtOpen(t, true) })
+}
+
+// testMergeResumesAtOpen is TestMergeResumesAtOpen, with the snapshot
+// listed in a catalog or not: with one, the merged snapshot leaves it.
+func testMergeResumesAtOpen(t *testing.T, withCatalog bool) {
 	ctx := context.Background()
 	f := newFixture(t)
 	config := Config{Origin: f.origin, Snapshots: []SnapshotSpec{{Name: "snap", COW: f.cow}}}
+	if withCatalog {
+		config.Catalog = filepath.Join(t.TempDir(), "catalog")
+	}
 	v, err := Open(ctx, config)
 	require.NoError(t, err)
 	// Runs of different lengths: chunks 3-5, 9, 20-21.
@@ -47,7 +57,7 @@ func TestMergeResumesAtOpen(t *testing.T) {
 		require.NoError(t, v.Origin.WriteAt(ctx, bytes.Repeat([]byte{byte(0x30 + i)}, chunk), c*chunk, false))
 	}
 	require.NoError(t, v.Origin.Flush(ctx))
-	s := v.Snapshots[0]
+	s := v.Snapshots()[0]
 	assert.Equal(t, exstore.NotMerging, cowLabel(t, f.cow).Merge)
 
 	mctx, cancel := context.WithCancel(ctx)
@@ -69,7 +79,7 @@ func TestMergeResumesAtOpen(t *testing.T) {
 	v = open(t, config)
 	got, p, ok = v.Merging()
 	require.True(t, ok, "Open resumed merge mode")
-	assert.Equal(t, v.Snapshots[0], got)
+	assert.Equal(t, v.Snapshots()[0], got)
 	buf := make([]byte, originSize)
 	require.NoError(t, v.Origin.ReadAt(ctx, buf, 0))
 	assert.True(t, bytes.Equal(view, buf), "the origin reads as the snapshot, with the write made while merging")
@@ -77,24 +87,32 @@ func TestMergeResumesAtOpen(t *testing.T) {
 	require.NoError(t, err)
 	require.Len(t, ex, 1, "the merging snapshot is no export")
 	assert.Equal(t, OriginExport, ex[0].Name)
+	require.ErrorIs(t, v.DeleteSnapshot(ctx, "snap"), cow.ErrMergeInProgress, "a merging snapshot cannot be deleted")
 	st := v.Status()
 	require.NotNil(t, st.Snapshots[0].Merge)
 	assert.Equal(t, MergeStatus{Done: 0, Total: p.Total}, *st.Snapshots[0].Merge)
 	assert.Contains(t, st.Snapshots[0].State, "merging")
 
-	require.NoError(t, v.Merge(ctx, v.Snapshots[0], nil))
+	require.NoError(t, v.Merge(ctx, v.Snapshots()[0], nil))
 	_, _, ok = v.Merging()
 	assert.False(t, ok)
 	require.NoError(t, v.Origin.ReadAt(ctx, buf, 0))
 	assert.True(t, bytes.Equal(view, buf), "the origin after the merge")
-	assert.Nil(t, v.Status().Snapshots[0].Merge)
+	assert.Empty(t, v.Snapshots(), "the merged snapshot leaves the set")
+	assert.Empty(t, v.Status().Snapshots)
 	require.NoError(t, v.Close())
 	onDisk, err := os.ReadFile(f.origin)
 	require.NoError(t, err)
 	assert.True(t, bytes.Equal(view, onDisk), "the origin image after the merge")
 	assert.Equal(t, exstore.Merged, cowLabel(t, f.cow).Merge)
 
-	for _, c := range []Config{config, {Origin: f.origin, Snapshots: config.Snapshots, Cluster: &Cluster{ID: "c1", Engine: inproc.New()}}} {
+	if withCatalog {
+		// The catalog no longer lists it: the origin serves alone.
+		v = open(t, Config{Origin: f.origin, Catalog: config.Catalog})
+		assert.Empty(t, v.Snapshots())
+		require.NoError(t, v.Close())
+	}
+	for _, c := range []Config{{Origin: f.origin, Snapshots: config.Snapshots}, {Origin: f.origin, Snapshots: config.Snapshots, Cluster: &Cluster{ID: "c1", Engine: inproc.New()}}} {
 		_, err = Open(ctx, c)
 		require.ErrorIs(t, err, ErrMergedCOW)
 		assert.Contains(t, err.Error(), "merged into its origin; format it again to reuse")
@@ -137,8 +155,45 @@ func TestMergeOpenRefusals(t *testing.T) {
 
 	g := newFixture(t)
 	v := open(t, Config{Origin: g.origin, Snapshots: []SnapshotSpec{{Name: "a", COW: g.cow}}, Cluster: &Cluster{ID: "c1", Engine: inproc.New()}})
-	require.ErrorIs(t, v.Merge(ctx, v.Snapshots[0], nil), ErrClusterMerge)
+	require.ErrorIs(t, v.Merge(ctx, v.Snapshots()[0], nil), ErrClusterMerge)
 	_, _, ok := v.Merging()
 	assert.False(t, ok)
 	assert.Equal(t, exstore.NotMerging, cowLabel(t, g.cow).Merge)
+}
+
+// TestMergeUnexportsTheSnapshot: Set.Merge stops serving the snapshot's
+// export before the merge, and serves it again when the merge could not
+// begin (an invalid snapshot).
+func TestMergeUnexportsTheSnapshot(t *testing.T) {
+	ctx := context.Background()
+	f := newFixture(t)
+	v := open(t, Config{Origin: f.origin, Snapshots: []SnapshotSpec{{Name: "snap", COW: f.cow}}})
+	x := &recordingExporter{}
+	ex, err := v.Exports("")
+	require.NoError(t, err)
+	for _, e := range ex {
+		require.NoError(t, x.AddExport(e))
+	}
+	v.Export(x, "")
+	s := v.Snapshots()[0]
+	require.NoError(t, v.Origin.WriteAt(ctx, bytes.Repeat([]byte{0x22}, chunk), 0, false))
+
+	require.NoError(t, s.Store().Invalidate(ctx, errors.New("test")))
+	require.ErrorIs(t, v.Merge(ctx, s, nil), exstore.ErrInvalid)
+	assert.Equal(t, []string{"snap"}, x.removed)
+	assert.Equal(t, []string{OriginExport, "snap"}, x.names, "served again")
+
+	g := newFixture(t)
+	v = open(t, Config{Origin: g.origin, Snapshots: []SnapshotSpec{{Name: "snap", COW: g.cow}}})
+	x = &recordingExporter{}
+	ex, err = v.Exports("")
+	require.NoError(t, err)
+	for _, e := range ex {
+		require.NoError(t, x.AddExport(e))
+	}
+	v.Export(x, "")
+	require.NoError(t, v.Origin.WriteAt(ctx, bytes.Repeat([]byte{0x22}, chunk), 0, false))
+	require.NoError(t, v.Merge(ctx, v.Snapshots()[0], nil))
+	assert.Equal(t, []string{OriginExport}, x.names)
+	assert.Empty(t, v.Snapshots())
 }

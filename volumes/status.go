@@ -8,7 +8,10 @@ import (
 // cluster membership and each snapshot's store, with the cluster's
 // counters of lock and metadata work.
 type Status struct {
-	Origin    OriginStatus     `json:"origin"`
+	Origin OriginStatus `json:"origin"`
+	// Catalog is the path of the snapshot catalog, "" without one: then
+	// snapshots created live are not served again after a restart.
+	Catalog   string           `json:"catalog,omitempty"`
 	Cluster   *ClusterStatus   `json:"cluster,omitempty"`
 	Snapshots []SnapshotStatus `json:"snapshots"`
 }
@@ -87,7 +90,7 @@ func countersOf(s clusterized.Stats) *ClusterCounters {
 
 // Status reports the Set as it is now; it is safe while serving.
 func (v *Set) Status() Status {
-	st := Status{Origin: OriginStatus{Path: v.config.Origin, SizeBytes: v.Origin.Size()}}
+	st := Status{Origin: OriginStatus{Path: v.config.Origin, SizeBytes: v.Origin.Size()}, Catalog: v.config.Catalog}
 	if c := v.config.Cluster; c != nil {
 		cs := &ClusterStatus{ID: c.ID, Engine: c.EngineName, Lockspace: c.Lockspace}
 		if cs.Lockspace == "" {
@@ -98,9 +101,9 @@ func (v *Set) Status() Status {
 			cs.Lost = true
 		default:
 		}
-		for _, s := range v.clustered {
-			if s != nil {
-				cs.NodeID = s.NodeID()
+		for _, s := range v.servedSnapshots() {
+			if s.clustered != nil {
+				cs.NodeID = s.clustered.NodeID()
 				break
 			}
 		}
@@ -110,24 +113,30 @@ func (v *Set) Status() Status {
 		}
 		st.Cluster = cs
 	}
-	for i, s := range v.Snapshots {
-		u := s.Store().Usage()
-		ss := SnapshotStatus{
-			Name: s.Name(), COW: v.config.Snapshots[i].COW, State: "valid",
-			Exceptions: u.Exceptions, AllocatedSectors: u.AllocatedSectors,
-			TotalSectors: u.TotalSectors, MetadataSectors: u.MetadataSectors,
-		}
-		if err := s.Err(); err != nil {
-			ss.State = err.Error()
-		}
-		if cs := v.clustered[i]; cs != nil {
-			ss.Cluster = countersOf(cs.Stats())
-		}
-		ss.UUID = v.labels[i]
-		if m, p, ok := v.Origin.Merging(); ok && m == s {
+	merging, p, _ := v.Origin.Merging()
+	for _, s := range v.servedSnapshots() {
+		ss := s.status()
+		if s.snap == merging {
 			ss.Merge = &MergeStatus{Done: p.Done, Total: p.Total}
 		}
 		st.Snapshots = append(st.Snapshots, ss)
 	}
 	return st
+}
+
+// status reports one served snapshot.
+func (s *served) status() SnapshotStatus {
+	u := s.snap.Store().Usage()
+	ss := SnapshotStatus{
+		Name: s.snap.Name(), COW: s.spec.COW, UUID: s.label, State: "valid",
+		Exceptions: u.Exceptions, AllocatedSectors: u.AllocatedSectors,
+		TotalSectors: u.TotalSectors, MetadataSectors: u.MetadataSectors,
+	}
+	if err := s.snap.Err(); err != nil {
+		ss.State = err.Error()
+	}
+	if s.clustered != nil {
+		ss.Cluster = countersOf(s.clustered.Stats())
+	}
+	return ss
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"unicode/utf8"
@@ -36,6 +37,13 @@ type Config struct {
 	// OriginID, if set, is the origin's id in the COWs' labels instead of
 	// the one sysfs reports for it (see OriginIdentity).
 	OriginID string
+	// Catalog, if set, is the path of the origin's snapshot catalog
+	// (catalog.go), created as a file if nothing is there: live changes
+	// are recorded in it, and once it holds a record it lists the
+	// snapshots Open serves (Snapshots may then only repeat some of them).
+	// A clustered origin needs one, on shared storage, to change its
+	// snapshots live.
+	Catalog string
 }
 
 // ConfigError is an Open refusal of the Config itself, before any device
@@ -45,21 +53,81 @@ type ConfigError struct{ Err error }
 func (e *ConfigError) Error() string { return e.Err.Error() }
 func (e *ConfigError) Unwrap() error { return e.Err }
 
-// Set is an origin and its snapshots, opened for serving.
+// Set is an origin and its snapshots, opened for serving. Snapshots may
+// be created and deleted while it serves (live.go).
 type Set struct {
 	// Origin is the engine's origin, its snapshots added.
 	Origin *cow.Origin
-	// Snapshots are the snapshots in the order of Config.Snapshots.
-	Snapshots []*cow.Snapshot
 
-	config    Config
-	clustered []*clusterized.Store   // per snapshot, nil when not clustered
-	member    *snapset.Member        // the origin's snapshot set, nil when not clustered
-	labels    []string               // per snapshot, its COW label's UUID or ""
-	origin    exstore.OriginIdentity // the origin's, as the COWs' labels name it
-	closers   []io.Closer            // stores, then devices, in closing order
-	lost      chan struct{}          // closed once a store's node loses the lockspace
-	once      sync.Once
+	config  Config
+	reg     *exstore.Registry
+	origin  exstore.OriginIdentity // of the origin device, for the COW labels
+	devOpts blockdev.Options
+	shared  bool
+	fence   func(blockdev.Device) blockdev.Device
+	onLost  func() // a store's node lost the lockspace
+
+	// changeMu runs one live change (create, delete) at a time.
+	changeMu sync.Mutex
+	// mu guards snaps and the exporter; held briefly, never across I/O.
+	mu    sync.Mutex
+	snaps []*served // in the order of Config.Snapshots, then of creation
+	// exporter and defaultExport, once set (Export), get the exports of
+	// snapshots created and deleted live.
+	exporter      Exporter
+	defaultExport string
+
+	catalog *catalog        // nil without Config.Catalog
+	member  *snapset.Member // the origin's snapshot set, nil when not clustered
+	front   []io.Closer     // closed first: the set's member and its lockspace
+	back    []io.Closer     // closed last: the origin device
+	lost    chan struct{}   // closed once a store's node loses the lockspace
+	once    sync.Once
+	closeMu sync.Once
+}
+
+// served is one snapshot the Set serves, with what it opened for it.
+type served struct {
+	spec      SnapshotSpec
+	snap      *cow.Snapshot
+	clustered *clusterized.Store // nil when not clustered
+	label     string             // its COW label's UUID, or ""
+	identity  []byte             // its identity in the snapshot set, nil when not clustered
+	closing   atomic.Bool        // set when it is closed on purpose
+	store     io.Closer
+	dev       io.Closer
+}
+
+// close closes the store, then its device.
+func (s *served) close() error {
+	s.closing.Store(true)
+	var errs []error
+	if s.store != nil {
+		errs = append(errs, s.store.Close())
+	}
+	if s.dev != nil {
+		errs = append(errs, s.dev.Close())
+	}
+	return errors.Join(errs...)
+}
+
+// Snapshots returns the snapshots served now: those of Config.Snapshots in
+// their order, then those created live.
+func (v *Set) Snapshots() []*cow.Snapshot {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	out := make([]*cow.Snapshot, len(v.snaps))
+	for i, s := range v.snaps {
+		out[i] = s.snap
+	}
+	return out
+}
+
+// servedSnapshots returns the served snapshots' records.
+func (v *Set) servedSnapshots() []*served {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return slices.Clone(v.snaps)
 }
 
 // Lost is closed once the node loses the lockspace of any clustered store
@@ -105,81 +173,57 @@ func Open(ctx context.Context, c Config) (*Set, error) {
 	if err := c.check(reg); err != nil {
 		return nil, &ConfigError{err}
 	}
-	v := &Set{config: c, lost: make(chan struct{})}
+	v := &Set{config: c, reg: reg, lost: make(chan struct{})}
 	fail := func(err error) (*Set, error) {
 		v.Close()
 		return nil, err
 	}
-	oi, err := os.Stat(c.Origin)
+	v.shared = c.Cluster != nil && c.Cluster.Shared
+	v.devOpts = blockdev.Options{Direct: c.Direct || v.shared, Exclusive: !v.shared}
+	od, err := openDevice(c.Origin, v.devOpts, v.shared)
 	if err != nil {
 		return nil, fmt.Errorf("origin: %w", err)
 	}
-	shared := c.Cluster != nil && c.Cluster.Shared
-	devOpts := blockdev.Options{Direct: c.Direct || shared, Exclusive: !shared}
-	od, err := openDevice(c.Origin, devOpts, shared)
-	if err != nil {
-		return nil, fmt.Errorf("origin: %w", err)
-	}
-	v.closers = append(v.closers, od)
-	origin := OriginIdentity(od, c.Origin, sysRoot)
+	v.back = append(v.back, od)
+	v.origin = OriginIdentity(od, c.Origin, sysRoot)
 	if c.OriginID != "" {
-		origin.ID = c.OriginID
+		v.origin.ID = c.OriginID
 	}
-	v.origin = origin
-	var lost *atomic.Bool // set when a store's node loses the lockspace
-	fence := func(d blockdev.Device) blockdev.Device { return d }
+	v.fence = func(d blockdev.Device) blockdev.Device { return d }
 	if c.Cluster != nil {
-		lost = new(atomic.Bool)
-		fence = func(d blockdev.Device) blockdev.Device { return fenceShared(d, c.Cluster.ID, lost) }
+		lost := new(atomic.Bool) // set when a store's node loses the lockspace
+		v.fence = func(d blockdev.Device) blockdev.Device { return fenceShared(d, c.Cluster.ID, lost) }
+		v.onLost = func() {
+			lost.Store(true)
+			v.once.Do(func() { close(v.lost) })
+		}
 	}
-	v.Origin = cow.NewOrigin(fence(od))
-	onLost := func() {
-		lost.Store(true)
-		v.once.Do(func() { close(v.lost) })
+	v.Origin = cow.NewOrigin(v.fence(od))
+	specs := c.Snapshots
+	if c.Catalog != "" {
+		if specs, err = v.openCatalog(c.Catalog, specs); err != nil {
+			return fail(err)
+		}
 	}
-	var members []snapset.Snapshot
-	var merging []int // the snapshots whose COW says they merge
-	for _, spec := range c.Snapshots {
-		if ci, err := os.Stat(spec.COW); err == nil && os.SameFile(oi, ci) {
-			return fail(fmt.Errorf("snapshot %s: cow %s is the origin itself", spec.Name, spec.COW))
-		}
-		cd, err := openDevice(spec.COW, devOpts, shared)
+	var merging []*served // the snapshots whose COW says they merge
+	for _, spec := range specs {
+		s, st, cd, err := v.openSnapshot(ctx, spec)
 		if err != nil {
+			return fail(err)
+		}
+		if s.snap, err = v.Origin.AddSnapshot(spec.Name, st, cd, spec.Options); err != nil {
+			_ = s.close()
 			return fail(fmt.Errorf("snapshot %s: %w", spec.Name, err))
 		}
-		v.closers = append([]io.Closer{cd}, v.closers...)
-		st, cs, err := openStore(ctx, reg, cd, spec, c.Cluster, origin, onLost)
-		if err != nil {
-			return fail(fmt.Errorf("snapshot %s: %w", spec.Name, err))
-		}
-		v.closers = append([]io.Closer{st}, v.closers...)
-		s, err := v.Origin.AddSnapshot(spec.Name, st, fence(cd), spec.Options)
-		if err != nil {
-			return fail(fmt.Errorf("snapshot %s: %w", spec.Name, err))
-		}
-		v.Snapshots = append(v.Snapshots, s)
-		v.clustered = append(v.clustered, cs)
-		core := st
-		if cs != nil {
-			core = cs.Core()
-		}
-		v.labels = append(v.labels, labelUUID(ctx, core))
-		s.SetMergeMarker(mergeMarker(st, cs, origin))
-		if state, err := mergeStateOf(ctx, core); err != nil {
-			return fail(fmt.Errorf("snapshot %s: %w", spec.Name, err))
-		} else if state == exstore.Merging {
-			merging = append(merging, len(v.Snapshots)-1)
-		}
-		if cs != nil {
-			id, err := snapshotIdentity(ctx, spec, cs.Core())
-			if err != nil {
-				return fail(fmt.Errorf("snapshot %s: %w", spec.Name, err))
-			}
-			members = append(members, snapset.Snapshot{Name: spec.Name, Identity: id})
+		v.snaps = append(v.snaps, s)
+		if m, err := v.noteMerge(ctx, s, st); err != nil {
+			return fail(err)
+		} else if m {
+			merging = append(merging, s)
 		}
 	}
 	if c.Cluster != nil {
-		if err := v.joinSnapshotSet(ctx, c.Cluster, members, onLost); err != nil {
+		if err := v.joinSnapshotSet(ctx, c.Cluster, v.onLost); err != nil {
 			return fail(err)
 		}
 	}
@@ -187,6 +231,86 @@ func Open(ctx context.Context, c Config) (*Set, error) {
 		return fail(err)
 	}
 	return v, nil
+}
+
+// openCatalog opens the catalog at path and returns the snapshots to
+// serve: the catalog's once it holds a record, which flags may only repeat
+// (a snapshot it does not list was deleted live, or the catalog is
+// another origin's), flags otherwise.
+func (v *Set) openCatalog(path string, flags []SnapshotSpec) ([]SnapshotSpec, error) {
+	cat, err := openCatalog(path, blockdev.Options{Direct: v.devOpts.Direct, Exclusive: v.devOpts.Exclusive})
+	if err != nil {
+		return nil, err
+	}
+	v.back = append([]io.Closer{cat}, v.back...)
+	v.catalog = cat
+	rec, ok, err := cat.load()
+	if err != nil || !ok {
+		return flags, err
+	}
+	if err := checkCatalogOrigin(path, rec, v.origin); err != nil {
+		return nil, err
+	}
+	listed := map[string]catalogEntry{}
+	var specs []SnapshotSpec
+	for _, e := range rec.Snapshots {
+		listed[e.Name] = e
+		specs = append(specs, e.spec())
+	}
+	for _, f := range flags {
+		e, ok := listed[f.Name]
+		switch {
+		case !ok:
+			return nil, &ConfigError{fmt.Errorf("snapshot %s: catalog %s does not list it (it was deleted live, or the catalog is another origin's); drop its --snapshot", f.Name, path)}
+		case e.COW != f.COW:
+			return nil, &ConfigError{fmt.Errorf("snapshot %s: catalog %s lists it in %s, not in %s", f.Name, path, e.COW, f.COW)}
+		}
+	}
+	return specs, nil
+}
+
+// openSnapshot opens spec's COW device and store (clustered with a
+// Cluster), checking the COW against the origin, but does not add it to
+// the origin: it returns the record to serve it with, and the store and
+// (fenced) COW device to add.
+func (v *Set) openSnapshot(ctx context.Context, spec SnapshotSpec) (*served, exstore.Store, blockdev.Device, error) {
+	oi, err := os.Stat(v.config.Origin)
+	if err != nil {
+		return nil, nil, nil, fmt.Errorf("origin: %w", err)
+	}
+	if ci, err := os.Stat(spec.COW); err == nil && os.SameFile(oi, ci) {
+		return nil, nil, nil, fmt.Errorf("snapshot %s: cow %s is the origin itself", spec.Name, spec.COW)
+	}
+	cd, err := openDevice(spec.COW, v.devOpts, v.shared)
+	if err != nil {
+		return nil, nil, nil, fmt.Errorf("snapshot %s: %w", spec.Name, err)
+	}
+	s := &served{spec: spec, dev: cd}
+	// Closing a retired snapshot's store leaves its membership of the
+	// lockspace, which is no loss of the node's.
+	onLost := func() {
+		if !s.closing.Load() {
+			v.onLost()
+		}
+	}
+	st, cs, err := openStore(ctx, v.reg, cd, spec, v.config.Cluster, v.origin, onLost)
+	if err != nil {
+		_ = s.close()
+		return nil, nil, nil, fmt.Errorf("snapshot %s: %w", spec.Name, err)
+	}
+	s.store, s.clustered = st, cs
+	core := st
+	if cs != nil {
+		core = cs.Core()
+	}
+	s.label = labelUUID(ctx, core)
+	if cs != nil {
+		if s.identity, err = snapshotIdentity(ctx, spec, core); err != nil {
+			_ = s.close()
+			return nil, nil, nil, fmt.Errorf("snapshot %s: %w", spec.Name, err)
+		}
+	}
+	return s, st, v.fence(cd), nil
 }
 
 // snapshotIdentity is what identifies a snapshot's COW to the cluster's
@@ -223,13 +347,14 @@ func labelUUID(ctx context.Context, st exstore.Store) string {
 }
 
 // joinSnapshotSet joins the origin's snapshot set (package
-// clusterized/snapset) with snaps, in its own membership of the cluster's
+// clusterized/snapset) with the snapshots served, following the changes
+// other nodes make (follower, live.go), in its own membership of the cluster's
 // lockspace, and puts the origin's writes behind its gate: a node whose
 // snapshots are not the cluster's is refused (snapset.ErrSetMismatch), and
 // this node writes the origin only while its set is the cluster's. onLost
 // runs when the membership loses the lockspace.
-func (v *Set) joinSnapshotSet(ctx context.Context, c *Cluster, snaps []snapset.Snapshot, onLost func()) error {
-	set, err := snapset.NewSet(snaps...)
+func (v *Set) joinSnapshotSet(ctx context.Context, c *Cluster, onLost func()) error {
+	set, err := v.currentSet()
 	if err != nil {
 		return err
 	}
@@ -249,13 +374,13 @@ func (v *Set) joinSnapshotSet(ctx context.Context, c *Cluster, snaps []snapset.S
 			onLost()
 		}()
 	}
-	m, err := snapset.Join(ctx, ls, c.OriginResource(), set)
+	m, err := snapset.JoinFollowing(ctx, ls, c.OriginResource(), set, follower{v})
 	if err != nil {
 		_ = ls.Close()
 		return fmt.Errorf("cluster %s: %w", c.ID, err)
 	}
 	// The member is released before its lockspace, both before the stores.
-	v.closers = append([]io.Closer{m, ls}, v.closers...)
+	v.front = append(v.front, m, ls)
 	v.member = m
 	v.Origin.SetGate(m)
 	return nil
@@ -311,11 +436,26 @@ func openStore(ctx context.Context, reg *exstore.Registry, cd blockdev.Device, s
 	return cs.Exstore(), cs, nil // with lazy commits, as the bare store has them
 }
 
-// Close closes the stores, then the devices.
+// Close leaves the snapshot set, then closes the stores, then the
+// devices. It waits for a live change under way.
 func (v *Set) Close() error {
+	v.changeMu.Lock()
+	defer v.changeMu.Unlock()
 	var errs []error
-	for _, c := range v.closers {
-		errs = append(errs, c.Close())
-	}
+	v.closeMu.Do(func() {
+		for _, c := range v.front {
+			errs = append(errs, c.Close())
+		}
+		v.mu.Lock()
+		snaps := v.snaps
+		v.snaps = nil
+		v.mu.Unlock()
+		for i := len(snaps) - 1; i >= 0; i-- {
+			errs = append(errs, snaps[i].close())
+		}
+		for _, c := range v.back {
+			errs = append(errs, c.Close())
+		}
+	})
 	return errors.Join(errs...)
 }

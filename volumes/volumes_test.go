@@ -63,13 +63,13 @@ func TestOpenServesTheSnapshotView(t *testing.T) {
 	ctx := context.Background()
 	f := newFixture(t)
 	v := open(t, Config{Origin: f.origin, Snapshots: []SnapshotSpec{{Name: "snap", COW: f.cow}}})
-	require.Len(t, v.Snapshots, 1)
-	assert.Equal(t, "snap", v.Snapshots[0].Name())
-	assert.Equal(t, uint32(chunk/exstore.SectorSize), v.Snapshots[0].ChunkSectors())
+	require.Len(t, v.Snapshots(), 1)
+	assert.Equal(t, "snap", v.Snapshots()[0].Name())
+	assert.Equal(t, uint32(chunk/exstore.SectorSize), v.Snapshots()[0].ChunkSectors())
 
 	require.NoError(t, v.Origin.WriteAt(ctx, bytes.Repeat([]byte{0x22}, chunk), 2*chunk, false))
 	got := make([]byte, chunk)
-	require.NoError(t, v.Snapshots[0].ReadAt(ctx, got, 2*chunk))
+	require.NoError(t, v.Snapshots()[0].ReadAt(ctx, got, 2*chunk))
 	assert.Equal(t, bytes.Repeat([]byte{0x11}, chunk), got, "the snapshot keeps the origin as it was")
 }
 
@@ -126,7 +126,7 @@ func TestOpenTransient(t *testing.T) {
 	ctx := context.Background()
 	f := newFixture(t)
 	v := open(t, Config{Origin: f.origin, Snapshots: []SnapshotSpec{{Name: "scratch", COW: f.blank, Type: "N", ChunkSectors: 16}}})
-	s := v.Snapshots[0]
+	s := v.Snapshots()[0]
 	assert.Equal(t, uint32(16), s.ChunkSectors())
 	require.NoError(t, s.WriteAt(ctx, bytes.Repeat([]byte{0x33}, 512), 0, false))
 	require.NoError(t, v.Origin.WriteAt(ctx, bytes.Repeat([]byte{0x44}, chunk), 8*chunk, false))
@@ -146,20 +146,20 @@ func TestOpenClustered(t *testing.T) {
 	cluster := &Cluster{ID: "c1", Engine: inproc.New()}
 	c := Config{Origin: f.origin, Snapshots: []SnapshotSpec{{Name: "snap", COW: f.cow}}, Cluster: cluster}
 	v := open(t, c)
-	_, lazy := v.Snapshots[0].Store().(exstore.LazyCommitter)
+	_, lazy := v.Snapshots()[0].Store().(exstore.LazyCommitter)
 	assert.True(t, lazy, "the clustered store commits lazily, as the bare persistent one does")
 	require.NoError(t, v.Origin.WriteAt(ctx, bytes.Repeat([]byte{0x22}, chunk), 42*chunk, false))
 	require.NoError(t, v.Origin.Flush(ctx))
 	require.NoError(t, v.Close())
 
 	v2 := open(t, c)
-	store := v2.Snapshots[0].Store()
+	store := v2.Snapshots()[0].Store()
 	_, found, release, err := store.Lookup(ctx, 42)
 	release()
 	require.NoError(t, err)
 	assert.True(t, found, "the second node sees the first's exception")
 	got := make([]byte, chunk)
-	require.NoError(t, v2.Snapshots[0].ReadAt(ctx, got, 42*chunk))
+	require.NoError(t, v2.Snapshots()[0].ReadAt(ctx, got, 42*chunk))
 	assert.Equal(t, bytes.Repeat([]byte{0x11}, chunk), got)
 }
 
@@ -194,7 +194,7 @@ func TestBackends(t *testing.T) {
 	ctx := context.Background()
 	f := newFixture(t)
 	v := open(t, Config{Origin: f.origin, Snapshots: []SnapshotSpec{{Name: "snap", COW: f.cow}}})
-	snap, origin := snapshotBackend{v.Snapshots[0]}, originBackend{v.Origin}
+	snap, origin := snapshotBackend{v.Snapshots()[0]}, originBackend{v.Origin}
 
 	// A write to the origin copies chunk 3 into the COW; a snapshot write
 	// puts chunk 5 there.
@@ -242,7 +242,7 @@ func TestOpenSharedTakesNoHostLocks(t *testing.T) {
 	ctx := context.Background()
 	require.NoError(t, v.Origin.WriteAt(ctx, bytes.Repeat([]byte{0x22}, chunk), 7*chunk, true))
 	got := make([]byte, chunk)
-	require.NoError(t, v2.Snapshots[0].ReadAt(ctx, got, 7*chunk))
+	require.NoError(t, v2.Snapshots()[0].ReadAt(ctx, got, 7*chunk))
 	assert.Equal(t, bytes.Repeat([]byte{0x11}, chunk), got, "node 2 reads the chunk node 1 copied")
 	require.NoError(t, v2.Origin.ReadAt(ctx, got, 7*chunk))
 	assert.Equal(t, bytes.Repeat([]byte{0x22}, chunk), got, "node 2 reads node 1's write past its page cache")
@@ -273,7 +273,7 @@ func TestLostNodeStopsSharedIO(t *testing.T) {
 	assert.ErrorIs(t, v.Origin.ReadAt(ctx, buf, 0), ErrClusterLost)
 	refused(v.Origin.WriteAt(ctx, buf, 8*chunk, false), "a write to a chunk already copied")
 	refused(v.Origin.WriteAt(ctx, buf, 9*chunk, false), "a write that needs a copy")
-	refused(v.Snapshots[0].ReadAt(ctx, buf, 0), "a snapshot read")
+	refused(v.Snapshots()[0].ReadAt(ctx, buf, 0), "a snapshot read")
 	assert.ErrorIs(t, v.Origin.Flush(ctx), ErrClusterLost, "the flush of a write made before the loss")
 }
 
@@ -347,7 +347,7 @@ func TestOpenRefusesAnotherSnapshotSet(t *testing.T) {
 	v3 := open(t, Config{Origin: f.origin, Snapshots: both, Cluster: &Cluster{ID: "c1", Engine: engines.Node(3), Shared: true}})
 	require.NoError(t, v.Origin.WriteAt(ctx, bytes.Repeat([]byte{0x22}, chunk), 3*chunk, true))
 	got := make([]byte, chunk)
-	for _, sn := range v3.Snapshots {
+	for _, sn := range v3.Snapshots() {
 		require.NoError(t, sn.ReadAt(ctx, got, 3*chunk))
 		assert.Equal(t, bytes.Repeat([]byte{0x11}, chunk), got, "node 3's %s kept the chunk node 1 overwrote", sn.Name())
 	}

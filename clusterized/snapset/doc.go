@@ -33,7 +33,11 @@
 // queued behind the EX holder, and reads the set again. The same set
 // reopens the gate. Another set stops the member: Enter fails with
 // ErrSetChanged, and the lock stays in NL so that it keeps no later change
-// waiting. A value missing or invalid (the changer died in EX) is
+// waiting; unless the member follows (JoinFollowing): then its Follower
+// makes the drained writes durable before the member lets go of PR
+// (Quiesced), and when the member reads another set it adopts it (Adopt,
+// with the gate still closed): the gate reopens if the node now serves the
+// published set, and the member stops otherwise. A value missing or invalid (the changer died in EX) is
 // published again from this member's set. So no origin change of any node
 // is inside a gate while another node holds EX, and none is admitted
 // under a set other than the one the cluster published.

@@ -92,6 +92,9 @@ type Member struct {
 	done   chan struct{} // closed when the manager returns
 	once   sync.Once
 
+	// follower, if set, follows other nodes' changes (JoinFollowing).
+	follower Follower
+
 	mut mutation // zero: none (tests set one, see export_test.go)
 	// drainWaits, if set (by tests), is called when a drain starts to
 	// wait for changes inside.
@@ -119,11 +122,38 @@ const (
 // The member's gate is open when Join returns. The caller keeps ls and
 // closes it after the member.
 func Join(ctx context.Context, ls lockc.Lockspace, resource string, set Set) (*Member, error) {
+	return JoinFollowing(ctx, ls, resource, set, nil)
+}
+
+// Follower is how a member follows the changes other nodes make to the
+// set. Both run while this node's gate is closed and drained: no origin
+// change of this node is in flight, and none is admitted until they
+// return.
+type Follower interface {
+	// Quiesced runs once the member's origin changes have drained, as it
+	// gives way to a node that wants to change the set, before it lets
+	// go of PR: it makes them durable (a flush of the origin), so that a
+	// snapshot taken by the other node holds them also across a crash.
+	// An error stops the member.
+	Quiesced(ctx context.Context) error
+	// Adopt runs when the member reads a value that does not publish its
+	// set (another node changed it): it makes this node serve the set
+	// that v publishes, and returns the set it serves now. If that set
+	// matches v the gate opens on it; if it does not, or Adopt fails, the
+	// member stops (Enter fails), so that this node never writes the
+	// origin without copying into a snapshot of the cluster's.
+	Adopt(ctx context.Context, v Value) (Set, error)
+}
+
+// JoinFollowing is Join with a Follower: a member that adopts the sets
+// other nodes publish instead of stopping. f may be nil (then it is Join).
+func JoinFollowing(ctx context.Context, ls lockc.Lockspace, resource string, set Set, f Follower) (*Member, error) {
 	lock, err := ls.Lock(ctx, []byte(resource), lockc.NL, lockc.Expedite)
 	if err != nil {
 		return nil, fmt.Errorf("origin lock %s: %w", resource, err)
 	}
 	m := newMember(ls, lock, resource, set)
+	m.follower = f
 	v, err := m.joinPR(ctx)
 	if err != nil {
 		_ = lock.Unlock(context.WithoutCancel(ctx))
@@ -394,6 +424,14 @@ func (m *Member) giveWay() {
 		m.stop(err)
 		return
 	}
+	if m.follower != nil {
+		if err := m.follower.Quiesced(m.ctx); err != nil {
+			m.stop(fmt.Errorf("origin lock %s: giving way: %w", m.resource, err))
+			// Stopped, it must not keep the change waiting.
+			_ = m.lock.Convert(context.WithoutCancel(m.ctx), lockc.NL)
+			return
+		}
+	}
 	if err := m.lock.Convert(m.ctx, lockc.NL); err != nil {
 		m.stop(fmt.Errorf("origin lock %s: %w", m.resource, err))
 		return
@@ -410,9 +448,14 @@ func (m *Member) rejoin() {
 		m.stop(fmt.Errorf("origin lock %s: %w", m.resource, err))
 		return
 	}
+	var changed *Value
 	v, err := m.settle(m.ctx, m.Value(), func(v Value) error {
+		changed = &v
 		return fmt.Errorf("origin lock %s: this node serves %s; the cluster now serves %s: %w", m.resource, m.set, v, ErrSetChanged)
 	})
+	if changed != nil && m.follower != nil {
+		v, err = m.adopt(*changed)
+	}
 	if err != nil {
 		m.stop(err)
 		// Hold nothing that keeps the next change waiting.
@@ -423,6 +466,20 @@ func (m *Member) rejoin() {
 	m.openGate()
 }
 
+// adopt has the follower take on the set v publishes, in PR with the gate
+// closed. m.opMu is held.
+func (m *Member) adopt(v Value) (Value, error) {
+	next, err := m.follower.Adopt(m.ctx, v)
+	if err != nil {
+		return Value{}, fmt.Errorf("origin lock %s: %w: adopting the cluster's %s: %w", m.resource, ErrSetChanged, v, err)
+	}
+	if !next.Matches(v) {
+		return Value{}, fmt.Errorf("origin lock %s: this node now serves %s; the cluster serves %s: %w", m.resource, next, v, ErrSetChanged)
+	}
+	m.set = next
+	return v, nil
+}
+
 // Change publishes next as the cluster's set, as the next generation. It
 // drains this node's origin writes, converts to EX (every other member
 // drains its own and gives way), checks that the cluster still publishes
@@ -431,10 +488,25 @@ func (m *Member) rejoin() {
 // nil (the node takes the new set on, with no origin write anywhere in
 // the cluster; if adopt fails nothing is published), publishes, and comes
 // back to PR with the gate open. The other members read the new value
-// when they get PR back: a member whose set does not match it stops.
-// If ctx ends while Change waits for EX, nothing changed and the member
-// goes on with its set.
+// when they get PR back: a member whose set does not match it stops, or
+// adopts it if it follows (JoinFollowing). If ctx ends while Change waits
+// for EX, nothing changed and the member goes on with its set.
 func (m *Member) Change(ctx context.Context, next Set, adopt func(context.Context) error) error {
+	return m.Update(ctx, func(ctx context.Context, _ Set) (Set, error) {
+		if adopt != nil {
+			if err := adopt(ctx); err != nil {
+				return Set{}, err
+			}
+		}
+		return next, nil
+	})
+}
+
+// Update is Change with the next set computed under EX: change gets the
+// set this member serves (which a follower's adoptions keep current), makes
+// the node serve the next one while no node writes the origin, and returns
+// it, which Update publishes. If change fails nothing is published.
+func (m *Member) Update(ctx context.Context, change func(ctx context.Context, cur Set) (Set, error)) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer context.AfterFunc(m.ctx, cancel)()
 	defer cancel()
@@ -460,10 +532,10 @@ func (m *Member) Change(ctx context.Context, next Set, adopt func(context.Contex
 	}
 	cur := m.Value()
 	b, st := m.lock.LVB()
-	v, ok, err := DecodeLVB(b)
+	v, ok, derr := DecodeLVB(b)
 	switch {
-	case err != nil && st == lockc.LVBValid:
-		m.stop(fmt.Errorf("origin lock %s: %w", m.resource, err))
+	case derr != nil && st == lockc.LVBValid:
+		m.stop(fmt.Errorf("origin lock %s: %w", m.resource, derr))
 	case st == lockc.LVBValid && ok && v != cur:
 		m.stop(fmt.Errorf("origin lock %s: this node serves %s; the cluster now serves %s: %w", m.resource, m.set, v, ErrSetChanged))
 	}
@@ -474,17 +546,16 @@ func (m *Member) Change(ctx context.Context, next Set, adopt func(context.Contex
 	}
 	// An invalid or missing value here means a node died in EX after
 	// this member last read the set: nothing was published since.
-	if adopt != nil {
-		if err := adopt(ctx); err != nil {
-			if cerr := m.lock.Convert(context.WithoutCancel(ctx), lockc.PR); cerr != nil {
-				m.stop(fmt.Errorf("origin lock %s: %w", m.resource, cerr))
-			}
-			m.openGate()
-			return fmt.Errorf("origin lock %s: adopting %s: %w", m.resource, next, err)
+	next, err := change(ctx, m.set)
+	if err != nil {
+		if cerr := m.lock.Convert(context.WithoutCancel(ctx), lockc.PR); cerr != nil {
+			m.stop(fmt.Errorf("origin lock %s: %w", m.resource, cerr))
 		}
+		m.openGate()
+		return fmt.Errorf("origin lock %s: changing the snapshot set: %w", m.resource, err)
 	}
 	gen := cur.Generation
-	if ok && err == nil {
+	if ok && derr == nil {
 		gen = max(gen, v.Generation)
 	}
 	nv := next.Value(gen + 1)

@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"io"
 	"time"
@@ -14,9 +13,6 @@ import (
 	"github.com/clustersnap/clustersnap/volumes"
 )
 
-// opStatus is the control op that reports a running server (volumes.Status).
-const opStatus = "status"
-
 // startControl serves v's control socket at path until ctx ends; wait
 // waits for it to stop.
 func startControl(ctx context.Context, v *volumes.Set, path string) (wait func() error, err error) {
@@ -24,34 +20,39 @@ func startControl(ctx context.Context, v *volumes.Set, path string) (wait func()
 	if err != nil {
 		return nil, err
 	}
-	srv := control.NewServer(map[string]control.Handler{
-		opStatus: func(ctx context.Context, args json.RawMessage) (any, error) {
-			if len(args) > 0 && string(args) != "null" && string(args) != "{}" {
-				return nil, control.BadRequest("status takes no arguments")
-			}
-			return v.Status(), nil
-		},
-	})
+	srv := control.NewServer(control.Handlers(v))
 	done := make(chan error, 1)
 	go func() { done <- srv.Serve(ctx, ln) }()
 	return func() error { return <-done }, nil
 }
 
-// liveStatus asks a running server for its status.
-func liveStatus(ctx context.Context, path string) (volumes.Status, error) {
-	var st volumes.Status
+// dialControl connects to a running server's control socket.
+func dialControl(ctx context.Context, path string) (*control.Client, error) {
 	c, err := control.Dial(ctx, path)
 	if err != nil {
-		return st, err
+		return nil, fmt.Errorf("%w (is 'snapd serve --control %s' running?)", err, path)
+	}
+	return c, nil
+}
+
+// liveStatus asks a running server for its status.
+func liveStatus(ctx context.Context, path string) (volumes.Status, error) {
+	c, err := dialControl(ctx, path)
+	if err != nil {
+		return volumes.Status{}, err
 	}
 	defer c.Close()
-	err = c.Call(ctx, opStatus, nil, &st)
-	return st, err
+	return c.Status(ctx)
 }
 
 // printLiveStatus prints a running server's status for people.
 func printLiveStatus(w io.Writer, st volumes.Status) {
 	fmt.Fprintf(w, "origin %s: %s\n", st.Origin.Path, humanize.IBytes(uint64(st.Origin.SizeBytes)))
+	if st.Catalog != "" {
+		fmt.Fprintf(w, "catalog %s\n", st.Catalog)
+	} else {
+		fmt.Fprintf(w, "catalog: none (snapshots created live are not served again after a restart)\n")
+	}
 	if c := st.Cluster; c != nil {
 		state := "member"
 		if c.Lost {

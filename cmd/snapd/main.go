@@ -40,6 +40,7 @@ func commands() []command {
 		{"demo", "create a sparse origin and snapshot in a temporary directory, check them, and serve them over NBD", runDemo},
 		{"create", "format a COW device for a snapshot of an origin", runCreate},
 		{"serve", "serve an origin and its snapshots over NBD", runServe},
+		{"snapshot", "create, delete or list the snapshots of a running server (snapd snapshot create|delete|list --control PATH)", runSnapshot},
 		{"status", "show a snapshot's usage as dmsetup status does, humanized", runStatus},
 		{"check", "verify a COW's metadata without changing it", runCheck},
 		{"merge", "roll the origin back to a snapshot (resumable)", runMerge},

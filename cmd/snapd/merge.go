@@ -28,7 +28,7 @@ func runMerge(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		return err
 	}
 	defer v.Close()
-	snap := v.Snapshots[0]
+	snap := v.Snapshots()[0]
 	if err := snap.Err(); err != nil && !errors.Is(err, cow.ErrMerging) {
 		return fmt.Errorf("cow %s: cannot merge an invalid snapshot: %w", *cowPath, err)
 	}

@@ -32,7 +32,7 @@ func TestMergeResumesAMergeUnderWay(t *testing.T) {
 		require.NoError(t, v.Origin.WriteAt(ctx, bytes.Repeat([]byte{0xaa}, 8192), off, false))
 	}
 	mctx, cancel := context.WithCancel(ctx)
-	require.ErrorIs(t, v.Merge(mctx, v.Snapshots[0], func(cow.MergeProgress) { cancel() }), context.Canceled)
+	require.ErrorIs(t, v.Merge(mctx, v.Snapshots()[0], func(cow.MergeProgress) { cancel() }), context.Canceled)
 	require.NoError(t, v.Close())
 
 	code, out, errOut := runCLI(t, "merge", "--origin", origin, "--cow", cowPath)

@@ -156,7 +156,9 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	defaultExport := flags.String("default-export", "", "export also served under the empty name (what nbd-client without -N and 'nbdinfo -- [ snapd serve ... ]' ask for)")
 	clusterOpts := newClusterFlags(flags)
 	originID := flags.String("origin-id", "", "the origin's id in the COW labels, instead of the serial or WWID the kernel reports for it (for an origin whose id differs between the hosts serving it)")
-	controlPath := flags.String("control", "", "serve the management protocol on this unix socket (mode 0600): snapd status --control PATH reports the running server")
+	controlPath := flags.String("control", "", "serve the management protocol on this unix socket (mode 0600): snapd status --control PATH reports the running server, snapd snapshot create|delete|list --control PATH change its snapshots live")
+	catalog := flags.String("catalog", "", "the origin's snapshot catalog (created as a 128 KiB file if missing): live snapshot changes are recorded there, and a restarted server serves what it lists; "+
+		"with --cluster-id, every node names the same catalog on shared storage, and live changes need it")
 	statsInterval := flags.Duration("stats-interval", 10*time.Minute, "with --cluster-id, log the lock and metadata counters this often (and at exit); 0 logs them only at exit")
 	if err := parse(flags, args); err != nil {
 		return err
@@ -187,7 +189,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		}
 		cfg.tlsMode = mode
 	}
-	v, err := openVolumes(ctx, volumes.Config{Origin: *origin, Snapshots: specs, Direct: *direct, Cluster: cluster, OriginID: *originID})
+	v, err := openVolumes(ctx, volumes.Config{Origin: *origin, Snapshots: specs, Direct: *direct, Cluster: cluster, OriginID: *originID, Catalog: *catalog})
 	if err != nil {
 		return err
 	}
@@ -209,6 +211,15 @@ func serveVolumes(ctx context.Context, v *volumes.Set, cfg serveConfig, stdout, 
 	// The control socket and the counters' log stop with the server.
 	ctx, stopSide := context.WithCancel(ctx)
 	defer stopSide()
+	nbdOpts := nbd.Options{
+		TLSMode: cfg.tlsMode,
+		TLS:     cfg.tls,
+		Logger:  slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
+	}
+	srv := nbd.NewServer(exports, nbdOpts)
+	// Snapshots created and deleted live are served there; the control
+	// socket, which takes those requests, opens only now.
+	v.Export(srv, cfg.defaultExport)
 	if cfg.control != "" {
 		waitControl, err := startControl(ctx, v, cfg.control)
 		if err != nil {
@@ -223,7 +234,7 @@ func serveVolumes(ctx context.Context, v *volumes.Set, cfg serveConfig, stdout, 
 		defer func() { stopSide(); <-logged; writeClusterStats(v, stderr) }()
 	}
 	if cfg.stdio {
-		return serveStdio(ctx, v, exports, cfg, stderr)
+		return serveStdio(ctx, v, srv, stderr)
 	}
 	listeners, err := nbd.ListenersFromEnv()
 	if err != nil {
@@ -270,12 +281,6 @@ func serveVolumes(ctx context.Context, v *volumes.Set, cfg serveConfig, stdout, 
 			attach = append(attach, fmt.Sprintf("nbd-client -N NAME -unix %s /dev/nbd0 -b 4096", cfg.socket))
 		}
 	}
-	srv := nbd.NewServer(exports, nbd.Options{
-		TLSMode: cfg.tlsMode,
-		TLS:     cfg.tls,
-		Logger:  slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
-	})
-
 	fmt.Fprintln(stdout, "serving:")
 	for _, ex := range exports {
 		var us []string
@@ -314,7 +319,7 @@ func serveVolumes(ctx context.Context, v *volumes.Set, cfg serveConfig, stdout, 
 	if err := v.Origin.Flush(sctx); err != nil {
 		return fmt.Errorf("final flush: %w", err)
 	}
-	for _, s := range v.Snapshots {
+	for _, s := range v.Snapshots() {
 		fmt.Fprintf(stdout, "snapshot %s\n", statusOf(s))
 	}
 	fmt.Fprintln(stdout, "stopped")
@@ -323,19 +328,14 @@ func serveVolumes(ctx context.Context, v *volumes.Set, cfg serveConfig, stdout, 
 
 // serveStdio serves one client on stdin/stdout, which carry the protocol,
 // so everything snapd says goes to stderr.
-func serveStdio(ctx context.Context, v *volumes.Set, exports []nbd.Export, cfg serveConfig, stderr io.Writer) error {
-	srv := nbd.NewServer(exports, nbd.Options{
-		TLSMode: cfg.tlsMode,
-		TLS:     cfg.tls,
-		Logger:  slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
-	})
+func serveStdio(ctx context.Context, v *volumes.Set, srv *nbd.Server, stderr io.Writer) error {
 	if err := srv.ServeStdio(ctx, os.Stdin, os.Stdout); err != nil && !errors.Is(err, context.Canceled) {
 		return fmt.Errorf("serve on stdin/stdout: %w", err)
 	}
 	if err := v.Origin.Flush(context.WithoutCancel(ctx)); err != nil {
 		return fmt.Errorf("final flush: %w", err)
 	}
-	for _, s := range v.Snapshots {
+	for _, s := range v.Snapshots() {
 		fmt.Fprintf(stderr, "snapshot %s\n", statusOf(s))
 	}
 	return nil

@@ -112,6 +112,9 @@ func newSnapshot(o *Origin, name string, store exstore.Store, cow blockdev.Devic
 // Name returns the snapshot's name.
 func (s *Snapshot) Name() string { return s.name }
 
+// Origin returns the origin the snapshot is of.
+func (s *Snapshot) Origin() *Origin { return s.origin }
+
 // Store returns the snapshot's exception store.
 func (s *Snapshot) Store() exstore.Store { return s.store }
 

@@ -162,7 +162,7 @@ func TestServeOnDLM(t *testing.T) {
 	require.NoError(t, err)
 	defer v.Close()
 	got := make([]byte, originSize)
-	require.NoError(t, v.Snapshots[0].ReadAt(context.Background(), got, 0))
+	require.NoError(t, v.Snapshots()[0].ReadAt(context.Background(), got, 0))
 	assert.True(t, bytes.Equal(bytes.Repeat([]byte{original}, originSize), got), "the snapshot is the original origin")
 	require.NoError(t, v.Origin.ReadAt(context.Background(), got, 0))
 	assert.Equal(t, bytes.Repeat([]byte{0xa1}, 4096), got[40960:40960+4096], "node 1's first write")

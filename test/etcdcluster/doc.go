@@ -35,6 +35,13 @@
 // check is proven by a unit test on records that break it
 // (TestCutRecordViolations).
 //
+// TestEtcdClusterLiveSnapshot serves an origin on three nodes with a shared
+// catalog and takes a snapshot on node 1 ('snapd snapshot create') while
+// NBD clients write the origin through nodes 2 and 3, logging every
+// acknowledged write: nbdcopy reads the new snapshot the same through
+// every node, and it is a cut of the logged writes (internal/cutcheck).
+// A delete on node 2 then takes it off every node.
+//
 // snapd is built once per test binary (TestMain). TMPDIR must be on a file
 // system that takes O_DIRECT (not tmpfs); the test fails saying so
 // otherwise.

@@ -185,7 +185,7 @@ func mergeLiveOnHost(ctx context.Context, t *testing.T, p mergePair) {
 	config := volumes.Config{Origin: p.origin, Snapshots: []volumes.SnapshotSpec{{Name: "snap", COW: p.cow}}}
 	v, err := volumes.Open(ctx, config)
 	require.NoError(t, err)
-	s := v.Snapshots[0]
+	s := v.Snapshots()[0]
 	require.NoError(t, v.Origin.StartMerge(ctx, s))
 	got := make([]byte, v.Origin.Size())
 	require.NoError(t, v.Origin.ReadAt(ctx, got, 0))
