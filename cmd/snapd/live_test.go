@@ -109,6 +109,22 @@ func TestLiveSnapshotEndToEnd(t *testing.T) {
 	assert.NotZero(t, snaps[0].Exceptions, "the writes after the cut were copied")
 	assert.Contains(t, run1(t, bin, "snapshot", "list", "--control", ctl), "live")
 
+	// status reports each export's clients and counters.
+	var full volumes.Status
+	require.NoError(t, json.Unmarshal([]byte(run1(t, bin, "status", "--control", ctl, "--json")), &full))
+	exports := map[string]volumes.ExportStatus{}
+	for _, e := range full.Exports {
+		exports[e.Name] = e
+	}
+	require.Contains(t, exports, "live")
+	assert.GreaterOrEqual(t, exports[volumes.OriginExport].Writes, uint64(acked))
+	assert.Equal(t, uint64(acked)*regionBytes, exports[volumes.OriginExport].WrittenBytes)
+	assert.Equal(t, uint64(writers), exports[volumes.OriginExport].ConnectionsTotal)
+	assert.Positive(t, exports["live"].Reads, "nbdcopy read the snapshot")
+	text := run1(t, bin, "status", "--control", ctl)
+	assert.Contains(t, text, "EXPORT")
+	assert.Contains(t, text, "live")
+
 	for _, c := range []struct {
 		args []string
 		code int
