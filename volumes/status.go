@@ -18,6 +18,9 @@ type Status struct {
 	// Exports are the NBD exports served now with their clients and
 	// counters, when the Set's Exporter keeps them (nbd.Server does).
 	Exports []ExportStatus `json:"exports,omitempty"`
+	// MergeJob is the background merge running or run last
+	// (StartMerge), nil if there was none.
+	MergeJob *MergeJobStatus `json:"merge_job,omitempty"`
 }
 
 // ExportStatus is one NBD export's clients and request counters since it
@@ -146,6 +149,9 @@ func (v *Set) Status() Status {
 			ss.Merge = &MergeStatus{Done: p.Done, Total: p.Total}
 		}
 		st.Snapshots = append(st.Snapshots, ss)
+	}
+	if job := v.MergeJob(); job.State != "" {
+		st.MergeJob = &job
 	}
 	v.mu.Lock()
 	sr, ok := v.exporter.(statsReporter)

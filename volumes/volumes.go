@@ -76,6 +76,8 @@ type Set struct {
 	// snapshots created and deleted live.
 	exporter      Exporter
 	defaultExport string
+	// merge is the background merge running or run last (StartMerge).
+	merge *mergeJob
 
 	catalog *catalog        // nil without Config.Catalog
 	member  *snapset.Member // the origin's snapshot set, nil when not clustered
@@ -439,6 +441,7 @@ func openStore(ctx context.Context, reg *exstore.Registry, cd blockdev.Device, s
 // Close leaves the snapshot set, then closes the stores, then the
 // devices. It waits for a live change under way.
 func (v *Set) Close() error {
+	v.stopMerge()
 	v.changeMu.Lock()
 	defer v.changeMu.Unlock()
 	var errs []error

@@ -210,7 +210,6 @@ func (o *Origin) startMerge(ctx context.Context, s *Snapshot) (*liveMerge, error
 		return nil, fmt.Errorf("record the merge: %w", err)
 	}
 	m := &liveMerge{snap: s}
-	m.total.Store(s.store.Usage().Exceptions)
 	o.snapMu.Lock()
 	err = o.enterMergeMode(m)
 	o.snapMu.Unlock()
@@ -237,6 +236,9 @@ func (o *Origin) enterMergeMode(m *liveMerge) error {
 	}
 	s.invalid = ErrMerging
 	s.failed.Store(true)
+	// Counted with no origin change in flight: the copies of the last
+	// ones are in.
+	m.total.Store(s.store.Usage().Exceptions)
 	o.merge.Store(m)
 	return nil
 }
