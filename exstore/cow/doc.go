@@ -99,7 +99,9 @@
 // reopen that finds the mark resumes merge mode (package volumes does),
 // so a merge survives a crash; merge mode ends only when the merge is
 // complete, which is recorded too (exstore.Merged) before S is removed.
-// Meanwhile no snapshot is added or removed.
+// Meanwhile no snapshot is added or removed. Origin.MergeStep merges a
+// budget of runs at a time (a cluster runs each step while no other node
+// changes the origin) and ends the merge as Merge does.
 //
 // Each merge run (the last run of consecutive exceptions, at most
 // maxMergeIO of it) is, to the other snapshots, an origin write: they copy

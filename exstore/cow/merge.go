@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"slices"
 	"sync/atomic"
 
@@ -292,36 +293,64 @@ func (o *Origin) Merge(ctx context.Context, s *Snapshot, progress func(MergeProg
 
 // merge1 is Merge with o.merging held.
 func (o *Origin) merge1(ctx context.Context, s *Snapshot, progress func(MergeProgress)) error {
+	_, err := o.mergeSteps(ctx, s, math.MaxInt64, progress)
+	return err
+}
+
+// MergeStep is Merge in steps: it merges runs of s's exceptions (entering
+// merge mode with s first, unless the origin is in it) until they add up
+// to budget bytes or more, or none is left; then it ends the merge as
+// Merge does and reports more false. A cluster merges so, one step at a
+// time while no other node changes the origin.
+func (o *Origin) MergeStep(ctx context.Context, s *Snapshot, budget int64, progress func(MergeProgress)) (more bool, err error) {
+	if err := o.checkMergeOf(s); err != nil {
+		return false, err
+	}
+	if !o.merging.TryLock() {
+		return false, fmt.Errorf("origin %s: merge of snapshot %s: %w", o.dev.Name(), s.name, ErrMergeInProgress)
+	}
+	defer o.merging.Unlock()
+	more, err = o.mergeSteps(ctx, s, budget, progress)
+	if err != nil {
+		return more, fmt.Errorf("origin %s: merge of snapshot %s: %w", o.dev.Name(), s.name, err)
+	}
+	return more, nil
+}
+
+// mergeSteps merges runs of s until budget bytes are merged or none is
+// left, then ends the merge; o.merging is held.
+func (o *Origin) mergeSteps(ctx context.Context, s *Snapshot, budget int64, progress func(MergeProgress)) (more bool, err error) {
 	m, err := o.startMerge(ctx, s)
 	if err != nil {
-		return err
+		return true, err
 	}
 	if b := m.broken.Load(); b != nil {
-		return fmt.Errorf("a run's records are in doubt; reopen the origin and the COW to resume: %w", b.err)
+		return true, fmt.Errorf("a run's records are in doubt; reopen the origin and the COW to resume: %w", b.err)
 	}
 	piece := exstore.Chunk(min(chunkLockStripes, max(maxMergeIO/s.chunkBytes, 1)))
 	var buf []byte
-	for {
+	for spent := int64(0); spent < budget; {
 		if err := ctx.Err(); err != nil {
-			return err
+			return true, err
 		}
 		last, n, err := s.store.PrepareMerge(ctx)
 		if err != nil {
-			return fmt.Errorf("prepare: %w", err)
+			return true, fmt.Errorf("prepare: %w", err)
 		}
 		if n == 0 {
-			break
+			return false, o.endMerge(ctx, m)
 		}
 		k := min(exstore.Chunk(n), piece)
 		if buf, err = o.mergeRun(ctx, m, last, k, buf); err != nil {
-			return fmt.Errorf("run of %d ending at %v: %w", k, last, err)
+			return true, fmt.Errorf("run of %d ending at %v: %w", k, last, err)
 		}
 		m.done.Add(uint64(k))
+		spent += int64(k) * s.chunkBytes
 		if progress != nil {
 			progress(m.progress())
 		}
 	}
-	return o.endMerge(ctx, m)
+	return true, nil
 }
 
 // endMerge leaves merge mode m, whose snapshot has no exceptions left:
