@@ -124,3 +124,11 @@ func (c *Client) CreateSnapshot(ctx context.Context, a SnapshotCreateArgs) (volu
 func (c *Client) DeleteSnapshot(ctx context.Context, name string) error {
 	return c.Call(ctx, OpSnapshotDelete, SnapshotDeleteArgs{Name: name}, nil)
 }
+
+// StartMerge starts the merge of a served snapshot into the origin, or
+// resumes the one under way with name "" (OpSnapshotMerge).
+func (c *Client) StartMerge(ctx context.Context, name string) (volumes.MergeJobStatus, error) {
+	var st volumes.MergeJobStatus
+	err := c.Call(ctx, OpSnapshotMerge, SnapshotMergeArgs{Name: name}, &st)
+	return st, err
+}

@@ -20,7 +20,9 @@
 //
 // Ops (ops.go), each with its arguments and result types: "status" (the
 // server's volumes.Status), "snapshot-list", "snapshot-create" (formats a
-// COW and adds a snapshot to the serving origin), "snapshot-delete".
+// COW and adds a snapshot to the serving origin), "snapshot-delete", and
+// "snapshot-merge" (starts a merge that runs on in the server, whatever
+// becomes of the client; "status" reports its progress and end).
 // Arguments with unknown fields are refused, so that a misspelt option is
 // never ignored. Besides bad-request, the snapshot ops answer "not-found"
 // and "exists" for a name that is not, or already, served.

@@ -24,6 +24,11 @@ const (
 	// OpSnapshotDelete deletes a served snapshot (SnapshotDeleteArgs; no
 	// result).
 	OpSnapshotDelete = "snapshot-delete"
+	// OpSnapshotMerge starts rolling the origin back to a snapshot while
+	// it is served (SnapshotMergeArgs; the result is a
+	// volumes.MergeJobStatus). The merge runs on in the server; "status"
+	// reports its progress and end (merge_job).
+	OpSnapshotMerge = "snapshot-merge"
 )
 
 // More codes of error replies, for the snapshot ops.
@@ -59,11 +64,18 @@ type SnapshotDeleteArgs struct {
 	Name string `json:"name"`
 }
 
+// SnapshotMergeArgs are OpSnapshotMerge's arguments.
+type SnapshotMergeArgs struct {
+	// Name is the snapshot to merge; "" resumes the merge under way.
+	Name string `json:"name"`
+}
+
 // Volumes is what the snapshot ops act on: a serving volumes.Set.
 type Volumes interface {
 	Status() volumes.Status
 	CreateSnapshot(ctx context.Context, req volumes.CreateRequest) (volumes.SnapshotStatus, error)
 	DeleteSnapshot(ctx context.Context, name string) error
+	StartMerge(ctx context.Context, name string) (volumes.MergeJobStatus, error)
 }
 
 var _ Volumes = (*volumes.Set)(nil)
@@ -97,6 +109,17 @@ func Handlers(v Volumes) map[string]Handler {
 				return nil, err
 			}
 			st, err := v.CreateSnapshot(ctx, req)
+			if err != nil {
+				return nil, snapshotError(err)
+			}
+			return st, nil
+		},
+		OpSnapshotMerge: func(ctx context.Context, args json.RawMessage) (any, error) {
+			var a SnapshotMergeArgs
+			if err := decodeArgs(OpSnapshotMerge, args, &a); err != nil {
+				return nil, err
+			}
+			st, err := v.StartMerge(ctx, a.Name)
 			if err != nil {
 				return nil, snapshotError(err)
 			}

@@ -35,6 +35,10 @@ func (f *fakeVolumes) CreateSnapshot(_ context.Context, req volumes.CreateReques
 	return volumes.SnapshotStatus{Name: req.Name, COW: req.COW, State: "valid"}, nil
 }
 
+func (f *fakeVolumes) StartMerge(_ context.Context, name string) (volumes.MergeJobStatus, error) {
+	return volumes.MergeJobStatus{Snapshot: name, State: volumes.MergeRunning}, nil
+}
+
 func (f *fakeVolumes) DeleteSnapshot(_ context.Context, name string) error {
 	for i, r := range f.created {
 		if r.Name == name {

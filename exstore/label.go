@@ -19,6 +19,59 @@ type Label struct {
 	// Origin is the origin the COW's exceptions are of; its zero value
 	// means none was recorded yet.
 	Origin OriginIdentity `json:"origin"`
+	// Merge says whether the COW's snapshot is merging, or was merged,
+	// into Origin.
+	Merge MergeState `json:"merge,omitempty"`
+}
+
+// MergeState is where a COW stands in a merge of its snapshot into its
+// origin (the kernel's snapshot-merge). A COW that is Merging must only be
+// served as that merge: the origin reads the chunks the COW still holds
+// from it, so serving it as a plain snapshot would show a stale view and
+// serving the origin without it would lose writes. A Merged COW holds no
+// exceptions and no view: it is refused as a snapshot until formatted
+// again.
+type MergeState uint8
+
+const (
+	// NotMerging is an ordinary snapshot's COW.
+	NotMerging MergeState = iota
+	// Merging is a COW whose snapshot merges into the label's origin.
+	Merging
+	// Merged is a COW whose snapshot was merged into the label's origin.
+	Merged
+)
+
+// String names the state: "" for NotMerging, "merging", "merged".
+func (m MergeState) String() string {
+	switch m {
+	case NotMerging:
+		return ""
+	case Merging:
+		return "merging"
+	case Merged:
+		return "merged"
+	}
+	return fmt.Sprintf("merge state %d", uint8(m))
+}
+
+// MarshalText implements encoding.TextMarshaler with String.
+func (m MergeState) MarshalText() ([]byte, error) {
+	if m > Merged {
+		return nil, fmt.Errorf("unknown merge state %d", uint8(m))
+	}
+	return []byte(m.String()), nil
+}
+
+// UnmarshalText implements encoding.TextUnmarshaler for String's names.
+func (m *MergeState) UnmarshalText(b []byte) error {
+	for _, st := range []MergeState{NotMerging, Merging, Merged} {
+		if string(b) == st.String() {
+			*m = st
+			return nil
+		}
+	}
+	return fmt.Errorf("unknown merge state %q", b)
 }
 
 // OriginIdentity is what tells one origin from another without reading

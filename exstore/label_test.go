@@ -38,4 +38,16 @@ func TestUUID(t *testing.T) {
 	require.NoError(t, json.Unmarshal(j, &back))
 	assert.Equal(t, l, back)
 	assert.Equal(t, "origin serial=ABC size 1.0 GiB (1073741824 bytes)", l.Origin.String())
+
+	// The merge state is named, and left out while there is none.
+	l.Merge = exstore.Merging
+	j, err = json.Marshal(l)
+	require.NoError(t, err)
+	assert.Contains(t, string(j), `"merge":"merging"`)
+	back = exstore.Label{}
+	require.NoError(t, json.Unmarshal(j, &back))
+	assert.Equal(t, l, back)
+	require.Error(t, json.Unmarshal([]byte(`{"merge":"half"}`), &back))
+	_, err = json.Marshal(exstore.Label{Merge: exstore.Merged + 1})
+	require.Error(t, err)
 }

@@ -109,6 +109,47 @@ type COWMapper interface {
 	COWExtents(ctx context.Context, off, length int64) ([]COWExtent, error)
 }
 
+// DirtyBitmapNamespace is the prefix of the changed-block tracking metadata
+// contexts, named as qemu names its dirty bitmaps so that backup tools built
+// on qemu and libnbd read them: the context DirtyBitmapNamespace+NAME is the
+// bitmap NAME. Block status flag bit 0 (DirtyExtentDirty, qemu's
+// NBD_STATE_DIRTY) is set on the ranges that may have changed since the
+// point in time the bitmap tracks from; a clear bit promises the range did
+// not. Offered for exports whose backend is a DirtyBitmapper.
+const DirtyBitmapNamespace = "qemu:dirty-bitmap:"
+
+// DirtyExtentDirty is the dirty-bitmap block status flag of an extent that
+// may have changed.
+const DirtyExtentDirty uint32 = 1 << 0
+
+// DirtyExtent is a run of bytes that is all dirty or all clean in a dirty
+// bitmap.
+type DirtyExtent struct {
+	// Length is the extent length in bytes, more than zero.
+	Length int64
+	// Dirty reports that the run may have changed.
+	Dirty bool
+}
+
+// ErrNoSuchBitmap is wrapped by DirtyBitmapper.DirtyExtents for a bitmap the
+// backend does not have (any more): a client that selected it gets an error
+// for its block status requests.
+var ErrNoSuchBitmap = errors.New("no such dirty bitmap")
+
+// DirtyBitmapper is a Backend that tracks changed blocks in named bitmaps;
+// such exports offer one DirtyBitmapNamespace metadata context per bitmap.
+// The set of bitmaps may change while the export is served: the server asks
+// DirtyBitmaps whenever a client lists or selects contexts.
+type DirtyBitmapper interface {
+	// DirtyBitmaps returns the names of the bitmaps there are now.
+	DirtyBitmaps() []string
+	// DirtyExtents describes [off, off+length) of bitmap from off onwards,
+	// in order, with the same contract as Extenter.Extents. A bitmap that
+	// cannot be trusted (its snapshot is invalid) gives an error, never a
+	// map; one that is gone gives an error wrapping ErrNoSuchBitmap.
+	DirtyExtents(ctx context.Context, bitmap string, off, length int64) ([]DirtyExtent, error)
+}
+
 // BlockSizer is a Backend that needs requests aligned to a minimum block size
 // (an O_DIRECT device). The server advertises it through NBD_INFO_BLOCK_SIZE
 // and refuses misaligned requests with EINVAL.

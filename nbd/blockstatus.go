@@ -37,6 +37,13 @@ func (c *conn) blockStatus(req *request, off, length int64) ([]byte, error) {
 		}
 		answers = append(answers, contextExtents{metaContextExceptionsID, extents})
 	}
+	for _, b := range c.metaBitmaps {
+		extents, err := c.dirtyExtents(b.name, off, length)
+		if err != nil {
+			return nil, err
+		}
+		answers = append(answers, contextExtents{b.id, extents})
+	}
 	limit := maxExtentsPerReply
 	if req.flags&cmdFlagReqOne != 0 {
 		limit = 1
@@ -98,6 +105,22 @@ func (c *conn) exceptionExtents(off, length int64) ([]statusExtent, error) {
 		out[i].length = e.Length
 		if e.InCOW {
 			out[i].flags = COWExtentInCOW
+		}
+	}
+	return out, nil
+}
+
+// dirtyExtents returns the extents of the dirty bitmap called name from off.
+func (c *conn) dirtyExtents(name string, off, length int64) ([]statusExtent, error) {
+	got, err := c.exp.dirtyBitmapper.DirtyExtents(c.ctx, name, off, length)
+	if err != nil {
+		return nil, fmt.Errorf("export %s: dirty bitmap %s: %w", c.exp.Name, name, err)
+	}
+	out := make([]statusExtent, len(got))
+	for i, e := range got {
+		out[i].length = e.Length
+		if e.Dirty {
+			out[i].flags = DirtyExtentDirty
 		}
 	}
 	return out, nil

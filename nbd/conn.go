@@ -46,13 +46,18 @@ type conn struct {
 	// ended is closed once the connection has finished.
 	ended chan struct{}
 
-	// Negotiated state, written before transmission starts.
+	// Negotiated state, written before transmission starts. metaExport
+	// is the export the selected metadata contexts were chosen for;
+	// nextBitmapID is the id the next dirty bitmap selected gets, so that
+	// no id is given twice on a connection.
 	noZeroes           bool
 	tls                bool
 	structured         bool
-	metaExport         string
+	metaExport         *export
 	metaBaseAllocation bool
 	metaExceptions     bool
+	metaBitmaps        []selectedBitmap
+	nextBitmapID       uint32
 	exp                *export
 
 	// deadlineMu orders beginShutdown's read deadline against the phases
@@ -90,9 +95,19 @@ type conn struct {
 	// dirty records a write since the last flush, for the flush at close.
 	dirty atomic.Bool
 
+	// counters count the requests answered, for Server.Stats.
+	counters connCounters
+
 	// readCost and writeCost estimate READs' and WRITEs' recent backend
 	// time, for the choice of running them inline (runsInline).
 	readCost, writeCost costEstimate
+}
+
+// selectedBitmap is a dirty bitmap a connection selected, by the bitmap's
+// name, and the context id its block status chunks carry.
+type selectedBitmap struct {
+	name string
+	id   uint32
 }
 
 // request is one transmission request and the scratch space to answer it.
@@ -126,6 +141,7 @@ func newConn(parent context.Context, s *Server, nc net.Conn) *conn {
 		// Best effort: a smaller buffer costs speed, not correctness.
 		_ = uc.SetWriteBuffer(unixSendBuffer)
 	}
+	c.nextBitmapID = metaContextFirstBitmapID
 	c.readCost.ns.Store(int64(unprovenCost))
 	c.writeCost.ns.Store(int64(unprovenCost))
 	c.bytesCond = sync.NewCond(&c.bytesMu)

@@ -10,10 +10,30 @@
 // The server speaks fixed newstyle only: NBD_OPT_EXPORT_NAME, INFO and GO,
 // LIST, STARTTLS (refused, allowed or required by Options.TLSMode; after it
 // everything agreed before is forgotten), structured replies, and the
-// metadata contexts base:allocation and MetaContextExceptions (the latter on
-// exports whose Backend is a COWMapper). A client that does not pick an
-// export within Options.HandshakeTimeout, or sends more options or longer
-// ones than the negotiation bounds allow, is closed on.
+// metadata contexts base:allocation, MetaContextExceptions (on exports whose
+// Backend is a COWMapper) and one DirtyBitmapNamespace context per bitmap
+// (on exports whose Backend is a DirtyBitmapper). A client that does not
+// pick an export within Options.HandshakeTimeout, or sends more options or
+// longer ones than the negotiation bounds allow, is closed on.
+//
+// LIST_META_CONTEXT lists every context of the export without a query, and
+// those of a namespace for a bare "base:", "clustersnap:", "qemu:" or
+// "qemu:dirty-bitmap:"; SET_META_CONTEXT selects exactly the contexts it
+// names, replacing the selection, and gives each dirty bitmap an id never
+// given before on the connection. A selection holds only for the export it
+// was made for: selecting another export, or a new export of the same name,
+// starts with none.
+//
+// # Dirty bitmaps
+//
+// A DirtyBitmapNamespace context is changed-block tracking as qemu offers
+// it, so that backup tools read it unchanged (nbdinfo --map, qemu's
+// x-dirty-bitmap): block status flag bit 0 (DirtyExtentDirty) marks the
+// ranges that may have changed since the bitmap's point in time; a clear bit
+// promises no change. The set of bitmaps is the backend's and may change
+// while serving: it is read at every LIST and SET. A block status request
+// for a bitmap that is gone, or that cannot be trusted, is answered with an
+// error (EIO), never with a map.
 //
 // # Transmission
 //
@@ -40,7 +60,8 @@
 // without a Zeroer, WRITE_ZEROES writes zero-filled buffers through WriteAt
 // (and a fast-zero request gets ENOTSUP); without an Extenter, every range is
 // reported allocated data; without a COWMapper, MetaContextExceptions is not
-// offered; without a BlockSizer, any alignment is accepted. Backend methods
+// offered; without a DirtyBitmapper, no dirty bitmap is; without a
+// BlockSizer, any alignment is accepted. Backend methods
 // are called concurrently, from the requests of one connection and from
 // different connections.
 //
@@ -63,6 +84,17 @@
 // longer listed or selectable; the connections using it stop as they do
 // on Shutdown, and RemoveExport returns only once they have closed, so the
 // caller may close the export's backend then.
+//
+// # Counters
+//
+// Server.Stats reports, per export served, its connections (open now, and
+// in total) and the requests answered: successful ones by command, with
+// the bytes of READs and WRITEs, and failed ones together as errors. A
+// request is counted before its reply is sent. Each connection counts in
+// its own atomics, which its export's totals take over when it ends, so
+// connections do not contend for a shared counter on the request path. An
+// export's counters start at zero when it is added and go with it when it
+// is removed.
 //
 // # Systems
 //

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
+	"errors"
 	"io"
 	"net"
 	"testing"
@@ -57,10 +58,21 @@ func fuzzSeeds() [][]byte {
 	full = append(full, encodeRequest(0, 77, 8, 0, 512)...)
 	full = append(full, encodeRequest(0, cmdDisc, 9, 0, 0)...)
 
+	var bitmaps []byte
+	bitmaps = append(bitmaps, flags...)
+	bitmaps = append(bitmaps, option(optStructuredReply, nil)...)
+	bitmaps = append(bitmaps, option(optListMetaContext, metaRequest("bitmaps", "qemu:"))...)
+	bitmaps = append(bitmaps, option(optSetMetaContext, metaRequest("bitmaps", DirtyBitmapNamespace+"s1", DirtyBitmapNamespace+"gone", metaContextBaseAllocation))...)
+	bitmaps = append(bitmaps, option(optGo, infoRequest("bitmaps"))...)
+	bitmaps = append(bitmaps, encodeRequest(0, cmdBlockStatus, 1, 0, 65536)...)
+	bitmaps = append(bitmaps, encodeRequest(cmdFlagReqOne, cmdBlockStatus, 2, 4096, 8192)...)
+	bitmaps = append(bitmaps, encodeRequest(0, cmdDisc, 3, 0, 0)...)
+
 	exportName := append(bytes.Clone(flags), option(optExportName, []byte("disk"))...)
 	exportName = append(exportName, encodeRequest(0, cmdRead, 1, 1<<20-4, 8)...)
 	return [][]byte{
 		full,
+		bitmaps,
 		exportName,
 		append(bytes.Clone(flags), option(optAbort, nil)...),
 		append(bytes.Clone(flags), option(optListMetaContext, metaRequest("disk"))...),
@@ -77,6 +89,7 @@ func FuzzServer(f *testing.F) {
 	srv := NewServer([]Export{
 		{Name: "disk", Backend: newMemBackend(1 << 20)},
 		{Name: "ro", Backend: newMemBackend(1 << 20), ReadOnly: true},
+		{Name: "bitmaps", Backend: fuzzBitmaps()},
 	}, Options{MaxPayload: 1 << 16, MaxInFlight: 4})
 	f.Fuzz(func(t *testing.T, stream []byte) {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -84,6 +97,15 @@ func FuzzServer(f *testing.F) {
 		srv.ServeConn(ctx, &scriptedConn{r: bytes.NewReader(stream)})
 		require.NoError(t, ctx.Err(), "the connection did not end with its input")
 	})
+}
+
+// fuzzBitmaps is a backend with a dirty bitmap "s1" whose second page is
+// dirty, and one "broken" whose every answer is an error.
+func fuzzBitmaps() *bitmapBackend {
+	b := newBitmapBackend(1<<20, "s1", "broken")
+	b.markDirty("s1", 4096, 4096)
+	b.breakBitmap("broken", errors.New("invalid snapshot"))
+	return b
 }
 
 // TestFuzzSeedsReachTransmission checks that the seeds are meaningful: the
@@ -108,4 +130,31 @@ func TestFuzzSeedsReachTransmission(t *testing.T) {
 	structured := bytes.Count(out, binary.BigEndian.AppendUint32(nil, structuredReplyMagic))
 	assert.Equal(t, 8, simple+structured, "replies")
 	assert.Equal(t, "abcd", string(mem.data[:4]), "the write landed")
+}
+
+// TestFuzzBitmapSeedGetsBlockStatus checks that the dirty-bitmap seed
+// reaches its block status requests: both are answered with the bitmap's
+// extents (the one it names that does not exist is not selected).
+func TestFuzzBitmapSeedGetsBlockStatus(t *testing.T) {
+	srv := NewServer([]Export{{Name: "bitmaps", Backend: fuzzBitmaps()}}, Options{})
+	client, server := net.Pipe()
+	go func() {
+		client.Write(fuzzSeeds()[1])
+	}()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		srv.ServeConn(context.Background(), server)
+	}()
+	out, err := io.ReadAll(client)
+	<-done
+	require.NoError(t, err)
+	blockStatus := binary.BigEndian.AppendUint16(binary.BigEndian.AppendUint32(nil, structuredReplyMagic), 0)
+	blockStatus = binary.BigEndian.AppendUint16(blockStatus, replyTypeBlockStatus)
+	done1 := binary.BigEndian.AppendUint16(binary.BigEndian.AppendUint32(nil, structuredReplyMagic), replyFlagDone)
+	done1 = binary.BigEndian.AppendUint16(done1, replyTypeBlockStatus)
+	assert.Equal(t, 2, bytes.Count(out, blockStatus), "a first chunk per request")
+	assert.Equal(t, 2, bytes.Count(out, done1), "a last chunk per request")
+	// s1's answer to the second request: one dirty page (REQ_ONE).
+	assert.Contains(t, string(out), string(binary.BigEndian.AppendUint32(binary.BigEndian.AppendUint32(nil, 4096), DirtyExtentDirty)))
 }

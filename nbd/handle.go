@@ -29,7 +29,7 @@ func (c *conn) check(req *request) (uint32, string) {
 	case cmdFlush:
 		return 0, ""
 	case cmdBlockStatus:
-		if !c.structured || (!c.metaBaseAllocation && !c.metaExceptions) || req.length == 0 {
+		if !c.structured || (!c.metaBaseAllocation && !c.metaExceptions && len(c.metaBitmaps) == 0) || req.length == 0 {
 			return errInval, "BLOCK_STATUS without structured replies, a negotiated meta context, or a length"
 		}
 	default:
@@ -70,6 +70,7 @@ func (c *conn) handle(req *request) {
 	case cmdRead:
 		data := (*req.buf)[:length]
 		if length == 0 {
+			c.counters.countSuccess(req.typ, 0)
 			c.replyRead(req, data)
 			return
 		}
@@ -77,6 +78,7 @@ func (c *conn) handle(req *request) {
 		err = x.Backend.ReadAt(c.ctx, data, off)
 		c.readCost.record(time.Since(start))
 		if err == nil {
+			c.counters.countSuccess(req.typ, length)
 			c.replyRead(req, data)
 			return
 		}
@@ -111,6 +113,7 @@ func (c *conn) handle(req *request) {
 	case cmdBlockStatus:
 		var reply []byte
 		if reply, err = c.blockStatus(req, off, length); err == nil {
+			c.counters.countSuccess(req.typ, length)
 			c.send(reply[:structuredReplyHeaderSize], reply[structuredReplyHeaderSize:])
 			return
 		}
@@ -123,6 +126,7 @@ func (c *conn) handle(req *request) {
 		c.replyError(req, replyErrno(err, req.typ != cmdRead && req.typ != cmdBlockStatus && req.typ != cmdCache))
 		return
 	}
+	c.counters.countSuccess(req.typ, length)
 	c.replySimple(req, 0)
 }
 

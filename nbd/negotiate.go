@@ -173,9 +173,10 @@ func (c *conn) optStartTLS(data []byte) error {
 	c.w.Reset(tc)
 	c.tls = true
 	c.structured = false
-	c.metaExport = ""
+	c.metaExport = nil
 	c.metaBaseAllocation = false
 	c.metaExceptions = false
+	c.metaBitmaps = nil
 	return nil
 }
 
@@ -269,11 +270,42 @@ func (c *conn) optInfoGo(opt uint32, data []byte) (done bool, err error) {
 	return false, nil
 }
 
-// optMetaContext answers LIST_META_CONTEXT and SET_META_CONTEXT. Every
-// export has base:allocation; exports whose backend is a COWMapper also have
-// MetaContextExceptions. SET replaces the selection with the contexts named
-// exactly; LIST also takes a bare namespace ("base:", "clustersnap:") and,
-// with no query at all, lists every context of the export.
+// metaContext is a metadata context an export offers: its name, the bare
+// namespaces a LIST query may name to match it, and (for a dirty bitmap)
+// the bitmap's name.
+type metaContext struct {
+	name       string
+	namespaces []string
+	bitmap     string
+}
+
+// metaContexts returns the contexts x offers now: base:allocation, then
+// MetaContextExceptions for a COWMapper, then a DirtyBitmapNamespace context
+// per bitmap of a DirtyBitmapper (names a query could not carry, and empty
+// ones, are left out).
+func metaContexts(x *export) []metaContext {
+	out := []metaContext{{name: metaContextBaseAllocation, namespaces: []string{"base:"}}}
+	if x.cowMapper != nil {
+		out = append(out, metaContext{name: MetaContextExceptions, namespaces: []string{"clustersnap:"}})
+	}
+	if x.dirtyBitmapper != nil {
+		for _, b := range x.dirtyBitmapper.DirtyBitmaps() {
+			name := DirtyBitmapNamespace + b
+			if b == "" || len(name) > maxStringLength {
+				continue
+			}
+			out = append(out, metaContext{name: name, namespaces: []string{"qemu:", DirtyBitmapNamespace}, bitmap: b})
+		}
+	}
+	return out
+}
+
+// optMetaContext answers LIST_META_CONTEXT and SET_META_CONTEXT with the
+// contexts of metaContexts. SET replaces the selection with the contexts
+// named exactly, giving each an id not used before on the connection; LIST
+// also takes a bare namespace ("base:", "clustersnap:", "qemu:",
+// "qemu:dirty-bitmap:") and, with no query at all, lists every context of
+// the export.
 func (c *conn) optMetaContext(opt uint32, data []byte) error {
 	if !c.structured {
 		return c.optionReply(opt, repErrInvalid, []byte("structured replies not negotiated"))
@@ -284,14 +316,14 @@ func (c *conn) optMetaContext(opt uint32, data []byte) error {
 	}
 	nQueries := binary.BigEndian.Uint32(rest)
 	rest = rest[4:]
-	var queries []string
+	queries := make(map[string]bool)
 	for range nQueries {
 		var q string
 		q, rest, ok = cutString(rest)
 		if !ok {
 			return c.optionReply(opt, repErrInvalid, []byte("malformed query"))
 		}
-		queries = append(queries, q)
+		queries[q] = true
 	}
 	if len(rest) != 0 {
 		return c.optionReply(opt, repErrInvalid, []byte("trailing data"))
@@ -301,42 +333,35 @@ func (c *conn) optMetaContext(opt uint32, data []byte) error {
 		return c.optionReply(opt, repErrUnknown, []byte("no such export"))
 	}
 
-	contexts := []struct {
-		name      string
-		namespace string
-		id        uint32
-		offered   bool
-		matched   bool
-	}{
-		{metaContextBaseAllocation, "base:", metaContextBaseAllocationID, true, false},
-		{MetaContextExceptions, "clustersnap:", metaContextExceptionsID, x.cowMapper != nil, false},
+	set := opt == optSetMetaContext
+	if set {
+		c.metaExport = x
+		c.metaBaseAllocation = false
+		c.metaExceptions = false
+		c.metaBitmaps = nil
 	}
-	for i := range contexts {
-		ctx := &contexts[i]
-		if !ctx.offered {
-			continue
+	for _, ctx := range metaContexts(x) {
+		matched := queries[ctx.name] || (!set && nQueries == 0)
+		for _, ns := range ctx.namespaces {
+			matched = matched || (!set && queries[ns])
 		}
-		if opt == optListMetaContext && len(queries) == 0 {
-			ctx.matched = true
-		}
-		for _, q := range queries {
-			if q == ctx.name || (opt == optListMetaContext && q == ctx.namespace) {
-				ctx.matched = true
-			}
-		}
-	}
-	if opt == optSetMetaContext {
-		c.metaExport = name
-		c.metaBaseAllocation = contexts[0].matched
-		c.metaExceptions = contexts[1].matched
-	}
-	for _, ctx := range contexts {
-		if !ctx.matched {
+		if !matched {
 			continue
 		}
 		id := uint32(0) // LIST replies carry no usable id
-		if opt == optSetMetaContext {
-			id = ctx.id
+		if set {
+			switch {
+			case ctx.name == metaContextBaseAllocation:
+				id = metaContextBaseAllocationID
+				c.metaBaseAllocation = true
+			case ctx.name == MetaContextExceptions:
+				id = metaContextExceptionsID
+				c.metaExceptions = true
+			default:
+				id = c.nextBitmapID
+				c.nextBitmapID++
+				c.metaBitmaps = append(c.metaBitmaps, selectedBitmap{name: ctx.bitmap, id: id})
+			}
 		}
 		payload := binary.BigEndian.AppendUint32(nil, id)
 		payload = append(payload, ctx.name...)
@@ -347,13 +372,15 @@ func (c *conn) optMetaContext(opt uint32, data []byte) error {
 	return c.optionReply(opt, repAck, nil)
 }
 
-// selectExport enters transmission on x. Metadata contexts chosen for another
-// export do not carry over.
+// selectExport enters transmission on x. Metadata contexts chosen for
+// another export, or for an earlier export of the same name, do not carry
+// over.
 func (c *conn) selectExport(x *export) {
 	c.exp = x
-	if c.metaExport != x.Name {
+	if c.metaExport != x {
 		c.metaBaseAllocation = false
 		c.metaExceptions = false
+		c.metaBitmaps = nil
 	}
 }
 

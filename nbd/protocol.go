@@ -129,12 +129,14 @@ const (
 )
 
 // Metadata contexts: base:allocation for every export, MetaContextExceptions
-// for exports whose backend is a COWMapper; each with the id it is given in
-// replies.
+// for exports whose backend is a COWMapper, each with the id it is given in
+// replies; dirty bitmaps (DirtyBitmapNamespace) get ids from
+// metaContextFirstBitmapID on, a new one for each selection.
 const (
 	metaContextBaseAllocation          = "base:allocation"
 	metaContextBaseAllocationID uint32 = 1
 	metaContextExceptionsID     uint32 = 2
+	metaContextFirstBitmapID    uint32 = 3
 )
 
 // Sizes of fixed wire structures.

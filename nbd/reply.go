@@ -11,9 +11,11 @@ func (c *conn) replySimple(req *request, errno uint32) {
 	c.send(h, nil)
 }
 
-// replyError answers a failed request: with an error chunk where structured
-// replies are required (READ and BLOCK_STATUS once negotiated), else simply.
+// replyError answers a failed request, and counts it: with an error chunk
+// where structured replies are required (READ and BLOCK_STATUS once
+// negotiated), else simply.
 func (c *conn) replyError(req *request, errno uint32) {
+	c.counters.errors.Add(1)
 	if !c.structured || (req.typ != cmdRead && req.typ != cmdBlockStatus) {
 		c.replySimple(req, errno)
 		return

@@ -91,12 +91,19 @@ type Server struct {
 // export is an Export with what the server derives from it once.
 type export struct {
 	Export
-	trimmer   Trimmer
-	zeroer    Zeroer
-	extenter  Extenter
-	cowMapper COWMapper
+	trimmer        Trimmer
+	zeroer         Zeroer
+	extenter       Extenter
+	cowMapper      COWMapper
+	dirtyBitmapper DirtyBitmapper
 	// minBlock is the request alignment the backend needs (1 for none).
 	minBlock int
+
+	// connections counts the connections that selected the export, and
+	// ended holds the counts of those that ended; both guarded by
+	// Server.mu.
+	connections uint64
+	ended       ExportStats
 }
 
 // NewServer returns a server for exports. It panics on a duplicate name, a
@@ -152,6 +159,7 @@ func (s *Server) AddExport(e Export) error {
 	x.zeroer, _ = e.Backend.(Zeroer)
 	x.extenter, _ = e.Backend.(Extenter)
 	x.cowMapper, _ = e.Backend.(COWMapper)
+	x.dirtyBitmapper, _ = e.Backend.(DirtyBitmapper)
 	if bs, ok := e.Backend.(BlockSizer); ok && bs.MinBlockSize() > 1 {
 		x.minBlock = bs.MinBlockSize()
 	}
@@ -227,6 +235,7 @@ func (s *Server) bind(c *conn, name string) *export {
 	x := s.exportNames[name]
 	if x != nil {
 		c.bound = x
+		x.connections++
 	}
 	return x
 }
@@ -318,10 +327,14 @@ func (s *Server) track(ctx context.Context, nc net.Conn) (*conn, bool) {
 	return c, true
 }
 
-// untrack forgets a finished connection.
+// untrack forgets a finished connection, keeping its counts in its
+// export's.
 func (s *Server) untrack(c *conn) {
 	s.mu.Lock()
 	delete(s.conns, c)
+	if c.bound != nil {
+		c.counters.addTo(&c.bound.ended)
+	}
 	s.mu.Unlock()
 }
 

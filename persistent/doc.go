@@ -25,7 +25,7 @@
 //	offset  size  field
 //	    16     4  magic 0x424C5343 (bytes "CSLB")
 //	    20     2  version, 1
-//	    22     2  reserved, 0
+//	    22     2  merge state: 0 none, 1 merging, 2 merged
 //	    24    16  UUID of the COW (random, version 4)
 //	    40     8  origin size in bytes (0: no origin recorded)
 //	    48     2  cluster id length, at most 64
@@ -36,7 +36,13 @@
 //
 // Bytes 16..375 all zero mean "no label"; any other content that is not a
 // version 1 record with a good checksum and canonical fields is refused
-// with the reason, never taken for "no label". The kernel never reads
+// with the reason, never taken for "no label". The merge state says the
+// COW's snapshot is merging (1) into the origin the record names, or was
+// merged (2) into it, and then the record must name one (size or id not
+// zero); a merging COW is served only as that merge, a merged one not at
+// all (package volumes). Bytes 22..23 were reserved as zero before the
+// merge state took them, so an older reader refuses a merging or merged
+// COW rather than serve its stale view. The kernel never reads
 // these bytes: it loads a labelled COW as any other, and rewrites the
 // header of an invalidated store from the buffer it loaded, label
 // included; only a new store (magic 0) gets a header chunk written from a

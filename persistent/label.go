@@ -25,7 +25,10 @@ const (
 	LabelSize = 360
 	// LabelMagic starts the record; on disk its bytes read "CSLB".
 	LabelMagic uint32 = 0x424C5343
-	// LabelVersion is the only record version this code reads.
+	// LabelVersion is the only record version this code reads. The merge
+	// state sits in bytes that version 1 first reserved as zero; a reader
+	// that knows them only as reserved refuses any other value, so it
+	// refuses a merging or merged COW rather than serve it as a snapshot.
 	LabelVersion uint16 = 1
 	// MaxLabelClusterID and MaxLabelOriginID bound the strings, in bytes.
 	MaxLabelClusterID = 64
@@ -36,7 +39,7 @@ const (
 const (
 	lblMagic      = 0
 	lblVersion    = 4
-	lblReserved   = 6
+	lblMerge      = 6
 	lblUUID       = 8
 	lblOriginSize = 24
 	lblClusterLen = 32
@@ -67,12 +70,17 @@ func EncodeLabel(b []byte, l exstore.Label) error {
 		return fmt.Errorf("%w: cluster id %q or origin id %q is not UTF-8", ErrBadLabel, l.ClusterID, l.Origin.ID)
 	case l.Origin.Size < 0:
 		return fmt.Errorf("%w: origin size %d is negative", ErrBadLabel, l.Origin.Size)
+	case l.Merge > exstore.Merged:
+		return fmt.Errorf("%w: %v is not a merge state", ErrBadLabel, l.Merge)
+	case l.Merge != exstore.NotMerging && l.Origin.IsZero():
+		return fmt.Errorf("%w: a %v COW must name its origin", ErrBadLabel, l.Merge)
 	}
 	r := b[:LabelSize]
 	clear(r)
 	le := binary.LittleEndian
 	le.PutUint32(r[lblMagic:], LabelMagic)
 	le.PutUint16(r[lblVersion:], LabelVersion)
+	le.PutUint16(r[lblMerge:], uint16(l.Merge))
 	copy(r[lblUUID:], l.UUID[:])
 	le.PutUint64(r[lblOriginSize:], uint64(l.Origin.Size))
 	le.PutUint16(r[lblClusterLen:], uint16(len(l.ClusterID)))
@@ -109,8 +117,8 @@ func DecodeLabel(b []byte) (l exstore.Label, ok bool, err error) {
 	cl, ol := int(le.Uint16(r[lblClusterLen:])), int(le.Uint16(r[lblOriginLen:]))
 	size := le.Uint64(r[lblOriginSize:])
 	switch {
-	case le.Uint16(r[lblReserved:]) != 0:
-		return exstore.Label{}, false, fmt.Errorf("%w: reserved field is %d, want 0", ErrBadLabel, le.Uint16(r[lblReserved:]))
+	case le.Uint16(r[lblMerge:]) > uint16(exstore.Merged):
+		return exstore.Label{}, false, fmt.Errorf("%w: merge state %d is unknown (0 none, 1 merging, 2 merged)", ErrBadLabel, le.Uint16(r[lblMerge:]))
 	case cl > MaxLabelClusterID:
 		return exstore.Label{}, false, fmt.Errorf("%w: cluster id length %d is more than %d", ErrBadLabel, cl, MaxLabelClusterID)
 	case ol > MaxLabelOriginID:
@@ -123,9 +131,12 @@ func DecodeLabel(b []byte) (l exstore.Label, ok bool, err error) {
 	copy(l.UUID[:], r[lblUUID:])
 	l.ClusterID = string(r[lblCluster : lblCluster+cl])
 	l.Origin = exstore.OriginIdentity{Size: int64(size), ID: string(r[lblOrigin : lblOrigin+ol])}
+	l.Merge = exstore.MergeState(le.Uint16(r[lblMerge:]))
 	switch {
 	case l.UUID.IsZero():
 		return exstore.Label{}, false, fmt.Errorf("%w: the UUID is zero", ErrBadLabel)
+	case l.Merge != exstore.NotMerging && l.Origin.IsZero():
+		return exstore.Label{}, false, fmt.Errorf("%w: a %v COW names no origin", ErrBadLabel, l.Merge)
 	case !utf8.ValidString(l.ClusterID) || !utf8.ValidString(l.Origin.ID):
 		return exstore.Label{}, false, fmt.Errorf("%w: cluster id %q or origin id %q is not UTF-8", ErrBadLabel, l.ClusterID, l.Origin.ID)
 	}

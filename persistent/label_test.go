@@ -46,7 +46,7 @@ func TestLabelRoundTrip(t *testing.T) {
 			Origin: exstore.OriginIdentity{Size: 1<<63 - 1, ID: strings.Repeat("é", persistent.MaxLabelOriginID/2)}},
 	} {
 		b := encodeLabel(t, l)
-		assert.Equal(t, []byte("CSLB\x01\x00\x00\x00"), b[:8], "magic, version and reserved bytes")
+		assert.Equal(t, []byte("CSLB\x01\x00\x00\x00"), b[:8], "magic, version and merge state")
 		got, ok, err := persistent.DecodeLabel(b)
 		require.NoError(t, err)
 		require.True(t, ok)
@@ -55,6 +55,18 @@ func TestLabelRoundTrip(t *testing.T) {
 	_, ok, err := persistent.DecodeLabel(make([]byte, persistent.LabelSize))
 	require.NoError(t, err)
 	assert.False(t, ok, "all zero is no label")
+
+	// The merge states, in bytes 6..7 of the record (22..23 of the chunk).
+	for state, want := range map[exstore.MergeState][]byte{exstore.Merging: {1, 0}, exstore.Merged: {2, 0}} {
+		l := testLabel()
+		l.Merge = state
+		b := encodeLabel(t, l)
+		assert.Equal(t, want, b[6:8], "%v", state)
+		got, ok, err := persistent.DecodeLabel(b)
+		require.NoError(t, err)
+		require.True(t, ok)
+		assert.Equal(t, l, got)
+	}
 }
 
 func TestLabelRecordsRefusedWithTheReason(t *testing.T) {
@@ -68,7 +80,9 @@ func TestLabelRecordsRefusedWithTheReason(t *testing.T) {
 		{"foreign bytes", func(b []byte) { copy(b, "LVM2 x[5A%r0N*>") }, "not a clustersnap label"},
 		{"one stray byte", func(b []byte) { clear(b); b[200] = 1 }, "not a clustersnap label"},
 		{"unknown version", func(b []byte) { b[4] = 2; reseal(b) }, "version 2 is not supported"},
-		{"reserved field", func(b []byte) { b[6] = 1; reseal(b) }, "reserved"},
+		{"unknown merge state", func(b []byte) { b[6] = 3; reseal(b) }, "merge state 3 is unknown"},
+		{"merge state high byte", func(b []byte) { b[7] = 1; reseal(b) }, "merge state 256 is unknown"},
+		{"merging without an origin", func(b []byte) { b[6] = 1; clear(b[24:32]); clear(b[34:36]); clear(b[100:356]); reseal(b) }, "names no origin"},
 		{"cluster id too long", func(b []byte) { b[32] = 65; reseal(b) }, "cluster id length 65"},
 		{"origin id too long", func(b []byte) { binary.LittleEndian.PutUint16(b[34:], 300); reseal(b) }, "origin id length 300"},
 		{"bytes after the cluster id", func(b []byte) { b[36+5] = 'x'; reseal(b) }, "not zero"},
@@ -100,6 +114,8 @@ func TestEncodeLabelRefusesWhatTheRecordCannotHold(t *testing.T) {
 		{"long origin id", func(l *exstore.Label) { l.Origin.ID = strings.Repeat("o", persistent.MaxLabelOriginID+1) }},
 		{"negative size", func(l *exstore.Label) { l.Origin.Size = -1 }},
 		{"not UTF-8", func(l *exstore.Label) { l.ClusterID = "\xff" }},
+		{"unknown merge state", func(l *exstore.Label) { l.Merge = exstore.Merged + 1 }},
+		{"merging without an origin", func(l *exstore.Label) { l.Merge, l.Origin = exstore.Merging, exstore.OriginIdentity{} }},
 	} {
 		l := testLabel()
 		tc.change(&l)

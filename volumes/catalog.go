@@ -195,6 +195,9 @@ func decodeCatalogSlot(b []byte) (body []byte, seq uint64, err error) {
 	if v := le.Uint32(b[8:]); v != catalogVersion {
 		return nil, 0, fmt.Errorf("%w: layout version %d (this snapd reads %d)", ErrBadCatalog, v, catalogVersion)
 	}
+	if le.Uint32(b[28:]) != 0 {
+		return nil, 0, fmt.Errorf("%w: reserved bytes are not zero (a newer layout?)", ErrBadCatalog)
+	}
 	n := int(le.Uint32(b[12:]))
 	if n > len(b)-catalogHeader {
 		return nil, 0, fmt.Errorf("%w: a record of %d bytes overruns its slot", ErrBadCatalog, n)

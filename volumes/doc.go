@@ -68,7 +68,35 @@
 // origin (snapset.ErrSetChanged). Without a catalog a clustered node
 // refuses live changes (ErrNoCatalog).
 //
+// # Merge
+//
+// A COW whose label says it merges into the origin (exstore.Merging) is
+// never served as a snapshot: Open puts the origin back in merge mode with
+// it (cow.Origin.StartMerge) before anything is served, so the origin
+// reads as the merge left it, and leaves it out of the exports; two such
+// COWs are refused. Set.Merge runs a merge, or finishes the one Open
+// resumed (Set.Merging): it removes the snapshot's export, records the
+// merge in the COW's label before the origin switches, and at the end
+// takes the snapshot out of the catalog, then records it as merged in the
+// label, and drops it from the Set. A COW whose label says it was merged
+// (exstore.Merged) is refused (ErrMergedCOW) until it is formatted again.
+// With a Cluster both are refused (ErrClusterMerge): the other nodes would
+// serve the origin device as it is, not in merge mode. While the origin
+// merges it offers no dirty bitmap: it reads the merging snapshot's view.
+//
 // Every export of a Set shares one engine whose Flush syncs every device a
 // write may have reached, so a flush on one connection covers the writes
 // completed on all: the exports offer multi-conn.
+//
+// # Changed-block tracking
+//
+// Every export offers changed-block tracking (nbd.DirtyBitmapper): one
+// dirty bitmap per snapshot S of the origin, named S, that marks the ranges
+// that may have changed since S was taken. On the origin that is S's
+// exceptions: the origin has changed nowhere else. On a snapshot X it is
+// S's exceptions and X's own: where neither has one, both read the origin. The
+// bitmaps follow the origin's current snapshots (cow.Origin.Snapshots), so
+// a snapshot added or removed while serving gains or loses its bitmap at
+// once; the bitmap of an invalid snapshot, and every bitmap on an invalid
+// snapshot's export, is an error rather than a map.
 package volumes

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 
 	"github.com/clustersnap/clustersnap/exstore/cow"
 	"github.com/clustersnap/clustersnap/nbd"
@@ -13,13 +14,16 @@ import (
 // names none of the set's.
 var ErrNoSuchExport = errors.New("no such export")
 
-// Exports lists the NBD exports: the origin, then one per snapshot, and
-// defaultExport again under the empty name if it is not empty. Every
-// export offers multi-conn (see the package comment).
+// Exports lists the NBD exports: the origin, then one per snapshot but
+// the one merging into the origin, and defaultExport again under the empty
+// name if it is not empty. Every export offers multi-conn (see the package
+// comment).
 func (v *Set) Exports(defaultExport string) ([]nbd.Export, error) {
 	ex := []nbd.Export{v.originExport()}
 	for _, s := range v.Snapshots() {
-		ex = append(ex, v.snapshotExport(s))
+		if !mergeBusy(s) {
+			ex = append(ex, v.snapshotExport(s))
+		}
 	}
 	if defaultExport == "" {
 		return ex, nil
@@ -75,10 +79,11 @@ func asDefault(e nbd.Export) nbd.Export {
 type snapshotBackend struct{ *cow.Snapshot }
 
 var (
-	_ nbd.Backend   = snapshotBackend{}
-	_ nbd.Trimmer   = snapshotBackend{}
-	_ nbd.Zeroer    = snapshotBackend{}
-	_ nbd.COWMapper = snapshotBackend{}
+	_ nbd.Backend        = snapshotBackend{}
+	_ nbd.Trimmer        = snapshotBackend{}
+	_ nbd.Zeroer         = snapshotBackend{}
+	_ nbd.COWMapper      = snapshotBackend{}
+	_ nbd.DirtyBitmapper = snapshotBackend{}
 )
 
 // COWExtents implements nbd.COWMapper.
@@ -94,6 +99,33 @@ func (b snapshotBackend) COWExtents(ctx context.Context, off, length int64) ([]n
 	return out, nil
 }
 
+// DirtyBitmaps implements nbd.DirtyBitmapper: a bitmap per snapshot of the
+// origin, named after it.
+func (b snapshotBackend) DirtyBitmaps() []string { return dirtyBitmaps(b.Origin()) }
+
+// DirtyExtents implements nbd.DirtyBitmapper. The bitmap of snapshot since
+// marks where this snapshot may differ from since as it was taken: where
+// either has exceptions (elsewhere both read the origin). For since itself
+// that is its own exceptions.
+func (b snapshotBackend) DirtyExtents(ctx context.Context, bitmap string, off, length int64) ([]nbd.DirtyExtent, error) {
+	since, err := snapshotNamed(b.Origin(), bitmap)
+	if err != nil {
+		return nil, err
+	}
+	sinceExt, err := since.Extents(ctx, off, length)
+	if err != nil {
+		return nil, err
+	}
+	if since == b.Snapshot {
+		return dirtyUnion(sinceExt, nil), nil
+	}
+	own, err := b.Extents(ctx, off, length)
+	if err != nil {
+		return nil, err
+	}
+	return dirtyUnion(sinceExt, own), nil
+}
+
 // WriteZeroes implements nbd.Zeroer. Zeroing a snapshot allocates and
 // writes like any write, so it is never the fast kind.
 func (b snapshotBackend) WriteZeroes(ctx context.Context, off, length int64, o nbd.ZeroOptions) error {
@@ -107,9 +139,10 @@ func (b snapshotBackend) WriteZeroes(ctx context.Context, off, length int64, o n
 type originBackend struct{ *cow.Origin }
 
 var (
-	_ nbd.Backend = originBackend{}
-	_ nbd.Trimmer = originBackend{}
-	_ nbd.Zeroer  = originBackend{}
+	_ nbd.Backend        = originBackend{}
+	_ nbd.Trimmer        = originBackend{}
+	_ nbd.Zeroer         = originBackend{}
+	_ nbd.DirtyBitmapper = originBackend{}
 )
 
 // WriteZeroes implements nbd.Zeroer. The snapshots' copies cost as much as
@@ -119,4 +152,84 @@ func (b originBackend) WriteZeroes(ctx context.Context, off, length int64, o nbd
 		return nbd.ErrZeroNotFast
 	}
 	return b.Origin.WriteZeroes(ctx, off, length, o.NoHole, o.FUA)
+}
+
+// DirtyBitmaps implements nbd.DirtyBitmapper: a bitmap per snapshot,
+// named after it.
+func (b originBackend) DirtyBitmaps() []string { return dirtyBitmaps(b.Origin) }
+
+// DirtyExtents implements nbd.DirtyBitmapper. The origin differs from a
+// snapshot exactly where the snapshot has exceptions, except in merge
+// mode, where it reads the merging snapshot's view: no bitmap is offered
+// then.
+func (b originBackend) DirtyExtents(ctx context.Context, bitmap string, off, length int64) ([]nbd.DirtyExtent, error) {
+	if m, _, ok := b.Origin.Merging(); ok {
+		return nil, fmt.Errorf("bitmap %s: the origin merges snapshot %s: %w", bitmap, m.Name(), cow.ErrMergeInProgress)
+	}
+	since, err := snapshotNamed(b.Origin, bitmap)
+	if err != nil {
+		return nil, err
+	}
+	ext, err := since.Extents(ctx, off, length)
+	if err != nil {
+		return nil, err
+	}
+	return dirtyUnion(ext, nil), nil
+}
+
+// dirtyBitmaps names the dirty bitmaps of o's volumes: its snapshots' names,
+// sorted.
+func dirtyBitmaps(o *cow.Origin) []string {
+	var names []string
+	for _, s := range o.Snapshots() {
+		names = append(names, s.Name())
+	}
+	slices.Sort(names)
+	return names
+}
+
+// snapshotNamed returns o's snapshot called name, which a dirty bitmap of
+// that name tracks changes since.
+func snapshotNamed(o *cow.Origin, name string) (*cow.Snapshot, error) {
+	for _, s := range o.Snapshots() {
+		if s.Name() == name {
+			return s, nil
+		}
+	}
+	return nil, fmt.Errorf("origin %s: snapshot %s: %w", o.Device().Name(), name, nbd.ErrNoSuchBitmap)
+}
+
+// dirtyUnion merges two extent lists of the same range into the dirty map
+// of their union: dirty where either is in the COW. b may be nil.
+func dirtyUnion(a, b []cow.Extent) []nbd.DirtyExtent {
+	var out []nbd.DirtyExtent
+	add := func(length int64, dirty bool) {
+		if n := len(out); n > 0 && out[n-1].Dirty == dirty {
+			out[n-1].Length += length
+			return
+		}
+		out = append(out, nbd.DirtyExtent{Length: length, Dirty: dirty})
+	}
+	if b == nil {
+		for _, e := range a {
+			add(e.Length, e.InCOW)
+		}
+		return out
+	}
+	i, j := 0, 0
+	for i < len(a) && j < len(b) {
+		ea, eb := a[i], b[j]
+		start := max(ea.Offset, eb.Offset)
+		end := min(ea.Offset+ea.Length, eb.Offset+eb.Length)
+		if end > start {
+			add(end-start, ea.InCOW || eb.InCOW)
+		}
+		if ea.Offset+ea.Length == end {
+			i++
+		}
+		if eb.Offset+eb.Length == end {
+			j++
+		}
+	}
+	return out
 }

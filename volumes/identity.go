@@ -121,6 +121,9 @@ func labelCOW(ctx context.Context, st exstore.Store, cow, clusterID string, orig
 	if err != nil {
 		return err
 	}
+	if l.Merge == exstore.Merged {
+		return fmt.Errorf("COW %s (%s): %w", cow, l.UUID, ErrMergedCOW)
+	}
 	if clusterID == "" {
 		return checkUnclusteredLabel(cow, l, origin)
 	}

@@ -246,6 +246,10 @@ func (v *Set) DeleteSnapshot(ctx context.Context, name string) error {
 	if s == nil {
 		return &ConfigError{fmt.Errorf("snapshot %s: %w", name, ErrNoSuchSnapshot)}
 	}
+	if mergeBusy(s.snap) {
+		// Its COW holds what the origin reads: it goes when its merge ends.
+		return &ConfigError{fmt.Errorf("snapshot %s: %w", name, cow.ErrMergeInProgress)}
+	}
 	if v.member != nil && v.catalog == nil {
 		return &ConfigError{fmt.Errorf("snapshot %s: %w", name, ErrNoCatalog)}
 	}

@@ -84,12 +84,7 @@ func TestCreateSnapshotWhileWriting(t *testing.T) {
 			rng := rand.New(rand.NewPCG(1, uint64(w)))
 			buf := make([]byte, regionBytes)
 			for n := 0; ctx.Err() == nil && n < 20000; n++ {
-				r := rng.IntN(originSize / regionBytes)
-				stamp := h.Send(r)
-				cutcheck.Fill(buf, stamp)
-				if err := v.Origin.WriteAt(ctx, buf, int64(r*regionBytes), false); err == nil {
-					h.Ack(stamp)
-				}
+				_ = h.Write(rng.IntN(originSize/regionBytes), buf, func(p []byte, off int64) error { return v.Origin.WriteAt(ctx, p, off, false) })
 				if n == 100 {
 					warm <- struct{}{}
 				}
@@ -104,13 +99,11 @@ func TestCreateSnapshotWhileWriting(t *testing.T) {
 	st, err := v.CreateSnapshot(context.Background(), CreateRequest{Name: "live", COW: cowPath, CreateBytes: 2 * originSize})
 	h.CutEnds()
 	require.NoError(t, err)
+	buf := make([]byte, regionBytes)
 	for range 200 {
-		r := rand.IntN(originSize / regionBytes)
-		stamp := h.Send(r)
-		buf := make([]byte, regionBytes)
-		cutcheck.Fill(buf, stamp)
-		require.NoError(t, v.Origin.WriteAt(context.Background(), buf, int64(r*regionBytes), false))
-		h.Ack(stamp)
+		require.NoError(t, h.Write(rand.IntN(originSize/regionBytes), buf, func(p []byte, off int64) error {
+			return v.Origin.WriteAt(context.Background(), p, off, false)
+		}))
 	}
 	stop()
 	wg.Wait()

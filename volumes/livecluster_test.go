@@ -47,14 +47,10 @@ func TestLiveSnapshotAcrossNodes(t *testing.T) {
 			rng := rand.New(rand.NewPCG(3, uint64(i)))
 			buf := make([]byte, regionBytes)
 			for k := 0; k < 20000 && (wctx.Err() == nil || k <= 50); k++ {
-				r := rng.IntN(originSize / regionBytes)
-				stamp := h.Send(r)
-				cutcheck.Fill(buf, stamp)
-				if err := n.Origin.WriteAt(ctx, buf, int64(r*regionBytes), false); err != nil {
+				if err := h.Write(rng.IntN(originSize/regionBytes), buf, func(p []byte, off int64) error { return n.Origin.WriteAt(ctx, p, off, false) }); err != nil {
 					t.Errorf("node %d: %v", i+2, err)
 					return
 				}
-				h.Ack(stamp)
 				if k == 50 {
 					warm <- struct{}{}
 				}
@@ -69,13 +65,9 @@ func TestLiveSnapshotAcrossNodes(t *testing.T) {
 	h.CutEnds()
 	require.NoError(t, err)
 	// The writers' next writes wait until their node adopted the set.
+	buf := make([]byte, regionBytes)
 	for range 100 {
-		r := rand.IntN(originSize / regionBytes)
-		stamp := h.Send(r)
-		buf := make([]byte, regionBytes)
-		cutcheck.Fill(buf, stamp)
-		require.NoError(t, nodes[2].Origin.WriteAt(ctx, buf, int64(r*regionBytes), false))
-		h.Ack(stamp)
+		require.NoError(t, h.Write(rand.IntN(originSize/regionBytes), buf, func(p []byte, off int64) error { return nodes[2].Origin.WriteAt(ctx, p, off, false) }))
 	}
 	stop()
 	wg.Wait()

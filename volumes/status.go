@@ -2,6 +2,7 @@ package volumes
 
 import (
 	"github.com/clustersnap/clustersnap/clusterized"
+	"github.com/clustersnap/clustersnap/nbd"
 )
 
 // Status is what a Set reports of itself while it serves: the origin, the
@@ -14,6 +15,34 @@ type Status struct {
 	Catalog   string           `json:"catalog,omitempty"`
 	Cluster   *ClusterStatus   `json:"cluster,omitempty"`
 	Snapshots []SnapshotStatus `json:"snapshots"`
+	// Exports are the NBD exports served now with their clients and
+	// counters, when the Set's Exporter keeps them (nbd.Server does).
+	Exports []ExportStatus `json:"exports,omitempty"`
+	// MergeJob is the background merge running or run last
+	// (StartMerge), nil if there was none.
+	MergeJob *MergeJobStatus `json:"merge_job,omitempty"`
+}
+
+// ExportStatus is one NBD export's clients and request counters since it
+// was added (nbd.ExportStats). Name is "" for the default export.
+type ExportStatus struct {
+	Name             string `json:"name"`
+	Clients          uint64 `json:"clients"`
+	ConnectionsTotal uint64 `json:"connections_total"`
+	Reads            uint64 `json:"reads"`
+	ReadBytes        uint64 `json:"read_bytes"`
+	Writes           uint64 `json:"writes"`
+	WrittenBytes     uint64 `json:"written_bytes"`
+	Flushes          uint64 `json:"flushes"`
+	Trims            uint64 `json:"trims"`
+	Zeroes           uint64 `json:"zeroes"`
+	BlockStatus      uint64 `json:"block_status"`
+	Errors           uint64 `json:"errors"`
+}
+
+// statsReporter is an Exporter that counts its exports' work.
+type statsReporter interface {
+	Stats() []nbd.ExportStats
 }
 
 // OriginStatus describes the origin.
@@ -57,6 +86,17 @@ type SnapshotStatus struct {
 	// Cluster counts the store's cluster work: lock conversions, metadata
 	// refreshes (incremental) and reloads (full). Nil when not clustered.
 	Cluster *ClusterCounters `json:"cluster,omitempty"`
+	// Merge is the progress of the snapshot's merge into the origin,
+	// while the origin is in merge mode with it; nil otherwise.
+	Merge *MergeStatus `json:"merge,omitempty"`
+}
+
+// MergeStatus is a merge's progress: exceptions merged, of the total the
+// snapshot had when the origin entered merge mode (or when Open resumed
+// it).
+type MergeStatus struct {
+	Done  uint64 `json:"done"`
+	Total uint64 `json:"total"`
 }
 
 // ClusterCounters are a clustered store's counters (clusterized.Stats).
@@ -102,8 +142,28 @@ func (v *Set) Status() Status {
 		}
 		st.Cluster = cs
 	}
+	merging, p, _ := v.Origin.Merging()
 	for _, s := range v.servedSnapshots() {
-		st.Snapshots = append(st.Snapshots, s.status())
+		ss := s.status()
+		if s.snap == merging {
+			ss.Merge = &MergeStatus{Done: p.Done, Total: p.Total}
+		}
+		st.Snapshots = append(st.Snapshots, ss)
+	}
+	if job := v.MergeJob(); job.State != "" {
+		st.MergeJob = &job
+	}
+	v.mu.Lock()
+	sr, ok := v.exporter.(statsReporter)
+	v.mu.Unlock()
+	if ok {
+		for _, e := range sr.Stats() {
+			st.Exports = append(st.Exports, ExportStatus{
+				Name: e.Name, Clients: e.ConnectionsOpen, ConnectionsTotal: e.ConnectionsTotal,
+				Reads: e.Reads, ReadBytes: e.ReadBytes, Writes: e.Writes, WrittenBytes: e.WrittenBytes,
+				Flushes: e.Flushes, Trims: e.Trims, Zeroes: e.Zeroes, BlockStatus: e.BlockStatus, Errors: e.Errors,
+			})
+		}
 	}
 	return st
 }

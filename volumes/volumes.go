@@ -76,6 +76,8 @@ type Set struct {
 	// snapshots created and deleted live.
 	exporter      Exporter
 	defaultExport string
+	// merge is the background merge running or run last (StartMerge).
+	merge *mergeJob
 
 	catalog *catalog        // nil without Config.Catalog
 	member  *snapset.Member // the origin's snapshot set, nil when not clustered
@@ -205,6 +207,7 @@ func Open(ctx context.Context, c Config) (*Set, error) {
 			return fail(err)
 		}
 	}
+	var merging []*served // the snapshots whose COW says they merge
 	for _, spec := range specs {
 		s, st, cd, err := v.openSnapshot(ctx, spec)
 		if err != nil {
@@ -215,11 +218,19 @@ func Open(ctx context.Context, c Config) (*Set, error) {
 			return fail(fmt.Errorf("snapshot %s: %w", spec.Name, err))
 		}
 		v.snaps = append(v.snaps, s)
+		if m, err := v.noteMerge(ctx, s, st); err != nil {
+			return fail(err)
+		} else if m {
+			merging = append(merging, s)
+		}
 	}
 	if c.Cluster != nil {
 		if err := v.joinSnapshotSet(ctx, c.Cluster, v.onLost); err != nil {
 			return fail(err)
 		}
+	}
+	if err := v.resumeMerge(ctx, merging); err != nil {
+		return fail(err)
 	}
 	return v, nil
 }
@@ -430,6 +441,7 @@ func openStore(ctx context.Context, reg *exstore.Registry, cd blockdev.Device, s
 // Close leaves the snapshot set, then closes the stores, then the
 // devices. It waits for a live change under way.
 func (v *Set) Close() error {
+	v.stopMerge()
 	v.changeMu.Lock()
 	defer v.changeMu.Unlock()
 	var errs []error

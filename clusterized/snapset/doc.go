@@ -37,7 +37,11 @@
 // makes the drained writes durable before the member lets go of PR
 // (Quiesced), and when the member reads another set it adopts it (Adopt,
 // with the gate still closed): the gate reopens if the node now serves the
-// published set, and the member stops otherwise. A value missing or invalid (the changer died in EX) is
+// published set, and the member stops otherwise. A value that publishes
+// the member's own set as a later generation (a change that kept the set
+// but changed what its snapshots hold, such as a merge step) is passed to
+// Adopt too. Update's callback and Adopt get a context under which Enter
+// admits at once: they run while no other origin change runs anywhere. A value missing or invalid (the changer died in EX) is
 // published again from this member's set. So no origin change of any node
 // is inside a gate while another node holds EX, and none is admitted
 // under a set other than the one the cluster published.

@@ -18,7 +18,7 @@ type follower struct {
 	mu        sync.Mutex
 	quiesced  atomic.Int64
 	adopted   []Value
-	serve     func(Value) (Set, error)
+	serve     func(context.Context, Value) (Set, error)
 	quiesceFn func() error
 }
 
@@ -30,11 +30,11 @@ func (f *follower) Quiesced(context.Context) error {
 	return nil
 }
 
-func (f *follower) Adopt(_ context.Context, v Value) (Set, error) {
+func (f *follower) Adopt(ctx context.Context, v Value) (Set, error) {
 	f.mu.Lock()
 	f.adopted = append(f.adopted, v)
 	f.mu.Unlock()
-	return f.serve(v)
+	return f.serve(ctx, v)
 }
 
 func joinFollowing(t *testing.T, engines *inproc.Cluster, id uint32, set Set, f Follower) *Member {
@@ -63,7 +63,7 @@ func TestFollowerAdoptsAChange(t *testing.T) {
 	ctx := testCtx(t)
 	engines := inproc.NewCluster()
 	old, next := mustSet(t, "a"), mustSet(t, "a", "b")
-	f := &follower{serve: func(Value) (Set, error) { return next, nil }}
+	f := &follower{serve: func(context.Context, Value) (Set, error) { return next, nil }}
 	a := mustJoin(t, engines, 1, old)
 	b := joinFollowing(t, engines, 2, old, f)
 	require.NoError(t, a.Change(ctx, next, func(context.Context) error {
@@ -85,9 +85,9 @@ func TestFollowerAdoptsAChange(t *testing.T) {
 func TestFollowerThatCannotAdoptStops(t *testing.T) {
 	old, next := mustSet(t, "a"), mustSet(t, "a", "b")
 	for name, f := range map[string]*follower{
-		"adopt fails":    {serve: func(Value) (Set, error) { return Set{}, errors.New("cannot open the COW") }},
-		"adopts another": {serve: func(Value) (Set, error) { return mustSet(t, "a", "c"), nil }},
-		"quiesce fails":  {serve: func(Value) (Set, error) { return next, nil }, quiesceFn: func() error { return errors.New("flush failed") }},
+		"adopt fails":    {serve: func(context.Context, Value) (Set, error) { return Set{}, errors.New("cannot open the COW") }},
+		"adopts another": {serve: func(context.Context, Value) (Set, error) { return mustSet(t, "a", "c"), nil }},
+		"quiesce fails":  {serve: func(context.Context, Value) (Set, error) { return next, nil }, quiesceFn: func() error { return errors.New("flush failed") }},
 	} {
 		t.Run(name, func(t *testing.T) {
 			ctx := testCtx(t)
@@ -101,4 +101,35 @@ func TestFollowerThatCannotAdoptStops(t *testing.T) {
 			assert.NoError(t, err, "the stopped member holds nothing that keeps others out")
 		})
 	}
+}
+
+// Update's callback and a follower's Adopt may change the origin (a merge
+// step) through the gate while everything else waits; a set published
+// again as a later generation reaches the followers' Adopt.
+func TestExclusiveCallbacksPassTheGate(t *testing.T) {
+	ctx := testCtx(t)
+	engines := inproc.NewCluster()
+	set := mustSet(t, "a")
+	var adoptEntered atomic.Bool
+	f := &follower{}
+	a := mustJoin(t, engines, 1, set)
+	b := joinFollowing(t, engines, 2, set, f)
+	f.serve = func(ctx context.Context, _ Value) (Set, error) {
+		leave, err := b.Enter(ctx)
+		if err == nil {
+			leave()
+			adoptEntered.Store(true)
+		}
+		return set, err
+	}
+	require.NoError(t, a.Update(ctx, func(ctx context.Context, cur Set) (Set, error) {
+		leave, err := a.Enter(ctx)
+		require.NoError(t, err, "the change's own origin change passes")
+		leave()
+		assert.False(t, admits(a), "any other origin change of the changer waits")
+		return cur, nil
+	}))
+	require.NoError(t, enterWaits(t, b))
+	assert.True(t, adoptEntered.Load(), "Adopt ran for the same set published again, and passed the gate")
+	assert.Equal(t, uint64(2), b.Value().Generation)
 }

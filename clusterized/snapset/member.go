@@ -136,9 +136,12 @@ type Follower interface {
 	// snapshot taken by the other node holds them also across a crash.
 	// An error stops the member.
 	Quiesced(ctx context.Context) error
-	// Adopt runs when the member reads a value that does not publish its
-	// set (another node changed it): it makes this node serve the set
-	// that v publishes, and returns the set it serves now. If that set
+	// Adopt runs when the member reads a value other than the one it last
+	// read: another node changed the set, or published the same set again
+	// after changing what its snapshots hold (a merge step), which the
+	// node must catch up with (re-read the stores' metadata). It makes
+	// this node serve the set that v publishes, and returns the set it
+	// serves now. Its ctx admits origin changes through Enter at once. If that set
 	// matches v the gate opens on it; if it does not, or Adopt fails, the
 	// member stops (Enter fails), so that this node never writes the
 	// origin without copying into a snapshot of the cluster's.
@@ -273,8 +276,24 @@ func (m *Member) Enter(ctx context.Context) (leave func(), err error) {
 		}
 		m.leave()
 	}
+	if ctx.Value(exclusiveKey{}) == m {
+		// The caller is this member's own change (Update's callback, a
+		// follower's Adopt): no other origin change runs anywhere.
+		return noLeave, nil
+	}
 	return m.enterSlow(ctx)
 }
+
+// exclusiveKey marks the context of a callback that runs while no origin
+// change of the cluster runs: its value is the member.
+type exclusiveKey struct{}
+
+// exclusive is ctx marked as m's exclusive callback's.
+func (m *Member) exclusive(ctx context.Context) context.Context {
+	return context.WithValue(ctx, exclusiveKey{}, m)
+}
+
+func noLeave() {}
 
 // enterSlow admits under mu, which a drain holds as it closes the gate.
 func (m *Member) enterSlow(ctx context.Context) (func(), error) {
@@ -453,8 +472,13 @@ func (m *Member) rejoin() {
 		changed = &v
 		return fmt.Errorf("origin lock %s: this node serves %s; the cluster now serves %s: %w", m.resource, m.set, v, ErrSetChanged)
 	})
-	if changed != nil && m.follower != nil {
+	switch {
+	case changed != nil && m.follower != nil:
 		v, err = m.adopt(*changed)
+	case err == nil && m.follower != nil && v != m.Value():
+		// The same set, published again: another node changed what the
+		// set's snapshots hold (a merge step); the follower catches up.
+		v, err = m.adopt(v)
 	}
 	if err != nil {
 		m.stop(err)
@@ -469,7 +493,7 @@ func (m *Member) rejoin() {
 // adopt has the follower take on the set v publishes, in PR with the gate
 // closed. m.opMu is held.
 func (m *Member) adopt(v Value) (Value, error) {
-	next, err := m.follower.Adopt(m.ctx, v)
+	next, err := m.follower.Adopt(m.exclusive(m.ctx), v)
 	if err != nil {
 		return Value{}, fmt.Errorf("origin lock %s: %w: adopting the cluster's %s: %w", m.resource, ErrSetChanged, v, err)
 	}
@@ -505,7 +529,10 @@ func (m *Member) Change(ctx context.Context, next Set, adopt func(context.Contex
 // Update is Change with the next set computed under EX: change gets the
 // set this member serves (which a follower's adoptions keep current), makes
 // the node serve the next one while no node writes the origin, and returns
-// it, which Update publishes. If change fails nothing is published.
+// it, which Update publishes (the same set is published again as the next
+// generation, which makes the followers catch up). If change fails nothing
+// is published. change's ctx admits origin changes through Enter at once:
+// an origin change made under EX (a merge step) is the cluster's only one.
 func (m *Member) Update(ctx context.Context, change func(ctx context.Context, cur Set) (Set, error)) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer context.AfterFunc(m.ctx, cancel)()
@@ -546,7 +573,7 @@ func (m *Member) Update(ctx context.Context, change func(ctx context.Context, cu
 	}
 	// An invalid or missing value here means a node died in EX after
 	// this member last read the set: nothing was published since.
-	next, err := change(ctx, m.set)
+	next, err := change(m.exclusive(ctx), m.set)
 	if err != nil {
 		if cerr := m.lock.Convert(context.WithoutCancel(ctx), lockc.PR); cerr != nil {
 			m.stop(fmt.Errorf("origin lock %s: %w", m.resource, cerr))

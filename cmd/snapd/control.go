@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"text/tabwriter"
 	"time"
 
 	"github.com/dustin/go-humanize"
@@ -63,6 +64,9 @@ func printLiveStatus(w io.Writer, st volumes.Status) {
 			fmt.Fprintf(w, "snapshot set: %d snapshots, generation %d, digest %s\n", set.Snapshots, set.Generation, set.Digest)
 		}
 	}
+	if len(st.Exports) > 0 {
+		printExports(w, st.Exports)
+	}
 	for _, s := range st.Snapshots {
 		sec := func(n uint64) string { return humanize.IBytes(n * exstore.SectorSize) }
 		fmt.Fprintf(w, "snapshot %s (%s): %s\n", s.Name, s.COW, s.State)
@@ -113,4 +117,19 @@ func logClusterStats(ctx context.Context, v *volumes.Set, interval time.Duration
 			writeClusterStats(v, w)
 		}
 	}
+}
+
+// printExports prints the exports' clients and counters as a table.
+func printExports(w io.Writer, exports []volumes.ExportStatus) {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "EXPORT\tCLIENTS\tREADS\tREAD\tWRITES\tWRITTEN\tFLUSHES\tERRORS")
+	for _, e := range exports {
+		name := e.Name
+		if name == "" {
+			name = "(default)"
+		}
+		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\t%s\t%s\t%s\n", name, e.Clients, humanize.Comma(int64(e.Reads)), humanize.IBytes(e.ReadBytes),
+			humanize.Comma(int64(e.Writes)), humanize.IBytes(e.WrittenBytes), humanize.Comma(int64(e.Flushes)), humanize.Comma(int64(e.Errors)))
+	}
+	tw.Flush()
 }

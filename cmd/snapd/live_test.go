@@ -61,14 +61,11 @@ func TestLiveSnapshotEndToEnd(t *testing.T) {
 				if ctx.Err() != nil && n > 50 {
 					return
 				}
-				r := rng.IntN(size / regionBytes)
-				stamp := h.Send(r)
-				cutcheck.Fill(buf, stamp)
-				if err := c.Write(context.Background(), uint64(r*regionBytes), buf); err != nil {
+				write := func(p []byte, off int64) error { return c.Write(context.Background(), uint64(off), p) }
+				if err := h.Write(rng.IntN(size/regionBytes), buf, write); err != nil {
 					t.Errorf("writer %d: %v", w, err)
 					return
 				}
-				h.Ack(stamp)
 				if cutDone.Load() {
 					if after++; after == 100 {
 						enough <- struct{}{}
@@ -111,6 +108,22 @@ func TestLiveSnapshotEndToEnd(t *testing.T) {
 	assert.Equal(t, "valid", snaps[0].State)
 	assert.NotZero(t, snaps[0].Exceptions, "the writes after the cut were copied")
 	assert.Contains(t, run1(t, bin, "snapshot", "list", "--control", ctl), "live")
+
+	// status reports each export's clients and counters.
+	var full volumes.Status
+	require.NoError(t, json.Unmarshal([]byte(run1(t, bin, "status", "--control", ctl, "--json")), &full))
+	exports := map[string]volumes.ExportStatus{}
+	for _, e := range full.Exports {
+		exports[e.Name] = e
+	}
+	require.Contains(t, exports, "live")
+	assert.GreaterOrEqual(t, exports[volumes.OriginExport].Writes, uint64(acked))
+	assert.Equal(t, uint64(acked)*regionBytes, exports[volumes.OriginExport].WrittenBytes)
+	assert.Equal(t, uint64(writers), exports[volumes.OriginExport].ConnectionsTotal)
+	assert.Positive(t, exports["live"].Reads, "nbdcopy read the snapshot")
+	text := run1(t, bin, "status", "--control", ctl)
+	assert.Contains(t, text, "EXPORT")
+	assert.Contains(t, text, "live")
 
 	for _, c := range []struct {
 		args []string

@@ -15,6 +15,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/dustin/go-humanize"
+
 	"github.com/clustersnap/clustersnap/clusterized"
 	"github.com/clustersnap/clustersnap/exstore/cow"
 	"github.com/clustersnap/clustersnap/lockc/etcd"
@@ -226,6 +228,14 @@ func serveVolumes(ctx context.Context, v *volumes.Set, cfg serveConfig, stdout, 
 			return err
 		}
 		defer func() { stopSide(); _ = waitControl() }()
+	}
+	if m, p, ok := v.Merging(); ok {
+		// The origin is in merge mode since Open (a merge was under way
+		// when snapd stopped): finish it while serving.
+		if _, err := v.StartMerge(ctx, ""); err != nil {
+			return err
+		}
+		fmt.Fprintf(stderr, "resuming the merge of snapshot %s into the origin (%s of %s exceptions merged)\n", m.Name(), humanize.Comma(int64(p.Done)), humanize.Comma(int64(p.Total)))
 	}
 	if c := v.Status().Cluster; c != nil {
 		fmt.Fprintf(stderr, "cluster %s: node %d, lock engine %s, lockspace %s\n", c.ID, c.NodeID, c.Engine, c.Lockspace)

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"path/filepath"
 	"strings"
 	"text/tabwriter"
 
@@ -91,7 +92,13 @@ func runSnapshotCreate(ctx context.Context, args []string, stdout, stderr io.Wri
 	if flags.NArg() > 0 {
 		return usagef("unexpected arguments %q", flags.Args())
 	}
-	a := control.SnapshotCreateArgs{Name: *name, COW: *cow, Force: *force, ReadOnly: *ro, Overflow: *overflow}
+	// The server shares this host's file system but not its working
+	// directory.
+	cowPath, err := filepath.Abs(*cow)
+	if err != nil {
+		return usagef("--cow %s: %v", *cow, err)
+	}
+	a := control.SnapshotCreateArgs{Name: *name, COW: cowPath, Force: *force, ReadOnly: *ro, Overflow: *overflow}
 	cs, err := volumes.ParseChunkSize(*chunk)
 	if err != nil {
 		return usagef("--chunk-size: %v", err)

@@ -39,9 +39,20 @@ type chunkStripe struct {
 // appear, and is not retried. Reads thus cost loads, not atomic writes on
 // shared lines.
 //
+// The snapshot an origin merges (merge.go) gets no exceptions, so its
+// table serves the merge instead: a merge run holds its chunks (lockRange)
+// from before it reads them from the COW until their records are cleared,
+// and an origin write to a chunk the snapshot still holds takes it in the
+// COW holding that chunk (lock) from its lookup to its write, so that the
+// run either copies the write or the write finds no exception and goes to
+// the origin. Reads of the origin in merge mode read the snapshot's view
+// as its own reads do, without locks.
+//
 // A goroutine holds at most one stripe (lock), or a run of consecutive
 // chunks' stripes (lockRange), taken in ascending stripe order so that two
-// runs cannot deadlock; it never takes a stripe twice.
+// runs cannot deadlock; it never takes a stripe twice. A merge run, which
+// holds a run, takes other snapshots' chunks (their copies) but never
+// another stripe of its own snapshot.
 type chunkLocks struct {
 	stripes [chunkLockStripes]chunkStripe
 	// overwrites counts, per stripe, the origin overwrites announced on

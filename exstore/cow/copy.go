@@ -95,7 +95,8 @@ func forEachParallel(n int, fn func(i int) error) error {
 }
 
 // skipForOrigin reports whether origin writes may skip the snapshot: it is
-// invalid or merged, so nothing it shows must be kept. Any other failure
+// invalid, merged or merging (its view is the origin's: see StartMerge),
+// so nothing it shows must be kept. Any other failure
 // of its store (a clustered store whose node lost the cluster lock: the
 // snapshot is valid for the other nodes) fails the origin write instead, as
 // overwriting the origin without the copy would corrupt the snapshot.
@@ -107,7 +108,7 @@ func (s *Snapshot) skipForOrigin() (bool, error) {
 	if err := s.storeStopped(); err != nil {
 		return false, err
 	}
-	if errors.Is(err, exstore.ErrInvalid) || errors.Is(err, ErrMerged) {
+	if errors.Is(err, exstore.ErrInvalid) || errors.Is(err, ErrMerged) || errors.Is(err, ErrMerging) {
 		return true, nil
 	}
 	return false, fmt.Errorf("snapshot %s: %w", s.name, err)

@@ -46,12 +46,9 @@ func TestAddSnapshotIsACut(t *testing.T) {
 					rng := rand.New(rand.NewPCG(uint64(round), uint64(w)))
 					buf := make([]byte, regionBytes)
 					for n := 0; ctx.Err() == nil && n < 5000; n++ {
-						r := rng.IntN(regions)
-						stamp := h.Send(r)
-						cutcheck.Fill(buf, stamp)
-						if err := o.WriteAt(ctx, buf, int64(r)*regionBytes, rng.IntN(8) == 0); err == nil {
-							h.Ack(stamp)
-						} else if !errors.Is(err, context.Canceled) {
+						fua := rng.IntN(8) == 0
+						err := h.Write(rng.IntN(regions), buf, func(p []byte, off int64) error { return o.WriteAt(ctx, p, off, fua) })
+						if err != nil && !errors.Is(err, context.Canceled) {
 							t.Errorf("origin write: %v", err)
 						}
 						if n == 50 {
@@ -72,13 +69,9 @@ func TestAddSnapshotIsACut(t *testing.T) {
 			h.CutEnds()
 			require.NoError(t, err)
 			// Let the writers overwrite what the snapshot must keep.
+			buf := make([]byte, regionBytes)
 			for range 200 {
-				r := rand.IntN(regions)
-				stamp := h.Send(r)
-				buf := make([]byte, regionBytes)
-				cutcheck.Fill(buf, stamp)
-				require.NoError(t, o.WriteAt(context.Background(), buf, int64(r)*regionBytes, false))
-				h.Ack(stamp)
+				require.NoError(t, h.Write(rand.IntN(regions), buf, func(p []byte, off int64) error { return o.WriteAt(context.Background(), p, off, false) }))
 			}
 			stop()
 			wg.Wait()
@@ -102,11 +95,9 @@ func TestAddSnapshotFlushesTheOrigin(t *testing.T) {
 		o.noCutFlush = noFlush
 		h := cutcheck.New(chunkSectors * 512)
 		buf := make([]byte, chunkSectors*512)
+		write := func(p []byte, off int64) error { return o.WriteAt(ctx, p, off, false) }
 		for r := range size / len(buf) {
-			stamp := h.Send(r)
-			cutcheck.Fill(buf, stamp)
-			require.NoError(t, o.WriteAt(ctx, buf, int64(r*len(buf)), false))
-			h.Ack(stamp)
+			require.NoError(t, h.Write(r, buf, write))
 		}
 		cow := faultdev.New("cow", 2*size)
 		store, err := persistent.Open(ctx, cow, persistent.Options{ChunkSectors: chunkSectors, Logger: testLogger(t)})
@@ -116,10 +107,7 @@ func TestAddSnapshotFlushesTheOrigin(t *testing.T) {
 		h.CutEnds()
 		require.NoError(t, err)
 		// One write after the cut: its copy is committed durably.
-		stamp := h.Send(0)
-		cutcheck.Fill(buf, stamp)
-		require.NoError(t, o.WriteAt(ctx, buf, 0, false))
-		h.Ack(stamp)
+		require.NoError(t, h.Write(0, buf, write))
 
 		o2 := NewOrigin(origin.PowerCutDropAll())
 		cow2 := cow.PowerCutDropAll()

@@ -84,7 +84,8 @@ func zeroDev(dev blockdev.Device, zeroes []byte, off, n int64, mayDiscard bool) 
 // then the whole discard units (512 bytes, or the device's I/O alignment
 // if larger) inside the range are discarded; they read back as zeroes, the
 // ragged edges keep their data. On any other device Trim changes nothing
-// and so copies nothing. With fua the origin is synced afterwards.
+// and so copies nothing. With fua the origin is synced afterwards. In
+// merge mode the chunks the merging snapshot still holds are skipped.
 func (o *Origin) Trim(ctx context.Context, off, length int64, fua bool) error {
 	if err := checkRange(o.size, off, length); err != nil {
 		return fmt.Errorf("origin %s: trim: %w", o.dev.Name(), err)
@@ -107,14 +108,24 @@ func (o *Origin) Trim(ctx context.Context, off, length int64, fua bool) error {
 	defer leave()
 	o.snapMu.RLock()
 	defer o.snapMu.RUnlock()
-	if err := o.copyBeforeOverwrite(ctx, start, end-start, nil); err != nil {
+	discard := func(at, n int64) error {
+		if err := d.Discard(at, n); err != nil {
+			return err
+		}
+		o.syncs.wrote()
+		return nil
+	}
+	if m := o.merge.Load(); m != nil {
+		// The chunks the merging snapshot holds are skipped: their data
+		// is in its COW, and a hint need not reach it.
+		err = o.changeMerging(ctx, m, start, end-start, mergeChange{trim: true, origin: discard})
+	} else if err = o.copyBeforeOverwrite(ctx, start, end-start, nil); err == nil {
+		o.announceOverwrite(start, end-start)
+		err = discard(start, end-start)
+	}
+	if err != nil {
 		return fmt.Errorf("origin %s: trim %d bytes at %d: %w", o.dev.Name(), length, off, err)
 	}
-	o.announceOverwrite(start, end-start)
-	if err := d.Discard(start, end-start); err != nil {
-		return fmt.Errorf("origin %s: trim %d bytes at %d: %w", o.dev.Name(), length, off, err)
-	}
-	o.syncs.wrote()
 	if fua {
 		if err := o.dev.Sync(); err != nil {
 			return fmt.Errorf("origin %s: trim %d bytes at %d: sync: %w", o.dev.Name(), length, off, err)
@@ -129,7 +140,8 @@ func (o *Origin) Trim(ctx context.Context, off, length int64, fua bool) error {
 // a device that is a blockdev.Discarder discards the whole discard units
 // of the range (its discards read back as zeroes) and the edges are
 // written; otherwise zeroes are written. With fua the zeroes are durable
-// when it returns. The range must be aligned as a write's.
+// when it returns. The range must be aligned as a write's. In merge mode
+// the chunks the merging snapshot still holds are zeroed in its COW.
 //
 // It always zeroes; an NBD adapter for a client's "fast zero" request
 // should refuse it (the copies cost what writes cost) or pass it on only
@@ -151,14 +163,22 @@ func (o *Origin) WriteZeroes(ctx context.Context, off, length int64, noHole, fua
 	defer leave()
 	o.snapMu.RLock()
 	defer o.snapMu.RUnlock()
-	if err := o.copyBeforeOverwrite(ctx, off, length, nil); err != nil {
+	zero := func(at, n int64) error {
+		if err := zeroDev(o.dev, o.zeroes(), at, n, !noHole); err != nil {
+			return err
+		}
+		o.syncs.wrote()
+		return nil
+	}
+	if m := o.merge.Load(); m != nil {
+		err = o.changeMerging(ctx, m, off, length, mergeChange{fua: fua, origin: zero})
+	} else if err = o.copyBeforeOverwrite(ctx, off, length, nil); err == nil {
+		o.announceOverwrite(off, length)
+		err = zero(off, length)
+	}
+	if err != nil {
 		return fmt.Errorf("origin %s: write %d zeroes at %d: %w", o.dev.Name(), length, off, err)
 	}
-	o.announceOverwrite(off, length)
-	if err := zeroDev(o.dev, o.zeroes(), off, length, !noHole); err != nil {
-		return fmt.Errorf("origin %s: write %d zeroes at %d: %w", o.dev.Name(), length, off, err)
-	}
-	o.syncs.wrote()
 	if fua {
 		if err := o.dev.Sync(); err != nil {
 			return fmt.Errorf("origin %s: write %d zeroes at %d: sync: %w", o.dev.Name(), length, off, err)

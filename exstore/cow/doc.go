@@ -7,7 +7,7 @@
 // it gets a copy of its old content. A Snapshot serves the origin as it was
 // when the snapshot was taken, plus the snapshot's own writes: chunks with
 // an exception come from its COW device, the others from the origin.
-// Origin.Merge rolls the origin back to a snapshot offline, and
+// Origin.Merge rolls the origin back to a snapshot while it is served, and
 // Snapshot.Extents tells which ranges of a snapshot its COW device holds.
 // Both serve any byte range of the volume, across chunks; writes to a
 // device whose Alignment is larger than 1 must be aligned to it
@@ -85,11 +85,36 @@
 //
 // # Merge
 //
-// Origin.Merge runs one merge per origin at a time. Each run of exceptions
-// it writes back to the origin is, to the other snapshots, an origin
-// write: they copy what it overwrites first, and it announces the chunks.
+// Origin.Merge rolls the origin back to a snapshot S while the origin is
+// served, as the kernel's snapshot-merge target does; nobody need be
+// connected (that is the offline merge). Origin.StartMerge (which Merge
+// calls first) records the merge with S's MergeMarker (the COW's label,
+// exstore.Merging) and then, once the origin changes in flight completed,
+// switches the origin to merge mode: from then on the origin reads as S
+// did. A chunk S still has an exception for reads from S's COW and takes
+// writes and zeroes there, so that the merge carries them to the origin; a
+// trim skips it. Any other chunk is the origin's as usual, the other
+// valid snapshots copying before it changes; S never gets an exception
+// again, and its own I/O fails (ErrMerging). Flush syncs S's COW too. A
+// reopen that finds the mark resumes merge mode (package volumes does),
+// so a merge survives a crash; merge mode ends only when the merge is
+// complete, which is recorded too (exstore.Merged) before S is removed.
+// Meanwhile no snapshot is added or removed. Origin.MergeStep merges a
+// budget of runs at a time (a cluster runs each step while no other node
+// changes the origin) and ends the merge as Merge does.
+//
+// Each merge run (the last run of consecutive exceptions, at most
+// maxMergeIO of it) is, to the other snapshots, an origin write: they copy
+// what it overwrites first, and it announces the chunks. It holds its
+// chunks of S (chunkLocks) from before its COW read until its records are
+// cleared, so that a write to one of them either reaches the COW before
+// the run reads it or finds the exception gone and goes to the origin.
 // The origin is flushed before the run's records are cleared, so a merge
-// may be interrupted, and resumed, at any point.
+// may be interrupted, and resumed, at any point. A merge whose records
+// could not be cleared stops, and the writes to that run's chunks fail,
+// until the store is reopened. In merge mode an origin write must also be
+// aligned as S's COW needs (ErrUnaligned); outside it, the origin's reads
+// and writes cost one atomic load more than they would without merges.
 //
 // # The origin's gate
 //
@@ -102,8 +127,9 @@
 // # Snapshots and origin writes
 //
 // Origin writes hold the origin's snapshot list shared for their whole
-// span, and AddSnapshot and RemoveSnapshot exclusively, as the kernel
-// suspends the origin to load a snapshot table: a write either copies into
+// span, and AddSnapshot and RemoveSnapshot exclusively (and so do the
+// switch into merge mode and its end), as the kernel suspends the origin
+// to load a snapshot table: a write either copies into
 // a new snapshot or completed before it existed. AddSnapshot is therefore
 // a cut of a served origin: it also flushes the origin before the
 // snapshot joins, so the snapshot holds every write acknowledged before

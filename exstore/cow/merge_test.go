@@ -307,7 +307,8 @@ func TestMergeInvalidSnapshot(t *testing.T) {
 // TestMergeInterruptedByContext cancels the merge after a random number of
 // rounds, or in the middle of one at a random device operation, sometimes
 // writes to the origin in between, and resumes it, several times per seed:
-// the result is the same as an uninterrupted merge.
+// the origin reads as the target did, with those writes, throughout and
+// at the end.
 func TestMergeInterruptedByContext(t *testing.T) {
 	for seed := range uint64(12) {
 		t.Run(fmt.Sprintf("seed%d", seed), func(t *testing.T) {
@@ -315,6 +316,7 @@ func TestMergeInterruptedByContext(t *testing.T) {
 			chunkSectors := []uint32{1, 8, 16}[seed%3]
 			ms := newMergeScenario(t, seed, chunkSectors, 80, 0.8)
 			total := ms.target.store.Usage().Exceptions
+			want := bytes.Clone(ms.target.model) // what the origin must read
 			var interruptions int
 			for attempt := 0; ; attempt++ {
 				require.Less(t, attempt, 1000, "the merge does not progress")
@@ -352,24 +354,31 @@ func TestMergeInterruptedByContext(t *testing.T) {
 				}
 				require.ErrorIs(t, err, context.Canceled)
 				interruptions++
-				// An interrupted merge leaves a consistent target: merged
-				// chunks read from the origin, the others from the COW.
-				requireSame(t, ms.target.model, readAll(t, ms.target.snap), "target after an interruption")
+				// An interrupted merge leaves the origin in merge mode:
+				// it reads as the target did, merged chunks from the
+				// origin, the others from the COW; the target itself
+				// cannot be used.
+				_, p, merging := ms.origin.Merging()
+				require.True(t, merging, "merge mode after an interruption")
+				assert.Equal(t, total, p.Total)
+				requireSame(t, want, readAll(t, ms.origin), "origin after an interruption")
+				require.ErrorIs(t, ms.target.snap.ReadAt(context.Background(), make([]byte, 1), 0), ErrMerging)
 				requireSame(t, ms.other.model, readAll(t, ms.other.snap), "other snapshot after an interruption")
-				// The origin may be served in between: its writes copy
-				// into the half-merged target as into any snapshot.
+				// The origin may be served in between: its writes go to
+				// the target's COW or to the origin, after the other
+				// snapshot's copies.
 				if rng.IntN(2) == 0 {
 					chunkBytes := int64(chunkSectors) * exstore.SectorSize
 					for range 1 + rng.IntN(4) {
-						randomWrite(t, rng, ms.origin, chunkBytes, ms.originModel)
+						randomWrite(t, rng, ms.origin, chunkBytes, want)
 					}
 					require.NoError(t, ms.origin.Flush(context.Background()))
-					requireSame(t, ms.target.model, readAll(t, ms.target.snap), "target after origin writes")
+					requireSame(t, want, readAll(t, ms.origin), "origin after origin writes")
 					requireSame(t, ms.other.model, readAll(t, ms.other.snap), "other snapshot after origin writes")
 				}
 			}
 			t.Logf("%d exceptions, %d interruptions", total, interruptions)
-			checkMerged(t, ms.origin, ms.target.snap, ms.target.model, ms.other.snap, ms.other.model)
+			checkMerged(t, ms.origin, ms.target.snap, want, ms.other.snap, ms.other.model)
 		})
 	}
 }
@@ -482,8 +491,9 @@ func TestMergeShrunkOrigin(t *testing.T) {
 	assert.Zero(t, ts.store.Usage().Exceptions)
 }
 
-// TestMergeLargeRun merges one run larger than maxMergeIO: it is copied in
-// maxMergeIO pieces, and the origin is flushed once for the run.
+// TestMergeLargeRun merges one run larger than maxMergeIO: it merges in
+// runs of maxMergeIO from its end, each copied as one I/O, with one origin
+// flush each.
 func TestMergeLargeRun(t *testing.T) {
 	const chunkSectors = 1024
 	const chunkBytes = chunkSectors * exstore.SectorSize
@@ -501,10 +511,11 @@ func TestMergeLargeRun(t *testing.T) {
 	originDev.ResetStats()
 	var got []MergeProgress
 	require.NoError(t, o.Merge(ctx, ts.snap, func(p MergeProgress) { got = append(got, p) }))
-	assert.Equal(t, []MergeProgress{{Done: runChunks, Total: runChunks}}, got, "one round")
+	const piece = maxMergeIO / chunkBytes
+	assert.Equal(t, []MergeProgress{{Done: piece, Total: runChunks}, {Done: runChunks, Total: runChunks}}, got, "two rounds")
 	st := originDev.Stats()
-	assert.Equal(t, uint64((runChunks*chunkBytes+maxMergeIO-1)/maxMergeIO), st.Writes, "origin writes")
+	assert.Equal(t, uint64(2), st.Writes, "origin writes")
 	assert.Equal(t, uint64(runChunks*chunkBytes), st.BytesWritten)
-	assert.Equal(t, uint64(1), st.Syncs, "origin flushes")
+	assert.Equal(t, uint64(2), st.Syncs, "origin flushes")
 	requireSame(t, ts.model, originDev.Bytes(), "origin after the merge")
 }

@@ -84,14 +84,28 @@ func (s *Snapshot) readInChunk(ctx context.Context, p []byte, off int64) bool {
 		!s.failed.Load() && s.store.Err() == nil
 }
 
-// readRange reads p at off, window by window of up to maxReadRunChunks
-// chunks, and then fails if the snapshot is invalid. The check comes after
-// the I/O, where it is needed anyway, rather than before too: a read of an
-// invalid snapshot costs I/O that is thrown away, every other read one
-// check less.
+// readRange reads p at off (readView) and then fails if the snapshot is
+// invalid. The check comes after the I/O, where it is needed anyway,
+// rather than before too: a read of an invalid snapshot costs I/O that is
+// thrown away, every other read one check less.
 func (s *Snapshot) readRange(ctx context.Context, p []byte, off int64) error {
+	if err := s.readView(ctx, p, off); err != nil {
+		return s.readFailure(err)
+	}
+	// Origin writes skip an invalid snapshot: if it became invalid before
+	// or during the read, the data may be the origin's new content.
+	// Invalidity is permanent, so one check after every window covers them
+	// all.
+	return s.failure()
+}
+
+// readView reads p at off of the snapshot's view, window by window of up
+// to maxReadRunChunks chunks, whether or not the snapshot is valid: the
+// caller judges that (readRange), or knows (the origin of a merge reads
+// its snapshot's view).
+func (s *Snapshot) readView(ctx context.Context, p []byte, off int64) error {
 	if len(p) == 0 {
-		return s.failure()
+		return nil
 	}
 	end := off + int64(len(p))
 	last := exstore.Chunk((end - 1) / s.chunkBytes)
@@ -100,14 +114,10 @@ func (s *Snapshot) readRange(ctx context.Context, p []byte, off int64) error {
 		from := max(off, int64(first)*s.chunkBytes)
 		to := min(end, int64(windowEnd)*s.chunkBytes)
 		if err := s.readWindow(ctx, first, windowEnd, from, p[from-off:to-off]); err != nil {
-			return s.readFailure(err)
+			return err
 		}
 	}
-	// Origin writes skip an invalid snapshot: if it became invalid before
-	// or during the read, the data may be the origin's new content.
-	// Invalidity is permanent, so one check after every window covers them
-	// all.
-	return s.failure()
+	return nil
 }
 
 // readFailure is what a read that failed with err reports: the reason the

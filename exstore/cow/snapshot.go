@@ -68,13 +68,17 @@ type Snapshot struct {
 	syncs syncTracker
 
 	mu      sync.Mutex // guards invalid
-	invalid error      // set when this engine invalidates the snapshot or merges it
+	invalid error      // set when this engine invalidates, removes or merges the snapshot, or while it merges
 	// failed is set once invalid is, so that the I/O paths check for a
 	// failure without taking mu.
 	failed atomic.Bool
 	// overflowed is set once an overflow-mode snapshot's write could not
 	// allocate.
 	overflowed atomic.Bool
+
+	// marker records a merge of the snapshot (SetMergeMarker), nil for
+	// nowhere.
+	marker atomic.Pointer[MergeMarker]
 }
 
 // newSnapshot returns a snapshot of o over store on cow; AddSnapshot checks
@@ -107,6 +111,9 @@ func newSnapshot(o *Origin, name string, store exstore.Store, cow blockdev.Devic
 
 // Name returns the snapshot's name.
 func (s *Snapshot) Name() string { return s.name }
+
+// Origin returns the origin the snapshot is of.
+func (s *Snapshot) Origin() *Origin { return s.origin }
 
 // Store returns the snapshot's exception store.
 func (s *Snapshot) Store() exstore.Store { return s.store }

@@ -87,6 +87,19 @@ func (h *History) Ack(stamp uint64) {
 	h.writes[stamp].acked = tick
 }
 
+// Write writes region with write (given the region's content and offset),
+// logging it: buf, of RegionBytes, is filled with the write's stamp. The
+// write is acknowledged if write returns nil, whose error it returns.
+func (h *History) Write(region int, buf []byte, write func(p []byte, off int64) error) error {
+	stamp := h.Send(region)
+	Fill(buf, stamp)
+	if err := write(buf, int64(region)*int64(h.regionBytes)); err != nil {
+		return err
+	}
+	h.Ack(stamp)
+	return nil
+}
+
 // CutBegins logs that the snapshot's creation is about to be asked for.
 func (h *History) CutBegins() { h.cutBegin = h.clock.Add(1) }
 

@@ -80,14 +80,11 @@ func TestEtcdClusterLiveSnapshot(t *testing.T) {
 			buf := make([]byte, regionBytes)
 			after := 0
 			for n := 0; n < 100000 && (wctx.Err() == nil || n <= 20); n++ {
-				r := rng.IntN(size / regionBytes)
-				stamp := h.Send(r)
-				cutcheck.Fill(buf, stamp)
-				if err := c.Write(ctx, uint64(r*regionBytes), buf); err != nil {
+				write := func(p []byte, off int64) error { return c.Write(ctx, uint64(off), p) }
+				if err := h.Write(rng.IntN(size/regionBytes), buf, write); err != nil {
 					t.Errorf("node %d: write: %v", i, err)
 					return
 				}
-				h.Ack(stamp)
 				if n == 20 {
 					warm <- struct{}{}
 				}

@@ -18,6 +18,7 @@ import (
 	"github.com/clustersnap/clustersnap/exstore/cow"
 	"github.com/clustersnap/clustersnap/persistent"
 	"github.com/clustersnap/clustersnap/test/guest"
+	"github.com/clustersnap/clustersnap/volumes"
 )
 
 // mergeChunkSectors is the chunk size of the merge tests' COWs: 4 KiB, so
@@ -80,7 +81,10 @@ func (p mergePair) clone(t *testing.T, dir, prefix string) mergePair {
 // merged origins must equal the snapshot view the COW held, byte for byte,
 // and the two merges of one COW must leave the same COW image: every
 // metadata area zeroed, the header and data chunks as they were, with usage
-// allocated == metadata (2 chunks) as the kernel reports it.
+// allocated == metadata (2 chunks) as the kernel reports it. A third copy
+// of each is merged as snapd merges a served origin (volumes.Set.Merge, the
+// live merge, with no writes meanwhile): the same origin as the kernel's,
+// and the same COW but for the label, which records the merge as done.
 func TestDMSnapshotMerge(t *testing.T) {
 	r := guest.Setup(t, guest.Config{
 		Modules:  []string{"virtio_pci", "virtio_blk", "dm-snapshot"},
@@ -97,6 +101,8 @@ func TestDMSnapshotMerge(t *testing.T) {
 	kernelByUs := kernelWritten.clone(t, dir, "kernel-cow-our-merge")
 	engineByKernel := engineWritten.clone(t, dir, "our-cow-kernel-merge")
 	engineByUs := engineWritten.clone(t, dir, "our-cow-our-merge")
+	kernelLive := kernelWritten.clone(t, dir, "kernel-cow-live-merge")
+	engineLive := engineWritten.clone(t, dir, "our-cow-live-merge")
 
 	// The kernel merges one copy of each COW, in one guest.
 	script := guestPrelude + mergeWaitScript + fmt.Sprintf(`
@@ -122,16 +128,19 @@ merge ourcow /dev/vdc /dev/vdd
 	// Our merge of the other copies.
 	kernelCOWUsage := mergeOnHost(ctx, t, kernelByUs)
 	engineCOWUsage := mergeOnHost(ctx, t, engineByUs)
+	mergeLiveOnHost(ctx, t, kernelLive)
+	mergeLiveOnHost(ctx, t, engineLive)
 
 	for _, c := range []struct {
 		name           string
 		byKernel, byUs mergePair
+		live           mergePair
 		kernelKey      string
 		ourMergeUsage  exstore.Usage
 		written        mergePair
 	}{
-		{name: "kernel's COW", byKernel: kernelByKernel, byUs: kernelByUs, kernelKey: "kernelcow", ourMergeUsage: kernelCOWUsage, written: kernelWritten},
-		{name: "our COW", byKernel: engineByKernel, byUs: engineByUs, kernelKey: "ourcow", ourMergeUsage: engineCOWUsage, written: engineWritten},
+		{name: "kernel's COW", byKernel: kernelByKernel, byUs: kernelByUs, live: kernelLive, kernelKey: "kernelcow", ourMergeUsage: kernelCOWUsage, written: kernelWritten},
+		{name: "our COW", byKernel: engineByKernel, byUs: engineByUs, live: engineLive, kernelKey: "ourcow", ourMergeUsage: engineCOWUsage, written: engineWritten},
 	} {
 		kernelOrigin := readImage(t, c.byKernel.origin)
 		ourOrigin := readImage(t, c.byUs.origin)
@@ -149,7 +158,49 @@ merge ourcow /dev/vdc /dev/vdd
 		assertSameImage(t, kernelCOW, ourCOW, mergeChunkSectors, c.name+": COW merged by us vs by the kernel")
 		// Merging clears records only: the data chunks are as they were.
 		assertSameDataChunks(t, readImage(t, c.written.cow), ourCOW, c.name+": data chunks after our merge")
+
+		// snapd's live merge: the same origin, and the same COW but for
+		// its label, which says merged.
+		assertSameImage(t, kernelOrigin, readImage(t, c.live.origin), mergeChunkSectors, c.name+": origin merged live by snapd vs by the kernel")
+		assertMergedCOW(ctx, t, c.live.cow, kernelStatus, c.name+": COW merged live by snapd")
+		liveCOW := readImage(t, c.live.cow)
+		l, ok, err := persistent.DecodeLabel(liveCOW[persistent.LabelOffset:])
+		require.NoError(t, err, c.name)
+		require.True(t, ok, "%s: the live merge labels the COW", c.name)
+		assert.Equal(t, exstore.Merged, l.Merge, "%s: the label records the merge as done", c.name)
+		assert.Equal(t, int64(originSize), l.Origin.Size, "%s: the label names the origin", c.name)
+		assert.Equal(t, make([]byte, persistent.LabelSize), kernelCOW[persistent.LabelOffset:persistent.LabelOffset+persistent.LabelSize], "%s: the kernel's COW has no label", c.name)
+		clear(liveCOW[persistent.LabelOffset : persistent.LabelOffset+persistent.LabelSize])
+		assertSameImage(t, kernelCOW, liveCOW, mergeChunkSectors, c.name+": COW merged live by snapd (label cleared) vs by the kernel")
 	}
+}
+
+// mergeLiveOnHost merges the pair's snapshot into its origin as snapd
+// does while it serves the origin (volumes.Open, Set.Merge: merge mode,
+// recorded in the COW's label), with no writes meanwhile. The origin must
+// read as the snapshot view from the merge's start, and the COW be
+// refused by the next Open.
+func mergeLiveOnHost(ctx context.Context, t *testing.T, p mergePair) {
+	t.Helper()
+	config := volumes.Config{Origin: p.origin, Snapshots: []volumes.SnapshotSpec{{Name: "snap", COW: p.cow}}}
+	v, err := volumes.Open(ctx, config)
+	require.NoError(t, err)
+	s := v.Snapshots()[0]
+	require.NoError(t, v.Origin.StartMerge(ctx, s))
+	got := make([]byte, v.Origin.Size())
+	require.NoError(t, v.Origin.ReadAt(ctx, got, 0))
+	require.True(t, bytes.Equal(p.view, got), "the origin in merge mode reads as the snapshot")
+	var reports []cow.MergeProgress
+	require.NoError(t, v.Merge(ctx, s, func(p cow.MergeProgress) { reports = append(reports, p) }))
+	require.NotEmpty(t, reports, "merge progress")
+	last := reports[len(reports)-1]
+	assert.Equal(t, last.Total, last.Done, "the last progress report counts every exception")
+	require.NoError(t, v.Origin.ReadAt(ctx, got, 0))
+	require.True(t, bytes.Equal(p.view, got), "the origin after the live merge")
+	require.NoError(t, v.Close())
+	_, err = volumes.Open(ctx, config)
+	require.ErrorIs(t, err, volumes.ErrMergedCOW)
+	t.Logf("live merge of %s: %d exceptions in %d runs", p.cow, last.Total, len(reports))
 }
 
 // kernelWrittenCOW has the kernel take a snapshot (P, 4 KiB chunks) of a
