@@ -388,16 +388,14 @@ func (w *liveWriter) run(ctx context.Context, cl *clusterload.Client, h *cutchec
 	buf := make([]byte, liveRegionBytes)
 	for n, after := 1, 0; n <= 100000 && after < liveAfter; n++ {
 		r := rng.IntN(liveOriginBytes / liveRegionBytes)
-		stamp := h.Send(r)
-		cutcheck.Fill(buf, stamp)
-		rctx, cancel := context.WithTimeout(ctx, requestTimeout)
-		err := cl.Write(rctx, uint64(r*liveRegionBytes), buf)
-		cancel()
-		if err != nil {
+		if err := h.Write(r, buf, func(p []byte, off int64) error {
+			rctx, cancel := context.WithTimeout(ctx, requestTimeout)
+			defer cancel()
+			return cl.Write(rctx, uint64(off), p)
+		}); err != nil {
 			w.err = fmt.Errorf("region %d: %w", r, err)
 			return
 		}
-		h.Ack(stamp)
 		if n == liveWarm {
 			warmed()
 		}
