@@ -178,11 +178,13 @@ func (v *Set) record(snaps []*served) error {
 // currentSet is the snapshot set of the clustered snapshots served.
 func (v *Set) currentSet() (snapset.Set, error) {
 	var members []snapset.Snapshot
-	for _, s := range v.servedSnapshots() {
+	v.mu.Lock()
+	for _, s := range v.snaps {
 		if s.identity != nil {
 			members = append(members, snapset.Snapshot{Name: s.spec.Name, Identity: s.identity})
 		}
 	}
+	v.mu.Unlock()
 	return snapset.NewSet(members...)
 }
 
@@ -319,7 +321,13 @@ func (f follower) Quiesced(ctx context.Context) error { return f.v.Origin.Flush(
 // origin write of this node is in flight meanwhile.
 func (f follower) Adopt(ctx context.Context, val snapset.Value) (snapset.Set, error) {
 	v := f.v
+	if err := v.followMerges(ctx); err != nil {
+		return snapset.Set{}, err
+	}
 	if v.catalog == nil {
+		if set, err := v.currentSet(); err == nil && set.Matches(val) {
+			return set, nil // a merge step: nothing else to read
+		}
 		return snapset.Set{}, ErrNoCatalog
 	}
 	rec, ok, err := v.catalog.load()
@@ -369,4 +377,56 @@ func (f follower) Adopt(ctx context.Context, val snapset.Value) (snapset.Set, er
 		}
 	}
 	return v.currentSet()
+}
+
+// followMerges brings this node's merge mode in line with the COW labels
+// of the snapshots it serves, which the merging node changes under the
+// origin lock: a snapshot whose label says it merges is unexported and
+// the origin switched to merge mode with it; while it merges, its store
+// re-reads what the last step cleared (this node's cached lookups would
+// send writes to COW chunks already merged); once its label says merged,
+// this node ends its merge mode (nothing is left to merge) and drops it.
+// No origin change of this node runs meanwhile.
+func (v *Set) followMerges(ctx context.Context) error {
+	for _, s := range v.servedSnapshots() {
+		if s.clustered == nil {
+			continue
+		}
+		state, err := mergeStateOf(ctx, s.clustered.Core())
+		if err != nil {
+			return fmt.Errorf("snapshot %s: %w", s.spec.Name, err)
+		}
+		m, _, merging := v.Origin.Merging()
+		mine := merging && m == s.snap
+		switch {
+		case state == exstore.Merging && !mine && !v.breaks.noMergeMode:
+			if err := v.removeExport(ctx, s.spec.Name); err != nil {
+				return err
+			}
+			if err := v.Origin.StartMerge(ctx, s.snap); err != nil {
+				return fmt.Errorf("snapshot %s: follow its merge: %w", s.spec.Name, err)
+			}
+			if err := v.reidentify(ctx, s); err != nil {
+				return err
+			}
+		case state == exstore.Merging && mine && !v.breaks.noRefresh:
+			if err := s.snap.Store().Refresh(ctx); err != nil {
+				return fmt.Errorf("snapshot %s: re-read the merge's progress: %w", s.spec.Name, err)
+			}
+		case state == exstore.Merged && mine:
+			if err := s.snap.Store().Refresh(ctx); err != nil {
+				return fmt.Errorf("snapshot %s: re-read the merge's progress: %w", s.spec.Name, err)
+			}
+			if err := v.Origin.Merge(ctx, s.snap, nil); err != nil {
+				return fmt.Errorf("snapshot %s: end its merge: %w", s.spec.Name, err)
+			}
+			v.mu.Lock()
+			v.snaps = slices.DeleteFunc(slices.Clone(v.snaps), func(o *served) bool { return o == s })
+			v.mu.Unlock()
+			if err := s.close(); err != nil {
+				return fmt.Errorf("snapshot %s: merged, but: %w", s.spec.Name, err)
+			}
+		}
+	}
+	return nil
 }

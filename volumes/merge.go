@@ -15,12 +15,10 @@ import (
 // merged into its origin: it holds no view any more.
 var ErrMergedCOW = errors.New("merged into its origin; format it again to reuse")
 
-// ErrClusterMerge is wrapped by the refusals of a merge with a Cluster: the
-// other nodes would go on serving the origin device as it is, not as the
-// merge shows it, and their writes to the chunks the snapshot holds would
-// be lost. A merge runs without one (snapd merge), with every node
-// stopped.
-var ErrClusterMerge = errors.New("a merge cannot run while the origin is served by a cluster")
+// ErrClusterMerge is wrapped by Merge's refusal with a Cluster: there the
+// merge runs in steps under the origin lock, so that every node follows
+// it (StartMerge).
+var ErrClusterMerge = errors.New("a clustered origin merges in steps, one node at a time: use StartMerge")
 
 // mergeStateOf is the merge state of the COW whose store (a clustered
 // store's core) is st, from its label; NotMerging for a store without
@@ -89,7 +87,14 @@ func (v *Set) merger(s *served) cow.MergeMarker {
 // noteMerge gives s, just opened and added to the origin, its merge
 // marker, and reports whether its COW's label says it merges.
 func (v *Set) noteMerge(ctx context.Context, s *served, st exstore.Store) (bool, error) {
-	s.snap.SetMergeMarker(v.merger(s))
+	if v.member != nil || v.config.Cluster != nil {
+		// A node merges the snapshot of a cluster in steps, and records
+		// its end in the catalog itself (clusterMerger); every other
+		// node only follows.
+		s.snap.SetMergeMarker(mergeMarker(s.snap.Store(), s.clustered, v.origin))
+	} else {
+		s.snap.SetMergeMarker(v.merger(s))
+	}
 	core := st
 	if s.clustered != nil {
 		core = s.clustered.Core()
@@ -117,9 +122,6 @@ func (v *Set) resumeMerge(ctx context.Context, merging []*served) error {
 		return fmt.Errorf("snapshots %v: each COW says it merges into the origin: %w", names, cow.ErrMergeInProgress)
 	}
 	s := merging[0]
-	if v.config.Cluster != nil {
-		return fmt.Errorf("snapshot %s: its COW says it merges into the origin; finish the merge without --cluster-id first: %w", s.spec.Name, ErrClusterMerge)
-	}
 	if err := v.Origin.StartMerge(ctx, s.snap); err != nil {
 		return fmt.Errorf("snapshot %s: resume its merge: %w", s.spec.Name, err)
 	}

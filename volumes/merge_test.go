@@ -144,8 +144,14 @@ func TestMergeOpenRefusals(t *testing.T) {
 	}
 	_, err = Open(ctx, Config{Origin: f.origin, Snapshots: []SnapshotSpec{{Name: "a", COW: f.cow}, {Name: "b", COW: second}}})
 	require.ErrorIs(t, err, cow.ErrMergeInProgress)
-	_, err = Open(ctx, Config{Origin: f.origin, Snapshots: []SnapshotSpec{{Name: "a", COW: f.cow}}, Cluster: &Cluster{ID: "c1", Engine: inproc.New()}})
-	require.ErrorIs(t, err, ErrClusterMerge, "a clustered serve of a merging COW")
+	// A clustered serve of a merging COW follows the merge: merge mode,
+	// no merge run (one node runs it, when told).
+	cv, err := Open(ctx, Config{Origin: f.origin, Snapshots: []SnapshotSpec{{Name: "a", COW: f.cow}}, Cluster: &Cluster{ID: "c1", Engine: inproc.New()}})
+	require.NoError(t, err)
+	m, _, ok := cv.Merging()
+	require.True(t, ok, "a clustered serve of a merging COW is in merge mode")
+	assert.Equal(t, "a", m.Name())
+	require.NoError(t, cv.Close())
 
 	small := filepath.Join(t.TempDir(), "small")
 	require.NoError(t, os.WriteFile(small, make([]byte, originSize/2), 0o600))
@@ -156,7 +162,7 @@ func TestMergeOpenRefusals(t *testing.T) {
 	g := newFixture(t)
 	v := open(t, Config{Origin: g.origin, Snapshots: []SnapshotSpec{{Name: "a", COW: g.cow}}, Cluster: &Cluster{ID: "c1", Engine: inproc.New()}})
 	require.ErrorIs(t, v.Merge(ctx, v.Snapshots()[0], nil), ErrClusterMerge)
-	_, _, ok := v.Merging()
+	_, _, ok = v.Merging()
 	assert.False(t, ok)
 	assert.Equal(t, exstore.NotMerging, cowLabel(t, g.cow).Merge)
 }

@@ -78,6 +78,12 @@ type Set struct {
 	defaultExport string
 	// merge is the background merge running or run last (StartMerge).
 	merge *mergeJob
+	// breaks, set only by tests that must catch them, break how this node
+	// follows another's merge.
+	breaks struct{ noMergeMode, noRefresh bool }
+	// mergeStep is what one step of a clustered merge merges, at most:
+	// ClusterMergeStep (tests make it smaller).
+	mergeStep int64
 
 	catalog *catalog        // nil without Config.Catalog
 	member  *snapset.Member // the origin's snapshot set, nil when not clustered
@@ -175,7 +181,7 @@ func Open(ctx context.Context, c Config) (*Set, error) {
 	if err := c.check(reg); err != nil {
 		return nil, &ConfigError{err}
 	}
-	v := &Set{config: c, reg: reg, lost: make(chan struct{})}
+	v := &Set{config: c, reg: reg, lost: make(chan struct{}), mergeStep: ClusterMergeStep}
 	fail := func(err error) (*Set, error) {
 		v.Close()
 		return nil, err
@@ -328,7 +334,13 @@ func snapshotIdentity(ctx context.Context, spec SnapshotSpec, core exstore.Store
 			return nil, err
 		}
 		if !l.UUID.IsZero() {
-			return fmt.Appendf(nil, "name=%s cow=%s", spec.Name, l.UUID), nil
+			id := fmt.Appendf(nil, "name=%s cow=%s", spec.Name, l.UUID)
+			if l.Merge == exstore.Merging {
+				// A node that serves it as a snapshot, not merging, must
+				// not join: it would write the chunks the merge holds.
+				id = append(id, " merging"...)
+			}
+			return id, nil
 		}
 	}
 	u := core.Usage()

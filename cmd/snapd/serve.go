@@ -229,13 +229,17 @@ func serveVolumes(ctx context.Context, v *volumes.Set, cfg serveConfig, stdout, 
 		}
 		defer func() { stopSide(); _ = waitControl() }()
 	}
-	if m, p, ok := v.Merging(); ok {
+	if m, p, ok := v.Merging(); ok && v.Status().Cluster == nil {
 		// The origin is in merge mode since Open (a merge was under way
 		// when snapd stopped): finish it while serving.
 		if _, err := v.StartMerge(ctx, ""); err != nil {
 			return err
 		}
 		fmt.Fprintf(stderr, "resuming the merge of snapshot %s into the origin (%s of %s exceptions merged)\n", m.Name(), humanize.Comma(int64(p.Done)), humanize.Comma(int64(p.Total)))
+	} else if ok {
+		// In a cluster one node runs the merge; the operator picks it.
+		fmt.Fprintf(stderr, "the origin is in merge mode with snapshot %s (%s of %s exceptions merged); to finish the merge, run on one node: snapd merge --control PATH --snapshot %s\n",
+			m.Name(), humanize.Comma(int64(p.Done)), humanize.Comma(int64(p.Total)), m.Name())
 	}
 	if c := v.Status().Cluster; c != nil {
 		fmt.Fprintf(stderr, "cluster %s: node %d, lock engine %s, lockspace %s\n", c.ID, c.NodeID, c.Engine, c.Lockspace)
