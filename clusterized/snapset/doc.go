@@ -53,19 +53,22 @@
 //
 // # Changing the set
 //
-// Member.Change publishes a new set as the next generation: it drains its
+// Member.Update publishes a new set as the next generation: it drains its
 // own gate, converts to EX through NL, checks that the cluster still
 // publishes the value it last read (another change first fails it with
-// ErrSetChanged), lets the caller adopt the new set while no node writes
-// the origin, publishes, and comes back to PR. Members whose set is not
-// the new one stop as above; a member adopts a new set only through its
-// own Change.
+// ErrSetChanged), has the caller compute the next set from the one it
+// serves and take it on while no node writes the origin, publishes it, and
+// comes back to PR (Change is Update with the next set given). Members
+// whose set is not the new one stop as above, or adopt it if they follow
+// (JoinFollowing); publishing the same set again makes the followers
+// catch up with what its snapshots hold (a merge step).
 //
 // # Locking
 //
 // One goroutine per member (started by Join, ended by Close) answers
 // blocking notifications. The lock runs one operation at a time: the
-// manager, Change and Close take turns under Member.opMu. Admissions on
+// manager (and a follower's Adopt, which it runs), Update and Close take
+// turns under Member.opMu. Admissions on
 // the slow path and the closing of the gate are ordered by Member.mu; the
 // fast path is ordered with a drain by sequentially consistent atomics (a
 // change counts itself, then re-reads the state; a drain closes the state,

@@ -42,6 +42,12 @@
 // every node, and it is a cut of the logged writes (internal/cutcheck).
 // A delete on node 2 then takes it off every node.
 //
+// TestEtcdClusterLiveMerge merges a snapshot back into the origin with
+// 'snapd merge --control' on node 1 while NBD clients write the origin
+// through nodes 2 and 3, each to its own regions: every node then reads
+// the snapshot's content with each region's last acknowledged write on
+// top, and serves the snapshot no more.
+//
 // snapd is built once per test binary (TestMain). TMPDIR must be on a file
 // system that takes O_DIRECT (not tmpfs); the test fails saying so
 // otherwise.

@@ -1,0 +1,146 @@
+package etcdcluster
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/clustersnap/clustersnap/lockc/etcd/etcdtest"
+	"github.com/clustersnap/clustersnap/test/clusterload"
+	"github.com/clustersnap/clustersnap/volumes"
+)
+
+// TestEtcdClusterLiveMerge: three snapd processes serve one origin; a
+// snapshot taken on node 1 is merged back into the origin with 'snapd
+// merge --control' on node 1 while NBD clients write the origin through
+// nodes 2 and 3, each to its own regions. Afterwards nbdcopy reads, through
+// every node, the snapshot's content with each region's last acknowledged
+// write on top, and no node serves the snapshot any more.
+func TestEtcdClusterLiveMerge(t *testing.T) {
+	nbdcopy, err := exec.LookPath("nbdcopy")
+	if err != nil {
+		t.Skip("nbdcopy not found: apt-get install libnbd-bin")
+	}
+	const size, chunk, regionBytes = 4 << 20, clusterload.ChunkBytes, clusterload.ChunkBytes
+	ctx, cancel := context.WithTimeout(t.Context(), 3*time.Minute)
+	defer cancel()
+	dir := t.TempDir()
+	origin, cat := filepath.Join(dir, "origin.img"), filepath.Join(dir, "catalog")
+	snapContent := make([]byte, size)
+	rng := rand.New(rand.NewPCG(13, 13))
+	for i := range snapContent {
+		snapContent[i] = byte(rng.Uint32())
+	}
+	require.NoError(t, os.WriteFile(origin, snapContent, 0o600))
+	requireDirect(t, origin)
+	etcd := etcdtest.Start(t, 1)
+	logFile := nodesLog(t, dir)
+	ns := make([]*node, nodes+1)
+	for i := 1; i <= nodes; i++ {
+		sock, ctl := filepath.Join(dir, fmt.Sprintf("node-%d.nbd", i)), filepath.Join(dir, fmt.Sprintf("node-%d.ctl", i))
+		ns[i] = &node{id: i, snapd: snapdBinary, sock: sock, ctl: ctl, log: logFile, args: []string{"serve",
+			"--origin", origin, "--catalog", cat,
+			"--cluster-id", "c1", "--lock", "etcd", "--etcd-endpoints", etcd.Endpoint(0), "--etcd-lease-ttl", leaseTTL.String(),
+			"--listen", "", "--socket", sock, "--control", ctl, "--stats-interval", "0"}}
+		require.NoError(t, ns[i].start())
+	}
+	defer func() {
+		for i := 1; i <= nodes; i++ {
+			select {
+			case <-ns[i].exited:
+			default:
+				ns[i].kill()
+			}
+		}
+	}()
+	for i := 1; i <= nodes; i++ {
+		require.NoError(t, ns[i].waitServing(ctx))
+	}
+	snapd := func(args ...string) string {
+		t.Helper()
+		out, err := exec.CommandContext(ctx, snapdBinary, args...).CombinedOutput()
+		require.NoError(t, err, "snapd %v: %s", args, out)
+		return string(out)
+	}
+	snapd("snapshot", "create", "--control", ns[1].ctl, "--name", "s", "--cow", filepath.Join(dir, "s.cow"), "--cow-size", "16MiB")
+	// Every other chunk changes, through every node: the snapshot holds
+	// many runs of one exception.
+	dial := func(i int) *clusterload.Client {
+		c, err := clusterload.Dial(ctx, "unix", ns[i].sock, volumes.OriginExport)
+		require.NoError(t, err)
+		return c
+	}
+	clients := []*clusterload.Client{nil, dial(1), dial(2), dial(3)}
+	for c := 0; c < size/chunk; c += 2 {
+		require.NoError(t, clients[1+c/2%3].Write(ctx, uint64(c*chunk), bytes.Repeat([]byte{0x5a}, chunk)))
+	}
+
+	// From its start on, the origin reads as the snapshot on every node;
+	// the writes below land on that.
+	snapd("merge", "--control", ns[1].ctl, "--snapshot", "s", "--no-wait")
+	want := bytes.Clone(snapContent)
+	var wantMu sync.Mutex
+	var stop atomic.Bool
+	var acked atomic.Int64
+	var wg sync.WaitGroup
+	for _, i := range []int{2, 3} {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			rng := rand.New(rand.NewPCG(17, uint64(i)))
+			buf := make([]byte, regionBytes)
+			for k := 0; k < 100000 && (!stop.Load() || k <= 20); k++ {
+				r := rng.IntN(size/regionBytes/2)*2 + i - 2 // node 2 the even regions, node 3 the odd
+				for j := range buf {
+					buf[j] = byte(rng.Uint32())
+				}
+				if err := clients[i].Write(ctx, uint64(r*regionBytes), buf); err != nil {
+					t.Errorf("node %d: write: %v", i, err)
+					return
+				}
+				wantMu.Lock()
+				copy(want[r*regionBytes:], buf)
+				wantMu.Unlock()
+				acked.Add(1)
+			}
+		}()
+	}
+	out := snapd("merge", "--control", ns[1].ctl, "--snapshot", "s") // waits for the merge under way
+	during := acked.Load()
+	stop.Store(true)
+	wg.Wait()
+	t.Logf("%s%d writes acknowledged through nodes 2 and 3 while the merge ran", out, during)
+	assert.Contains(t, out, "merged snapshot s")
+	assert.Positive(t, during)
+
+	for i := 1; i <= nodes; i++ {
+		// A write passes a node's gate once it followed the merge's end.
+		require.NoError(t, clients[i].Write(ctx, 0, want[:chunk]))
+		img := filepath.Join(dir, fmt.Sprintf("origin-%d.img", i))
+		out, err := exec.CommandContext(ctx, nbdcopy, "nbd+unix:///origin?socket="+ns[i].sock, img).CombinedOutput()
+		require.NoError(t, err, "nbdcopy from node %d: %s", i, out)
+		got, err := os.ReadFile(img)
+		require.NoError(t, err)
+		assert.True(t, bytes.Equal(got, want), "node %d: the origin is not the snapshot with the writes on top", i)
+		var snaps []volumes.SnapshotStatus
+		list := snapd("snapshot", "list", "--control", ns[i].ctl, "--json")
+		require.NoError(t, json.Unmarshal([]byte(list), &snaps))
+		assert.Empty(t, snaps, "node %d", i)
+		clients[i].Close()
+	}
+	for i := 1; i <= nodes; i++ {
+		assert.NoError(t, ns[i].stop(ctx), "node %d", i)
+	}
+}
