@@ -81,8 +81,13 @@
 // label, and drops it from the Set. A COW whose label says it was merged
 // (exstore.Merged) is refused (ErrMergedCOW) until it is formatted again.
 // With a Cluster both are refused (ErrClusterMerge): the other nodes would
-// serve the origin device as it is, not in merge mode. While the origin
-// merges it offers no dirty bitmap: it reads the merging snapshot's view.
+// serve the origin device as it is, not in merge mode. Set.StartMerge
+// merges a clustered origin while every node serves it: the node that runs
+// it merges in steps of at most Config.MergeStep (ClusterMergeStep by
+// default), each under the origin lock in EX, and the other nodes follow
+// the COW's label (merge mode, what each step merged, the end). While the
+// origin merges it offers no dirty bitmap: it reads the merging snapshot's
+// view.
 //
 // Every export of a Set shares one engine whose Flush syncs every device a
 // write may have reached, so a flush on one connection covers the writes

@@ -51,7 +51,11 @@ func mergeAcrossNodes(t *testing.T, brk func(*Set)) []string {
 	f := newFixture(t)
 	cat := filepath.Join(t.TempDir(), "catalog")
 	engines := inproc.NewCluster()
-	nodes := []*Set{clusterNode(t, engines, 1, f, cat), clusterNode(t, engines, 2, f, cat), clusterNode(t, engines, 3, f, cat)}
+	// Node 1 merges in steps of four chunks: many steps, with writes
+	// between them.
+	c := Config{Origin: f.origin, Snapshots: []SnapshotSpec{{Name: "boot", COW: f.cow}}, Catalog: cat, MergeStep: 4 * chunk}
+	c.Cluster = &Cluster{ID: "c1", Engine: engines.Node(1), EngineName: "local", Shared: true}
+	nodes := []*Set{open(t, c), clusterNode(t, engines, 2, f, cat), clusterNode(t, engines, 3, f, cat)}
 	for _, n := range nodes[1:] {
 		brk(n)
 	}
@@ -74,7 +78,6 @@ func mergeAcrossNodes(t *testing.T, brk func(*Set)) []string {
 	// The merge starts: from then on every node's origin reads as the
 	// snapshot, and the writes below land on it, whether their chunk is
 	// merged yet or not.
-	nodes[0].mergeStep = 4 * chunk // many steps, with writes between them
 	_, err = nodes[0].StartMerge(ctx, "s")
 	require.NoError(t, err)
 	want := bytes.Clone(snapContent)

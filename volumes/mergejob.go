@@ -116,11 +116,12 @@ func (v *Set) StartMerge(ctx context.Context, name string) (MergeJobStatus, erro
 	return v.MergeJob(), nil
 }
 
-// ClusterMergeStep bounds what one step of a clustered merge merges: the
-// cluster's origin writes wait while a step runs.
+// ClusterMergeStep bounds what one step of a clustered merge merges unless
+// Config.MergeStep says otherwise: the cluster's origin writes wait while
+// a step runs.
 const ClusterMergeStep = 8 << 20
 
-// clusterMerge merges s in steps of ClusterMergeStep, each under the
+// clusterMerge merges s in steps of Config.MergeStep, each under the
 // origin lock in EX (Member.Update) while every other node's origin writes
 // wait; each step publishes the set again, so that the other nodes re-read
 // what s still holds before they write (follower.Adopt). The last step

@@ -44,6 +44,10 @@ type Config struct {
 	// A clustered origin needs one, on shared storage, to change its
 	// snapshots live.
 	Catalog string
+	// MergeStep, with a Cluster, bounds what one step of a live merge run
+	// on this node merges (StartMerge): the other nodes' origin writes
+	// wait while a step runs. 0 means ClusterMergeStep.
+	MergeStep int64
 }
 
 // ConfigError is an Open refusal of the Config itself, before any device
@@ -81,8 +85,8 @@ type Set struct {
 	// breaks, set only by tests that must catch them, break how this node
 	// follows another's merge.
 	breaks struct{ noMergeMode, noRefresh bool }
-	// mergeStep is what one step of a clustered merge merges, at most:
-	// ClusterMergeStep (tests make it smaller).
+	// mergeStep is what one step of a clustered merge merges, at most
+	// (Config.MergeStep).
 	mergeStep int64
 
 	catalog *catalog        // nil without Config.Catalog
@@ -148,6 +152,12 @@ func (c Config) check(reg *exstore.Registry) error {
 	if len(c.OriginID) > persistent.MaxLabelOriginID || !utf8.ValidString(c.OriginID) {
 		return fmt.Errorf("origin id %q: want at most %d bytes of UTF-8", c.OriginID, persistent.MaxLabelOriginID)
 	}
+	switch {
+	case c.MergeStep < 0:
+		return fmt.Errorf("merge step %d: want a positive size", c.MergeStep)
+	case c.MergeStep > 0 && c.Cluster == nil:
+		return errors.New("merge step: only with a cluster (a merge on one node runs in one go)")
+	}
 	seen := map[string]bool{OriginExport: true}
 	for _, s := range c.Snapshots {
 		if seen[s.Name] {
@@ -182,6 +192,9 @@ func Open(ctx context.Context, c Config) (*Set, error) {
 		return nil, &ConfigError{err}
 	}
 	v := &Set{config: c, reg: reg, lost: make(chan struct{}), mergeStep: ClusterMergeStep}
+	if c.MergeStep > 0 {
+		v.mergeStep = c.MergeStep
+	}
 	fail := func(err error) (*Set, error) {
 		v.Close()
 		return nil, err

@@ -93,6 +93,8 @@ func TestOpenRefusals(t *testing.T) {
 		{"transient clustered", Config{Origin: f.origin, Snapshots: []SnapshotSpec{{Name: "snap", COW: f.blank, Type: "N", ChunkSectors: 8}}, Cluster: cluster}, "transient store cannot be clustered", true},
 		{"name twice", Config{Origin: f.origin, Snapshots: []SnapshotSpec{{Name: "snap", COW: f.cow}, {Name: "snap", COW: f.blank}}}, "name is taken", true},
 		{"origin's name", Config{Origin: f.origin, Snapshots: []SnapshotSpec{{Name: OriginExport, COW: f.cow}}}, "name is taken", true},
+		{"merge step without a cluster", Config{Origin: f.origin, Snapshots: []SnapshotSpec{{Name: "snap", COW: f.cow}}, MergeStep: 1 << 20}, "only with a cluster", true},
+		{"negative merge step", Config{Origin: f.origin, Snapshots: []SnapshotSpec{{Name: "snap", COW: f.cow}}, Cluster: cluster, MergeStep: -1}, "want a positive size", true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := Open(context.Background(), tc.config)

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"net"
 	"net/url"
 	"os"
@@ -161,6 +162,8 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	controlPath := flags.String("control", "", "serve the management protocol on this unix socket (mode 0600): snapd status --control PATH reports the running server, snapd snapshot create|delete|list --control PATH change its snapshots live")
 	catalog := flags.String("catalog", "", "the origin's snapshot catalog (created as a 128 KiB file if missing): live snapshot changes are recorded there, and a restarted server serves what it lists; "+
 		"with --cluster-id, every node names the same catalog on shared storage, and live changes need it")
+	mergeStep := flags.String("merge-step", "", fmt.Sprintf("with --cluster-id: a live merge run on this node (snapd merge --control) merges at most this much per step, e.g. 1MiB (default %s); "+
+		"every node's origin writes wait while a step runs, so a smaller step holds them for less time and the merge takes longer", humanize.IBytes(volumes.ClusterMergeStep)))
 	statsInterval := flags.Duration("stats-interval", 10*time.Minute, "with --cluster-id, log the lock and metadata counters this often (and at exit); 0 logs them only at exit")
 	if err := parse(flags, args); err != nil {
 		return err
@@ -191,7 +194,13 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		}
 		cfg.tlsMode = mode
 	}
-	v, err := openVolumes(ctx, volumes.Config{Origin: *origin, Snapshots: specs, Direct: *direct, Cluster: cluster, OriginID: *originID, Catalog: *catalog})
+	var step uint64
+	if given["merge-step"] {
+		if step, err = humanize.ParseBytes(*mergeStep); err != nil || step == 0 || step > math.MaxInt64 {
+			return usagef("--merge-step %q: want a positive size, e.g. 1MiB", *mergeStep)
+		}
+	}
+	v, err := openVolumes(ctx, volumes.Config{Origin: *origin, Snapshots: specs, Direct: *direct, Cluster: cluster, OriginID: *originID, Catalog: *catalog, MergeStep: int64(step)})
 	if err != nil {
 		return err
 	}
