@@ -57,11 +57,13 @@ const (
 // it, if the word is one of its own (liveOps), and then prints a result
 // line (liveMarker).
 const (
-	liveCreate = "create" // node 1: snapd snapshot create
-	liveDelete = "delete" // node 2: snapd snapshot delete
-	liveList   = "list"   // every node: snapd snapshot list --json
-	liveStop   = "stop"   // every node: SIGTERM to snapd, and its exit status
-	liveOff    = "off"    // every node: the script ends, the guest powers off
+	liveCreate     = "create"     // node 1: snapd snapshot create
+	liveDelete     = "delete"     // node 2: snapd snapshot delete
+	liveMergeStart = "merge"      // node 1: snapd merge --no-wait of the live snapshot
+	liveMergeWait  = "merge-wait" // node 1: snapd merge of the live snapshot, waiting for its end
+	liveList       = "list"       // every node: snapd snapshot list --json
+	liveStop       = "stop"       // every node: SIGTERM to snapd, and its exit status
+	liveOff        = "off"        // every node: the script ends, the guest powers off
 )
 
 // liveOps are the commands guest i runs for the control words it acts on
@@ -71,6 +73,8 @@ func liveOps(i int) map[string]string {
 	switch i {
 	case 1:
 		ops[liveCreate] = fmt.Sprintf("snapd snapshot create --control /run/snapd.ctl --name %s --cow %s", liveSnapshot, liveCOWDisk)
+		ops[liveMergeStart] = "snapd merge --control /run/snapd.ctl --json --no-wait --snapshot " + liveSnapshot
+		ops[liveMergeWait] = "snapd merge --control /run/snapd.ctl --json --snapshot " + liveSnapshot
 	case 2:
 		ops[liveDelete] = "snapd snapshot delete --control /run/snapd.ctl " + liveSnapshot
 	}
@@ -102,10 +106,16 @@ func liveResult(console, word string, i int) (out string, rc int, ok bool) {
 	return strings.TrimSpace(line[:j]), rc, true
 }
 
-// liveScript runs on guest i: it serves as serveScript does, with the
-// catalog, and then acts on the control words until liveOff. Nothing
-// announces a new word, so it polls the control disk (bounded).
-func liveScript(i int) string {
+// liveScript returns the script of guest i: it serves as serveScript
+// does, with the catalog and flags added to snapd serve's, and then acts
+// on the control words until liveOff. Nothing announces a new word, so it
+// polls the control disk (bounded).
+func liveScript(flags string) func(i int) string {
+	return func(i int) string { return liveScriptWith(i, flags) }
+}
+
+// liveScriptWith is the script of liveScript(flags) for guest i.
+func liveScriptWith(i int, flags string) string {
 	before := `t=0
 until [ -b /dev/vdc ] && [ -b ` + liveCatalogDisk + ` ] && [ -b ` + liveCOWDisk + ` ]; do
 	t=$((t + 1)); [ $t -le 300 ] || { echo "the control, catalog and COW disks did not appear"; exit 1; }
@@ -136,7 +146,7 @@ while :; do
 	sleep 0.2
 done
 `, cases.String(), liveStop, liveMarker(liveStop, i), liveOff)
-	return serveScriptWith(i, " --catalog "+liveCatalogDisk, before, then)
+	return serveScriptWith(i, " --catalog "+liveCatalogDisk+flags, before, then)
 }
 
 // TestClusterLiveSnapshot: three guests serve one origin and its snapshot
@@ -165,76 +175,13 @@ done
 // margin may show or not, which cutcheck allows for writes in flight; it
 // never narrows what the snapshot must hold.
 func TestClusterLiveSnapshot(t *testing.T) {
-	nbdcopy, err := exec.LookPath("nbdcopy")
-	if err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatalf("nbdcopy not found: apt-get install libnbd-bin")
-		}
-		t.Skip("nbdcopy not found: apt-get install libnbd-bin")
-	}
+	nbdcopy := lookNbdcopy(t)
 	r := clusterInitramfs(t)
 	ctx, cancel := context.WithTimeout(t.Context(), 8*time.Minute)
 	defer cancel()
-
-	dir := t.TempDir()
-	origin, snapCOW := filepath.Join(dir, "origin.img"), filepath.Join(dir, "snap.cow")
-	control, catalog, liveCOW := filepath.Join(dir, "control.img"), filepath.Join(dir, "catalog.img"), filepath.Join(dir, "live.cow")
 	// The origin's regions before any write: stamp 0, all zero.
-	for path, size := range map[string]int{origin: liveOriginBytes, control: 1 << 20, catalog: liveCatalog, liveCOW: liveCOWBytes} {
-		require.NoError(t, os.WriteFile(path, make([]byte, size), 0o600))
-	}
-	require.NoError(t, blockdev.Create(snapCOW, liveSnapCOW))
-	clusterload.FormatCOW(t, snapCOW, clusterload.ChunkBytes)
-
-	ports := make([]int, nodes+1)
-	addrs := make([]string, nodes+1)
-	for i := 1; i <= nodes; i++ {
-		ports[i] = freePort(t)
-		addrs[i] = fmt.Sprintf("127.0.0.1:%d", ports[i])
-	}
-	start := time.Now()
-	c, err := guest.StartDLMCluster(ctx, r, guest.DLMClusterOptions{
-		Nodes:     nodes,
-		MemoryMiB: 768,
-		QEMUArgs: func(i int) []string {
-			return append(sharedDisks(origin, snapCOW, control, catalog, liveCOW), forwardArgs(i, ports[i])...)
-		},
-		Script:  liveScript,
-		Console: consoleFiles(t),
-	})
-	require.NoError(t, err)
-	t.Cleanup(c.Close)
-	fail := func(format string, args ...any) {
-		t.Helper()
-		for i := 1; i <= nodes; i++ {
-			t.Logf("node %d console tail:\n%s", i, consoleTail(c.Machine(i).Console(), 40))
-		}
-		t.Fatalf(format, args...)
-	}
-	for i := 1; i <= nodes; i++ {
-		if err := c.Machine(i).WaitConsole(ctx, servingMarker(i)); err != nil {
-			fail("node %d: %v", i, err)
-		}
-	}
-	t.Logf("three snapd nodes serving after %v", time.Since(start).Round(time.Second))
-	// do writes word to the control disk and waits for the result line of
-	// each node in who; it returns their outputs by node.
-	do := func(word string, who ...int) map[int]string {
-		t.Helper()
-		setControl(t, control, word)
-		outs := map[int]string{}
-		for _, i := range who {
-			if err := c.Machine(i).WaitConsole(ctx, liveMarker(word, i)); err != nil {
-				fail("node %d: %s: %v", i, word, err)
-			}
-			out, rc, ok := liveResult(c.Machine(i).Console(), word, i)
-			if !ok || rc != 0 {
-				fail("node %d: %s: exit status %d (result line well-formed: %v): %s", i, word, rc, ok, out)
-			}
-			outs[i] = out
-		}
-		return outs
-	}
+	zero := make([]byte, liveOriginBytes)
+	lc := startLiveCluster(ctx, t, r, nbdcopy, zero, "")
 
 	// The writers: nodes 2 and 3 write random regions of the origin until
 	// each has acknowledged liveAfter writes since the cut ended.
@@ -242,7 +189,7 @@ func TestClusterLiveSnapshot(t *testing.T) {
 	cut := &liveCut{}
 	writers := map[int]*liveWriter{}
 	for _, i := range []int{2, 3} {
-		cl, err := clusterload.Dial(ctx, "tcp", addrs[i], volumes.OriginExport)
+		cl, err := clusterload.Dial(ctx, "tcp", lc.addrs[i], volumes.OriginExport)
 		require.NoError(t, err, "node %d", i)
 		w := &liveWriter{warm: make(chan struct{}), done: make(chan struct{})}
 		writers[i] = w
@@ -256,12 +203,12 @@ func TestClusterLiveSnapshot(t *testing.T) {
 			select {
 			case <-ch(w):
 			case <-ctx.Done():
-				fail("node %d's writer: %v", i, ctx.Err())
+				lc.fail("node %d's writer: %v", i, ctx.Err())
 			}
 			select {
 			case <-w.done:
 				if w.err != nil {
-					fail("node %d: origin write: %v", i, w.err)
+					lc.fail("node %d: origin write: %v", i, w.err)
 				}
 			default:
 			}
@@ -272,7 +219,7 @@ func TestClusterLiveSnapshot(t *testing.T) {
 	h.CutBegins()
 	cut.begun.Store(true)
 	began := time.Now()
-	out := do(liveCreate, 1)[1]
+	out := lc.do(liveCreate, 1)[1]
 	h.CutEnds()
 	cut.done.Store(true)
 	t.Logf("node 1 created the snapshot in %v as the host saw it, while nodes 2 and 3 acknowledged %d writes: %s",
@@ -283,20 +230,9 @@ func TestClusterLiveSnapshot(t *testing.T) {
 
 	// The new snapshot through every node: the same image, a cut; and
 	// "snap", the original origin.
-	read := func(i int, export string) []byte {
-		t.Helper()
-		img := filepath.Join(dir, fmt.Sprintf("%s-%d.img", export, i))
-		out, err := exec.CommandContext(ctx, nbdcopy, fmt.Sprintf("nbd://%s/%s", addrs[i], export), img).CombinedOutput()
-		require.NoError(t, err, "nbdcopy of %s from node %d: %s", export, i, out)
-		got, err := os.ReadFile(img)
-		require.NoError(t, err)
-		require.Len(t, got, liveOriginBytes, "%s through node %d", export, i)
-		return got
-	}
-	zero := make([]byte, liveOriginBytes)
 	var first []byte
 	for i := 1; i <= nodes; i++ {
-		got := read(i, liveSnapshot)
+		got := lc.read(i, liveSnapshot)
 		if first == nil {
 			first = got
 			assert.Empty(t, h.Check(got, 10), "the snapshot is not a cut of the logged writes")
@@ -310,49 +246,22 @@ func TestClusterLiveSnapshot(t *testing.T) {
 		} else {
 			assert.True(t, bytes.Equal(first, got), "node %d reads the snapshot otherwise than node 1", i)
 		}
-		assert.True(t, bytes.Equal(zero, read(i, clusterload.SnapshotExport)), "node %d: snap is no longer the original origin", i)
+		assert.True(t, bytes.Equal(zero, lc.read(i, clusterload.SnapshotExport)), "node %d: snap is no longer the original origin", i)
 	}
 
 	// The delete on node 2; every node takes it on before its next origin
 	// write.
-	do(liveDelete, 2)
+	lc.do(liveDelete, 2)
 	for i := 1; i <= nodes; i++ {
-		cl, err := clusterload.Dial(ctx, "tcp", addrs[i], volumes.OriginExport)
-		require.NoError(t, err, "node %d", i)
-		rctx, cancel := context.WithTimeout(ctx, requestTimeout)
-		require.NoError(t, cl.Write(rctx, 0, make([]byte, liveRegionBytes)), "node %d: origin write after the delete", i)
-		cancel()
-		require.NoError(t, cl.Close())
+		lc.write(i, 0, make([]byte, liveRegionBytes))
 	}
-	for i, out := range do(liveList, 1, 2, 3) {
-		var snaps []volumes.SnapshotStatus
-		require.NoError(t, json.Unmarshal([]byte(out), &snaps), "node %d: snapshot list: %s", i, out)
-		var names []string
-		for _, s := range snaps {
-			names = append(names, s.Name)
-		}
-		assert.Equal(t, []string{clusterload.SnapshotExport}, names, "node %d serves these snapshots after the delete", i)
-		if cl, err := clusterload.Dial(ctx, "tcp", addrs[i], liveSnapshot); err == nil {
-			cl.Close()
-			t.Errorf("node %d still serves the deleted snapshot's export", i)
-		}
-	}
-
-	// Every snapd exits 0 on SIGTERM while the others still run; then
-	// every guest's script ends with status 0.
-	do(liveStop, 1, 2, 3)
-	setControl(t, control, liveOff)
-	for i := 1; i <= nodes; i++ {
-		res, err := c.Machine(i).Wait(ctx)
-		require.NoError(t, err, "node %d", i)
-		assert.Equal(t, 0, res.Status, "node %d's script:\n%s", i, consoleTail(res.Console, 30))
-	}
-	t.Logf("guests stopped after %v", time.Since(start).Round(time.Second))
+	lc.checkOnlySnap()
+	lc.stop()
 
 	// The images: the deleted snapshot's COW is marked invalid, and
 	// "snap"'s COW is clean and holds the original origin.
 	head := make([]byte, persistent.HeaderSize)
-	f, err := os.Open(liveCOW)
+	f, err := os.Open(lc.liveCOW)
 	require.NoError(t, err)
 	_, err = f.ReadAt(head, 0)
 	f.Close()
@@ -360,8 +269,171 @@ func TestClusterLiveSnapshot(t *testing.T) {
 	hdr := persistent.DecodeHeader(head)
 	assert.Equal(t, persistent.Magic, hdr.Magic, "the live snapshot's COW header")
 	assert.Zero(t, hdr.Valid, "the deleted snapshot's COW is not marked invalid")
-	_, view, _ := clusterload.FinalImages(ctx, t, origin, snapCOW)
+	_, view, _ := clusterload.FinalImages(ctx, t, lc.origin, lc.snapCOW)
 	assert.True(t, bytes.Equal(zero, view), "snap's COW does not hold the original origin")
+}
+
+// lookNbdcopy is the path of nbdcopy; the test is skipped without it,
+// and fails on CI.
+func lookNbdcopy(t *testing.T) string {
+	t.Helper()
+	nbdcopy, err := exec.LookPath("nbdcopy")
+	if err != nil {
+		if os.Getenv("CI") == "true" {
+			t.Fatalf("nbdcopy not found: apt-get install libnbd-bin")
+		}
+		t.Skip("nbdcopy not found: apt-get install libnbd-bin")
+	}
+	return nbdcopy
+}
+
+// liveCluster is three guests running liveScript over the images of a
+// live test, and the host's side of the control words.
+type liveCluster struct {
+	t       *testing.T
+	ctx     context.Context
+	c       *guest.DLMCluster
+	nbdcopy string
+	dir     string
+	start   time.Time
+	// The images: the origin (/dev/vda), the COW of "snap" (/dev/vdb),
+	// the control disk (/dev/vdc), the blank disk of the live snapshot's
+	// COW (/dev/vde); the catalog (/dev/vdd) is the guests' only.
+	origin, snapCOW, control, liveCOW string
+	addrs                             []string // each node's NBD address, by node; [0] unused
+}
+
+// startLiveCluster writes the images (the origin holding origin, "snap"'s
+// COW formatted, the others zero), boots the guests with liveScript(flags)
+// and waits until every node serves.
+func startLiveCluster(ctx context.Context, t *testing.T, r *guest.Initramfs, nbdcopy string, origin []byte, flags string) *liveCluster {
+	t.Helper()
+	dir := t.TempDir()
+	lc := &liveCluster{t: t, ctx: ctx, nbdcopy: nbdcopy, dir: dir,
+		origin: filepath.Join(dir, "origin.img"), snapCOW: filepath.Join(dir, "snap.cow"),
+		control: filepath.Join(dir, "control.img"), liveCOW: filepath.Join(dir, "live.cow")}
+	catalog := filepath.Join(dir, "catalog.img")
+	require.Len(t, origin, liveOriginBytes)
+	require.NoError(t, os.WriteFile(lc.origin, origin, 0o600))
+	for path, size := range map[string]int{lc.control: 1 << 20, catalog: liveCatalog, lc.liveCOW: liveCOWBytes} {
+		require.NoError(t, os.WriteFile(path, make([]byte, size), 0o600))
+	}
+	require.NoError(t, blockdev.Create(lc.snapCOW, liveSnapCOW))
+	clusterload.FormatCOW(t, lc.snapCOW, clusterload.ChunkBytes)
+
+	ports := make([]int, nodes+1)
+	lc.addrs = make([]string, nodes+1)
+	for i := 1; i <= nodes; i++ {
+		ports[i] = freePort(t)
+		lc.addrs[i] = fmt.Sprintf("127.0.0.1:%d", ports[i])
+	}
+	lc.start = time.Now()
+	c, err := guest.StartDLMCluster(ctx, r, guest.DLMClusterOptions{
+		Nodes:     nodes,
+		MemoryMiB: 768,
+		QEMUArgs: func(i int) []string {
+			return append(sharedDisks(lc.origin, lc.snapCOW, lc.control, catalog, lc.liveCOW), forwardArgs(i, ports[i])...)
+		},
+		Script:  liveScript(flags),
+		Console: consoleFiles(t),
+	})
+	require.NoError(t, err)
+	t.Cleanup(c.Close)
+	lc.c = c
+	for i := 1; i <= nodes; i++ {
+		if err := c.Machine(i).WaitConsole(ctx, servingMarker(i)); err != nil {
+			lc.fail("node %d: %v", i, err)
+		}
+	}
+	t.Logf("three snapd nodes serving after %v", time.Since(lc.start).Round(time.Second))
+	return lc
+}
+
+// fail logs every guest's console tail and fails the test.
+func (lc *liveCluster) fail(format string, args ...any) {
+	lc.t.Helper()
+	for i := 1; i <= nodes; i++ {
+		lc.t.Logf("node %d console tail:\n%s", i, consoleTail(lc.c.Machine(i).Console(), 40))
+	}
+	lc.t.Fatalf(format, args...)
+}
+
+// do writes word to the control disk and waits for the result line of
+// each node in who, which must report exit status 0; it returns their
+// outputs by node.
+func (lc *liveCluster) do(word string, who ...int) map[int]string {
+	lc.t.Helper()
+	setControl(lc.t, lc.control, word)
+	outs := map[int]string{}
+	for _, i := range who {
+		if err := lc.c.Machine(i).WaitConsole(lc.ctx, liveMarker(word, i)); err != nil {
+			lc.fail("node %d: %s: %v", i, word, err)
+		}
+		out, rc, ok := liveResult(lc.c.Machine(i).Console(), word, i)
+		if !ok || rc != 0 {
+			lc.fail("node %d: %s: exit status %d (result line well-formed: %v): %s", i, word, rc, ok, out)
+		}
+		outs[i] = out
+	}
+	return outs
+}
+
+// read is export as nbdcopy copies it through node i.
+func (lc *liveCluster) read(i int, export string) []byte {
+	lc.t.Helper()
+	img := filepath.Join(lc.dir, fmt.Sprintf("%s-%d.img", export, i))
+	out, err := exec.CommandContext(lc.ctx, lc.nbdcopy, fmt.Sprintf("nbd://%s/%s", lc.addrs[i], export), img).CombinedOutput()
+	require.NoError(lc.t, err, "nbdcopy of %s from node %d: %s", export, i, out)
+	got, err := os.ReadFile(img)
+	require.NoError(lc.t, err)
+	require.Len(lc.t, got, liveOriginBytes, "%s through node %d", export, i)
+	return got
+}
+
+// write writes p to the origin at off through node i, on a connection of
+// its own.
+func (lc *liveCluster) write(i int, off uint64, p []byte) {
+	lc.t.Helper()
+	cl, err := clusterload.Dial(lc.ctx, "tcp", lc.addrs[i], volumes.OriginExport)
+	require.NoError(lc.t, err, "node %d", i)
+	defer cl.Close()
+	ctx, cancel := context.WithTimeout(lc.ctx, requestTimeout)
+	defer cancel()
+	require.NoError(lc.t, cl.Write(ctx, off, p), "node %d: origin write", i)
+}
+
+// checkOnlySnap checks that every node serves "snap" and no other
+// snapshot: 'snapd snapshot list' lists only it, and the live snapshot's
+// export is refused.
+func (lc *liveCluster) checkOnlySnap() {
+	lc.t.Helper()
+	for i, out := range lc.do(liveList, 1, 2, 3) {
+		var snaps []volumes.SnapshotStatus
+		require.NoError(lc.t, json.Unmarshal([]byte(out), &snaps), "node %d: snapshot list: %s", i, out)
+		var names []string
+		for _, s := range snaps {
+			names = append(names, s.Name)
+		}
+		assert.Equal(lc.t, []string{clusterload.SnapshotExport}, names, "node %d serves these snapshots", i)
+		if cl, err := clusterload.Dial(lc.ctx, "tcp", lc.addrs[i], liveSnapshot); err == nil {
+			cl.Close()
+			lc.t.Errorf("node %d still serves the %s snapshot's export", i, liveSnapshot)
+		}
+	}
+}
+
+// stop stops every snapd, which must exit 0 on SIGTERM while the others
+// still run, and then every guest, whose script must end with status 0.
+func (lc *liveCluster) stop() {
+	lc.t.Helper()
+	lc.do(liveStop, 1, 2, 3)
+	setControl(lc.t, lc.control, liveOff)
+	for i := 1; i <= nodes; i++ {
+		res, err := lc.c.Machine(i).Wait(lc.ctx)
+		require.NoError(lc.t, err, "node %d", i)
+		assert.Equal(lc.t, 0, res.Status, "node %d's script:\n%s", i, consoleTail(res.Console, 30))
+	}
+	lc.t.Logf("guests stopped after %v", time.Since(lc.start).Round(time.Second))
 }
 
 // liveWriter writes random regions of the origin through one node, one
