@@ -33,8 +33,15 @@ const (
 	// them.
 	mergeStep = "64KiB"
 	// mergeRegionBytes is a region of the writers during the merge: it
-	// spans four chunks of the live snapshot, two of them exceptions.
+	// spans four chunks of the live snapshot, the first and third of them
+	// exceptions (mergeWrite).
 	mergeRegionBytes = clusterload.ChunkBytes
+	// mergeRegions is how many regions the origin has, and mergeFirst how
+	// many of them, at its end, node 2 writes during the merge; node 3
+	// writes the others. Their chunks change last before the merge, so
+	// its first two steps merge their exceptions (a merge goes from the
+	// newest exception back).
+	mergeRegions, mergeFirst = liveOriginBytes / mergeRegionBytes, 16
 	// mergeWarm is how many writes each writer has acknowledged since the
 	// merge began when the host asks node 1 to wait for its end.
 	mergeWarm = 4
@@ -74,37 +81,44 @@ func TestClusterLiveMerge(t *testing.T) {
 	lc := startLiveCluster(ctx, t, r, nbdcopy, snapContent, " --merge-step "+mergeStep)
 	lc.do(liveCreate, 1)
 
-	// Every other chunk changes, through every node at once: "live" then
-	// holds mergeExceptions runs of one exception.
+	// Every other chunk changes, through every node at once, those of
+	// node 2's regions last and through node 2: "live" then holds
+	// mergeExceptions runs of one exception, the newest of them node 2's,
+	// which node 2 knows without reading the metadata again.
 	began := time.Now()
 	var wg sync.WaitGroup
 	errs := make([]error, nodes+1)
-	for i := 1; i <= nodes; i++ {
-		wg.Go(func() {
-			cl, err := clusterload.Dial(ctx, "tcp", lc.addrs[i], volumes.OriginExport)
-			if err != nil {
-				errs[i] = err
-				return
-			}
-			defer cl.Close()
-			changed := bytes.Repeat([]byte{0x5a}, mergeChunkBytes)
-			for c := 2 * (i - 1); c < liveOriginBytes/mergeChunkBytes; c += 2 * nodes {
-				rctx, cancel := context.WithTimeout(ctx, requestTimeout)
-				err := cl.Write(rctx, uint64(c*mergeChunkBytes), changed)
-				cancel()
+	change := func(from, to int, through ...int) { // the even chunks in [from, to)
+		for k, i := range through {
+			wg.Go(func() {
+				cl, err := clusterload.Dial(ctx, "tcp", lc.addrs[i], volumes.OriginExport)
 				if err != nil {
-					errs[i] = fmt.Errorf("chunk %d: %w", c, err)
+					errs[i] = err
 					return
 				}
+				defer cl.Close()
+				changed := bytes.Repeat([]byte{0x5a}, mergeChunkBytes)
+				for c := from + 2*k; c < to; c += 2 * len(through) {
+					rctx, cancel := context.WithTimeout(ctx, requestTimeout)
+					err := cl.Write(rctx, uint64(c*mergeChunkBytes), changed)
+					cancel()
+					if err != nil {
+						errs[i] = fmt.Errorf("chunk %d: %w", c, err)
+						return
+					}
+				}
+			})
+		}
+		wg.Wait()
+		for i, err := range errs {
+			if err != nil {
+				lc.fail("node %d: origin write before the merge: %v", i, err)
 			}
-		})
-	}
-	wg.Wait()
-	for i, err := range errs {
-		if err != nil {
-			lc.fail("node %d: origin write before the merge: %v", i, err)
 		}
 	}
+	const firstChunk = (mergeRegions - mergeFirst) * mergeRegionBytes / mergeChunkBytes
+	change(0, firstChunk, 1, 2, 3)
+	change(firstChunk, liveOriginBytes/mergeChunkBytes, 2)
 	t.Logf("%d chunks of the origin changed through the three nodes in %v", mergeExceptions, time.Since(began).Round(100*time.Millisecond))
 
 	// The merge starts: from then on every node's origin reads as "live",
@@ -130,21 +144,17 @@ func TestClusterLiveMerge(t *testing.T) {
 			defer cl.Close()
 			defer func() { warm <- i }()
 			rng := rand.New(rand.NewPCG(29, uint64(i)))
-			buf := make([]byte, mergeRegionBytes)
 			for n := 1; n <= 100000 && !stop.Load(); n++ {
-				r := rng.IntN(liveOriginBytes/mergeRegionBytes/2)*2 + i - 2 // node 2 the even regions, node 3 the odd
-				for j := range buf {
-					buf[j] = byte(rng.Uint32())
-				}
+				off, buf := mergeWrite(i, rng)
 				rctx, cancel := context.WithTimeout(ctx, requestTimeout)
-				err := cl.Write(rctx, uint64(r*mergeRegionBytes), buf)
+				err := cl.Write(rctx, uint64(off), buf)
 				cancel()
 				if err != nil {
-					errs[i] = fmt.Errorf("region %d: %w", r, err)
+					errs[i] = fmt.Errorf("%d bytes at %d: %w", len(buf), off, err)
 					return
 				}
 				wantMu.Lock()
-				copy(want[r*mergeRegionBytes:], buf)
+				copy(want[off:], buf)
 				wantMu.Unlock()
 				acked[i].Add(1)
 				if n == mergeWarm {
@@ -211,6 +221,31 @@ func TestClusterLiveMerge(t *testing.T) {
 	label, _, err := store.Label(ctx)
 	require.NoError(t, err)
 	assert.Equal(t, exstore.Merged, label.Merge, "the live COW's label")
+}
+
+// mergeWrite is a random write of node i (2 or 3) during the merge: its
+// offset and data. Node 2 writes one chunk with an exception in one of
+// the last mergeFirst regions, which the merge's first steps merge: for
+// most of the merge it writes chunks already merged, whose writes must go
+// to the origin now, and its lookups hit in the table it had before, so
+// that only following the merge step by step tells it (a write that went
+// to the COW would be lost; a write with a chunk the node finds no
+// exception for would re-read the table). Node 3 writes a whole region
+// of the others, chunks with and without an exception, merged or not.
+func mergeWrite(i int, rng *rand.Rand) (int, []byte) {
+	var off, n int
+	switch i {
+	case 2:
+		r := mergeRegions - mergeFirst + rng.IntN(mergeFirst)
+		off, n = r*mergeRegionBytes+rng.IntN(2)*2*mergeChunkBytes, mergeChunkBytes
+	default:
+		off, n = rng.IntN(mergeRegions-mergeFirst)*mergeRegionBytes, mergeRegionBytes
+	}
+	buf := make([]byte, n)
+	for j := range buf {
+		buf[j] = byte(rng.Uint32())
+	}
+	return off, buf
 }
 
 // mergeStatus is the merge status a 'snapd merge --control --json' result
