@@ -41,12 +41,19 @@ type mergeJob struct {
 // StartMerge rolls the origin back to snapshot name while it is served,
 // in the background: it stops serving the snapshot's export and puts the
 // origin in merge mode (Merge) before it returns, so that a refusal (no
-// such snapshot, an invalid one, a merge of another snapshot under way, a
-// Cluster) is its error, and leaves the merge running until it completes,
-// fails, or the Set closes (which leaves the origin in merge mode, to be
-// resumed by the next Open). With name "", it resumes the merge Open found
-// under way. A merge of the same snapshot already running is no error.
-// MergeJob reports it.
+// such snapshot, an invalid one, a merge of another snapshot under way) is
+// its error, and leaves the merge running until it completes, fails, or
+// the Set closes (which leaves the origin in merge mode, to be resumed by
+// the next Open). With name "", it resumes the merge under way (Open found
+// it, or, in a cluster, another node started it). A merge of the same
+// snapshot already running is no error. MergeJob reports it.
+//
+// With a Cluster, the switch to merge mode and every step of the merge
+// (clusterMerge) run under the origin lock in EX, and every other node
+// follows them (follower.Adopt, followMerges) before it writes the origin
+// again. One node runs the merge; another that is asked to runs steps
+// too, which is safe (each step is the cluster's only origin change) but
+// buys nothing.
 func (v *Set) StartMerge(ctx context.Context, name string) (MergeJobStatus, error) {
 	v.changeMu.Lock()
 	defer v.changeMu.Unlock()

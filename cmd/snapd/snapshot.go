@@ -182,7 +182,12 @@ func runSnapshotList(ctx context.Context, args []string, stdout, stderr io.Write
 	fmt.Fprintln(tw, "NAME\tSTATE\tEXCEPTIONS\tUSED\tCOW")
 	for _, s := range snaps {
 		state := s.State
-		if state != "valid" {
+		switch {
+		case s.Merge != nil && s.Merge.Total > 0:
+			state = fmt.Sprintf("merging (%.0f%%)", 100*float64(s.Merge.Done)/float64(s.Merge.Total))
+		case s.Merge != nil:
+			state = "merging"
+		case state != "valid":
 			state = "invalid"
 		}
 		used := "-"
