@@ -31,6 +31,15 @@
 // cutcheck.History; the snapshot, read through each node, must be the
 // same everywhere and a cut of those writes (package internal/cutcheck);
 // then node 2 deletes it from every node, and every snapd stops cleanly.
+// TestClusterLiveMerge, on the same harness, merges a snapshot created
+// live back into the origin from node 1 ('snapd merge --control', in
+// 64 KiB steps: serve --merge-step) while the host writes the origin
+// through nodes 2 and 3, each to its own regions, remembering each
+// region's last acknowledged write; afterwards the origin, read through
+// each node, is the snapshot with those writes on top, no node serves
+// the snapshot, and every snapd stops cleanly. Node 2 writes chunks the
+// merge's first steps take, so that only following each step (re-reading
+// what it merged) sends its writes to the origin rather than to the COW.
 //
 // The guests print their snapd's status (snapd status --control --json)
 // and their kernel's count of completed lockspace recoveries on their

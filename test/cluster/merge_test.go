@@ -49,14 +49,15 @@ const (
 
 // TestClusterLiveMerge: three guests serve one origin (random content)
 // and its snapshot "snap" with snapd serve --lock dlm, a catalog on a
-// shared disk and --merge-step 64KiB (what matters on node 1). Node 1 creates snapshot
-// "live" on a blank shared disk; the host changes every other 4 KiB chunk
-// of the origin through the three nodes, so "live" holds runs of one
-// exception; then node 1 starts merging "live" back into the origin
+// shared disk and --merge-step 64KiB (what matters on node 1). Node 1
+// creates snapshot "live" on a blank shared disk; the host changes every
+// other 4 KiB chunk of the origin through the nodes, so "live" holds runs
+// of one exception; then node 1 starts merging "live" back into the origin
 // ('snapd merge --control --no-wait'), in steps under the origin lock,
 // while the host writes the origin through nodes 2 and 3, each to its own
 // regions, one request at a time, remembering each region's last
-// acknowledged content; then 'snapd merge --control' on node 1 waits for
+// acknowledged content (node 2 writes chunks the first steps merge: see
+// mergeWrite); then 'snapd merge --control' on node 1 waits for
 // the merge under way to end and reports it done, every exception merged.
 // After the writers stopped and one origin write through each node (which
 // passes a node's gate only once it followed the merge's end): the origin,
