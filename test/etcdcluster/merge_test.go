@@ -24,8 +24,9 @@ import (
 
 // TestEtcdClusterLiveMerge: three snapd processes serve one origin; a
 // snapshot taken on node 1 is merged back into the origin with 'snapd
-// merge --control' on node 1 while NBD clients write the origin through
-// nodes 2 and 3, each to its own regions. Afterwards nbdcopy reads, through
+// merge --control' on node 1, in steps of 64 KiB, while NBD clients write
+// the origin through nodes 2 and 3, each to its own regions (node 2 the
+// chunks the first steps merge, whose exceptions it made itself). Afterwards nbdcopy reads, through
 // every node, the snapshot's content with each region's last acknowledged
 // write on top, and no node serves the snapshot any more.
 func TestEtcdClusterLiveMerge(t *testing.T) {
@@ -33,7 +34,19 @@ func TestEtcdClusterLiveMerge(t *testing.T) {
 	if err != nil {
 		t.Skip("nbdcopy not found: apt-get install libnbd-bin")
 	}
-	const size, chunk, regionBytes = 4 << 20, clusterload.ChunkBytes, clusterload.ChunkBytes
+	const (
+		size        = 4 << 20
+		chunk       = volumes.DefaultChunkSectors * 512 // the live snapshot's
+		regionBytes = 4 * chunk
+		regions     = size / regionBytes
+		// The last firstRegions regions are node 2's during the merge;
+		// their even chunks change last before it, through node 2, so the
+		// first steps merge exceptions node 2 made itself, and node 2
+		// writes only those chunks during the merge: it finds them in
+		// its own table, and only re-reading the metadata after each step
+		// keeps it from writing a COW chunk already merged.
+		firstRegions = 16
+	)
 	ctx, cancel := context.WithTimeout(t.Context(), 3*time.Minute)
 	defer cancel()
 	dir := t.TempDir()
@@ -53,7 +66,8 @@ func TestEtcdClusterLiveMerge(t *testing.T) {
 		ns[i] = &node{id: i, snapd: snapdBinary, sock: sock, ctl: ctl, log: logFile, args: []string{"serve",
 			"--origin", origin, "--catalog", cat,
 			"--cluster-id", "c1", "--lock", "etcd", "--etcd-endpoints", etcd.Endpoint(0), "--etcd-lease-ttl", leaseTTL.String(),
-			"--listen", "", "--socket", sock, "--control", ctl, "--stats-interval", "0"}}
+			"--listen", "", "--socket", sock, "--control", ctl, "--stats-interval", "0",
+			"--merge-step", "64KiB"}} // many steps, each followed by the others
 		require.NoError(t, ns[i].start())
 	}
 	defer func() {
@@ -83,8 +97,13 @@ func TestEtcdClusterLiveMerge(t *testing.T) {
 		return c
 	}
 	clients := []*clusterload.Client{nil, dial(1), dial(2), dial(3)}
+	firstChunk := (regions - firstRegions) * regionBytes / chunk
 	for c := 0; c < size/chunk; c += 2 {
-		require.NoError(t, clients[1+c/2%3].Write(ctx, uint64(c*chunk), bytes.Repeat([]byte{0x5a}, chunk)))
+		through := clients[1+c/2%3]
+		if c >= firstChunk {
+			through = clients[2]
+		}
+		require.NoError(t, through.Write(ctx, uint64(c*chunk), bytes.Repeat([]byte{0x5a}, chunk)))
 	}
 
 	// From its start on, the origin reads as the snapshot on every node;
@@ -95,28 +114,55 @@ func TestEtcdClusterLiveMerge(t *testing.T) {
 	var stop atomic.Bool
 	var acked atomic.Int64
 	var wg sync.WaitGroup
-	for _, i := range []int{2, 3} {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			rng := rand.New(rand.NewPCG(17, uint64(i)))
-			buf := make([]byte, regionBytes)
-			for k := 0; k < 100000 && (!stop.Load() || k <= 20); k++ {
-				r := rng.IntN(size/regionBytes/2)*2 + i - 2 // node 2 the even regions, node 3 the odd
-				for j := range buf {
-					buf[j] = byte(rng.Uint32())
-				}
-				if err := clients[i].Write(ctx, uint64(r*regionBytes), buf); err != nil {
-					t.Errorf("node %d: write: %v", i, err)
-					return
-				}
-				wantMu.Lock()
-				copy(want[r*regionBytes:], buf)
-				wantMu.Unlock()
-				acked.Add(1)
-			}
-		}()
+	write := func(i int, off int64, n int, rng *rand.Rand) bool {
+		buf := make([]byte, n)
+		for j := range buf {
+			buf[j] = byte(rng.Uint32())
+		}
+		if err := clients[i].Write(ctx, uint64(off), buf); err != nil {
+			t.Errorf("node %d: write: %v", i, err)
+			return false
+		}
+		wantMu.Lock()
+		copy(want[off:], buf)
+		wantMu.Unlock()
+		acked.Add(1)
+		return true
 	}
+	// Node 3 writes whole regions of the others all along.
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		rng := rand.New(rand.NewPCG(17, 3))
+		for k := 0; k < 100000 && (!stop.Load() || k <= 20); k++ {
+			if !write(3, int64(rng.IntN(regions-firstRegions)*regionBytes), regionBytes, rng) {
+				return
+			}
+		}
+	}()
+	// Node 2 writes each of its chunks once, as soon as the first steps
+	// merged them and while the merge goes on: only a node 2 that re-read
+	// the metadata after those steps writes them to the origin, not to
+	// COW chunks already merged (where they would be lost).
+	nodeChunks := (size/chunk - firstChunk) / 2
+	for {
+		var st volumes.Status
+		require.NoError(t, json.Unmarshal([]byte(snapd("status", "--control", ns[1].ctl, "--json")), &st))
+		require.NotNil(t, st.MergeJob)
+		require.Equal(t, volumes.MergeRunning, st.MergeJob.State, "the merge ended before node 2 wrote: make it longer")
+		if st.MergeJob.Done >= uint64(nodeChunks) {
+			break
+		}
+	}
+	rng2 := rand.New(rand.NewPCG(17, 2))
+	for _, k := range rng2.Perm(nodeChunks) {
+		if !write(2, int64((firstChunk+2*k)*chunk), chunk, rng2) {
+			break
+		}
+	}
+	var st volumes.Status
+	require.NoError(t, json.Unmarshal([]byte(snapd("status", "--control", ns[1].ctl, "--json")), &st))
+	require.Equal(t, volumes.MergeRunning, st.MergeJob.State, "node 2's writes came after the merge's end: make it longer")
 	out := snapd("merge", "--control", ns[1].ctl, "--snapshot", "s") // waits for the merge under way
 	during := acked.Load()
 	stop.Store(true)
