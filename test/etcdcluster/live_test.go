@@ -17,7 +17,6 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/clustersnap/clustersnap/internal/cutcheck"
-	"github.com/clustersnap/clustersnap/lockc/etcd/etcdtest"
 	"github.com/clustersnap/clustersnap/test/clusterload"
 	"github.com/clustersnap/clustersnap/volumes"
 )
@@ -37,32 +36,7 @@ func TestEtcdClusterLiveSnapshot(t *testing.T) {
 	ctx, cancel := context.WithTimeout(t.Context(), 3*time.Minute)
 	defer cancel()
 	dir := t.TempDir()
-	origin, cat := filepath.Join(dir, "origin.img"), filepath.Join(dir, "catalog")
-	require.NoError(t, os.WriteFile(origin, make([]byte, size), 0o600))
-	requireDirect(t, origin)
-	etcd := etcdtest.Start(t, 1)
-	logFile := nodesLog(t, dir)
-	ns := make([]*node, nodes+1)
-	for i := 1; i <= nodes; i++ {
-		sock, ctl := filepath.Join(dir, fmt.Sprintf("node-%d.nbd", i)), filepath.Join(dir, fmt.Sprintf("node-%d.ctl", i))
-		ns[i] = &node{id: i, snapd: snapdBinary, sock: sock, ctl: ctl, log: logFile, args: []string{"serve",
-			"--origin", origin, "--catalog", cat,
-			"--cluster-id", "c1", "--lock", "etcd", "--etcd-endpoints", etcd.Endpoint(0), "--etcd-lease-ttl", leaseTTL.String(),
-			"--listen", "", "--socket", sock, "--control", ctl, "--stats-interval", "0"}}
-		require.NoError(t, ns[i].start())
-	}
-	defer func() {
-		for i := 1; i <= nodes; i++ {
-			select {
-			case <-ns[i].exited:
-			default:
-				ns[i].kill()
-			}
-		}
-	}()
-	for i := 1; i <= nodes; i++ {
-		require.NoError(t, ns[i].waitServing(ctx))
-	}
+	ns := startCatalogCluster(ctx, t, dir, make([]byte, size))
 
 	h := cutcheck.New(regionBytes)
 	wctx, stopWriters := context.WithCancel(ctx)

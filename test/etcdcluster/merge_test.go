@@ -17,7 +17,6 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/clustersnap/clustersnap/lockc/etcd/etcdtest"
 	"github.com/clustersnap/clustersnap/test/clusterload"
 	"github.com/clustersnap/clustersnap/volumes"
 )
@@ -50,38 +49,13 @@ func TestEtcdClusterLiveMerge(t *testing.T) {
 	ctx, cancel := context.WithTimeout(t.Context(), 3*time.Minute)
 	defer cancel()
 	dir := t.TempDir()
-	origin, cat := filepath.Join(dir, "origin.img"), filepath.Join(dir, "catalog")
 	snapContent := make([]byte, size)
 	rng := rand.New(rand.NewPCG(13, 13))
 	for i := range snapContent {
 		snapContent[i] = byte(rng.Uint32())
 	}
-	require.NoError(t, os.WriteFile(origin, snapContent, 0o600))
-	requireDirect(t, origin)
-	etcd := etcdtest.Start(t, 1)
-	logFile := nodesLog(t, dir)
-	ns := make([]*node, nodes+1)
-	for i := 1; i <= nodes; i++ {
-		sock, ctl := filepath.Join(dir, fmt.Sprintf("node-%d.nbd", i)), filepath.Join(dir, fmt.Sprintf("node-%d.ctl", i))
-		ns[i] = &node{id: i, snapd: snapdBinary, sock: sock, ctl: ctl, log: logFile, args: []string{"serve",
-			"--origin", origin, "--catalog", cat,
-			"--cluster-id", "c1", "--lock", "etcd", "--etcd-endpoints", etcd.Endpoint(0), "--etcd-lease-ttl", leaseTTL.String(),
-			"--listen", "", "--socket", sock, "--control", ctl, "--stats-interval", "0",
-			"--merge-step", "64KiB"}} // many steps, each followed by the others
-		require.NoError(t, ns[i].start())
-	}
-	defer func() {
-		for i := 1; i <= nodes; i++ {
-			select {
-			case <-ns[i].exited:
-			default:
-				ns[i].kill()
-			}
-		}
-	}()
-	for i := 1; i <= nodes; i++ {
-		require.NoError(t, ns[i].waitServing(ctx))
-	}
+	// Many steps, each followed by the other nodes.
+	ns := startCatalogCluster(ctx, t, dir, snapContent, "--merge-step", "64KiB")
 	snapd := func(args ...string) string {
 		t.Helper()
 		out, err := exec.CommandContext(ctx, snapdBinary, args...).CombinedOutput()
