@@ -436,17 +436,23 @@ func TestCrashCheckerCatchesMutants(t *testing.T) {
 		}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			for seed := range uint64(mutantRounds) {
-				var msg string
-				t.Run(fmt.Sprintf("seed%d", seed), func(t *testing.T) {
-					msg = runCrashRound(t, tc.round(seed))
-				})
-				if msg != "" {
-					t.Logf("caught at seed %d: %s", seed, msg)
-					return
-				}
-			}
-			t.Fatal("the checker missed the mutant")
+			huntMutant(t, func(t *testing.T, seed uint64) string { return runCrashRound(t, tc.round(seed)) })
 		})
 	}
+}
+
+// huntMutant runs round with seeds until it reports a violation (the
+// checker caught the mutant), failing the test if none of mutantRounds
+// seeds does.
+func huntMutant(t *testing.T, round func(t *testing.T, seed uint64) string) {
+	t.Helper()
+	for seed := range uint64(mutantRounds) {
+		var msg string
+		t.Run(fmt.Sprintf("seed%d", seed), func(t *testing.T) { msg = round(t, seed) })
+		if msg != "" {
+			t.Logf("caught at seed %d: %s", seed, msg)
+			return
+		}
+	}
+	t.Fatal("the checker missed the mutant")
 }

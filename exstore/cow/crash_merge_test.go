@@ -297,17 +297,7 @@ func TestMergeCrashCheckerCatchesMutants(t *testing.T) {
 		}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			for seed := range uint64(mutantRounds) {
-				var msg string
-				t.Run(fmt.Sprintf("seed%d", seed), func(t *testing.T) {
-					msg = runMergeCrashRound(t, tc.round(seed))
-				})
-				if msg != "" {
-					t.Logf("caught at seed %d: %s", seed, msg)
-					return
-				}
-			}
-			t.Fatal("the checker missed the mutant")
+			huntMutant(t, func(t *testing.T, seed uint64) string { return runMergeCrashRound(t, tc.round(seed)) })
 		})
 	}
 }
