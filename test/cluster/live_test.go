@@ -352,10 +352,12 @@ func startLiveCluster(ctx context.Context, t *testing.T, r *guest.Initramfs, nbd
 // fail logs every guest's console tail and fails the test.
 func (lc *liveCluster) fail(format string, args ...any) {
 	lc.t.Helper()
+	// The reason first: CI may show only the start of a long log.
+	lc.t.Errorf(format, args...)
 	for i := 1; i <= nodes; i++ {
 		lc.t.Logf("node %d console tail:\n%s", i, consoleTail(lc.c.Machine(i).Console(), 40))
 	}
-	lc.t.Fatalf(format, args...)
+	lc.t.FailNow()
 }
 
 // do writes word to the control disk and waits for the result line of

@@ -274,6 +274,9 @@ dlm_node_fail() {
 	exit 1
 }
 corosync -f >/var/log/cluster/corosync.out 2>&1 &
+# Membership changes on the console: a test that fails over a lost
+# member then shows why corosync lost it.
+tail -F /var/log/cluster/corosync.log 2>/dev/null | while read -r l; do echo "corosync: $l"; done &
 t=0
 until corosync-cfgtool -s >/dev/null 2>&1; do
 	t=$((t + 1)); [ $t -le 600 ] || dlm_node_fail "corosync does not answer"

@@ -1,6 +1,7 @@
 package guest
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"net"
@@ -16,14 +17,38 @@ import (
 // and that floods every frame to the other guests. No frame enters the
 // host's network stack. Cutting a guest off drops every frame it sends or
 // would receive, which partitions it from the others.
+//
+// Each guest has a port: a queue of frames and a socket of its own that
+// sends them to the guest's socket, so that a guest that does not read
+// (its card not yet up while it boots, or its QEMU starved of CPU) holds
+// up only its own frames. Were the hub to send on its one socket and wait,
+// such a guest would stall every other guest's traffic, long enough for
+// corosync on the running guests to lose each other. A port whose queue
+// is full drops the frame, as a switch does for a port that does not
+// drain.
 type Hub struct {
-	dir  string
-	conn *net.UnixConn
-	done chan struct{}
+	dir   string
+	conn  *net.UnixConn
+	done  chan struct{}
+	ports []*hubPort // by guest, [0] unused
+	wg    sync.WaitGroup
 
-	mu  sync.Mutex
-	cut map[int]bool
-	n   int // guests 1..n
+	mu     sync.Mutex
+	cut    map[int]bool
+	closed bool
+	n      int // guests 1..n
+}
+
+// hubPortFrames is how many frames a port queues for a guest that does not
+// read, beyond what its socket holds.
+const hubPortFrames = 256
+
+// hubPort sends the frames for one guest.
+type hubPort struct {
+	frames chan []byte
+
+	mu   sync.Mutex
+	conn *net.UnixConn // to the guest's socket; nil until dialled, or after an error
 }
 
 // HubSubnet is the guests' network on a Hub: guest N is HubSubnet + N.
@@ -42,7 +67,11 @@ func NewHub(n int) (*Hub, error) {
 		os.RemoveAll(dir)
 		return nil, fmt.Errorf("hub %s: %w", addr.Name, err)
 	}
-	h := &Hub{dir: dir, conn: conn, done: make(chan struct{}), cut: map[int]bool{}, n: n}
+	h := &Hub{dir: dir, conn: conn, done: make(chan struct{}), ports: make([]*hubPort, n+1), cut: map[int]bool{}, n: n}
+	for i := 1; i <= n; i++ {
+		h.ports[i] = &hubPort{frames: make(chan []byte, hubPortFrames)}
+		h.wg.Go(func() { h.drain(i) })
+	}
 	go h.forward()
 	return h, nil
 }
@@ -95,11 +124,56 @@ func (h *Hub) forward() {
 		}
 		h.mu.Unlock()
 		for _, i := range to {
-			// A guest that is not running has no socket: its frames are
-			// lost, as on a wire to a powered-off machine.
-			_, _ = h.conn.WriteToUnix(buf[:n], &net.UnixAddr{Name: h.guestSocket(i), Net: "unixgram"})
+			select {
+			case h.ports[i].frames <- bytes.Clone(buf[:n]):
+			default: // the port is full: dropped
+			}
 		}
 	}
+}
+
+// drain sends the frames queued for guest i to its socket, until Close. A
+// guest that is not running has no socket: its frames are lost, as on a
+// wire to a powered-off machine. A guest that boots again binds a new
+// socket at the same path, which the port dials at its next frame.
+func (h *Hub) drain(i int) {
+	p := h.ports[i]
+	for frame := range p.frames {
+		c := h.portConn(p, i)
+		if c == nil {
+			continue
+		}
+		// A send blocks while the guest's socket is full.
+		if _, err := c.Write(frame); err != nil {
+			p.mu.Lock()
+			if p.conn == c {
+				p.conn = nil
+			}
+			p.mu.Unlock()
+			c.Close()
+		}
+	}
+}
+
+// portConn returns p's socket to guest i, dialling it if need be; nil if
+// the guest has no socket or the hub is closed.
+func (h *Hub) portConn(p *hubPort, i int) *net.UnixConn {
+	h.mu.Lock()
+	closed := h.closed
+	h.mu.Unlock()
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if closed {
+		return nil
+	}
+	if p.conn == nil {
+		c, err := net.DialUnix("unixgram", nil, &net.UnixAddr{Name: h.guestSocket(i), Net: "unixgram"})
+		if err != nil {
+			return nil
+		}
+		p.conn = c
+	}
+	return p.conn
 }
 
 // guestOf names the guest a frame came from, 0 if none of the hub's.
@@ -122,6 +196,18 @@ func (h *Hub) guestOf(from *net.UnixAddr) int {
 func (h *Hub) Close() error {
 	err := h.conn.Close()
 	<-h.done
+	h.mu.Lock()
+	h.closed = true
+	h.mu.Unlock()
+	for _, p := range h.ports[1:] {
+		close(p.frames)
+		p.mu.Lock()
+		if p.conn != nil {
+			p.conn.Close() // ends a send blocked on a guest that does not read
+		}
+		p.mu.Unlock()
+	}
+	h.wg.Wait()
 	os.RemoveAll(h.dir)
 	return err
 }
