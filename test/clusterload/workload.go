@@ -106,7 +106,6 @@ type Workload struct {
 	scale int          // Options.Scale, at least 1
 
 	mu      sync.Mutex
-	running chan struct{} // closed while the workers may send requests
 	changed chan struct{} // closed and replaced when the counters move
 	c       Counts
 }
@@ -114,8 +113,7 @@ type Workload struct {
 // NewWorkload returns a workload of o, its nodes down, its workers not
 // started.
 func NewWorkload(o Options) *Workload {
-	w := &Workload{o: o, h: NewHistory(), stop: make(chan struct{}), changed: make(chan struct{}), running: make(chan struct{}), scale: max(o.Scale, 1)}
-	close(w.running)
+	w := &Workload{o: o, h: NewHistory(), stop: make(chan struct{}), changed: make(chan struct{}), scale: max(o.Scale, 1)}
 	for i := 1; i <= Nodes; i++ {
 		w.links[i] = &nodeLink{up: make(chan struct{})}
 	}
@@ -189,35 +187,13 @@ func (w *Workload) Problem(format string, args ...any) {
 	w.note(func() { w.c.Problems = append(w.c.Problems, fmt.Sprintf(format, args...)) })
 }
 
-// Pause holds the workers before their next request; Resume lets them go
-// on.
-func (w *Workload) Pause() {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	w.running = make(chan struct{})
-}
-
-func (w *Workload) Resume() {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	close(w.running)
-}
-
-// proceed waits until the workers may send a request, and reports false
-// when the workload stops instead.
+// proceed reports whether the workers may send another request: not once
+// the workload stops or ctx ends.
 func (w *Workload) proceed(ctx context.Context) bool {
-	w.mu.Lock()
-	running := w.running
-	w.mu.Unlock()
 	select {
-	case <-running:
 	case <-w.stop:
 		return false
 	case <-ctx.Done():
-		return false
-	}
-	select {
-	case <-w.stop:
 		return false
 	default:
 		return true

@@ -158,11 +158,12 @@ func (h *Hub) drain(i int) {
 // portConn returns p's socket to guest i, dialling it if need be; nil if
 // the guest has no socket or the hub is closed.
 func (h *Hub) portConn(p *hubPort, i int) *net.UnixConn {
+	// Under p.mu: Close, once it set closed, closes what is dialled here.
+	p.mu.Lock()
+	defer p.mu.Unlock()
 	h.mu.Lock()
 	closed := h.closed
 	h.mu.Unlock()
-	p.mu.Lock()
-	defer p.mu.Unlock()
 	if closed {
 		return nil
 	}
@@ -192,13 +193,18 @@ func (h *Hub) guestOf(from *net.UnixAddr) int {
 	return i
 }
 
-// Close stops the hub and removes its directory.
+// Close stops the hub and removes its directory; a second Close does
+// nothing.
 func (h *Hub) Close() error {
-	err := h.conn.Close()
-	<-h.done
 	h.mu.Lock()
+	closed := h.closed
 	h.closed = true
 	h.mu.Unlock()
+	if closed {
+		return nil
+	}
+	err := h.conn.Close()
+	<-h.done
 	for _, p := range h.ports[1:] {
 		close(p.frames)
 		p.mu.Lock()

@@ -69,6 +69,8 @@ func TestHub(t *testing.T) {
 	_, err = g[1].Write([]byte("from 1 again"))
 	require.NoError(t, err)
 	assert.Equal(t, "from 1 again", receive(t, g[2]), "guest 2's own frame did not come back to it")
+	require.NoError(t, h.Close())
+	require.NoError(t, h.Close(), "a second Close")
 }
 
 // TestHubDropsForStalledGuest: a guest that never reads its socket (a
