@@ -1,35 +1,17 @@
 package cluster
 
 import (
-	"bytes"
-	"context"
 	"fmt"
 	"net"
-	"os"
-	"os/exec"
-	"path/filepath"
-	"sync"
 	"testing"
-	"time"
 
-	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/clustersnap/clustersnap/exstore/blockdev"
-	"github.com/clustersnap/clustersnap/persistent"
 	"github.com/clustersnap/clustersnap/test/clusterload"
-	"github.com/clustersnap/clustersnap/test/guest"
-	"github.com/clustersnap/clustersnap/volumes"
 )
 
 const (
-	nodes      = clusterload.Nodes
-	originSize = 16 << 20
-	cowSize    = 8 << 20
-	chunkSize  = 4096
-	// original is every origin byte before the test writes: what the
-	// snapshot must read everywhere, whichever node serves it.
-	original = 0x11
+	nodes = clusterload.Nodes
 	// nbdPort is where snapd listens in each guest.
 	nbdPort = 10809
 )
@@ -53,124 +35,6 @@ func statusPrefix(i int) string { return fmt.Sprintf("@@snapd-status node=%d n="
 
 // fwdMAC is guest i's MAC on its host-forwarding network card.
 func fwdMAC(i int) string { return fmt.Sprintf("52:54:00:00:02:%02x", i) }
-
-// TestServeOnDLM: three guests serve one origin and its snapshot from
-// shared disk images with snapd serve --lock dlm, coordinated by the
-// kernel DLM across the guests. Through qemu-io on the host, each node
-// writes the origin (also different sectors of one chunk from two nodes
-// at once) while the snapshot must read as the original origin on every
-// node; afterwards the COW passes the checker and its snapshot view, read
-// on the host without any cluster, is the original origin.
-func TestServeOnDLM(t *testing.T) {
-	qemuIO, err := exec.LookPath("qemu-io")
-	if err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatalf("qemu-io not found: apt-get install qemu-utils")
-		}
-		t.Skip("qemu-io not found: apt-get install qemu-utils")
-	}
-	snapd := guest.BuildStatic(t, "github.com/clustersnap/clustersnap/cmd/snapd")
-	r := guest.DLMSetup(t, guest.Config{Modules: []string{"virtio_blk"}, Files: map[string][]byte{"/bin/snapd": snapd}})
-
-	dir := t.TempDir()
-	origin, cow := filepath.Join(dir, "origin.img"), filepath.Join(dir, "cow.img")
-	require.NoError(t, os.WriteFile(origin, bytes.Repeat([]byte{original}, originSize), 0o600))
-	require.NoError(t, blockdev.Create(cow, cowSize))
-	clusterload.FormatCOW(t, cow, chunkSize)
-
-	ports := make([]int, nodes+1)
-	for i := 1; i <= nodes; i++ {
-		ports[i] = freePort(t)
-	}
-	ctx, cancel := context.WithTimeout(t.Context(), 8*time.Minute)
-	defer cancel()
-	start := time.Now()
-	c, err := guest.StartDLMCluster(ctx, r, guest.DLMClusterOptions{
-		Nodes:     nodes,
-		MemoryMiB: 768,
-		QEMUArgs: func(i int) []string {
-			return append(sharedDisks(origin, cow), forwardArgs(i, ports[i])...)
-		},
-		Script: serveScript,
-	})
-	require.NoError(t, err)
-	defer c.Close()
-	for i := 1; i <= nodes; i++ {
-		if err := c.Machine(i).WaitConsole(ctx, servingMarker(i)); err != nil {
-			t.Fatalf("node %d: %v\n%s", i, err, c.Machine(i).Console())
-		}
-	}
-	t.Logf("three snapd nodes serving after %v", time.Since(start))
-	uri := func(i int, export string) string { return fmt.Sprintf("nbd://127.0.0.1:%d/%s", ports[i], export) }
-	io := func(i int, export string, cmds ...string) string {
-		t.Helper()
-		args := []string{"-f", "raw", uri(i, export)}
-		for _, c := range cmds {
-			args = append(args, "-c", c)
-		}
-		out, err := exec.CommandContext(ctx, qemuIO, args...).CombinedOutput()
-		require.NoError(t, err, "node %d %s: qemu-io %q: %s", i, export, cmds, out)
-		require.NotContains(t, string(out), "failed", "node %d %s: qemu-io %q", i, export, cmds)
-		return string(out)
-	}
-
-	// A write through node 1 is seen on the origin through node 2 (no
-	// page cache hides it) and not in the snapshot through node 3.
-	io(1, volumes.OriginExport, "write -P 0xa1 40960 4096", "flush")
-	io(2, volumes.OriginExport, "read -P 0xa1 40960 4096")
-	io(3, "snap", "read -P 0x11 40960 4096")
-
-	// Nodes 1 and 2 write different sectors of chunk 20 at the same time,
-	// and every node writes chunks of its own and chunks the others also
-	// write, concurrently: the snapshot must keep one copy of each
-	// chunk's original data.
-	var wg sync.WaitGroup
-	for i := 1; i <= nodes; i++ {
-		wg.Go(func() {
-			cmds := []string{fmt.Sprintf("write -P 0x%02x %d 512", 0xb0+i, 20*chunkSize+(i-1)*512)}
-			for k := range 24 {
-				chunk := 100 + k*nodes + i // a chunk only node i writes
-				cmds = append(cmds, fmt.Sprintf("write -P 0x%02x %d %d", 0xc0+i, chunk*chunkSize, chunkSize))
-				shared := 300 + k // every node writes a sector of it
-				cmds = append(cmds, fmt.Sprintf("write -P 0x%02x %d 512", 0xd0+i, shared*chunkSize+(i-1)*512))
-			}
-			cmds = append(cmds, "flush")
-			io(i, volumes.OriginExport, cmds...)
-		})
-	}
-	wg.Wait()
-	for i := 1; i <= nodes; i++ {
-		io(i, "snap", fmt.Sprintf("read -P 0x%02x 0 %d", original, originSize))
-		io(i, volumes.OriginExport,
-			fmt.Sprintf("read -P 0xb1 %d 512", 20*chunkSize),
-			fmt.Sprintf("read -P 0xb2 %d 512", 20*chunkSize+512),
-			fmt.Sprintf("read -P 0xb3 %d 512", 20*chunkSize+1024),
-			fmt.Sprintf("read -P 0x11 %d %d", 20*chunkSize+1536, chunkSize-1536))
-	}
-	t.Logf("writes and checks done after %v", time.Since(start))
-	c.Close()
-
-	// The images as the kernel would find them after the cluster: a
-	// clean COW whose snapshot is the original origin.
-	dev, err := blockdev.Open(cow, blockdev.Options{})
-	require.NoError(t, err)
-	report, err := persistent.Check(context.Background(), dev, nil)
-	require.NoError(t, err)
-	require.NoError(t, dev.Close())
-	assert.True(t, report.OK(), "snapd check: %+v", report)
-	v, err := volumes.Open(context.Background(), volumes.Config{Origin: origin, Snapshots: []volumes.SnapshotSpec{{Name: "snap", COW: cow}}})
-	require.NoError(t, err)
-	defer v.Close()
-	got := make([]byte, originSize)
-	require.NoError(t, v.Snapshots()[0].ReadAt(context.Background(), got, 0))
-	assert.True(t, bytes.Equal(bytes.Repeat([]byte{original}, originSize), got), "the snapshot is the original origin")
-	require.NoError(t, v.Origin.ReadAt(context.Background(), got, 0))
-	assert.Equal(t, bytes.Repeat([]byte{0xa1}, 4096), got[40960:40960+4096], "node 1's first write")
-	for i := 1; i <= nodes; i++ {
-		chunk := 100 + i
-		assert.Equal(t, bytes.Repeat([]byte{byte(0xc0 + i)}, chunkSize), got[chunk*chunkSize:(chunk+1)*chunkSize], "node %d's chunk %d", i, chunk)
-	}
-}
 
 // freePort returns a loopback TCP port nobody listens on now.
 func freePort(t *testing.T) int {

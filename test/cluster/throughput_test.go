@@ -22,6 +22,9 @@ import (
 
 // The layout of TestClusterThroughput, in blocks of clusterload.BlockSize, with the
 // COW's chunks of clusterload.ChunkBytes.
+// measureEnv, set to 1, runs the measurements.
+const measureEnv = "CLUSTERSNAP_MEASURE"
+
 const (
 	tputOriginBlocks = 32768 // 128 MiB
 	tputCOWSize      = 160 << 20
@@ -255,7 +258,14 @@ func runThroughput(ctx context.Context, t *testing.T, h *clusterload.History, ad
 // every snapshot read returned the original content, and the final
 // images hold every acknowledged write with a clean COW whose snapshot
 // is the original origin.
+//
+// It is a measurement, not a check the other tests lack (TestClusterKills
+// checks the same images under a heavier workload), so it runs only with
+// CLUSTERSNAP_MEASURE=1: two minutes of CI for figures nobody reads there.
 func TestClusterThroughput(t *testing.T) {
+	if os.Getenv(measureEnv) != "1" {
+		t.Skipf("a measurement: set %s=1 to run it", measureEnv)
+	}
 	r := clusterInitramfs(t)
 	ctx, cancel := context.WithTimeout(t.Context(), 6*time.Minute)
 	defer cancel()
