@@ -2,8 +2,8 @@
 // that reach one etcd cluster share DLM-style locks, with the DLM's modes,
 // grant order, conversions, LVB and blocking notifications, and fencing
 // tokens. It passes the conformance suite of package lockc/locktest against
-// an embedded server, a three-member cluster that loses its leader mid-run,
-// and the etcd binary Debian ships.
+// an embedded server, and a cluster of three processes of the etcd binary
+// Debian ships whose leader is killed mid-run.
 //
 // Keys. Each lockspace lives under Options.Prefix + its name. Each lock is
 // one key, attached to its membership's lease, holding its granted and

@@ -152,9 +152,19 @@ func (e *Engine) Crash() {
 func (e *Engine) Sync(ctx context.Context, name string) error {
 	k := newLayout(e.o.Prefix, name)
 	marker := k.resources() + ".sync"
-	r, err := e.client.Put(ctx, marker, "")
-	if err != nil {
-		return fmt.Errorf("lockspace %s: sync: %w", name, err)
+	var r *clientv3.PutResponse
+	for {
+		// A request can fail while etcd elects a leader; the marker
+		// may be written twice.
+		var err error
+		r, err = e.client.Put(ctx, marker, "")
+		if err == nil {
+			break
+		}
+		if ctx.Err() != nil {
+			return fmt.Errorf("lockspace %s: sync: %w", name, err)
+		}
+		pause(ctx)
 	}
 	defer e.client.Delete(context.WithoutCancel(ctx), marker)
 	for _, ls := range e.open() {

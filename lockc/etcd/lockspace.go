@@ -10,6 +10,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/clustersnap/clustersnap/lockc"
@@ -277,7 +278,15 @@ func (ls *lockspace) end(err error) {
 func (ls *lockspace) revoke() {
 	ctx, cancel := context.WithTimeout(context.Background(), ls.e.o.DialTimeout)
 	defer cancel()
-	_, _ = ls.c.Revoke(ctx, ls.lease)
+	for {
+		// A request can fail while etcd elects a leader. A lease not
+		// revoked expires by itself, later.
+		_, err := ls.c.Revoke(ctx, ls.lease)
+		if err == nil || errors.Is(err, rpctypes.ErrLeaseNotFound) || ctx.Err() != nil {
+			return
+		}
+		pause(ctx)
+	}
 }
 
 // lostErr returns the membership's end as an error for an operation on a

@@ -7,6 +7,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -14,71 +16,106 @@ import (
 	"go.uber.org/zap"
 )
 
-// Binary is an etcd server run from an executable (Debian's etcd-server
-// package installs /usr/bin/etcd), on 127.0.0.1.
-type Binary struct {
-	// Endpoint is its client URL.
-	Endpoint string
-	// Version is what the server reports of itself.
-	Version string
-}
-
 // BinaryPath is where Debian's etcd-server installs the server.
 const BinaryPath = "/usr/bin/etcd"
 
-// StartBinary runs the etcd executable at path as a one-member cluster in a
-// temporary directory, on free loopback ports, and waits until it answers.
-// It is killed at tb's cleanup.
-func StartBinary(tb testing.TB, path string) *Binary {
+// BinaryCluster is an etcd cluster whose members are processes of an etcd
+// executable (Debian's etcd-server package installs /usr/bin/etcd), on
+// 127.0.0.1. A member can be killed as a crash would end it.
+type BinaryCluster struct {
+	tb testing.TB
+	// Version is what the servers report of themselves.
+	Version string
+
+	mu      sync.Mutex
+	members []*binaryMember
+}
+
+// binaryMember is one etcd process.
+type binaryMember struct {
+	client string // client URL
+	log    string // its output
+	cmd    *exec.Cmd
+	exited chan error // receives Wait's result once
+	dead   bool
+}
+
+// StartBinaryCluster runs n members of the etcd executable at path, each
+// in a temporary directory and on free loopback ports, and waits until
+// every member answers and the cluster has a leader. They are killed at
+// tb's cleanup.
+func StartBinaryCluster(tb testing.TB, path string, n int) *BinaryCluster {
 	tb.Helper()
 	dir := tb.TempDir()
-	client, peer := freePort(tb), freePort(tb)
-	cu, pu := fmt.Sprintf("http://127.0.0.1:%d", client), fmt.Sprintf("http://127.0.0.1:%d", peer)
-	log, err := os.Create(filepath.Join(dir, "etcd.log"))
-	if err != nil {
-		tb.Fatal(err)
+	c := &BinaryCluster{tb: tb}
+	var initial []string
+	peers := make([]string, n)
+	for i := range n {
+		peers[i] = fmt.Sprintf("http://127.0.0.1:%d", freePort(tb))
+		initial = append(initial, fmt.Sprintf("bin%d=%s", i+1, peers[i]))
 	}
-	cmd := exec.Command(path,
-		"--name", "bin1", "--data-dir", filepath.Join(dir, "data"),
-		"--listen-client-urls", cu, "--advertise-client-urls", cu,
-		"--listen-peer-urls", pu, "--initial-advertise-peer-urls", pu,
-		"--initial-cluster", "bin1="+pu, "--initial-cluster-state", "new")
-	cmd.Stdout, cmd.Stderr = log, log
-	if err := cmd.Start(); err != nil {
-		tb.Fatalf("start %s: %v", path, err)
+	for i := range n {
+		cu := fmt.Sprintf("http://127.0.0.1:%d", freePort(tb))
+		m := &binaryMember{client: cu, log: filepath.Join(dir, fmt.Sprintf("etcd%d.log", i+1)), exited: make(chan error, 1)}
+		log, err := os.Create(m.log)
+		if err != nil {
+			tb.Fatal(err)
+		}
+		m.cmd = exec.Command(path,
+			"--name", fmt.Sprintf("bin%d", i+1), "--data-dir", filepath.Join(dir, fmt.Sprintf("data%d", i+1)),
+			"--listen-client-urls", cu, "--advertise-client-urls", cu,
+			"--listen-peer-urls", peers[i], "--initial-advertise-peer-urls", peers[i],
+			"--initial-cluster", strings.Join(initial, ","), "--initial-cluster-state", "new")
+		m.cmd.Stdout, m.cmd.Stderr = log, log
+		err = m.cmd.Start()
+		log.Close() // the process has its own descriptor
+		if err != nil {
+			tb.Fatalf("start %s: %v", path, err)
+		}
+		go func() { m.exited <- m.cmd.Wait() }()
+		c.members = append(c.members, m)
 	}
-	exited := make(chan error, 1)
-	go func() { exited <- cmd.Wait() }()
 	tb.Cleanup(func() {
-		_ = cmd.Process.Kill()
-		<-exited
-		log.Close()
+		for i := range c.members {
+			c.Kill(i)
+		}
 	})
-	c, err := clientv3.New(clientv3.Config{Endpoints: []string{cu}, DialTimeout: 2 * time.Second, Logger: zap.NewNop()})
-	if err != nil {
-		tb.Fatal(err)
-	}
-	defer c.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), startBound)
 	defer cancel()
+	for i, m := range c.members {
+		c.Version = c.waitMember(ctx, path, i, m)
+	}
+	return c
+}
+
+// waitMember waits until member i answers with a leader known, and
+// returns its version.
+func (c *BinaryCluster) waitMember(ctx context.Context, path string, i int, m *binaryMember) string {
+	c.tb.Helper()
+	cl, err := clientv3.New(clientv3.Config{Endpoints: []string{m.client}, DialTimeout: 2 * time.Second, Logger: zap.NewNop()})
+	if err != nil {
+		c.tb.Fatal(err)
+	}
+	defer cl.Close()
 	for {
 		select {
-		case err := <-exited:
-			out, _ := os.ReadFile(log.Name())
-			tb.Fatalf("%s exited: %v\n%s", path, err, out)
+		case err := <-m.exited:
+			m.exited <- err
+			out, _ := os.ReadFile(m.log)
+			c.tb.Fatalf("%s (member %d) exited: %v\n%s", path, i, err, out)
 		default:
 		}
 		actx, acancel := context.WithTimeout(ctx, time.Second)
-		st, err := c.Status(actx, cu)
+		st, err := cl.Status(actx, m.client)
 		acancel()
-		if err == nil {
-			return &Binary{Endpoint: cu, Version: st.Version}
+		if err == nil && st.Leader != 0 {
+			return st.Version
 		}
 		if ctx.Err() != nil {
-			out, _ := os.ReadFile(log.Name())
-			tb.Fatalf("%s: not answering after %v: %v\n%s", path, startBound, err, out)
+			out, _ := os.ReadFile(m.log)
+			c.tb.Fatalf("%s (member %d): no leader after %v: %v\n%s", path, i, startBound, err, out)
 		}
-		// Not listening yet: ask again shortly.
+		// Not listening yet, or no leader yet: ask again shortly.
 		t := time.NewTimer(50 * time.Millisecond)
 		select {
 		case <-t.C:
@@ -86,6 +123,65 @@ func StartBinary(tb testing.TB, path string) *Binary {
 			t.Stop()
 		}
 	}
+}
+
+// Endpoints are the members' client URLs, killed ones included.
+func (c *BinaryCluster) Endpoints() []string {
+	var eps []string
+	for _, m := range c.members {
+		eps = append(eps, m.client)
+	}
+	return eps
+}
+
+// Kill kills member i with SIGKILL and waits until it is gone.
+func (c *BinaryCluster) Kill(i int) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	m := c.members[i]
+	if m.dead {
+		return
+	}
+	m.dead = true
+	_ = m.cmd.Process.Kill()
+	<-m.exited
+}
+
+// Leader returns the index of the member the living members' first
+// answer names as the leader.
+func (c *BinaryCluster) Leader(ctx context.Context) (int, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	ids := map[uint64]int{}
+	var leader uint64
+	for i, m := range c.members {
+		if m.dead {
+			continue
+		}
+		st, err := status(ctx, m.client)
+		if err != nil {
+			return -1, fmt.Errorf("etcd member %d: %w", i, err)
+		}
+		ids[st.Header.MemberId] = i
+		if leader == 0 {
+			leader = st.Leader
+		}
+	}
+	i, ok := ids[leader]
+	if !ok {
+		return -1, fmt.Errorf("etcd: leader %x is no living member", leader)
+	}
+	return i, nil
+}
+
+// status asks the member at endpoint for its status.
+func status(ctx context.Context, endpoint string) (*clientv3.StatusResponse, error) {
+	cl, err := clientv3.New(clientv3.Config{Endpoints: []string{endpoint}, DialTimeout: 2 * time.Second, Logger: zap.NewNop()})
+	if err != nil {
+		return nil, err
+	}
+	defer cl.Close()
+	return cl.Status(ctx, endpoint)
 }
 
 // freePort returns a loopback TCP port that was free a moment ago.

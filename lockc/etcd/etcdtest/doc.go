@@ -1,7 +1,8 @@
 // Package etcdtest runs etcd servers for tests: embedded members (the
 // etcd server's own code, in the test's process), alone or as a cluster
-// whose members can be stopped, and the etcd binary a distribution ships (a
-// server built by someone else) on loopback. It also has a Proxy between
+// whose members can be stopped, and clusters of processes of the etcd
+// binary a distribution ships (a server built by someone else) on loopback,
+// whose members can be killed. It also has a Proxy between
 // one client and etcd that can cut the connection (freeze it without
 // closing it, as a partition does), heal it, or delay it; and LockCluster,
 // a locktest.Cluster (and Crasher) of lock engines on such a server that

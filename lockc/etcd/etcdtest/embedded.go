@@ -165,22 +165,3 @@ func (c *Cluster) stopAll() {
 		c.Stop(i)
 	}
 }
-
-// Leader returns the index of the member that leads the cluster, or -1 if
-// no running member knows one.
-func (c *Cluster) Leader() int {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	for _, m := range c.members {
-		if m.stopped {
-			continue
-		}
-		lead := m.srv.Server.Leader()
-		for j, o := range c.members {
-			if !o.stopped && o.srv.Server.MemberID() == lead {
-				return j
-			}
-		}
-	}
-	return -1
-}
