@@ -17,29 +17,29 @@
 // CLUSTERSNAP_CONSOLE_DIR, if set, receives every guest's console.
 // TestClusterAttach runs the kernel's nbd client (snapd attach) with
 // mkfs.ext4 and e2fsck on one node's snapshot export while the other
-// nodes write the origin. TestClusterThroughput compares the three
-// clustered nodes' throughput with one node serving alone (no
-// --cluster-id) on the same guests: the host drives first writes to
+// nodes write the origin. TestClusterThroughput (CLUSTERSNAP_MEASURE=1)
+// compares the three clustered nodes' throughput with one node serving
+// alone (no --cluster-id) on the same guests: the host drives first writes to
 // fresh origin chunks and snapshot reads for a fixed time in each run and
 // logs the counts and their ratio, which is a figure, not an assertion.
 // The guests go from the bare run to the cluster run on words the host
 // writes to a shared control disk (/dev/vdc), and report each step on
-// their console. TestClusterLiveSnapshot serves with a catalog on a
-// shared disk: node 1 creates a snapshot live ('snapd snapshot create'
-// on a blank shared disk, on a control word) while the host writes the
-// origin through nodes 2 and 3, logging every write in a
-// cutcheck.History; the snapshot, read through each node, must be the
-// same everywhere and a cut of those writes (package internal/cutcheck);
-// then node 2 deletes it from every node, and every snapd stops cleanly.
-// TestClusterLiveMerge, on the same harness, merges a snapshot created
-// live back into the origin from node 1 ('snapd merge --control', in
-// 64 KiB steps: serve --merge-step) while the host writes the origin
-// through nodes 2 and 3, each to its own regions, remembering each
-// region's last acknowledged write; afterwards the origin, read through
-// each node, is the snapshot with those writes on top, no node serves
-// the snapshot, and every snapd stops cleanly. Node 2 writes chunks the
+// their console. TestClusterLive serves with a catalog on a shared disk
+// and runs two parts on one boot. In the first, node 1 creates a snapshot
+// live ('snapd snapshot create' on a blank shared disk, on a control word)
+// while the host writes the origin through nodes 2 and 3, logging every
+// write in a cutcheck.History; the snapshot, read through each node, must
+// be the same everywhere and a cut of those writes (package
+// internal/cutcheck); then node 2 deletes it from every node. In the
+// second, node 1 creates a snapshot again and merges it back into the
+// origin ('snapd merge --control', in 64 KiB steps: serve --merge-step)
+// while the host writes the origin through nodes 2 and 3, each to its own
+// regions, remembering each region's last acknowledged write; afterwards
+// the origin, read through each node, is the snapshot with those writes
+// on top and no node serves the snapshot. Node 2 writes chunks the
 // merge's first steps take, so that only following each step (re-reading
 // what it merged) sends its writes to the origin rather than to the COW.
+// Then every snapd stops cleanly.
 //
 // The guests print their snapd's status (snapd status --control --json)
 // and their kernel's count of completed lockspace recoveries on their

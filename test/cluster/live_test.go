@@ -21,6 +21,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/clustersnap/clustersnap/exstore"
 	"github.com/clustersnap/clustersnap/exstore/blockdev"
 	"github.com/clustersnap/clustersnap/internal/cutcheck"
 	"github.com/clustersnap/clustersnap/persistent"
@@ -29,11 +30,12 @@ import (
 	"github.com/clustersnap/clustersnap/volumes"
 )
 
-// The layout of TestClusterLiveSnapshot. Every guest sees the same shared
-// disks at the same paths: the origin (/dev/vda), the COW of the snapshot
-// it serves from the start (/dev/vdb, "snap"), the control disk
-// (/dev/vdc), the catalog (/dev/vdd) and the blank disk the live
-// snapshot's COW is formatted on (/dev/vde).
+// The layout of TestClusterLive. Every guest sees the same shared disks
+// at the same paths: the origin (/dev/vda), the COW of the snapshot it
+// serves from the start (/dev/vdb, "snap"), the control disk (/dev/vdc),
+// the catalog (/dev/vdd) and the blank disks the live snapshot's COW is
+// formatted on: /dev/vde for testLiveSnapshot's, /dev/vdf for
+// testLiveMerge's.
 const (
 	liveOriginBytes = 4 << 20
 	liveSnapCOW     = 8 << 20
@@ -41,6 +43,7 @@ const (
 	liveCOWBytes    = 8 << 20
 	liveCatalogDisk = "/dev/vdd"
 	liveCOWDisk     = "/dev/vde"
+	mergeCOWDisk    = "/dev/vdf"
 	// liveRegionBytes is a region of the cut checker: every write fills
 	// one, across several chunks of either COW.
 	liveRegionBytes = 2 * clusterload.ChunkBytes
@@ -52,18 +55,19 @@ const (
 	liveWarm, liveAfter = 20, 30
 )
 
-// The control words of TestClusterLiveSnapshot, which the host writes to
+// The control words of TestClusterLive, which the host writes to
 // the control disk. Each guest acts on a word once, when it first reads
 // it, if the word is one of its own (liveOps), and then prints a result
 // line (liveMarker).
 const (
-	liveCreate     = "create"     // node 1: snapd snapshot create
-	liveDelete     = "delete"     // node 2: snapd snapshot delete
-	liveMergeStart = "merge"      // node 1: snapd merge --no-wait of the live snapshot
-	liveMergeWait  = "merge-wait" // node 1: snapd merge of the live snapshot, waiting for its end
-	liveList       = "list"       // every node: snapd snapshot list --json
-	liveStop       = "stop"       // every node: SIGTERM to snapd, and its exit status
-	liveOff        = "off"        // every node: the script ends, the guest powers off
+	liveCreate      = "create"       // node 1: snapd snapshot create, on liveCOWDisk
+	liveCreateMerge = "create-merge" // node 1: snapd snapshot create, on mergeCOWDisk
+	liveDelete      = "delete"       // node 2: snapd snapshot delete
+	liveMergeStart  = "merge"        // node 1: snapd merge --no-wait of the live snapshot
+	liveMergeWait   = "merge-wait"   // node 1: snapd merge of the live snapshot, waiting for its end
+	liveList        = "list"         // every node: snapd snapshot list --json
+	liveStop        = "stop"         // every node: SIGTERM to snapd, and its exit status
+	liveOff         = "off"          // every node: the script ends, the guest powers off
 )
 
 // liveOps are the commands guest i runs for the control words it acts on
@@ -73,6 +77,7 @@ func liveOps(i int) map[string]string {
 	switch i {
 	case 1:
 		ops[liveCreate] = fmt.Sprintf("snapd snapshot create --control /run/snapd.ctl --name %s --cow %s", liveSnapshot, liveCOWDisk)
+		ops[liveCreateMerge] = fmt.Sprintf("snapd snapshot create --control /run/snapd.ctl --name %s --cow %s", liveSnapshot, mergeCOWDisk)
 		ops[liveMergeStart] = "snapd merge --control /run/snapd.ctl --json --no-wait --snapshot " + liveSnapshot
 		ops[liveMergeWait] = "snapd merge --control /run/snapd.ctl --json --snapshot " + liveSnapshot
 	case 2:
@@ -117,7 +122,7 @@ func liveScript(flags string) func(i int) string {
 // liveScriptWith is the script of liveScript(flags) for guest i.
 func liveScriptWith(i int, flags string) string {
 	before := `t=0
-until [ -b /dev/vdc ] && [ -b ` + liveCatalogDisk + ` ] && [ -b ` + liveCOWDisk + ` ]; do
+until [ -b /dev/vdc ] && [ -b ` + liveCatalogDisk + ` ] && [ -b ` + liveCOWDisk + ` ] && [ -b ` + mergeCOWDisk + ` ]; do
 	t=$((t + 1)); [ $t -le 300 ] || { echo "the control, catalog and COW disks did not appear"; exit 1; }
 	sleep 0.1
 done
@@ -149,8 +154,69 @@ done
 	return serveScriptWith(i, " --catalog "+liveCatalogDisk+flags, before, then)
 }
 
-// TestClusterLiveSnapshot: three guests serve one origin and its snapshot
-// "snap" with snapd serve --lock dlm and a catalog on a shared disk. While
+// TestClusterLive boots three guests that serve one origin (all zero)
+// and its snapshot "snap" with snapd serve --lock dlm, a catalog on a
+// shared disk and --merge-step 64KiB, and runs the live tests on them in
+// turn: testLiveSnapshot, then testLiveMerge (which needs the first to
+// have passed). Then every snapd must exit 0 on SIGTERM and every guest
+// power off with its script's status 0. On the images: "snap"'s COW is
+// clean and still holds the original origin (a merge leaves the other
+// snapshots valid), the deleted snapshot's COW is marked invalid, the
+// origin image is what the nodes read after the merge, and the merged
+// COW is labelled merged and holds no exception.
+func TestClusterLive(t *testing.T) {
+	nbdcopy := lookNbdcopy(t)
+	r := clusterInitramfs(t)
+	ctx, cancel := context.WithTimeout(t.Context(), 14*time.Minute)
+	defer cancel()
+	// The origin's regions before any write: stamp 0, all zero.
+	zero := make([]byte, liveOriginBytes)
+	lc := startLiveCluster(ctx, t, r, nbdcopy, zero, " --merge-step "+mergeStep)
+	if !t.Run("Snapshot", func(t *testing.T) {
+		lc.t = t
+		testLiveSnapshot(lc)
+	}) {
+		return
+	}
+	var merged []byte
+	if !t.Run("Merge", func(t *testing.T) {
+		lc.t = t
+		merged = testLiveMerge(lc)
+	}) {
+		return
+	}
+	lc.t = t
+	lc.stop()
+
+	// The images.
+	head := make([]byte, persistent.HeaderSize)
+	f, err := os.Open(lc.liveCOW)
+	require.NoError(t, err)
+	_, err = f.ReadAt(head, 0)
+	f.Close()
+	require.NoError(t, err)
+	hdr := persistent.DecodeHeader(head)
+	assert.Equal(t, persistent.Magic, hdr.Magic, "the deleted snapshot's COW header")
+	assert.Zero(t, hdr.Valid, "the deleted snapshot's COW is not marked invalid")
+	origin, view, _ := clusterload.FinalImages(ctx, t, lc.origin, lc.snapCOW)
+	assert.True(t, bytes.Equal(zero, view), "snap's COW does not hold the original origin")
+	assert.True(t, bytes.Equal(merged, origin), "the origin image is not what the nodes read after the merge")
+	dev, err := blockdev.Open(lc.mergeCOW, blockdev.Options{ReadOnly: true})
+	require.NoError(t, err)
+	defer dev.Close()
+	report, err := persistent.Check(ctx, dev, nil)
+	require.NoError(t, err)
+	assert.True(t, report.OK(), "the merged COW: %+v", report)
+	store, err := persistent.Open(ctx, dev, persistent.Options{})
+	require.NoError(t, err)
+	defer store.Close()
+	assert.Zero(t, store.Usage().Exceptions, "exceptions left in the merged COW")
+	label, _, err := store.Label(ctx)
+	require.NoError(t, err)
+	assert.Equal(t, exstore.Merged, label.Merge, "the merged COW's label")
+}
+
+// testLiveSnapshot, on the guests of TestClusterLive: while
 // the host writes the origin through nodes 2 and 3 (one request at a time
 // per connection, every write filling a region with a stamp, every
 // acknowledgement logged in a cutcheck.History), node 1 runs 'snapd
@@ -159,9 +225,7 @@ done
 // logged writes, and "snap" is still the original origin. Then 'snapd
 // snapshot delete' on node 2 takes it off every node: after one origin
 // write through each node, 'snapd snapshot list' lists only "snap" there
-// and its export is gone, and its COW is marked invalid. Every snapd then
-// exits 0 on SIGTERM and every guest powers off with its script's status
-// 0; the COW of "snap" is clean and still holds the original origin.
+// and its export is gone.
 //
 // The cut's bracket is what the host can observe of the create. The
 // host logs CutBegins before it writes the control word, and the guest
@@ -174,15 +238,9 @@ done
 // polling, the console's latency): writes acknowledged or sent in that
 // margin may show or not, which cutcheck allows for writes in flight; it
 // never narrows what the snapshot must hold.
-func TestClusterLiveSnapshot(t *testing.T) {
-	nbdcopy := lookNbdcopy(t)
-	r := clusterInitramfs(t)
-	ctx, cancel := context.WithTimeout(t.Context(), 8*time.Minute)
-	defer cancel()
-	// The origin's regions before any write: stamp 0, all zero.
-	zero := make([]byte, liveOriginBytes)
-	lc := startLiveCluster(ctx, t, r, nbdcopy, zero, "")
-
+func testLiveSnapshot(lc *liveCluster) {
+	t, ctx := lc.t, lc.ctx
+	zero := lc.original
 	// The writers: nodes 2 and 3 write random regions of the origin until
 	// each has acknowledged liveAfter writes since the cut ended.
 	h := cutcheck.New(liveRegionBytes)
@@ -256,21 +314,6 @@ func TestClusterLiveSnapshot(t *testing.T) {
 		lc.write(i, 0, make([]byte, liveRegionBytes))
 	}
 	lc.checkOnlySnap()
-	lc.stop()
-
-	// The images: the deleted snapshot's COW is marked invalid, and
-	// "snap"'s COW is clean and holds the original origin.
-	head := make([]byte, persistent.HeaderSize)
-	f, err := os.Open(lc.liveCOW)
-	require.NoError(t, err)
-	_, err = f.ReadAt(head, 0)
-	f.Close()
-	require.NoError(t, err)
-	hdr := persistent.DecodeHeader(head)
-	assert.Equal(t, persistent.Magic, hdr.Magic, "the live snapshot's COW header")
-	assert.Zero(t, hdr.Valid, "the deleted snapshot's COW is not marked invalid")
-	_, view, _ := clusterload.FinalImages(ctx, t, lc.origin, lc.snapCOW)
-	assert.True(t, bytes.Equal(zero, view), "snap's COW does not hold the original origin")
 }
 
 // lookNbdcopy is the path of nbdcopy; the test is skipped without it,
@@ -297,10 +340,13 @@ type liveCluster struct {
 	dir     string
 	start   time.Time
 	// The images: the origin (/dev/vda), the COW of "snap" (/dev/vdb),
-	// the control disk (/dev/vdc), the blank disk of the live snapshot's
-	// COW (/dev/vde); the catalog (/dev/vdd) is the guests' only.
-	origin, snapCOW, control, liveCOW string
-	addrs                             []string // each node's NBD address, by node; [0] unused
+	// the control disk (/dev/vdc), the blank disks of the live snapshots'
+	// COWs (/dev/vde, /dev/vdf); the catalog (/dev/vdd) is the guests'
+	// only.
+	origin, snapCOW, control, liveCOW, mergeCOW string
+	// original is the origin as the guests found it: what "snap" holds.
+	original []byte
+	addrs    []string // each node's NBD address, by node; [0] unused
 }
 
 // startLiveCluster writes the images (the origin holding origin, "snap"'s
@@ -311,11 +357,12 @@ func startLiveCluster(ctx context.Context, t *testing.T, r *guest.Initramfs, nbd
 	dir := t.TempDir()
 	lc := &liveCluster{t: t, ctx: ctx, nbdcopy: nbdcopy, dir: dir,
 		origin: filepath.Join(dir, "origin.img"), snapCOW: filepath.Join(dir, "snap.cow"),
-		control: filepath.Join(dir, "control.img"), liveCOW: filepath.Join(dir, "live.cow")}
+		control: filepath.Join(dir, "control.img"), liveCOW: filepath.Join(dir, "live.cow"), mergeCOW: filepath.Join(dir, "merge.cow"),
+		original: origin}
 	catalog := filepath.Join(dir, "catalog.img")
 	require.Len(t, origin, liveOriginBytes)
 	require.NoError(t, os.WriteFile(lc.origin, origin, 0o600))
-	for path, size := range map[string]int{lc.control: 1 << 20, catalog: liveCatalog, lc.liveCOW: liveCOWBytes} {
+	for path, size := range map[string]int{lc.control: 1 << 20, catalog: liveCatalog, lc.liveCOW: liveCOWBytes, lc.mergeCOW: liveCOWBytes} {
 		require.NoError(t, os.WriteFile(path, make([]byte, size), 0o600))
 	}
 	require.NoError(t, blockdev.Create(lc.snapCOW, liveSnapCOW))
@@ -332,7 +379,7 @@ func startLiveCluster(ctx context.Context, t *testing.T, r *guest.Initramfs, nbd
 		Nodes:     nodes,
 		MemoryMiB: 768,
 		QEMUArgs: func(i int) []string {
-			return append(sharedDisks(lc.origin, lc.snapCOW, lc.control, catalog, lc.liveCOW), forwardArgs(i, ports[i])...)
+			return append(sharedDisks(lc.origin, lc.snapCOW, lc.control, catalog, lc.liveCOW, lc.mergeCOW), forwardArgs(i, ports[i])...)
 		},
 		Script:  liveScript(flags),
 		Console: consoleFiles(t),

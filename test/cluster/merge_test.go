@@ -14,9 +14,6 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/clustersnap/clustersnap/exstore"
-	"github.com/clustersnap/clustersnap/exstore/blockdev"
-	"github.com/clustersnap/clustersnap/persistent"
 	"github.com/clustersnap/clustersnap/test/clusterload"
 	"github.com/clustersnap/clustersnap/volumes"
 )
@@ -47,40 +44,36 @@ const (
 	mergeWarm = 4
 )
 
-// TestClusterLiveMerge: three guests serve one origin (random content)
-// and its snapshot "snap" with snapd serve --lock dlm, a catalog on a
-// shared disk and --merge-step 64KiB (what matters on node 1). Node 1
-// creates snapshot "live" on a blank shared disk; the host changes every
-// other 4 KiB chunk of the origin through the nodes, so "live" holds runs
-// of one exception; then node 1 starts merging "live" back into the origin
-// ('snapd merge --control --no-wait'), in steps under the origin lock,
-// while the host writes the origin through nodes 2 and 3, each to its own
-// regions, one request at a time, remembering each region's last
-// acknowledged content (node 2 writes chunks the first steps merge: see
-// mergeWrite); then 'snapd merge --control' on node 1 waits for
-// the merge under way to end and reports it done, every exception merged.
-// After the writers stopped and one origin write through each node (which
-// passes a node's gate only once it followed the merge's end): the origin,
-// read with nbdcopy through every node, is what "live" held (the origin
-// as the create found it) with each region's last acknowledged write on
-// top; 'snapd snapshot list' on every node lists only "snap" and the live
-// export is refused; every snapd exits 0 on SIGTERM and every guest's
-// script ends with status 0. On the images: "snap"'s COW is clean and
-// still holds the original origin (a merge leaves the other snapshots
-// valid), the origin image is what the nodes read, and the live COW is
-// labelled merged and holds no exception.
-func TestClusterLiveMerge(t *testing.T) {
-	nbdcopy := lookNbdcopy(t)
-	r := clusterInitramfs(t)
-	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Minute)
-	defer cancel()
+// testLiveMerge, on the guests of TestClusterLive after
+// testLiveSnapshot (node 1 serves with --merge-step 64KiB): the host
+// writes random data over the whole origin through node 1; node 1
+// creates snapshot "live" again, on another blank shared disk; the host
+// changes every other 4 KiB chunk of the origin through the nodes, so
+// "live" holds runs of one exception; then node 1 starts merging "live"
+// back into the origin ('snapd merge --control --no-wait'), in steps
+// under the origin lock, while the host writes the origin through nodes 2
+// and 3, each to its own regions, one request at a time, remembering each
+// region's last acknowledged content (node 2 writes chunks the first
+// steps merge: see mergeWrite); then 'snapd merge --control' on node 1
+// waits for the merge under way to end and reports it done, every
+// exception merged. After the writers stopped and one origin write through
+// each node (which passes a node's gate only once it followed the merge's
+// end): the origin, read with nbdcopy through every node, is what "live"
+// held (the origin as the create found it) with each region's last
+// acknowledged write on top; 'snapd snapshot list' on every node lists
+// only "snap" and the live export is refused. It returns that origin, for
+// TestClusterLive's checks of the images.
+func testLiveMerge(lc *liveCluster) []byte {
+	t, ctx := lc.t, lc.ctx
+	// Random content first, written through node 1, so that a merge
+	// that puts anything but the snapshot's data back shows.
 	snapContent := make([]byte, liveOriginBytes)
 	rng := rand.New(rand.NewPCG(23, 23))
 	for i := range snapContent {
 		snapContent[i] = byte(rng.Uint32())
 	}
-	lc := startLiveCluster(ctx, t, r, nbdcopy, snapContent, " --merge-step "+mergeStep)
-	lc.do(liveCreate, 1)
+	lc.write(1, 0, snapContent)
+	lc.do(liveCreateMerge, 1)
 
 	// Every other chunk changes, through every node at once, those of
 	// node 2's regions last and through node 2: "live" then holds
@@ -202,26 +195,7 @@ func TestClusterLiveMerge(t *testing.T) {
 			i, chunksDiffer(got, want, snapContent))
 	}
 	lc.checkOnlySnap()
-	lc.stop()
-
-	// The images: the origin the nodes read; "snap" clean and still the
-	// original origin; the live COW merged, without exceptions.
-	origin, view, _ := clusterload.FinalImages(ctx, t, lc.origin, lc.snapCOW)
-	assert.True(t, bytes.Equal(want, origin), "the origin image: %s", chunksDiffer(origin, want, snapContent))
-	assert.True(t, bytes.Equal(snapContent, view), "snap's COW does not hold the original origin")
-	dev, err := blockdev.Open(lc.liveCOW, blockdev.Options{ReadOnly: true})
-	require.NoError(t, err)
-	defer dev.Close()
-	report, err := persistent.Check(ctx, dev, nil)
-	require.NoError(t, err)
-	assert.True(t, report.OK(), "the live COW: %+v", report)
-	store, err := persistent.Open(ctx, dev, persistent.Options{})
-	require.NoError(t, err)
-	defer store.Close()
-	assert.Zero(t, store.Usage().Exceptions, "exceptions left in the live COW")
-	label, _, err := store.Label(ctx)
-	require.NoError(t, err)
-	assert.Equal(t, exstore.Merged, label.Merge, "the live COW's label")
+	return want
 }
 
 // mergeWrite is a random write of node i (2 or 3) during the merge: its
