@@ -39,7 +39,10 @@
 // of each snapshot's COW (snapshotIdentity: its name and its label's UUID), after the stores are open and
 // before anything is served: a node whose snapshots are not the cluster's
 // is refused with an error wrapping snapset.ErrSetMismatch, and the
-// origin's writes pass the set's gate. Set.Close leaves the set first.
+// origin's writes pass the set's gate. With a catalog, a mismatch may be a
+// live change that another node made after this one read the catalog:
+// Open then reads it again and retries (a few times, with growing pauses)
+// before it refuses. Set.Close leaves the set first.
 //
 // # Live changes
 //

@@ -109,3 +109,33 @@ func TestLiveSnapshotAcrossNodes(t *testing.T) {
 	_, err = solo.CreateSnapshot(ctx, CreateRequest{Name: "x", COW: filepath.Join(t.TempDir(), "x"), CreateBytes: originSize})
 	assert.ErrorIs(t, err, ErrNoCatalog)
 }
+
+// A node that read the catalog just before another node created a
+// snapshot joins with a set the cluster no longer serves: Open reads the
+// catalog again and joins with the new set, rather than refusing.
+func TestOpenDuringLiveChangeRetries(t *testing.T) {
+	ctx := context.Background()
+	f := newFixture(t)
+	require.NoError(t, os.WriteFile(f.origin, make([]byte, originSize), 0o600))
+	cat := filepath.Join(t.TempDir(), "catalog")
+	engines := inproc.NewCluster()
+	first := clusterNode(t, engines, 1, f, cat)
+
+	c := Config{Origin: f.origin, Snapshots: []SnapshotSpec{{Name: "boot", COW: f.cow}}, Catalog: cat}
+	c.Cluster = &Cluster{ID: "c1", Engine: engines.Node(2), EngineName: "local", Shared: true}
+	reads := 0
+	c.afterCatalog = func() {
+		reads++
+		if reads == 1 {
+			_, err := first.CreateSnapshot(ctx, CreateRequest{Name: "live", COW: filepath.Join(t.TempDir(), "live.cow"), CreateBytes: 2 * originSize})
+			require.NoError(t, err)
+		}
+	}
+	second, err := Open(ctx, c)
+	require.NoError(t, err, "the open that raced the create")
+	t.Cleanup(func() { second.Close() })
+	assert.Equal(t, 2, reads, "catalog reads")
+	assert.Equal(t, []string{"boot", "live"}, statusNames(second))
+	require.NoError(t, second.Origin.WriteAt(ctx, make([]byte, chunk), 0, false), "an origin write on the node that joined")
+	assert.Equal(t, first.Status().Cluster.SnapshotSet, second.Status().Cluster.SnapshotSet)
+}

@@ -9,6 +9,7 @@ import (
 	"slices"
 	"sync"
 	"sync/atomic"
+	"time"
 	"unicode/utf8"
 
 	"github.com/clustersnap/clustersnap/clusterized"
@@ -44,6 +45,9 @@ type Config struct {
 	// A clustered origin needs one, on shared storage, to change its
 	// snapshots live.
 	Catalog string
+	// afterCatalog, if set, runs once the catalog was read (tests: a
+	// set changed before the join).
+	afterCatalog func()
 	// MergeStep, with a Cluster, bounds what one step of a live merge run
 	// on this node merges (StartMerge): the other nodes' origin writes
 	// wait while a step runs. 0 means ClusterMergeStep.
@@ -186,7 +190,38 @@ func (c Config) check(reg *exstore.Registry) error {
 // origin with other snapshots; the origin's writes then pass the set's
 // gate. With a Cluster, the devices stop all I/O once any store's node, or
 // the set's, loses the lockspace (ErrClusterLost).
+//
+// With a Catalog, a set that another node changes while this one opens
+// (after it read the catalog, before it joined) is not a refusal: Open
+// reads the catalog again and tries anew, up to openAttempts times.
 func Open(ctx context.Context, c Config) (*Set, error) {
+	for attempt := 1; ; attempt++ {
+		v, err := openOnce(ctx, c)
+		if err == nil || c.Catalog == "" || c.Cluster == nil || !errors.Is(err, snapset.ErrSetMismatch) || attempt == openAttempts {
+			return v, err
+		}
+		// The catalog is written before a change takes effect, so it
+		// lists the cluster's set by now or once the change is done.
+		t := time.NewTimer(time.Duration(attempt) * openRetryPause)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return nil, err
+		case <-t.C:
+		}
+	}
+}
+
+// openAttempts bounds how often Open tries to join a snapshot set that
+// changes under it, and openRetryPause is its first pause between tries
+// (then twice that, and so on).
+const (
+	openAttempts   = 5
+	openRetryPause = 100 * time.Millisecond
+)
+
+// openOnce is one attempt of Open.
+func openOnce(ctx context.Context, c Config) (*Set, error) {
 	reg := newRegistry()
 	if err := c.check(reg); err != nil {
 		return nil, &ConfigError{err}
@@ -224,6 +259,9 @@ func Open(ctx context.Context, c Config) (*Set, error) {
 	if c.Catalog != "" {
 		if specs, err = v.openCatalog(c.Catalog, specs); err != nil {
 			return fail(err)
+		}
+		if c.afterCatalog != nil {
+			c.afterCatalog()
 		}
 	}
 	var merging []*served // the snapshots whose COW says they merge
