@@ -153,18 +153,11 @@ func (e *Engine) Sync(ctx context.Context, name string) error {
 	k := newLayout(e.o.Prefix, name)
 	marker := k.resources() + ".sync"
 	var r *clientv3.PutResponse
-	for {
-		// A request can fail while etcd elects a leader; the marker
-		// may be written twice.
-		var err error
+	if err := retry(ctx, func() (err error) { // the marker may be written twice
 		r, err = e.client.Put(ctx, marker, "")
-		if err == nil {
-			break
-		}
-		if ctx.Err() != nil {
-			return fmt.Errorf("lockspace %s: sync: %w", name, err)
-		}
-		pause(ctx)
+		return err
+	}); err != nil {
+		return fmt.Errorf("lockspace %s: sync: %w", name, err)
 	}
 	defer e.client.Delete(context.WithoutCancel(ctx), marker)
 	for _, ls := range e.open() {

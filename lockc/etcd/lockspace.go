@@ -81,19 +81,12 @@ func (e *Engine) Open(ctx context.Context, name string) (lockc.Lockspace, error)
 	ctx, ce := withConnErrs(ctx)
 	var g *clientv3.LeaseGrantResponse
 	var sent time.Time
-	for {
-		// A request can fail while etcd elects a leader: try again
-		// until the bound. A lease granted unseen expires by itself.
-		var err error
+	if err := retry(ctx, func() (err error) { // a lease granted unseen expires by itself
 		sent = time.Now()
 		g, err = e.client.Grant(ctx, int64((e.o.TTL+time.Second-1)/time.Second))
-		if err == nil {
-			break
-		}
-		if ctx.Err() != nil {
-			return nil, fmt.Errorf("lockspace %s: lease from etcd at %s: %w", name, strings.Join(e.client.Endpoints(), ","), ce.explain(err))
-		}
-		pause(ctx)
+		return err
+	}); err != nil {
+		return nil, fmt.Errorf("lockspace %s: lease from etcd at %s: %w", name, strings.Join(e.client.Endpoints(), ","), ce.explain(err))
 	}
 	ls := &lockspace{
 		e: e, c: e.client, name: name, keys: newLayout(e.o.Prefix, name),
@@ -278,15 +271,13 @@ func (ls *lockspace) end(err error) {
 func (ls *lockspace) revoke() {
 	ctx, cancel := context.WithTimeout(context.Background(), ls.e.o.DialTimeout)
 	defer cancel()
-	for {
-		// A request can fail while etcd elects a leader. A lease not
-		// revoked expires by itself, later.
-		_, err := ls.c.Revoke(ctx, ls.lease)
-		if err == nil || errors.Is(err, rpctypes.ErrLeaseNotFound) || ctx.Err() != nil {
-			return
+	// A lease not revoked expires by itself, later.
+	_ = retry(ctx, func() error {
+		if _, err := ls.c.Revoke(ctx, ls.lease); err != nil && !errors.Is(err, rpctypes.ErrLeaseNotFound) {
+			return err
 		}
-		pause(ctx)
-	}
+		return nil
+	})
 }
 
 // lostErr returns the membership's end as an error for an operation on a

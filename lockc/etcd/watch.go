@@ -72,6 +72,19 @@ func (ls *lockspace) pauseFor(ctx context.Context) {
 	cancel()
 }
 
+// retry runs op until it succeeds or ctx ends, pausing between attempts:
+// a request can fail while etcd elects a leader. It returns op's last
+// error once ctx ended. op must be safe to repeat.
+func retry(ctx context.Context, op func() error) error {
+	for {
+		err := op()
+		if err == nil || ctx.Err() != nil {
+			return err
+		}
+		pause(ctx)
+	}
+}
+
 // pause waits retryPause, or until ctx ends.
 func pause(ctx context.Context) {
 	t := time.NewTimer(retryPause)
