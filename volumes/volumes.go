@@ -197,7 +197,7 @@ func (c Config) check(reg *exstore.Registry) error {
 func Open(ctx context.Context, c Config) (*Set, error) {
 	for attempt := 1; ; attempt++ {
 		v, err := openOnce(ctx, c)
-		if err == nil || c.Catalog == "" || c.Cluster == nil || !errors.Is(err, snapset.ErrSetMismatch) || attempt == openAttempts {
+		if err == nil || c.Catalog == "" || !errors.Is(err, snapset.ErrSetMismatch) || attempt == openAttempts {
 			return v, err
 		}
 		// The catalog is written before a change takes effect, so it
